@@ -1,0 +1,58 @@
+# One entry point for every chore. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+HAND_WRITTEN := mesh provider operator_service operator_engine pods gateway sdk cli
+
+.PHONY: setup demo test gen check-gen lint fmt bench clean-state
+
+setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
+
+# Debian packages the sandbox needs (root, or sudo when available).
+.stamp-system:
+	@missing=""; for tool in bwrap setpriv prlimit; do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq bubblewrap util-linux python3 >/dev/null; \
+	fi
+	@touch $@
+
+$(VENV)/.stamp: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python 3.11 or newer is needed as $(PYTHON)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+node_modules/.stamp: package.json package-lock.json
+	@npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/c2d demo
+
+test: setup
+	$(PY) -m pytest
+
+gen: $(VENV)/.stamp
+	@PYTHON=$(PY) scripts/gen.sh >/dev/null
+
+# CI fails when the committed gen/ is not what the protos produce.
+check-gen: gen
+	@git diff --exit-code --stat -- gen || { echo "gen/ is stale: run 'make gen' and commit it"; exit 1; }
+	@test -z "$$(git status --porcelain -- gen)" || { echo "gen/ has files git does not track: run 'make gen' and commit them"; exit 1; }
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy
+	node_modules/.bin/buf lint
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) -m bench

@@ -1,0 +1,417 @@
+"""`c2d`: run a node, publish assets, and run compute jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from c2d.provider.v1 import provider_pb2 as pb
+
+from cli.follow import follow
+from cli.output import describe, kind_name, print_json, state_name, to_dict
+from mesh import config as mesh_config
+from mesh import jobs as job_facts
+from sdk.client import Client
+from sdk.keys import Key
+
+
+def _key(args: argparse.Namespace) -> Key:
+    path = args.key_file or os.environ.get("C2D_KEY_FILE") or str(mesh_config.home() / "key.json")
+    return Key.load_or_create(Path(path))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.provider or mesh_config.provider_address(), _key(args))
+
+
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    if args.json:
+        print_json(document)
+    else:
+        print(text)
+
+
+# -- node ----------------------------------------------------------------------------------
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    from cli.supervisor import Mesh, Supervisor
+
+    home = mesh_config.home()
+    owner = Key.load_or_create(Path(args.key_file) if args.key_file else home / "key.json")
+    mesh = Mesh.defaults(home, owner.address)
+    supervisor = Supervisor(mesh)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start()
+    except RuntimeError as error:
+        print(f"c2d up: {error}", file=sys.stderr)
+        return 1
+    info = {
+        "provider": mesh.provider,
+        "gateway": f"http://{mesh.gateway}",
+        "home": str(home),
+        "owner": owner.address,
+    }
+    _emit(
+        args,
+        info,
+        (
+            f"c2d node up (owner {owner.address})\n"
+            f"  provider gRPC  {mesh.provider}\n"
+            f"  REST edge      http://{mesh.gateway}  (OpenAPI at /openapi.json)\n"
+            f"  state          {home}\n"
+            "Ctrl-C stops everything."
+        ),
+    )
+    sys.stdout.flush()
+    exited = asyncio.ensure_future(supervisor.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if exited.done():
+        print(f"c2d up: {exited.result()} exited; stopping the rest", file=sys.stderr)
+        code = 1
+    exited.cancel()
+    stopped.cancel()
+    await supervisor.stop()
+    return code
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
+
+    return await run_demo(args)
+
+
+# -- assets --------------------------------------------------------------------------------
+
+
+async def cmd_dataset_publish(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        policy = pb.ComputePolicy(allow_raw_algorithm=args.allow_raw)
+        for ref in args.trust:
+            policy.publisher_trusted_algorithms.append(await client.trust(ref))
+        policy.publisher_trusted_algorithm_publishers.extend(args.trust_publisher)
+        dataset = await client.publish_dataset(
+            args.files,
+            metadata=pb.AssetMetadata(title=args.title or Path(args.files[0]).name),
+            policy=policy,
+        )
+    _emit(args, to_dict(dataset), dataset.did)
+    return 0
+
+
+async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
+    code = Path(args.file).read_bytes()
+    async with _client(args) as client:
+        algorithm = await client.publish_algorithm(
+            code, args.entrypoint, metadata=pb.AssetMetadata(title=args.title or args.file)
+        )
+    _emit(args, to_dict(algorithm), algorithm.did)
+    return 0
+
+
+async def cmd_dataset_show(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        dataset = await client.get_dataset(args.did)
+    print_json(to_dict(dataset))
+    return 0
+
+
+async def cmd_environments(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        environments = await client.list_environments()
+    if args.json:
+        print_json([to_dict(e) for e in environments])
+    else:
+        for e in environments:
+            print(
+                f"{e.name}: {e.cpus:g} CPU, {e.memory_bytes >> 20} MiB memory, "
+                f"{e.disk_bytes >> 20} MiB disk, {e.max_processes} processes, "
+                f"{e.max_duration.seconds} s, {e.max_concurrent_jobs} at once, "
+                f"network {'allowed' if e.network_allowed else 'off'}, "
+                f"{'free' if e.free else 'paid'}"
+            )
+    return 0
+
+
+# -- compute -------------------------------------------------------------------------------
+
+
+def _parameters(pairs: list[str]) -> dict[str, Any]:
+    parameters: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"c2d: --param takes NAME=VALUE, not {pair!r}")
+        try:
+            parameters[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parameters[name] = value
+    return parameters
+
+
+async def cmd_compute_start(args: argparse.Namespace) -> int:
+    if bool(args.algorithm) == bool(args.raw):
+        raise SystemExit("c2d: give exactly one of --algorithm DID or --raw FILE")
+    async with _client(args) as client:
+        job = await client.start_compute(
+            args.dataset,
+            algorithm=args.algorithm or "",
+            raw_code=Path(args.raw).read_text() if args.raw else "",
+            raw_entrypoint=args.entrypoint,
+            parameters=_parameters(args.param),
+            environment=args.environment,
+        )
+        job_id = job.name.removeprefix("jobs/")
+        if not args.follow:
+            _emit(args, to_dict(job), job_id)
+            return 0
+        if not args.json:
+            print(f"job {job_id}", file=sys.stderr)
+        final = await follow(client, job.name, quiet_status=args.json)
+    if args.json:
+        print_json(to_dict(final))
+    else:
+        print(f"job {job_id}: {describe(final)}", file=sys.stderr)
+    return 0 if final.state == final.STATE_SUCCEEDED else 1
+
+
+async def cmd_compute_status(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        job = await client.get_job(args.job)
+    text = (
+        f"{job.name.removeprefix('jobs/')}: {describe(job)} (status {job.status_code} "
+        f"{job.status_text})"
+    )
+    for r in job.results:
+        text += f"\n  result {r.index}: {r.name} [{kind_name(r.kind)}] {r.size_bytes} bytes"
+    _emit(args, to_dict(job), text)
+    return 0
+
+
+async def cmd_compute_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        jobs = await client.list_jobs()
+    if args.json:
+        print_json([to_dict(j) for j in jobs])
+    else:
+        for job in jobs:
+            print(
+                f"{job.name.removeprefix('jobs/')}  {state_name(job.state):10}  "
+                f"{job.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}  {describe(job)}"
+            )
+    return 0
+
+
+async def cmd_compute_logs(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        if not args.follow:
+            job = await client.get_job(args.job)
+            if not job_facts.is_final(job.state):
+                # Without -f, print what there is so far and stop.
+                async for chunk in _until_idle(client.stream_logs(args.job)):
+                    sys.stdout.write(chunk.text)
+                return 0
+        async for chunk in client.stream_logs(args.job):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    return 0
+
+
+async def _until_idle(stream: Any) -> Any:
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            yield await asyncio.wait_for(iterator.__anext__(), 0.5)
+        except (StopAsyncIteration, TimeoutError):
+            return
+
+
+async def cmd_compute_results(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    async with _client(args) as client:
+        job = await client.get_job(args.job)
+        if not job.results:
+            print("c2d: the job has no results (yet)", file=sys.stderr)
+            return 1
+        out.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for result in job.results:
+            dest = out / _safe_local_name(result)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            await client.download_result(args.job, result, dest)
+            saved.append(
+                {
+                    "index": result.index,
+                    "name": result.name,
+                    "kind": kind_name(result.kind),
+                    "path": str(dest),
+                    "sha256": result.sha256,
+                }
+            )
+    _emit(args, saved, "\n".join(f"{s['path']}  ({s['kind']}, sha256 ok)" for s in saved))
+    return 0
+
+
+def _safe_local_name(result: Any) -> Path:
+    """A local path for a result: outputs keep their relative path, logs go under logs/, and
+    nothing can climb out of the chosen folder."""
+    parts = [p for p in str(result.name).split("/") if p not in ("", ".", "..")]
+    base = Path(*parts) if parts else Path(f"result-{result.index}")
+    return base if result.kind == 1 else Path("logs") / base.name
+
+
+async def cmd_compute_stop(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        job = await client.stop_job(args.job)
+    _emit(args, to_dict(job), describe(job))
+    return 0
+
+
+async def cmd_compute_delete(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        await client.delete_job(args.job)
+    _emit(args, {"deleted": args.job}, f"deleted {args.job}")
+    return 0
+
+
+# -- wiring --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+    common.add_argument(
+        "--provider",
+        help="the Provider's gRPC address (default $C2D_PROVIDER_ADDRESS or 127.0.0.1:8031)",
+    )
+    common.add_argument(
+        "--key-file",
+        help="your Ethereum key (default $C2D_KEY_FILE or "
+        "$C2D_HOME/key.json, created on first use)",
+    )
+
+    parser = argparse.ArgumentParser(prog="c2d", description=__doc__, parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", parents=[common], help="run a node in the foreground")
+    up.set_defaults(run=cmd_up)
+    demo = commands.add_parser(
+        "demo", parents=[common], help="run a whole job on a fresh local node, then stop it"
+    )
+    demo.set_defaults(run=cmd_demo)
+    envs = commands.add_parser(
+        "environments", parents=[common], help="list the compute environments"
+    )
+    envs.set_defaults(run=cmd_environments)
+
+    dataset = commands.add_parser("dataset", help="datasets (data owners)").add_subparsers(
+        dest="action", required=True
+    )
+    publish = dataset.add_parser("publish", parents=[common], help="publish files as a dataset")
+    publish.add_argument("files", nargs="+")
+    publish.add_argument("--title")
+    publish.add_argument(
+        "--allow-raw",
+        action="store_true",
+        help="let consumers send raw code (most prone to data escape)",
+    )
+    publish.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="ALGORITHM_DID",
+        help="trust this algorithm, pinned to its current checksums",
+    )
+    publish.add_argument(
+        "--trust-publisher",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="trust every algorithm of this publisher ('*': of everyone)",
+    )
+    publish.set_defaults(run=cmd_dataset_publish)
+    show = dataset.add_parser("show", parents=[common], help="a dataset's public record")
+    show.add_argument("did")
+    show.set_defaults(run=cmd_dataset_show)
+
+    algorithm = commands.add_parser("algorithm", help="algorithms").add_subparsers(
+        dest="action", required=True
+    )
+    apublish = algorithm.add_parser("publish", parents=[common], help="publish an algorithm")
+    apublish.add_argument("file")
+    apublish.add_argument(
+        "--entrypoint",
+        required=True,
+        help="the command, with $ALGO for the code, e.g. 'python3 $ALGO'",
+    )
+    apublish.add_argument("--title")
+    apublish.set_defaults(run=cmd_algorithm_publish)
+
+    compute = commands.add_parser("compute", help="compute jobs").add_subparsers(
+        dest="action", required=True
+    )
+    start = compute.add_parser("start", parents=[common], help="start a job")
+    start.add_argument("--dataset", action="append", required=True, metavar="DID")
+    start.add_argument("--algorithm", metavar="DID")
+    start.add_argument("--raw", metavar="FILE", help="send this file as raw code")
+    start.add_argument("--entrypoint", default="python3 $ALGO")
+    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    start.add_argument("--environment", default="")
+    start.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="show status changes and log lines live until the job ends",
+    )
+    start.set_defaults(run=cmd_compute_start)
+    for name, run, text in [
+        ("status", cmd_compute_status, "a job's state and results"),
+        ("stop", cmd_compute_stop, "stop a job"),
+        ("delete", cmd_compute_delete, "delete a finished job and its results"),
+    ]:
+        sub = compute.add_parser(name, parents=[common], help=text)
+        sub.add_argument("job")
+        sub.set_defaults(run=run)
+    logs = compute.add_parser("logs", parents=[common], help="the algorithm's log")
+    logs.add_argument("job")
+    logs.add_argument("--follow", "-f", action="store_true", help="follow until the job ends")
+    logs.set_defaults(run=cmd_compute_logs)
+    results = compute.add_parser("results", parents=[common], help="download the results")
+    results.add_argument("job")
+    results.add_argument("--out", default=".", help="folder to save them in")
+    results.set_defaults(run=cmd_compute_results)
+    listing = compute.add_parser("list", parents=[common], help="your jobs")
+    listing.set_defaults(run=cmd_compute_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = asyncio.run(args.run(args))
+    except grpc.aio.AioRpcError as error:
+        if args.json:
+            print_json({"error": {"status": error.code().name, "message": error.details()}})
+        else:
+            print(f"c2d: {error.code().name}: {error.details()}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Runtime shared by every service of the mesh: configuration, logging, errors, gRPC servers,
+channels, authentication and storage."""

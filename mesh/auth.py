@@ -1,0 +1,99 @@
+"""The signature scheme that authenticates consumers and owners, for both sides of a call.
+
+The signed text is `address + nonce + command + request_digest`; its keccak256 hash is signed
+as an EIP-191 personal message. `request_digest` is the hex sha256 of the RFC 8785 canonical
+JSON of the fields each RPC documents, in order (see protos/c2d/provider/v1/provider.proto)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_hash.auto import keccak as _keccak
+from eth_utils.address import to_checksum_address
+
+from mesh.errors import Unauthenticated
+
+ADDRESS_HEADER = "x-c2d-address"
+NONCE_HEADER = "x-c2d-nonce"
+SIGNATURE_HEADER = "x-c2d-signature"
+AUTHORIZATION_HEADER = "authorization"
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_NONCE = re.compile(r"^[0-9]{1,30}$")
+
+
+def request_digest(fields: Sequence[Any]) -> str:
+    """The hex sha256 of the canonical JSON array of `fields`."""
+    return hashlib.sha256(rfc8785.dumps(list(fields))).hexdigest()
+
+
+def signed_text(address: str, nonce: str, command: str, digest: str) -> str:
+    return f"{address}{nonce}{command}{digest}"
+
+
+def _signable(address: str, nonce: str, command: str, digest: str) -> Any:
+    text_hash = _keccak(signed_text(address, nonce, command, digest).encode())
+    return encode_defunct(primitive=text_hash)
+
+
+def sign(private_key: bytes | str, address: str, nonce: int, command: str, digest: str) -> str:
+    """Signs a request as a client; returns the 0x-prefixed 65-byte signature."""
+    message = _signable(address, str(nonce), command, digest)
+    signed = Account.sign_message(message, private_key=private_key)
+    return "0x" + bytes(signed.signature).hex()
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """The authentication headers of one call, parsed but not yet verified."""
+
+    address: str
+    nonce: str
+    signature: str
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> SignedRequest | None:
+        """Reads the three headers; None when none is present, UNAUTHENTICATED when some are
+        missing or malformed."""
+        present = [metadata.get(h) for h in (ADDRESS_HEADER, NONCE_HEADER, SIGNATURE_HEADER)]
+        if not any(present):
+            return None
+        address, nonce, signature = (v or "" for v in present)
+        if not _ADDRESS.match(address):
+            raise Unauthenticated(f"{ADDRESS_HEADER} must be a 0x-prefixed 20-byte hex address")
+        if not _NONCE.match(nonce):
+            raise Unauthenticated(f"{NONCE_HEADER} must be a decimal integer")
+        if not _SIGNATURE.match(signature):
+            raise Unauthenticated(f"{SIGNATURE_HEADER} must be a 0x-prefixed 65-byte hex value")
+        return cls(address=address, nonce=nonce, signature=signature)
+
+    def verify(self, command: str, digest: str) -> str:
+        """Checks the signature over this request; returns the checksummed signer address.
+        UNAUTHENTICATED when the signer is not the claimed address (a wrong digest, another
+        command, or a forged signature all end here)."""
+        message = _signable(self.address, self.nonce, command, digest)
+        try:
+            signer = Account.recover_message(message, signature=self.signature)
+        except Exception as error:
+            raise Unauthenticated("the signature is not valid") from error
+        if signer.lower() != self.address.lower():
+            raise Unauthenticated(
+                "the signature does not match the address and request "
+                "(check the request digest and the command name)"
+            )
+        return to_checksum_address(signer)
+
+
+def checksum(address: str) -> str:
+    """EIP-55 form of an address; ValueError when it is not one."""
+    if not _ADDRESS.match(address):
+        raise ValueError("not an address")
+    return str(to_checksum_address(address))

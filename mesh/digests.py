@@ -1,0 +1,82 @@
+"""The request digest of every signed Provider RPC: which fields, in which order.
+
+Both the Provider (to verify) and the SDK (to sign) use this table, and the proto comments
+document the same lists for clients in other languages."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from c2d.provider.v1 import provider_pb2 as pb
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from mesh.auth import request_digest
+
+
+def _metadata(m: pb.AssetMetadata) -> list[Any]:
+    return [m.title, m.description, m.author, m.license, list(m.tags)]
+
+
+def _policy(p: pb.ComputePolicy) -> list[Any]:
+    return [
+        p.allow_raw_algorithm,
+        p.allow_network_access,
+        p.timeout.seconds,
+        [
+            [t.did, t.files_checksum, t.container_section_checksum]
+            for t in p.publisher_trusted_algorithms
+        ],
+        list(p.publisher_trusted_algorithm_publishers),
+    ]
+
+
+def _sha256(data: bytes | str) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return hashlib.sha256(raw).hexdigest() if raw else ""
+
+
+def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
+    return [
+        r.request_id,
+        r.dataset,
+        list(r.additional_datasets),
+        r.algorithm,
+        _sha256(r.raw_algorithm.code),
+        r.raw_algorithm.entrypoint,
+        json_format.MessageToDict(r.parameters),
+        r.environment,
+    ]
+
+
+_FIELDS: dict[str, Callable[[Any], list[Any]]] = {
+    "CreateAuthToken": lambda r: [r.valid_for.seconds],
+    "RevokeAuthToken": lambda r: [r.token],
+    "PublishDataset": lambda r: [
+        r.request_id,
+        _metadata(r.metadata),
+        list(r.file_paths),
+        _policy(r.policy),
+    ],
+    "PublishAlgorithm": lambda r: [
+        r.request_id,
+        _metadata(r.metadata),
+        hashlib.sha256(r.code).hexdigest(),
+        r.entrypoint,
+    ],
+    "StartCompute": _start_compute,
+    "GetJob": lambda r: [r.name],
+    "WatchJob": lambda r: [r.name],
+    "StopJob": lambda r: [r.name],
+    "DeleteJob": lambda r: [r.name],
+    "ListJobs": lambda r: [r.page_size, r.page_token],
+    "StreamJobLogs": lambda r: [r.name, r.offset],
+    "DownloadResult": lambda r: [r.name, r.offset],
+}
+
+
+def digest_for(command: str, request: Message) -> str:
+    """The request digest of `request` for the RPC named `command`."""
+    return request_digest(_FIELDS[command](request))

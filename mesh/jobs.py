@@ -1,0 +1,85 @@
+"""Facts about jobs that every hop shares: ids, names, final states, and the reference
+system's numeric status codes that market integrations read."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from c2d.common.v1 import job_pb2
+
+from mesh.errors import InvalidArgument
+
+State = job_pb2.Job.State
+FINAL_STATES = frozenset({State.STATE_SUCCEEDED, State.STATE_FAILED, State.STATE_CANCELLED})
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_ASSET_ID = re.compile(r"^[0-9a-f]{64}$")
+
+# Reference status codes by state; provisioning failures have codes of their own.
+_STATUS = {
+    State.STATE_QUEUED: (1, "Warming up"),
+    State.STATE_CONFIGURING: (20, "Configuring volumes"),
+    State.STATE_RUNNING: (40, "Running algorithm"),
+    State.STATE_PUBLISHING: (60, "Publishing results"),
+    State.STATE_SUCCEEDED: (70, "Job finished"),
+    State.STATE_FAILED: (70, "Job finished"),
+    State.STATE_CANCELLED: (70, "Job finished"),
+}
+_FAILURE_STATUS = {
+    job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED: (31, "Data provisioning failed"),
+    job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED: (32, "Algorithm provisioning failed"),
+}
+
+
+def is_final(state: int) -> bool:
+    return state in FINAL_STATES
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(16)
+
+
+def set_status_code(job: job_pb2.Job) -> None:
+    """Fills `status_code` and `status_text` from the state and failure reason."""
+    code, text = _FAILURE_STATUS.get(job.failure_reason) or _STATUS.get(job.state, (0, ""))
+    job.status_code = code
+    job.status_text = text
+
+
+def check_job_id(job_id: str, field: str = "job_id") -> str:
+    if not _JOB_ID.match(job_id):
+        raise InvalidArgument(f"{field} must be 32 lowercase hex digits", field=field)
+    return job_id
+
+
+def check_asset_id(asset_id: str, field: str = "id") -> str:
+    if not _ASSET_ID.match(asset_id):
+        raise InvalidArgument(f"{field} must be 64 lowercase hex digits", field=field)
+    return asset_id
+
+
+def parse_name(name: str, collection: str, field: str = "name") -> str:
+    """The id in a resource name `{collection}/{id}`; INVALID_ARGUMENT naming `field` else."""
+    prefix = f"{collection}/"
+    if not name.startswith(prefix):
+        raise InvalidArgument(f"{field} must look like {collection}/{{id}}", field=field)
+    ident = name.removeprefix(prefix)
+    pattern = _JOB_ID if collection == "jobs" else _ASSET_ID
+    if not pattern.match(ident):
+        digits = 32 if collection == "jobs" else 64
+        raise InvalidArgument(
+            f"{field} must look like {collection}/{{id}} with {digits} lowercase hex digits",
+            field=field,
+        )
+    return ident
+
+
+def job_name(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def format_reason(reason: int) -> str:
+    """`FAILURE_REASON_OUT_OF_MEMORY` -> `out of memory`."""
+    name = job_pb2.FailureReason.Name(reason)  # type: ignore[arg-type]
+    return name.removeprefix("FAILURE_REASON_").replace("_", " ").lower()

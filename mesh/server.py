@@ -1,0 +1,223 @@
+"""Building, binding and stopping the mesh's gRPC servers.
+
+Every service gets the same things here: the error-mapping and access-log interceptor, the
+standard health service, server reflection, owner-only Unix sockets, and a graceful stop on
+SIGTERM or SIGINT that first reports NOT_SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias, cast
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mesh.errors import MeshError
+
+log = structlog.get_logger()
+
+GRACE_SECONDS = 5.0
+# Large enough for a 16 MiB algorithm in one request; results stream in 1 MiB chunks.
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _status_trailer(error: MeshError) -> tuple[tuple[str, bytes], ...]:
+    return (("grpc-status-details-bin", error.to_status().SerializeToString()),)
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) -> None:
+    await context.abort(error.code, error.message, trailing_metadata=_status_trailer(error))
+
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to statuses, hides unexpected ones behind INTERNAL, and writes one
+    summary log line per call."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method: str = details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _quiet(method: str) -> bool:
+    return method.startswith(("/grpc.health.", "/grpc.reflection."))
+
+
+def _finish(method: str, started: float, code: str) -> None:
+    if _quiet(method):
+        return
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+    log.info("rpc", method=method, code=code, duration_ms=elapsed_ms)
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars():
+            try:
+                response = await behavior(request, context)
+            except MeshError as error:
+                _finish(method, started, error.code.name)
+                await _abort(context, error)
+            except asyncio.CancelledError:
+                _finish(method, started, "CANCELLED")
+                raise
+            except Exception as error:
+                if _is_abort(error):
+                    _finish(method, started, "ABORTED_BY_HANDLER")
+                    raise
+                log.exception("rpc failed", method=method)
+                _finish(method, started, "INTERNAL")
+                await _abort(context, MeshError("internal error; it has been logged"))
+            else:
+                _finish(method, started, "OK")
+                return response
+
+    return wrapper
+
+
+def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    async def wrapper(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        with structlog.contextvars.bound_contextvars():
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except MeshError as error:
+                _finish(method, started, error.code.name)
+                await _abort(context, error)
+            except asyncio.CancelledError:
+                _finish(method, started, "CANCELLED")
+                raise
+            except Exception as error:
+                if _is_abort(error):
+                    raise
+                log.exception("rpc failed", method=method)
+                _finish(method, started, "INTERNAL")
+                await _abort(context, MeshError("internal error; it has been logged"))
+            else:
+                _finish(method, started, "OK")
+
+    return wrapper
+
+
+def _is_abort(error: Exception) -> bool:
+    # context.abort raises this internal exception to unwind the handler.
+    return type(error).__name__ == "AbortError"
+
+
+class Server:
+    """A gRPC server with health and reflection, bound to one address."""
+
+    def __init__(
+        self,
+        name: str,
+        register: Callable[[grpc.aio.Server], None],
+        service_names: Sequence[str],
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.name = name
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(), *interceptors], options=SERVER_OPTIONS
+        )
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.address = ""
+
+    def bind(self, address: str) -> str:
+        """Binds `address` ("unix:/path" or "host:port", port 0 for any) and returns the bound
+        address. A Unix socket is made owner-only: no other local user and no job can call it."""
+        if address.startswith("unix:"):
+            path = Path(address.removeprefix("unix:"))
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(path.parent, 0o700)
+            path.unlink(missing_ok=True)
+            old = os.umask(0o177)
+            try:
+                self.server.add_insecure_port(address)
+            finally:
+                os.umask(old)
+            self.address = address
+        else:
+            host, _, port = address.rpartition(":")
+            bound = self.server.add_insecure_port(address)
+            if bound == 0:
+                raise OSError(f"{self.name}: cannot listen on {address}")
+            self.address = f"{host}:{bound if port == '0' else port}"
+        return self.address
+
+    async def start(self) -> None:
+        await self.server.start()
+        for service in [*self.service_names, ""]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", server=self.name, address=self.address)
+
+    async def stop(self, grace: float = GRACE_SECONDS) -> None:
+        """Reports NOT_SERVING, lets calls in flight finish within `grace`, then stops."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.address.startswith("unix:"):
+            Path(self.address.removeprefix("unix:")).unlink(missing_ok=True)  # noqa: ASYNC240
+        log.info("stopped", server=self.name)
+
+
+async def run_until_signalled(
+    server: Server,
+    *,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs a started server until SIGTERM or SIGINT, then stops it gracefully:
+    `before_stop` runs while calls are still served (to end long streams), `on_stop` after."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", server=server.name)
+    if before_stop is not None:
+        await before_stop()
+    await server.stop()
+    if on_stop is not None:
+        await on_stop()

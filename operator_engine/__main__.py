@@ -1,0 +1,33 @@
+"""`python -m operator_engine`: runs the Operator Engine until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import structlog
+
+from mesh.logging import configure_logging
+from mesh.server import run_until_signalled
+from operator_engine.config import EngineConfig
+from operator_engine.sandbox import SandboxUnavailable
+from operator_engine.server import build
+
+
+async def main() -> int:
+    configure_logging("operator_engine")
+    log = structlog.get_logger()
+    config = EngineConfig.from_env()
+    try:
+        server, runner = await build(config)
+    except SandboxUnavailable as error:
+        log.error("cannot enforce the sandbox limits; refusing to start", reason=str(error))
+        print(f"operator_engine: refusing to start: {error}", file=sys.stderr)
+        return 2
+    await server.start()
+    await run_until_signalled(server, before_stop=runner.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,74 @@
+"""The Operator Engine's configuration, from the environment, with defaults for the embedded
+single-machine node."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh import config as mesh_config
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """A named set of limits jobs run under (see Environment in the contract)."""
+
+    name: str = "default"
+    cpus: float = 1.0
+    memory_bytes: int = GIB
+    disk_bytes: int = GIB
+    max_processes: int = 256
+    max_duration_s: float = 600.0
+    max_concurrent_jobs: int = 2
+    network_allowed: bool = False
+    free: bool = True
+    max_output_files: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.cpus <= 0 or self.memory_bytes < 16 << 20 or self.disk_bytes < 1 << 20:
+            raise ValueError(f"environment {self.name}: cpus, memory or disk too small")
+        if self.max_processes < 1 or self.max_duration_s <= 0 or self.max_concurrent_jobs < 1:
+            raise ValueError(f"environment {self.name}: limits must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    listen: str
+    workspace_root: Path
+    data_root: Path
+    storage_url: str
+    environments: tuple[EnvironmentSpec, ...] = field(default=(EnvironmentSpec(),))
+    # The algorithm log is capped so that a chatty algorithm cannot fill the node's disk.
+    log_cap_bytes: int = 64 << 20
+    sandbox_uid_base: int = 1_600_000_000
+    sandbox_uid_count: int = 64
+    sandbox_stage_root: Path = Path("/run/c2d-sandbox")
+    # The cgroup folder of this engine's jobs; two engines on one machine need two names.
+    sandbox_cgroup_name: str = "c2d"
+
+    @classmethod
+    def from_env(cls) -> EngineConfig:
+        home = mesh_config.home()
+        environments: tuple[EnvironmentSpec, ...] = (EnvironmentSpec(),)
+        env_file = os.environ.get("C2D_ENVIRONMENTS_FILE")
+        if env_file:
+            raw = json.loads(Path(env_file).read_text())
+            environments = tuple(EnvironmentSpec(**item) for item in raw)
+        return cls(
+            listen=os.environ.get("C2D_ENGINE_LISTEN", mesh_config.engine_address()),
+            workspace_root=Path(
+                os.environ.get("C2D_ENGINE_WORKSPACES", str(home / "engine" / "jobs"))
+            ),
+            data_root=mesh_config.data_root(),
+            storage_url=mesh_config.storage_url(),
+            environments=environments,
+            log_cap_bytes=mesh_config.env_int("C2D_LOG_CAP_BYTES", 64 << 20),
+            sandbox_uid_base=mesh_config.env_int("C2D_SANDBOX_UID_BASE", 1_600_000_000),
+            sandbox_uid_count=mesh_config.env_int("C2D_SANDBOX_UID_COUNT", 64),
+            sandbox_stage_root=Path(os.environ.get("C2D_SANDBOX_STAGE_ROOT", "/run/c2d-sandbox")),
+            sandbox_cgroup_name=os.environ.get("C2D_SANDBOX_CGROUP", "c2d"),
+        )

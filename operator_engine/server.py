@@ -1,0 +1,47 @@
+"""Builds the Operator Engine's gRPC server; refuses to start when the sandbox cannot enforce
+its limits."""
+
+from __future__ import annotations
+
+import shutil
+
+import structlog
+from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
+
+from mesh.server import Server
+from mesh.storage import storage_from_url
+from operator_engine.config import EngineConfig
+from operator_engine.runner import Runner
+from operator_engine.sandbox import Sandbox, SandboxConfig
+from operator_engine.servicer import EngineServicer
+
+log = structlog.get_logger()
+SERVICE_NAME = engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+
+async def build(config: EngineConfig) -> tuple[Server, Runner]:
+    """Checks the sandbox (raises SandboxUnavailable with the reason), sweeps what a crashed
+    engine left behind, and returns the server with its runner, not yet started."""
+    sandbox = Sandbox(
+        SandboxConfig(
+            uid_base=config.sandbox_uid_base,
+            uid_count=config.sandbox_uid_count,
+            stage_root=config.sandbox_stage_root,
+            cgroup_name=config.sandbox_cgroup_name,
+        )
+    )
+    sandbox.check()
+    await sandbox.sweep()
+    # Workspaces of a previous run belong to jobs this engine no longer knows.
+    if config.workspace_root.exists():
+        shutil.rmtree(config.workspace_root, ignore_errors=True)
+    config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    runner = Runner(config, sandbox, storage_from_url(config.storage_url))
+    servicer = EngineServicer(runner)
+    server = Server(
+        "operator_engine",
+        lambda s: engine_pb2_grpc.add_EngineServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+    )
+    server.bind(config.listen)
+    return server, runner

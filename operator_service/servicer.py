@@ -1,0 +1,243 @@
+"""The OperatorService API: the job registry in front of the engine and the result storage."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
+
+import grpc
+import structlog
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
+from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
+
+from mesh import jobs as job_facts
+from mesh.channels import UNARY_TIMEOUT
+from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
+from mesh.storage import Storage, result_key
+from operator_service.store import JobStore
+from operator_service.tracker import Tracker
+
+log = structlog.get_logger()
+Context = grpc.aio.ServicerContext[Any, Any]
+State = job_pb2.Job.State
+ENGINE = "operator engine"
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", field="page_size")
+    return min(requested or 50, 500)
+
+
+class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
+    def __init__(
+        self,
+        store: JobStore,
+        tracker: Tracker,
+        engine: engine_pb2_grpc.EngineServiceAsyncStub,
+        storage: Storage,
+    ) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.engine = engine
+        self.storage = storage
+
+    async def _owned(self, job_id: str, owner: str) -> job_pb2.Job:
+        job_facts.check_job_id(job_id)
+        found = await self.store.get(job_id)
+        # Someone else's job does not exist, as far as this caller can tell.
+        if found is None or found[1].owner != owner:
+            raise NotFound("no such job", reason="JOB_NOT_FOUND")
+        return found[1]
+
+    async def CreateJob(
+        self, request: operator_pb2.CreateJobRequest, context: Context
+    ) -> operator_pb2.CreateJobResponse:
+        spec = request.spec
+        job_facts.check_job_id(spec.job_id, "spec.job_id")
+        if not spec.owner:
+            raise InvalidArgument("spec.owner is required", field="spec.owner")
+        structlog.contextvars.bind_contextvars(job_id=spec.job_id, consumer=spec.owner)
+        job = job_pb2.Job(
+            name=job_facts.job_name(spec.job_id),
+            owner=spec.owner,
+            dataset_ids=[d.id for d in spec.datasets],
+            algorithm_id=spec.algorithm.id,
+            environment=spec.environment or "default",
+            state=State.STATE_QUEUED,
+        )
+        job.create_time.GetCurrentTime()
+        job_facts.set_status_code(job)
+        if not await self.store.insert(spec, job):
+            existing = await self._owned(spec.job_id, spec.owner)
+            return operator_pb2.CreateJobResponse(job=existing)
+        try:
+            response = await self.engine.RunJob(
+                engine_pb2.RunJobRequest(spec=spec), timeout=UNARY_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            mapped = from_rpc_error(error, service=ENGINE)
+            # Recorded as failed, never lost: the consumer sees why.
+            await self.tracker.end(
+                spec.job_id,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_SANDBOX_FAILED,
+                f"the job could not be started: {mapped.message}",
+            )
+            raise mapped from None
+        await self.tracker.record(response.job)
+        self.tracker.follow(spec.job_id)
+        log.info("job created")
+        return operator_pb2.CreateJobResponse(job=response.job)
+
+    async def GetJob(
+        self, request: operator_pb2.GetJobRequest, context: Context
+    ) -> operator_pb2.GetJobResponse:
+        return operator_pb2.GetJobResponse(job=await self._owned(request.job_id, request.owner))
+
+    async def ListJobs(
+        self, request: operator_pb2.ListJobsRequest, context: Context
+    ) -> operator_pb2.ListJobsResponse:
+        size = _page_size(request.page_size)
+        before: int | None = None
+        if request.page_token:
+            try:
+                before = int(base64.urlsafe_b64decode(request.page_token.encode()).decode())
+            except ValueError as error:
+                raise InvalidArgument("page_token is not valid", field="page_token") from error
+        rows = await self.store.page(request.owner, size + 1, before)
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = base64.urlsafe_b64encode(str(rows[-1][0]).encode()).decode()
+        return operator_pb2.ListJobsResponse(jobs=[job for _, job in rows], next_page_token=token)
+
+    async def WatchJob(
+        self, request: operator_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[operator_pb2.WatchJobResponse]:
+        await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        async for job in self.tracker.watch(request.job_id, request.owner):
+            yield operator_pb2.WatchJobResponse(job=job)
+
+    async def StreamJobLogs(
+        self, request: operator_pb2.StreamJobLogsRequest, context: Context
+    ) -> AsyncIterator[operator_pb2.StreamJobLogsResponse]:
+        job = await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        if request.offset < 0:
+            raise InvalidArgument("offset must not be negative", field="offset")
+        try:
+            stream = self.engine.StreamJobLogs(
+                engine_pb2.StreamJobLogsRequest(job_id=request.job_id, offset=request.offset)
+            )
+            async for response in stream:
+                yield operator_pb2.StreamJobLogsResponse(chunk=response.chunk)
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise from_rpc_error(error, service=ENGINE) from None
+        # The engine no longer holds the log: serve the published copy.
+        job = await self._owned(request.job_id, request.owner)
+        logs = [r for r in job.results if r.kind == job_pb2.ResultFile.KIND_ALGORITHM_LOG]
+        if not logs:
+            return
+        offset = request.offset
+        async for data in self.storage.read(request.job_id, result_key(logs[0]), offset):
+            yield operator_pb2.StreamJobLogsResponse(
+                chunk=job_pb2.LogChunk(
+                    offset=offset,
+                    next_offset=offset + len(data),
+                    text=data.decode("utf-8", errors="replace"),
+                )
+            )
+            offset += len(data)
+
+    async def StopJob(
+        self, request: operator_pb2.StopJobRequest, context: Context
+    ) -> operator_pb2.StopJobResponse:
+        job = await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        if job_facts.is_final(job.state):
+            return operator_pb2.StopJobResponse(job=job)
+        try:
+            response = await self.engine.StopJob(
+                engine_pb2.StopJobRequest(job_id=request.job_id), timeout=UNARY_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise from_rpc_error(error, service=ENGINE) from None
+            await self.tracker.end(request.job_id, State.STATE_CANCELLED, 0, "stopped")
+        else:
+            await self.tracker.record(response.job)
+        log.info("job stopped")
+        return operator_pb2.StopJobResponse(job=await self._owned(request.job_id, request.owner))
+
+    async def DeleteJob(
+        self, request: operator_pb2.DeleteJobRequest, context: Context
+    ) -> operator_pb2.DeleteJobResponse:
+        job = await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        if not job_facts.is_final(job.state):
+            raise FailedPrecondition(
+                "the job is still running; stop it first", reason="JOB_NOT_FINAL"
+            )
+        try:
+            await self.engine.DeleteJob(
+                engine_pb2.DeleteJobRequest(job_id=request.job_id), timeout=UNARY_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise from_rpc_error(error, service=ENGINE) from None
+        await self.storage.delete_job(request.job_id)
+        await self.store.delete(request.job_id)
+        log.info("job deleted")
+        return operator_pb2.DeleteJobResponse()
+
+    async def ReadResult(
+        self, request: operator_pb2.ReadResultRequest, context: Context
+    ) -> AsyncIterator[operator_pb2.ReadResultResponse]:
+        job = await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        matches = [r for r in job.results if r.index == request.index]
+        if not matches:
+            raise NotFound(f"job has no result {request.index}", reason="RESULT_NOT_FOUND")
+        result = matches[0]
+        if not 0 <= request.offset <= result.size_bytes:
+            raise InvalidArgument("offset is outside the result", field="offset")
+        key = result_key(result)
+        digest = hashlib.sha256()
+        # The bytes before `offset` are hashed too, so that every download is checked whole.
+        remaining = request.offset
+        if remaining:
+            async with contextlib.aclosing(
+                cast(AsyncGenerator[bytes, None], self.storage.read(request.job_id, key, 0))
+            ) as head:
+                async for data in head:
+                    digest.update(data[:remaining])
+                    remaining -= min(len(data), remaining)
+                    if not remaining:
+                        break
+        offset = request.offset
+        async for data in self.storage.read(request.job_id, key, request.offset):
+            digest.update(data)
+            yield operator_pb2.ReadResultResponse(offset=offset, data=data)
+            offset += len(data)
+        if offset != result.size_bytes or digest.hexdigest() != result.sha256:
+            log.error("stored result does not match its checksum", index=result.index)
+            raise DataLoss("the stored result no longer matches its sha256; do not use it")
+
+    async def ListEnvironments(
+        self, request: operator_pb2.ListEnvironmentsRequest, context: Context
+    ) -> operator_pb2.ListEnvironmentsResponse:
+        try:
+            response = await self.engine.ListEnvironments(
+                engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, service=ENGINE) from None
+        return operator_pb2.ListEnvironmentsResponse(environments=response.environments)

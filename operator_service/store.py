@@ -1,0 +1,135 @@
+"""The job registry: every job, its spec, its latest state and every change of state, in
+SQLite."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import aiosqlite
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+
+from mesh import jobs as job_facts
+from mesh.config import ensure_private_dir
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    seq INTEGER NOT NULL,            -- insertion order, for newest-first listing
+    state INTEGER NOT NULL,
+    spec BLOB NOT NULL,              -- engine.v1.JobSpec
+    job BLOB NOT NULL                -- common.v1.Job, as last seen
+);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    state INTEGER NOT NULL,
+    failure_reason INTEGER NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+"""
+
+
+class JobStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> JobStore:
+        ensure_private_dir(path.parent)
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job) -> bool:
+        """Adds a job; False when its id exists already (a retried create)."""
+        cursor = await self.db.execute(
+            "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job) "
+            "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?)",
+            (spec.job_id, spec.owner, job.state, spec.SerializeToString(), job.SerializeToString()),
+        )
+        if cursor.rowcount:
+            await self._event(job)
+        await self.db.commit()
+        return bool(cursor.rowcount)
+
+    async def save(self, job: job_pb2.Job) -> None:
+        """Records the job's latest form, and an event when its state changed."""
+        job_id = job.name.removeprefix("jobs/")
+        async with self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return
+        await self.db.execute(
+            "UPDATE jobs SET state = ?, job = ? WHERE id = ?",
+            (job.state, job.SerializeToString(), job_id),
+        )
+        if row[0] != job.state:
+            await self._event(job)
+        await self.db.commit()
+
+    async def _event(self, job: job_pb2.Job) -> None:
+        await self.db.execute(
+            "INSERT INTO job_events (job_id, time, state, failure_reason, message) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                job.name.removeprefix("jobs/"),
+                time.time(),
+                job.state,
+                job.failure_reason,
+                job.message,
+            ),
+        )
+
+    async def get(self, job_id: str) -> tuple[engine_pb2.JobSpec, job_pb2.Job] | None:
+        async with self.db.execute("SELECT spec, job FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return engine_pb2.JobSpec.FromString(row[0]), job_pb2.Job.FromString(row[1])
+
+    async def page(
+        self, owner: str, limit: int, before_seq: int | None
+    ) -> list[tuple[int, job_pb2.Job]]:
+        query = "SELECT seq, job FROM jobs WHERE owner = ?"
+        args: list[object] = [owner]
+        if before_seq is not None:
+            query += " AND seq < ?"
+            args.append(before_seq)
+        query += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(query, args) as cur:
+            rows = await cur.fetchall()
+        return [(int(r[0]), job_pb2.Job.FromString(r[1])) for r in rows]
+
+    async def unfinished(self) -> list[str]:
+        finals = tuple(int(s) for s in job_facts.FINAL_STATES)
+        marks = ",".join("?" * len(finals))
+        async with self.db.execute(
+            f"SELECT id FROM jobs WHERE state NOT IN ({marks})",  # noqa: S608 (only "?" marks)
+            finals,
+        ) as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def events(self, job_id: str) -> list[tuple[float, int, int, str]]:
+        async with self.db.execute(
+            "SELECT time, state, failure_reason, message FROM job_events WHERE job_id = ? "
+            "ORDER BY rowid",
+            (job_id,),
+        ) as cur:
+            return [(float(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in await cur.fetchall()]
+
+    async def delete(self, job_id: str) -> None:
+        await self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        await self.db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+        await self.db.commit()

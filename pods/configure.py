@@ -1,0 +1,415 @@
+"""The configure stage: verify the algorithm and the dataset files, lay out the job's workspace,
+and say how the sandbox must be started (argument list, environment, mounts).
+
+Runs as root on the host (local engine, in-process) or as a container entrypoint (Kubernetes):
+
+    python -m pods.configure --spec spec.json --workspace DIR --data-root DIR
+
+Nothing here ever names a dataset file's location in an error or a log line: the consumer reads
+both, and where the owner keeps data is the owner's business."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import stat
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+from google.protobuf import json_format
+
+from pods.workspace import (
+    ALGO_CUSTOM_DATA_FILE,
+    ALGORITHM_FILE,
+    CONFIGURATION_LOG,
+    SANDBOX_ALGO_CUSTOM_DATA,
+    SANDBOX_ALGORITHM,
+    SANDBOX_DDOS,
+    SANDBOX_INPUTS,
+    SANDBOX_LOGS,
+    SANDBOX_OUTPUTS,
+    SANDBOX_TRANSFORMATIONS,
+    Workspace,
+    asset_did,
+    check_job_id,
+    is_asset_id,
+    sandbox_input_path,
+)
+
+# The placeholder an entrypoint uses for the code's path, as in the reference system.
+ALGO_PLACEHOLDER = "$ALGO"
+
+# Exit codes of the program form: the reference system's status codes for the two failures,
+# so a Kubernetes backend can map a container's exit code without parsing its output.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_DATA_PROVISIONING_FAILED = 31
+EXIT_ALGORITHM_PROVISIONING_FAILED = 32
+
+
+class ProvisioningError(Exception):
+    """The configure stage refused the job. `str(error)` is safe to show the consumer (it never
+    names a dataset's location); `reason` is the job's failure reason and `status_code` the
+    reference system's numeric status."""
+
+    reason: job_pb2.FailureReason.ValueType = job_pb2.FAILURE_REASON_UNSPECIFIED
+    status_code: int = 0
+
+
+class DataProvisioningError(ProvisioningError):
+    """A dataset file is missing, outside the data root, not a regular file or not readable by
+    the sandbox; or a dataset id is malformed."""
+
+    reason = job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED
+    status_code = 31
+
+
+class AlgorithmProvisioningError(ProvisioningError):
+    """The algorithm's code is missing or does not match its checksum, its entrypoint is unusable,
+    its id is malformed, or the parameters are not a JSON object (they belong to the algorithm's
+    run, so a job with bad parameters fails as an algorithm provisioning failure)."""
+
+    reason = job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED
+    status_code = 32
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One bind mount of the sandbox: `host_path` appears at `sandbox_path`."""
+
+    host_path: Path
+    sandbox_path: str
+    writable: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigureResult:
+    """How to start the compute stage: exec `argv` (no shell) with exactly `env`, working
+    directory `/`, and `mounts` in place (read-only unless `writable`)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    mounts: list[Mount] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form, for the program form's standard output. Holds host paths: it is
+        for the engine, never for the consumer."""
+        return {
+            "argv": self.argv,
+            "env": self.env,
+            "mounts": [
+                {
+                    "host_path": str(m.host_path),
+                    "sandbox_path": m.sandbox_path,
+                    "writable": m.writable,
+                }
+                for m in self.mounts
+            ],
+        }
+
+
+class _ConfigurationLog:
+    """The lines of logs/configuration.log, which the consumer downloads: what was verified,
+    sizes and checksums, never a dataset's location."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, message: str) -> None:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.lines.append(f"{stamp} {message}")
+
+    def render(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode("utf-8")
+
+
+def configure(spec: engine_pb2.JobSpec, workspace: Path, data_root: Path) -> ConfigureResult:
+    """Verifies the job's inputs and lays out `workspace` (see `pods.workspace`).
+
+    Blocking (file I/O); an async caller runs it with `asyncio.to_thread`. Raises
+    `DataProvisioningError` or `AlgorithmProvisioningError` when the job must fail with that
+    reason, `ValueError` for a malformed job id (the engine validates it at RunJob, so this is
+    a bug upstream), and `OSError` when the workspace itself cannot be written (the engine's
+    own failure, not the job's). logs/configuration.log is written in every case where the
+    workspace exists."""
+    ws = Workspace(Path(workspace))
+    record = _ConfigurationLog()
+    log = structlog.get_logger().bind(job_id=spec.job_id, stage="configure")
+    try:
+        check_job_id(spec.job_id)
+        record.add(f"configure: job {spec.job_id}")
+        _make_layout(ws)
+        result = _configure(spec, ws, Path(data_root), record)
+        record.add("configure succeeded")
+    except ProvisioningError as error:
+        record.add(f"configure failed: {error}")
+        log.warning("configure.failed", reason=job_pb2.FailureReason.Name(error.reason))
+        raise
+    except Exception as error:
+        # Not the consumer's fault and possibly holding a host path: say only what kind it was.
+        record.add(f"configure failed: internal error ({type(error).__name__})")
+        log.error("configure.error", error_type=type(error).__name__)
+        raise
+    finally:
+        _write_configuration_log(ws, record, log)
+    log.info("configure.done", datasets=len(spec.datasets), mounts=len(result.mounts))
+    return result
+
+
+def _configure(
+    spec: engine_pb2.JobSpec, ws: Workspace, data_root: Path, record: _ConfigurationLog
+) -> ConfigureResult:
+    argv = _provision_algorithm(spec.algorithm, ws, record)
+    mounts = _provision_datasets(spec.datasets, ws, data_root, record)
+    if _provision_parameters(spec.parameters_json, ws, record):
+        mounts.append(Mount(ws.algo_custom_data, SANDBOX_ALGO_CUSTOM_DATA))
+    mounts += [
+        Mount(ws.ddos, SANDBOX_DDOS),
+        Mount(ws.transformations, SANDBOX_TRANSFORMATIONS),
+        Mount(ws.outputs, SANDBOX_OUTPUTS, writable=True),
+        # Read-only: the engine writes algorithm.log from the process's pipes; the algorithm
+        # may read its logs but never forge them.
+        Mount(ws.logs, SANDBOX_LOGS),
+    ]
+    env = {
+        "DIDS": json.dumps([dataset.id for dataset in spec.datasets]),
+        "TRANSFORMATION_DID": asset_did(spec.algorithm.id) if spec.algorithm.id else "",
+        "INPUTS": SANDBOX_INPUTS,
+        "OUTPUTS": SANDBOX_OUTPUTS,
+        "LOGS": SANDBOX_LOGS,
+        "ALGO": SANDBOX_ALGORITHM,
+    }
+    return ConfigureResult(argv=argv, env=env, mounts=mounts)
+
+
+def _provision_algorithm(
+    algorithm: engine_pb2.AlgorithmInput, ws: Workspace, record: _ConfigurationLog
+) -> list[str]:
+    if algorithm.id and not is_asset_id(algorithm.id):
+        raise AlgorithmProvisioningError("the algorithm id is not 64 lowercase hex digits")
+    record.add(f"algorithm: {asset_did(algorithm.id)}" if algorithm.id else "algorithm: raw code")
+    if not algorithm.code:
+        raise AlgorithmProvisioningError("the algorithm has no code")
+    digest = hashlib.sha256(algorithm.code).hexdigest()
+    if digest != algorithm.code_sha256:
+        raise AlgorithmProvisioningError(
+            f"the algorithm's code does not match its checksum "
+            f"(expected sha256 {algorithm.code_sha256!r}, got {digest})"
+        )
+    record.add(f"algorithm code: {len(algorithm.code)} bytes, sha256 {digest} verified")
+    argv = _entrypoint_argv(algorithm.entrypoint)
+    record.add(f"entrypoint: {json.dumps(argv)}")
+    # 0444: the sandbox's unrelated uid must read it, nobody needs to change it.
+    _write_file(ws.transformations, ALGORITHM_FILE, algorithm.code, 0o444)
+    return argv
+
+
+def _entrypoint_argv(entrypoint: str) -> list[str]:
+    """Splits the entrypoint like a shell would, without a shell: no expansion, no pipes, no
+    redirections, only `$ALGO` replaced in each argument."""
+    if ALGO_PLACEHOLDER not in entrypoint:
+        raise AlgorithmProvisioningError(f"the entrypoint does not mention {ALGO_PLACEHOLDER}")
+    if "\x00" in entrypoint:
+        raise AlgorithmProvisioningError("the entrypoint contains a NUL character")
+    try:
+        words = shlex.split(entrypoint)
+    except ValueError as error:
+        raise AlgorithmProvisioningError(f"the entrypoint cannot be split: {error}") from None
+    argv = [word.replace(ALGO_PLACEHOLDER, SANDBOX_ALGORITHM) for word in words]
+    if not argv or not any(SANDBOX_ALGORITHM in arg for arg in argv):
+        raise AlgorithmProvisioningError(f"the entrypoint does not mention {ALGO_PLACEHOLDER}")
+    return argv
+
+
+def _provision_datasets(
+    datasets: Iterable[engine_pb2.DatasetInput],
+    ws: Workspace,
+    data_root: Path,
+    record: _ConfigurationLog,
+) -> list[Mount]:
+    root = _resolve_data_root(data_root)
+    mounts: list[Mount] = []
+    seen: set[str] = set()
+    for dataset in datasets:
+        if not is_asset_id(dataset.id):
+            raise DataProvisioningError("a dataset id is not 64 lowercase hex digits")
+        if dataset.id in seen:
+            # Two datasets with one id would share /data/inputs/<id>/.
+            raise DataProvisioningError(f"dataset {dataset.id} is listed twice")
+        seen.add(dataset.id)
+        total = 0
+        for index, raw_path in enumerate(dataset.file_paths):
+            label = f"file {index} of dataset {dataset.id}"
+            host_path, size = _check_dataset_file(raw_path, root, label)
+            record.add(f"{label}: {size} bytes, regular file readable by the sandbox")
+            mounts.append(Mount(host_path, sandbox_input_path(dataset.id, index)))
+            total += size
+        ddo = dataset.ddo_json.encode("utf-8")
+        _write_file(ws.ddos, dataset.id, ddo, 0o444)
+        record.add(
+            f"dataset {dataset.id}: {len(dataset.file_paths)} files, {total} bytes; "
+            f"ddo {len(ddo)} bytes, sha256 {hashlib.sha256(ddo).hexdigest()}"
+        )
+    return mounts
+
+
+def _resolve_data_root(data_root: Path) -> Path:
+    root: Path | None = None
+    with contextlib.suppress(OSError, RuntimeError):
+        root = data_root.resolve(strict=True)
+    # Raised after the suppressed error, so the exception carries no context naming the path.
+    if root is None or not root.is_dir():
+        raise DataProvisioningError("the node's data root is not available")
+    return root
+
+
+def _check_dataset_file(raw_path: str, root: Path, label: str) -> tuple[Path, int]:
+    """Returns the file's resolved host path and size, or raises with a message that names the
+    file only by its position: the consumer reads these messages."""
+    if not raw_path or "\x00" in raw_path or not os.path.isabs(raw_path):
+        raise DataProvisioningError(f"{label}: not an absolute path under the data root")
+    resolved: Path | None = None
+    # Every link resolved, so the check below is about where the bytes really are.
+    # RuntimeError: a symlink loop (Python 3.11).
+    with contextlib.suppress(OSError, RuntimeError):
+        resolved = Path(raw_path).resolve(strict=True)
+    # Raised after the suppressed error: a FileNotFoundError in __context__ would carry the path
+    # into any traceback the engine logs.
+    if resolved is None:
+        raise DataProvisioningError(f"{label}: not found")
+    if resolved == root or not resolved.is_relative_to(root):
+        raise DataProvisioningError(f"{label}: not under the data root")
+    info: os.stat_result | None = None
+    # No link is followed: were the file swapped for a link since resolve(), this sees the link
+    # and refuses it.
+    with contextlib.suppress(OSError):
+        info = os.stat(resolved, follow_symlinks=False)
+    if info is None:
+        raise DataProvisioningError(f"{label}: not found")
+    if not stat.S_ISREG(info.st_mode):
+        raise DataProvisioningError(f"{label}: not a regular file")
+    # The sandbox runs as an unrelated uid, so only the "other" bits grant it access.
+    if not info.st_mode & stat.S_IROTH:
+        raise DataProvisioningError(f"{label}: not readable by the sandbox (grant read to others)")
+    return resolved, info.st_size
+
+
+def _provision_parameters(parameters_json: str, ws: Workspace, record: _ConfigurationLog) -> bool:
+    """Writes algoCustomData.json when parameters were given; True when it did."""
+    if not parameters_json:
+        record.add("parameters: none")
+        return False
+    failed = False
+    parsed: Any = None
+    try:
+        parsed = json.loads(parameters_json, parse_constant=_refuse_constant)
+    except ValueError:
+        failed = True
+    if failed or not isinstance(parsed, dict):
+        raise AlgorithmProvisioningError("the algorithm parameters are not a JSON object")
+    data = parameters_json.encode("utf-8")
+    _write_file(ws.root, ALGO_CUSTOM_DATA_FILE, data, 0o444)
+    record.add(
+        f"parameters: {len(parsed)} keys, {len(data)} bytes, "
+        f"sha256 {hashlib.sha256(data).hexdigest()}"
+    )
+    return True
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; algorithms in other languages would choke on them.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _make_layout(ws: Workspace) -> None:
+    ws.root.mkdir(mode=0o700, exist_ok=True)
+    # 0755: the sandbox's uid reads through these mounts. outputs/ starts root-only; the sandbox
+    # chowns it to the job's uid.
+    _make_dir(ws.transformations, 0o755)
+    _make_dir(ws.ddos, 0o755)
+    _make_dir(ws.logs, 0o755)
+    _make_dir(ws.outputs, 0o700)
+
+
+def _make_dir(path: Path, mode: int) -> None:
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        # A rerun of the stage: fine, as long as it is a real directory and not a link.
+        if not stat.S_ISDIR(os.stat(path, follow_symlinks=False).st_mode):
+            raise
+        return
+    os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+
+
+def _write_file(directory: Path, name: str, data: bytes, mode: int) -> None:
+    """Writes `directory/name` whole or not at all: a temporary file (never following a link)
+    renamed over the target, so a rerun replaces a read-only file and a crash leaves no half."""
+    temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            os.fchmod(out.fileno(), mode)
+        os.replace(temp, directory / name)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_configuration_log(
+    ws: Workspace, record: _ConfigurationLog, log: structlog.typing.FilteringBoundLogger
+) -> None:
+    try:
+        if not ws.logs.is_dir():
+            _make_dir(ws.logs, 0o755)
+        # 0644: the consumer receives it anyway, and the sandbox may read /data/logs.
+        _write_file(ws.logs, CONFIGURATION_LOG, record.render(), 0o644)
+    except OSError as error:
+        # A log that cannot be written must not hide the stage's real outcome.
+        log.error("configure.log_not_written", error_type=type(error).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The program form. Prints the ConfigureResult as JSON on standard output; exits 31 or 32
+    (the reference status codes) for a provisioning failure, printing its message."""
+    from mesh.logging import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m pods.configure", description=__doc__)
+    parser.add_argument("--spec", required=True, help="JobSpec as protobuf JSON; '-' for stdin")
+    parser.add_argument("--workspace", required=True, type=Path)
+    parser.add_argument("--data-root", required=True, type=Path)
+    args = parser.parse_args(argv)
+    configure_logging("configure")
+    try:
+        text = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text("utf-8")
+        spec = json_format.Parse(text, engine_pb2.JobSpec())
+        check_job_id(spec.job_id)
+    except (OSError, ValueError, json_format.ParseError) as error:
+        print(f"configure: unusable spec: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = configure(spec, args.workspace, args.data_root)
+    except ProvisioningError as error:
+        print(
+            json.dumps({"reason": job_pb2.FailureReason.Name(error.reason), "message": str(error)})
+        )
+        return error.status_code
+    print(json.dumps(result.to_json()))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The Provider's configuration, from the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh import config as mesh_config
+from mesh.auth import checksum
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    listen: str
+    operator_address: str
+    database: Path
+    data_root: Path
+    # The addresses allowed to publish datasets (the node's data owners), EIP-55 form.
+    owners: frozenset[str]
+
+    @classmethod
+    def from_env(cls) -> ProviderConfig:
+        home = mesh_config.home()
+        raw = os.environ.get("C2D_OWNERS", "")
+        owners = {checksum(a.strip()) for a in raw.split(",") if a.strip()}
+        if not owners:
+            # Without configuration the node belongs to whoever holds the CLI's key.
+            key_file = home / "key.json"
+            if key_file.exists():
+                owners = {checksum(json.loads(key_file.read_text())["address"])}
+        return cls(
+            listen=os.environ.get("C2D_PROVIDER_LISTEN", mesh_config.PROVIDER_LISTEN),
+            operator_address=mesh_config.operator_address(),
+            database=Path(
+                os.environ.get("C2D_PROVIDER_DB", str(home / "provider" / "provider.db"))
+            ),
+            data_root=mesh_config.data_root(),
+            owners=frozenset(owners),
+        )

@@ -1,0 +1,41 @@
+"""Builds the Provider's gRPC server and the parts it owns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from c2d.operator.v1 import operator_pb2_grpc
+from c2d.provider.v1 import provider_pb2, provider_pb2_grpc
+from grpc.aio import Channel
+
+from mesh.channels import open_channel
+from mesh.server import Server
+from provider.config import ProviderConfig
+from provider.servicer import ProviderServicer
+from provider.store import ProviderStore
+
+SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name
+
+
+@dataclass
+class Provider:
+    server: Server
+    store: ProviderStore
+    operator_channel: Channel
+
+    async def close(self) -> None:
+        await self.operator_channel.close()
+        await self.store.close()
+
+
+async def build(config: ProviderConfig) -> Provider:
+    store = await ProviderStore.open(config.database)
+    channel = open_channel(config.operator_address)
+    servicer = ProviderServicer(config, store, operator_pb2_grpc.OperatorServiceStub(channel))
+    server = Server(
+        "provider",
+        lambda s: provider_pb2_grpc.add_ProviderServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+    )
+    server.bind(config.listen)
+    return Provider(server, store, channel)

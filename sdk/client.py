@@ -1,0 +1,260 @@
+"""An async client of the Provider: signs requests, keeps a read token, and wraps the RPCs
+in plain methods."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from c2d.common.v1 import job_pb2
+from c2d.provider.v1 import provider_pb2 as pb
+from c2d.provider.v1 import provider_pb2_grpc
+from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import Message
+
+from mesh import auth
+from mesh.channels import open_channel
+from mesh.digests import digest_for
+from sdk.keys import Key
+
+TIMEOUT = 60.0
+DID_PREFIX = "did:c2d:"
+
+
+def asset_name(collection: str, ref: str) -> str:
+    """`datasets/{id}` from a DID, a resource name or a bare id."""
+    ident = ref.removeprefix(DID_PREFIX).removeprefix(f"{collection}/")
+    return f"{collection}/{ident}"
+
+
+def job_ref(ref: str) -> str:
+    """`jobs/{id}` from a job name or a bare id."""
+    return ref if ref.startswith("jobs/") else f"jobs/{ref}"
+
+
+class Client:
+    def __init__(self, target: str, key: Key) -> None:
+        self.key = key
+        self.channel = open_channel(target)
+        self.stub = provider_pb2_grpc.ProviderServiceStub(self.channel)
+        self._last_nonce = 0
+        # Nonces must arrive in increasing order: signed calls go one at a time.
+        self._signing = asyncio.Lock()
+        self._token: tuple[str, float] | None = None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- credentials ---------------------------------------------------------------------
+
+    def _next_nonce(self) -> int:
+        self._last_nonce = max(time.time_ns() // 1000, self._last_nonce + 1)
+        return self._last_nonce
+
+    def signature_metadata(self, command: str, request: Message) -> list[tuple[str, str]]:
+        nonce = self._next_nonce()
+        signature = auth.sign(
+            self.key.private_key, self.key.address, nonce, command, digest_for(command, request)
+        )
+        return [
+            (auth.ADDRESS_HEADER, self.key.address),
+            (auth.NONCE_HEADER, str(nonce)),
+            (auth.SIGNATURE_HEADER, signature),
+        ]
+
+    async def _signed(self, command: str, request: Message) -> Any:
+        async with self._signing:
+            method = getattr(self.stub, command)
+            return await method(
+                request, metadata=self.signature_metadata(command, request), timeout=TIMEOUT
+            )
+
+    async def token_metadata(self) -> list[tuple[str, str]]:
+        """A bearer token for reads and streams, created on first use and renewed early."""
+        if self._token is None or self._token[1] - time.time() < 60:
+            response = await self._signed(
+                "CreateAuthToken",
+                pb.CreateAuthTokenRequest(valid_for=duration_pb2.Duration(seconds=3600)),
+            )
+            self._token = (response.token, float(response.expire_time.seconds))
+        return [(auth.AUTHORIZATION_HEADER, f"Bearer {self._token[0]}")]
+
+    # -- assets --------------------------------------------------------------------------
+
+    async def publish_dataset(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        metadata: pb.AssetMetadata | None = None,
+        policy: pb.ComputePolicy | None = None,
+        request_id: str = "",
+    ) -> pb.Dataset:
+        request = pb.PublishDatasetRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            metadata=metadata,
+            file_paths=[str(Path(p).absolute()) for p in paths],
+            policy=policy,
+        )
+        response = await self._signed("PublishDataset", request)
+        return response.dataset  # type: ignore[no-any-return]
+
+    async def trust(self, algorithm_ref: str) -> pb.TrustedAlgorithm:
+        """A trusted-algorithm entry pinned to the algorithm's current checksums."""
+        algorithm = await self.get_algorithm(algorithm_ref)
+        return pb.TrustedAlgorithm(
+            did=algorithm.did,
+            files_checksum=algorithm.files_checksum,
+            container_section_checksum=algorithm.container_section_checksum,
+        )
+
+    async def publish_algorithm(
+        self,
+        code: bytes,
+        entrypoint: str,
+        *,
+        metadata: pb.AssetMetadata | None = None,
+        request_id: str = "",
+    ) -> pb.Algorithm:
+        request = pb.PublishAlgorithmRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            metadata=metadata,
+            code=code,
+            entrypoint=entrypoint,
+        )
+        response = await self._signed("PublishAlgorithm", request)
+        return response.algorithm  # type: ignore[no-any-return]
+
+    async def get_dataset(self, ref: str) -> pb.Dataset:
+        response = await self.stub.GetDataset(
+            pb.GetDatasetRequest(name=asset_name("datasets", ref)), timeout=TIMEOUT
+        )
+        return response.dataset
+
+    async def get_algorithm(self, ref: str) -> pb.Algorithm:
+        response = await self.stub.GetAlgorithm(
+            pb.GetAlgorithmRequest(name=asset_name("algorithms", ref)), timeout=TIMEOUT
+        )
+        return response.algorithm
+
+    async def list_environments(self) -> list[job_pb2.Environment]:
+        response = await self.stub.ListEnvironments(pb.ListEnvironmentsRequest(), timeout=TIMEOUT)
+        return list(response.environments)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    async def start_compute(
+        self,
+        datasets: Sequence[str],
+        *,
+        algorithm: str = "",
+        raw_code: str = "",
+        raw_entrypoint: str = "python3 $ALGO",
+        parameters: dict[str, Any] | None = None,
+        environment: str = "",
+        request_id: str = "",
+    ) -> job_pb2.Job:
+        if not datasets:
+            raise ValueError("at least one dataset")
+        params = struct_pb2.Struct()
+        if parameters:
+            params.update(parameters)
+        request = pb.StartComputeRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            dataset=asset_name("datasets", datasets[0]),
+            additional_datasets=[asset_name("datasets", d) for d in datasets[1:]],
+            algorithm=asset_name("algorithms", algorithm) if algorithm else "",
+            raw_algorithm=pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
+            if raw_code
+            else None,
+            parameters=params,
+            environment=environment,
+        )
+        response = await self._signed("StartCompute", request)
+        return response.job  # type: ignore[no-any-return]
+
+    async def get_job(self, ref: str) -> job_pb2.Job:
+        response = await self.stub.GetJob(
+            pb.GetJobRequest(name=job_ref(ref)),
+            metadata=await self.token_metadata(),
+            timeout=TIMEOUT,
+        )
+        return response.job
+
+    async def list_jobs(self, page_size: int = 50) -> list[job_pb2.Job]:
+        jobs: list[job_pb2.Job] = []
+        token = ""
+        while True:
+            response = await self.stub.ListJobs(
+                pb.ListJobsRequest(page_size=page_size, page_token=token),
+                metadata=await self.token_metadata(),
+                timeout=TIMEOUT,
+            )
+            jobs.extend(response.jobs)
+            token = response.next_page_token
+            if not token:
+                return jobs
+
+    async def watch_job(self, ref: str) -> AsyncIterator[job_pb2.Job]:
+        call = self.stub.WatchJob(
+            pb.WatchJobRequest(name=job_ref(ref)), metadata=await self.token_metadata()
+        )
+        async for response in call:
+            yield response.job
+
+    async def stream_logs(self, ref: str, offset: int = 0) -> AsyncIterator[job_pb2.LogChunk]:
+        call = self.stub.StreamJobLogs(
+            pb.StreamJobLogsRequest(name=job_ref(ref), offset=offset),
+            metadata=await self.token_metadata(),
+        )
+        async for response in call:
+            yield response.chunk
+
+    async def stop_job(self, ref: str) -> job_pb2.Job:
+        response = await self._signed("StopJob", pb.StopJobRequest(name=job_ref(ref)))
+        return response.job  # type: ignore[no-any-return]
+
+    async def delete_job(self, ref: str) -> None:
+        await self._signed("DeleteJob", pb.DeleteJobRequest(name=job_ref(ref)))
+
+    async def download_result(self, ref: str, result: job_pb2.ResultFile, dest: Path) -> Path:
+        """Downloads one result to `dest` (resuming a partial file) and checks its sha256."""
+        partial = dest.with_name(dest.name + ".part")
+        offset = partial.stat().st_size if partial.exists() else 0
+        if offset > result.size_bytes:
+            partial.unlink()
+            offset = 0
+        call = self.stub.DownloadResult(
+            pb.DownloadResultRequest(name=f"{job_ref(ref)}/results/{result.index}", offset=offset),
+            metadata=await self.token_metadata(),
+        )
+        with open(partial, "ab") as f:
+            async for response in call:
+                f.write(response.data)
+        digest = hashlib.sha256()
+        with open(partial, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != result.sha256:
+            partial.unlink()
+            raise ValueError(f"result {result.index} failed its sha256 check; download again")
+        partial.replace(dest)
+        return dest
+
+
+def is_unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )

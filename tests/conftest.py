@@ -1,0 +1,136 @@
+"""Fixtures shared by the suite: a whole mesh in this process (each service a real gRPC
+server on its own socket, talking to the others only over gRPC), and keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.server import build as build_engine
+from operator_service.config import OperatorConfig
+from operator_service.server import build as build_operator
+from provider.config import ProviderConfig
+from provider.server import build as build_provider
+from sdk.client import Client
+from sdk.keys import Key
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bwrap") is None,
+    reason="the local sandbox needs root and bubblewrap (make setup installs it)",
+)
+
+
+def new_key() -> Key:
+    account = Account.create()
+    return Key(address=account.address, private_key=bytes(account.key))
+
+
+@dataclass
+class LocalMesh:
+    home: Path
+    data_root: Path
+    provider_address: str
+    operator_address: str
+    engine_address: str
+    owner: Key
+
+    def client(self, key: Key) -> Client:
+        return Client(self.provider_address, key)
+
+    def data_file(self, name: str, content: bytes) -> Path:
+        path = self.data_root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(0o644)
+        return path
+
+
+TEST_ENVIRONMENTS = (
+    EnvironmentSpec(),
+    EnvironmentSpec(
+        name="small",
+        memory_bytes=128 << 20,
+        disk_bytes=64 << 20,
+        max_processes=32,
+        max_duration_s=5,
+        max_concurrent_jobs=1,
+    ),
+)
+
+
+@pytest.fixture
+async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
+    """Engine, Operator Service and Provider, started in order on fresh state."""
+    home = tmp_path / "home"
+    run = home / "run"
+    data_root = tmp_path / "data"
+    data_root.mkdir(parents=True)
+    owner = new_key()
+    tag = uuid.uuid4().hex[:8]
+    engine = await build_engine(
+        EngineConfig(
+            listen=f"unix:{run / 'engine.sock'}",
+            workspace_root=home / "engine" / "jobs",
+            data_root=data_root,
+            storage_url=str(home / "results"),
+            environments=TEST_ENVIRONMENTS,
+            # Each test engine has cgroups, uids and a staging folder of its own.
+            sandbox_uid_base=1_700_000_000 + (int(tag, 16) % 1000) * 64,
+            sandbox_stage_root=Path(f"/run/c2d-test-{tag}"),
+            sandbox_cgroup_name=f"c2d-test-{tag}",
+        )
+    )
+    engine_server, runner = engine
+    await engine_server.start()
+    operator = await build_operator(
+        OperatorConfig(
+            listen=f"unix:{run / 'operator.sock'}",
+            engine_address=engine_server.address,
+            database=home / "operator" / "operator.db",
+            storage_url=str(home / "results"),
+            engine_lease_s=5,
+        )
+    )
+    await operator.start()
+    provider = await build_provider(
+        ProviderConfig(
+            listen="127.0.0.1:0",
+            operator_address=operator.server.address,
+            database=home / "provider" / "provider.db",
+            data_root=data_root,
+            owners=frozenset({owner.address}),
+        )
+    )
+    await provider.server.start()
+    try:
+        yield LocalMesh(
+            home=home,
+            data_root=data_root,
+            provider_address=provider.server.address,
+            operator_address=operator.server.address,
+            engine_address=engine_server.address,
+            owner=owner,
+        )
+    finally:
+        await provider.server.stop(0.5)
+        await provider.close()
+        await operator.tracker.close()
+        await operator.server.stop(0.5)
+        await operator.close()
+        await runner.close()
+        await engine_server.stop(0.5)
+        shutil.rmtree(f"/run/c2d-test-{tag}", ignore_errors=True)
+
+
+def write_key(path: Path, key: Key) -> None:
+    path.write_text(json.dumps({"address": key.address, "private_key": key.private_key.hex()}))
+    path.chmod(0o600)

@@ -1,0 +1,165 @@
+"""LocalStorage: streaming put/read, sizes, deletion, and no partial object on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from c2d.common.v1 import job_pb2
+
+from mesh.errors import NotFound
+from mesh.storage import CHUNK_SIZE, LocalStorage, StoredObject, result_key, storage_from_url
+
+JOB = "0123456789abcdef0123456789abcdef"
+OTHER_JOB = "fedcba9876543210fedcba9876543210"
+
+
+async def read_all(storage: LocalStorage, key: str, **kwargs: int) -> bytes:
+    return b"".join([chunk async for chunk in storage.read(JOB, key, **kwargs)])
+
+
+class ExplodingSource(io.RawIOBase):
+    """Yields a few chunks, then fails like a disk error halfway through a copy."""
+
+    def __init__(self, chunks_before_failure: int) -> None:
+        self.left = chunks_before_failure
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left == 0:
+            raise OSError("read failed halfway")
+        self.left -= 1
+        return b"x" * 1000
+
+
+async def test_put_read_size_roundtrip(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    data = os.urandom(3 * CHUNK_SIZE + 123)
+    stored = await storage.put(JOB, "0000", io.BytesIO(data))
+    assert stored == StoredObject(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert await read_all(storage, "0000") == data
+    assert await storage.size(JOB, "0000") == len(data)
+    chunks = [chunk async for chunk in storage.read(JOB, "0000", chunk_size=CHUNK_SIZE)]
+    assert all(len(chunk) <= CHUNK_SIZE for chunk in chunks)
+    assert len(chunks) == 4
+
+
+async def test_read_from_offset_and_small_chunks(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    await storage.put(JOB, "0001", io.BytesIO(b"0123456789"))
+    assert await read_all(storage, "0001", offset=4) == b"456789"
+    chunks = [chunk async for chunk in storage.read(JOB, "0001", offset=1, chunk_size=3)]
+    assert chunks == [b"123", b"456", b"789"]
+    assert await read_all(storage, "0001", offset=10) == b""
+    assert await read_all(storage, "0001", offset=99) == b""
+
+
+async def test_empty_object(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    stored = await storage.put(JOB, "0000", io.BytesIO(b""))
+    assert stored.size == 0
+    assert stored.sha256 == hashlib.sha256(b"").hexdigest()
+    assert await read_all(storage, "0000") == b""
+
+
+async def test_modes_are_owner_only(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    storage = LocalStorage(root)
+    await storage.put(JOB, "0000", io.BytesIO(b"secret"))
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(root / JOB).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(root / JOB / "0000").st_mode) == 0o600
+
+
+async def test_missing_object_is_not_found(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    with pytest.raises(NotFound):
+        await storage.size(JOB, "0000")
+    with pytest.raises(NotFound):
+        await read_all(storage, "0000")
+    await storage.put(JOB, "0000", io.BytesIO(b"x"))
+    with pytest.raises(NotFound):
+        await storage.size(JOB, "0001")
+
+
+async def test_delete_job_removes_only_that_job(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    await storage.put(JOB, "0000", io.BytesIO(b"a"))
+    await storage.put(JOB, "0001", io.BytesIO(b"b"))
+    await storage.put(OTHER_JOB, "0000", io.BytesIO(b"c"))
+    await storage.delete_job(JOB)
+    with pytest.raises(NotFound):
+        await storage.size(JOB, "0000")
+    assert not (tmp_path / "store" / JOB).exists()
+    assert await storage.size(OTHER_JOB, "0000") == 1
+    # Deleting again, or a job that never stored anything, is not an error.
+    await storage.delete_job(JOB)
+    await storage.delete_job("1" * 32)
+
+
+async def test_failed_put_leaves_no_partial_object(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    with pytest.raises(OSError, match="halfway"):
+        await storage.put(JOB, "0000", ExplodingSource(3))  # type: ignore[arg-type]
+    with pytest.raises(NotFound):
+        await storage.size(JOB, "0000")
+    # No temporary file left behind either.
+    assert os.listdir(tmp_path / "store" / JOB) == []
+
+
+async def test_failed_replace_keeps_the_old_object(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    await storage.put(JOB, "0000", io.BytesIO(b"old content"))
+    with pytest.raises(OSError):
+        await storage.put(JOB, "0000", ExplodingSource(2))  # type: ignore[arg-type]
+    assert await read_all(storage, "0000") == b"old content"
+    assert os.listdir(tmp_path / "store" / JOB) == ["0000"]
+
+
+@pytest.mark.parametrize("job_id", ["", "../" + "a" * 29, "A" * 32, "a" * 31, "a" * 33, "a/" * 16])
+async def test_bad_job_ids_are_rejected(tmp_path: Path, job_id: str) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    with pytest.raises(ValueError):
+        await storage.put(job_id, "0000", io.BytesIO(b"x"))
+    with pytest.raises(ValueError):
+        await storage.delete_job(job_id)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("key", ["", ".", "..", "../x", "a/b", ".part-x", "-x", "a" * 129, "a\x00"])
+async def test_bad_keys_are_rejected(tmp_path: Path, key: str) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    with pytest.raises(ValueError):
+        await storage.put(JOB, key, io.BytesIO(b"x"))
+    with pytest.raises(ValueError):
+        await storage.size(JOB, key)
+
+
+def test_result_key_comes_from_the_index() -> None:
+    assert result_key(job_pb2.ResultFile(index=0, name="../../etc/passwd")) == "0000"
+    assert result_key(job_pb2.ResultFile(index=42)) == "0042"
+    assert result_key(job_pb2.ResultFile(index=12345)) == "12345"
+
+
+def test_storage_from_url(tmp_path: Path) -> None:
+    by_url = storage_from_url(f"file://{tmp_path}/store")
+    assert isinstance(by_url, LocalStorage)
+    assert by_url.root == tmp_path / "store"
+    by_path = storage_from_url(str(tmp_path / "plain"))
+    assert isinstance(by_path, LocalStorage)
+    assert by_path.root == tmp_path / "plain"
+    spaced = storage_from_url("file:///srv/with%20space")
+    assert isinstance(spaced, LocalStorage)
+    assert spaced.root == Path("/srv/with space")
+    with pytest.raises(ValueError, match="not supported yet"):
+        storage_from_url("s3://bucket/prefix")
+    with pytest.raises(ValueError):
+        storage_from_url("file://otherhost/srv")
+    with pytest.raises(ValueError):
+        storage_from_url("")
