@@ -155,7 +155,7 @@ async def _scenario(mesh: Mesh, home: Path, owner: Key, consumer: Key) -> int:
             return 1
 
         _step("consumer downloads the results (each checked against its sha256)")
-        out = home / "results"
+        out = home / "downloads"
         out.mkdir()
         summary: dict[str, Any] = {}
         for result in final.results:

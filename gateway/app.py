@@ -178,7 +178,12 @@ class Gateway:
         return _json(_to_json(response))
 
     def _start_stream(
-        self, route: Route, message: Message, metadata: tuple[tuple[str, str], ...]
+        self,
+        route: Route,
+        message: Message,
+        metadata: tuple[tuple[str, str], ...],
+        *,
+        end_on_stop: bool,
     ) -> StreamReader:
         # No deadline: a stream lasts as long as its job, which the Provider bounds; the call
         # is cancelled as soon as the HTTP client goes away.
@@ -187,7 +192,9 @@ class Gateway:
             request_serializer=route.request_class.SerializeToString,
             response_deserializer=route.response_class.FromString,
         )(message, metadata=metadata)
-        return StreamReader(call, stopping=self.stopping)
+        # Event streams end when the gateway stops (clients reconnect); a download must not
+        # look complete when cut short, so it is left to the graceful shutdown period.
+        return StreamReader(call, stopping=self.stopping if end_on_stop else None)
 
     async def _events(
         self,
@@ -208,7 +215,7 @@ class Gateway:
                     field="offset",
                 ) from None
             message.offset = offset  # type: ignore[attr-defined]
-        reader = self._start_stream(route, message, metadata)
+        reader = self._start_stream(route, message, metadata, end_on_stop=True)
         try:
             first = await reader.next(_FIRST_EVENT_WAIT_SECONDS)
         except grpc.aio.AioRpcError as error:
@@ -300,7 +307,7 @@ class Gateway:
             last = size - 1 if end is None else end
             headers["Content-Length"] = str(max(last - start + 1, 0))
 
-        reader = self._start_stream(route, message, metadata)
+        reader = self._start_stream(route, message, metadata, end_on_stop=False)
         try:
             # Nothing is sent before the first chunk, so that a refusal keeps its HTTP status.
             first = await reader.next(self.call_timeout)

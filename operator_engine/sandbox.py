@@ -950,6 +950,9 @@ class Sandbox:
         deadline = time.monotonic() + _KILL_TIMEOUT_S
         belongs = _in_cgroup(self._cgroups.member_paths(job_id))
         self._cgroups.kill_switch(job_id)
+        # Short polls first: right after a normal exit, only bwrap's inits are still on their
+        # way out (a bwrap monitor exits as soon as it knows the status, before its init).
+        poll = 0.0005
         while True:
             pids = self._cgroups.pids(job_id)
             if not pids:
@@ -958,7 +961,8 @@ class Sandbox:
                 _kill_if(pid, belongs)
             if time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, 0.02)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -1049,16 +1053,18 @@ class _Job:
                 env=spec.env,
                 status_fd=status_w,
             )
-            # Our own pipes rather than asyncio's: Process.wait() would also wait for its
-            # pipes to close, and the deadline must not depend on that.
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out_w,
-                stderr=err_w,
-                pass_fds=(status_w,),
-                env={"PATH": _CHAIN_PATH},
-                start_new_session=True,
+            # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
+            # waits for the pipes to close, and it spends a thread per child.
+            proc = _Child(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out_w,
+                    stderr=err_w,
+                    pass_fds=(status_w,),
+                    env={"PATH": _CHAIN_PATH},
+                    start_new_session=True,
+                )
             )
         except OSError as error:
             for fd in (status_r, out_r, err_r):
@@ -1068,7 +1074,7 @@ class _Job:
         finally:
             for fd in (status_w, out_w, err_w):
                 os.close(fd)
-        self.log.debug("sandbox.launched", pid=proc.pid)
+        self.log.debug("sandbox.launched", pid=proc.popen.pid)
 
         readers = [
             asyncio.ensure_future(self._pump_output(out_r)),
@@ -1084,14 +1090,15 @@ class _Job:
                 reader.cancel()
             status = _read_all(status_r)
         finally:
+            proc.close()
             for reader in readers:
                 reader.cancel()
             with contextlib.suppress(OSError):
                 os.close(status_r)
             # The pumps own out_r and err_r and close them on their way out.
-        return self._classify(ended, proc.returncode, status)
+        return self._classify(ended, proc.popen.returncode, status)
 
-    async def _wait(self, proc: asyncio.subprocess.Process, deadline_s: float) -> str:
+    async def _wait(self, proc: _Child, deadline_s: float) -> str:
         """Waits for the chain to end, the deadline, or a cancel request; kills the job in
         the latter two cases. Returns "exited", "timed_out" or "cancelled"."""
         waiter = asyncio.ensure_future(proc.wait())
@@ -1111,7 +1118,7 @@ class _Job:
         try:
             await asyncio.wait_for(waiter, timeout=_KILL_TIMEOUT_S)
         except TimeoutError:
-            self.log.error("sandbox.chain_unkillable", pid=proc.pid)
+            self.log.error("sandbox.chain_unkillable", pid=proc.popen.pid)
         return ended
 
     async def _pump_output(self, fd: int) -> None:
@@ -1236,6 +1243,33 @@ class _Job:
         if not _remove_stage(self.stage):
             self.log.error("sandbox.stage_left")
         return empty
+
+
+class _Child:
+    """A child process whose end the event loop learns from a pidfd."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self._loop = asyncio.get_running_loop()
+        self._exited = asyncio.Event()
+        self._pidfd = os.pidfd_open(popen.pid)  # valid even if it has already exited
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._loop.remove_reader(self._pidfd)
+        self.popen.poll()  # reaps it: the pidfd says it has exited
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.popen.returncode is not None
+        return self.popen.returncode
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 def _hand_over(path: Path, uid: int, gid: int) -> None:

@@ -239,7 +239,7 @@ def _provision_datasets(
     data_root: Path,
     record: _ConfigurationLog,
 ) -> list[Mount]:
-    root = _resolve_data_root(data_root)
+    root = resolve_data_root(data_root)
     mounts: list[Mount] = []
     seen: set[str] = set()
     for dataset in datasets:
@@ -252,7 +252,7 @@ def _provision_datasets(
         total = 0
         for index, raw_path in enumerate(dataset.file_paths):
             label = f"file {index} of dataset {dataset.id}"
-            host_path, size = _check_dataset_file(raw_path, root, label)
+            host_path, size = check_dataset_file(raw_path, root, label)
             record.add(f"{label}: {size} bytes, regular file readable by the sandbox")
             mounts.append(Mount(host_path, sandbox_input_path(dataset.id, index)))
             total += size
@@ -265,7 +265,7 @@ def _provision_datasets(
     return mounts
 
 
-def _resolve_data_root(data_root: Path) -> Path:
+def resolve_data_root(data_root: Path) -> Path:
     root: Path | None = None
     with contextlib.suppress(OSError, RuntimeError):
         root = data_root.resolve(strict=True)
@@ -275,7 +275,7 @@ def _resolve_data_root(data_root: Path) -> Path:
     return root
 
 
-def _check_dataset_file(raw_path: str, root: Path, label: str) -> tuple[Path, int]:
+def check_dataset_file(raw_path: str, root: Path, label: str) -> tuple[Path, int]:
     """Returns the file's resolved host path and size, or raises with a message that names the
     file only by its position: the consumer reads these messages."""
     if not raw_path or "\x00" in raw_path or not os.path.isabs(raw_path):

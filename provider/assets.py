@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.errors import InvalidArgument
+from pods import configure
+from pods.configure import DataProvisioningError
 
 DID_PREFIX = "did:c2d:"
 MAX_DATASET_FILES = 1000
@@ -45,32 +45,18 @@ class CheckedFile:
 
 
 def check_dataset_file(raw: str, index: int, data_root: Path) -> CheckedFile:
-    """Resolves a dataset file and checks that jobs can use it. Errors name the field, never
+    """Checks a dataset file as the configure stage will (under the data root after resolving
+    links, a regular file, readable by the sandbox) and hashes it. Errors name the field, never
     the path, so that nothing echoes where data lives."""
     field = f"file_paths[{index}]"
-    if not raw or "\x00" in raw or not os.path.isabs(raw):
-        raise InvalidArgument(f"{field} must be an absolute path", field=field)
-    root = data_root.resolve()
     try:
-        path = Path(raw).resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise InvalidArgument(
-            f"{field} is not a readable file under the node's data root", field=field
-        ) from None
-    if not path.is_relative_to(root):
-        raise InvalidArgument(f"{field} is outside the node's data root", field=field)
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise InvalidArgument(f"{field} is not a regular file", field=field)
-    if not info.st_mode & stat.S_IROTH:
-        # Jobs run as an unprivileged identity of their own, never as the file's owner.
-        raise InvalidArgument(
-            f"{field} must be readable by others (chmod o+r): jobs run as an unprivileged "
-            "identity of their own",
-            field=field,
+        path, size = configure.check_dataset_file(
+            raw, configure.resolve_data_root(data_root), field
         )
+    except DataProvisioningError as error:
+        raise InvalidArgument(str(error), field=field) from None
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return CheckedFile(path=str(path), size=info.st_size, sha256=digest.hexdigest())
+    return CheckedFile(path=str(path), size=size, sha256=digest.hexdigest())

@@ -21,13 +21,14 @@ import grpc
 import httpx
 import pytest
 import structlog
+from c2d.common.v1 import job_pb2
+from c2d.provider.v1 import provider_pb2, provider_pb2_grpc
 from google.protobuf import any_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from c2d.common.v1 import job_pb2
-from c2d.provider.v1 import provider_pb2, provider_pb2_grpc
 from gateway.app import BackgroundServer, create_app, run_in_background
+from gateway.routes import parse_template, split_verb
 
 LOG = "line one\nline two\nline three\n"
 LOG_CHUNK = 9
@@ -511,6 +512,23 @@ async def test_client_disconnect_cancels_the_grpc_call(edge: Edge) -> None:
     await asyncio.wait_for(edge.provider.cancelled.wait(), timeout=3)
 
 
+async def test_stopping_the_gateway_ends_event_streams(edge: Edge) -> None:
+    async with edge.http.stream("GET", "/v1/jobs/endless:streamLogs") as response:
+        events = _events(response)
+        async for item in events:
+            if isinstance(item, Event):
+                break
+        started = time.monotonic()
+        stopping = asyncio.create_task(edge.gateway.stop())
+        # The stream ends cleanly (the client reconnects elsewhere with Last-Event-ID) rather
+        # than holding the shutdown for its whole grace period.
+        async for _ in events:
+            pass
+        await stopping
+    assert time.monotonic() - started < 2
+    await asyncio.wait_for(edge.provider.cancelled.wait(), timeout=3)
+
+
 # -- downloads --------------------------------------------------------------------------
 
 
@@ -567,9 +585,7 @@ async def test_download_without_token(edge: Edge) -> None:
     resumed = await edge.http.get("/v1/jobs/done/results/0:download?offset=10000")
     assert resumed.content == CONTENT[10000:]
     # ...and a Range, which needs the size, is refused rather than answered wrongly.
-    ranged = await edge.http.get(
-        "/v1/jobs/done/results/0:download", headers={"Range": "bytes=10-"}
-    )
+    ranged = await edge.http.get("/v1/jobs/done/results/0:download", headers={"Range": "bytes=10-"})
     assert ranged.status_code == 400
     assert _error(ranged)["details"][0]["reason"] == "RANGE_NEEDS_TOKEN"
 
@@ -584,6 +600,20 @@ async def test_download_errors_before_the_first_byte_are_json(edge: Edge) -> Non
     unlisted = await edge.http.get("/v1/jobs/done/results/7:download", headers=TOKEN)
     assert unlisted.status_code == 404
     _error(unlisted)
+
+
+def test_path_templates() -> None:
+    template = parse_template("/v1/{name=jobs/*/results/*}:download")
+    assert template.verb == "download"
+    assert template.match("/v1/jobs/a/results/3") == {("name",): "jobs/a/results/3"}
+    assert template.match("/v1/jobs/a") is None
+    nested = parse_template("/v1/{parent.name=shelves/*}/books/{book_id}")
+    assert nested.match("/v1/shelves/s1/books/b2") == {
+        ("parent", "name"): "shelves/s1",
+        ("book_id",): "b2",
+    }
+    assert split_verb("/v1/jobs/abc:watch") == ("/v1/jobs/abc", "watch")
+    assert split_verb("/v1/a:b/jobs") == ("/v1/a:b/jobs", "")
 
 
 # -- the gateway's own endpoints, and a Provider that is down --------------------------------
