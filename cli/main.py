@@ -75,14 +75,21 @@ async def cmd_up(args: argparse.Namespace) -> int:
         ),
     )
     sys.stdout.flush()
-    exited = asyncio.ensure_future(supervisor.wait())
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    if exited.done():
-        print(f"c2d up: {exited.result()} exited; stopping the rest", file=sys.stderr)
-        code = 1
-    exited.cancel()
+    while not stop.is_set():
+        exited = asyncio.ensure_future(supervisor.wait())
+        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not exited.done():
+            exited.cancel()
+            break
+        name = exited.result()
+        # A crashed part comes back; the jobs it was handling carry on or end with a reason.
+        print(f"c2d up: {name} exited unexpectedly; restarting it", file=sys.stderr)
+        if not await supervisor.restart(name):
+            print(f"c2d up: {name} does not stay up; stopping everything", file=sys.stderr)
+            code = 1
+            break
     stopped.cancel()
     await supervisor.stop()
     return code

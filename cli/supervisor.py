@@ -19,6 +19,8 @@ from mesh import config as mesh_config
 from mesh.channels import open_channel
 
 STOP_SECONDS = 8.0
+# A child that keeps crashing is not restarted forever: this many restarts a minute at most.
+MAX_RESTARTS_PER_MINUTE = 5
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Supervisor:
         self.mesh = mesh
         self.children: list[tuple[str, asyncio.subprocess.Process]] = []
         self.log_dir = log_dir
+        self._restarts: dict[str, list[float]] = {}
 
     async def _spawn(self, name: str, module: str) -> asyncio.subprocess.Process:
         env = {**os.environ, **self.mesh.env}
@@ -110,31 +113,53 @@ class Supervisor:
         self.children.append((name, process))
         return process
 
+    def _parts(self) -> list[tuple[str, str]]:
+        """Each part and the address it is ready at, in start order (each calls the one
+        before it)."""
+        return [
+            ("operator_engine", self.mesh.engine),
+            ("operator_service", self.mesh.operator),
+            ("provider", self.mesh.provider),
+            ("gateway", self.mesh.gateway),
+        ]
+
+    async def _start_part(self, name: str, address: str, startup_s: float) -> bool:
+        process = await self._spawn(name, name)
+        deadline = time.monotonic() + startup_s
+        probe = _http_ready(address, deadline) if name == "gateway" else _healthy(address, deadline)
+        ready = asyncio.ensure_future(probe)
+        exited = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if ready not in done:
+            ready.cancel()
+            return False
+        return bool(ready.result())
+
     async def start(self, startup_s: float = 30.0) -> None:
         """Starts engine, operator service, provider and gateway, each after the one it
         calls is healthy. Raises RuntimeError naming the part that did not come up."""
         mesh_config.ensure_private_dir(self.mesh.home)
         mesh_config.ensure_private_dir(self.mesh.home / "run")
-        order = [
-            ("operator_engine", "operator_engine", self.mesh.engine),
-            ("operator_service", "operator_service", self.mesh.operator),
-            ("provider", "provider", self.mesh.provider),
-        ]
-        for name, module, address in order:
-            process = await self._spawn(name, module)
-            ready = asyncio.ensure_future(_healthy(address, time.monotonic() + startup_s))
-            exited = asyncio.ensure_future(process.wait())
-            done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if ready not in done or not ready.result():
-                ready.cancel()
-                exited.cancel()
+        for name, address in self._parts():
+            if not await self._start_part(name, address, startup_s):
                 await self.stop()
                 raise RuntimeError(f"{name} did not start (see its log above)")
-            exited.cancel()
-        await self._spawn("gateway", "gateway")
-        if not await _http_ready(self.mesh.gateway, time.monotonic() + startup_s):
-            await self.stop()
-            raise RuntimeError("the REST gateway did not start")
+
+    async def restart(self, name: str, startup_s: float = 30.0) -> bool:
+        """Starts a part again after it died; False when it will not come up, or has
+        crashed too often in the last minute."""
+        now = time.monotonic()
+        recent = [t for t in self._restarts.get(name, []) if now - t < 60]
+        if len(recent) >= MAX_RESTARTS_PER_MINUTE:
+            return False
+        self._restarts[name] = [*recent, now]
+        self.children = [(n, p) for n, p in self.children if n != name]
+        address = dict(self._parts())[name]
+        return await self._start_part(name, address, startup_s)
+
+    def process(self, name: str) -> asyncio.subprocess.Process:
+        return next(p for n, p in self.children if n == name)
 
     async def wait(self) -> str:
         """Returns the name of the first child that exits."""

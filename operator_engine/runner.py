@@ -1,13 +1,17 @@
 """Runs jobs: queues them per environment, then configure -> compute -> publish, and keeps
 each job's state and live log for watchers.
 
-The engine holds jobs in memory; a job it does not know after a restart is reported NOT_FOUND,
-and the Operator Service then ends it `failed: engine lost`, so no job is left hanging."""
+Each job's spec and latest state are kept in its workspace (`spec.pb`, `job.pb`, root-only), so
+an engine that restarts, even after kill -9, picks every job up again: queued jobs queue again,
+jobs cut off while configuring or running end `failed: engine lost` with their logs published,
+jobs cut off while publishing are published again and end as they would have."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +22,7 @@ import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError
 
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -40,6 +45,12 @@ _OUTCOME_REASON = {
     Outcome.SANDBOX_FAILED: job_pb2.FAILURE_REASON_SANDBOX_FAILED,
 }
 _LOG_CHUNK = 64 * 1024
+# While a job is not final, watchers hear from it at least this often: the Operator Service
+# renews the job's lease with each message and ends the job when the engine falls silent.
+HEARTBEAT_S = 2.0
+_SPEC_FILE = "spec.pb"
+_JOB_FILE = "job.pb"
+_OUTCOME_FILE = "outcome.json"
 
 
 @dataclass
@@ -60,12 +71,14 @@ class EngineJob:
         return self.workspace / layout.LOGS / layout.ALGORITHM_LOG
 
     async def update(self, **fields: object) -> None:
-        """Changes the job and wakes every watcher."""
+        """Changes the job, keeps it on disk, and wakes every watcher."""
         async with self.changed:
             for key, value in fields.items():
                 setattr(self.job, key, value)
             job_facts.set_status_code(self.job)
+            snapshot = self.job.SerializeToString()
             self.changed.notify_all()
+        await asyncio.to_thread(_write_atomic, self.workspace / _JOB_FILE, snapshot)
 
     async def notify(self) -> None:
         async with self.changed:
@@ -85,6 +98,9 @@ class Runner:
             env.name: asyncio.Semaphore(env.max_concurrent_jobs) for env in config.environments
         }
         self._waiting: dict[str, list[str]] = {env.name: [] for env in config.environments}
+        # Set while the engine shuts down: queued jobs stay queued for the next engine, and
+        # running ones end `engine lost` rather than `cancelled` (nobody asked to stop them).
+        self.stopping = False
 
     # -- the API -------------------------------------------------------------------------
 
@@ -113,11 +129,48 @@ class Runner:
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
         entry = EngineJob(spec=spec, job=job, workspace=self.config.workspace_root / spec.job_id)
-        self.jobs[spec.job_id] = entry
-        self._waiting[env_name].append(spec.job_id)
-        entry.task = asyncio.create_task(self._run(entry), name=f"job-{spec.job_id}")
+        await asyncio.to_thread(_make_workspace, entry.workspace)
+        await asyncio.to_thread(
+            _write_atomic, entry.workspace / _SPEC_FILE, spec.SerializeToString()
+        )
+        await entry.update()
+        self._start(entry)
         log.info("job accepted", job_id=spec.job_id, environment=env_name)
         return job
+
+    def _start(self, entry: EngineJob, *, resume_publish: bool = False) -> None:
+        self.jobs[entry.spec.job_id] = entry
+        if not resume_publish:
+            self._waiting[entry.job.environment].append(entry.spec.job_id)
+        entry.task = asyncio.create_task(
+            self._run(entry, resume_publish=resume_publish), name=f"job-{entry.spec.job_id}"
+        )
+
+    async def recover(self) -> None:
+        """Picks up the jobs a previous engine left in the workspace root."""
+        root = self.config.workspace_root
+        entries = sorted(
+            await asyncio.to_thread(_saved_jobs, root),
+            key=lambda e: e.job.create_time.ToNanoseconds(),
+        )
+        for entry in entries:
+            job_id = entry.spec.job_id
+            state = entry.job.state
+            with structlog.contextvars.bound_contextvars(job_id=job_id):
+                if entry.job.environment not in self.environments:
+                    entry.job.environment = next(iter(self.environments))
+                if job_facts.is_final(state):
+                    self.jobs[job_id] = entry
+                    entry.log_size = await asyncio.to_thread(_size, entry.log_path)
+                elif state == State.STATE_QUEUED:
+                    log.info("job queued again after an engine restart")
+                    self._start(entry)
+                else:
+                    log.warning(
+                        "job cut off by an engine restart", state=job_pb2.Job.State.Name(state)
+                    )
+                    entry.log_size = await asyncio.to_thread(_size, entry.log_path)
+                    self._start(entry, resume_publish=True)
 
     def get(self, job_id: str) -> EngineJob:
         entry = self.jobs.get(job_id)
@@ -133,7 +186,10 @@ class Runner:
             async with entry.changed:
                 snapshot = entry.job.SerializeToString(deterministic=True)
                 if snapshot == last:
-                    await entry.changed.wait()
+                    try:
+                        await asyncio.wait_for(entry.changed.wait(), HEARTBEAT_S)
+                    except TimeoutError:
+                        last = None  # nothing changed: send it again, as a heartbeat
                     continue
             last = snapshot
             job = job_pb2.Job.FromString(snapshot)
@@ -197,7 +253,9 @@ class Runner:
         log.info("job deleted", job_id=job_id)
 
     async def close(self) -> None:
-        """Cancels every job (the engine is stopping); their sandboxes die with the engine."""
+        """Stops the engine's work: running jobs end `engine lost` with their logs published,
+        queued jobs stay queued on disk for the engine that comes next."""
+        self.stopping = True
         for entry in self.jobs.values():
             entry.cancel.set()
         tasks = [e.task for e in self.jobs.values() if e.task is not None and not e.task.done()]
@@ -206,14 +264,18 @@ class Runner:
 
     # -- one job -------------------------------------------------------------------------
 
-    async def _run(self, entry: EngineJob) -> None:
+    async def _run(self, entry: EngineJob, *, resume_publish: bool = False) -> None:
         job_id = entry.spec.job_id
         env = self.environments[entry.job.environment]
         with structlog.contextvars.bound_contextvars(job_id=job_id):
+            if resume_publish:
+                await self._resume_publish(entry, env)
+                return
             try:
                 await self._queue(entry, env)
             except asyncio.CancelledError:
-                await self._finish(entry, State.STATE_CANCELLED, message="stopped while queued")
+                if not self.stopping:
+                    await self._finish(entry, State.STATE_CANCELLED, message="stopped while queued")
                 return
             slot = self._slots[env.name]
             try:
@@ -319,7 +381,15 @@ class Runner:
         )
         entry.job.exit_code = result.exit_code
 
-        if result.outcome is Outcome.CANCELLED:
+        if result.outcome is Outcome.CANCELLED and self.stopping:
+            await self._publish_and_finish(
+                entry,
+                env,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_ENGINE_LOST,
+                "engine lost: the engine was stopped while the job ran",
+            )
+        elif result.outcome is Outcome.CANCELLED:
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
         elif result.outcome is Outcome.OK:
             await self._publish_and_finish(entry, env, State.STATE_SUCCEEDED, 0, "")
@@ -340,9 +410,35 @@ class Runner:
         entry.log_size += len(data)
         await entry.notify()
 
+    async def _resume_publish(self, entry: EngineJob, env: EnvironmentSpec) -> None:
+        """Ends a job a previous engine was running: publishing again what it was publishing,
+        or ending it `engine lost` with whatever logs it had."""
+        outcome = await asyncio.to_thread(_read_outcome, entry.workspace)
+        if entry.job.state == State.STATE_PUBLISHING and outcome is not None:
+            state, reason, message = outcome
+        else:
+            state, reason = State.STATE_FAILED, job_pb2.FAILURE_REASON_ENGINE_LOST
+            message = "engine lost: the engine restarted while the job ran"
+        try:
+            await self._publish_and_finish(entry, env, state, reason, message)
+        except Exception:
+            log.exception("could not finish a recovered job")
+            await self._finish(
+                entry,
+                State.STATE_FAILED,
+                reason=job_pb2.FAILURE_REASON_ENGINE_LOST,
+                message="engine lost: the job could not be recovered",
+            )
+
     async def _publish_and_finish(
         self, entry: EngineJob, env: EnvironmentSpec, state: int, reason: int, message: str
     ) -> None:
+        # Kept first, so that an engine cut off while publishing knows how the job ended.
+        await asyncio.to_thread(
+            _write_atomic,
+            entry.workspace / _OUTCOME_FILE,
+            json.dumps([state, reason, message]).encode(),
+        )
         await entry.update(state=State.STATE_PUBLISHING)
         try:
             published = await publish(
@@ -396,6 +492,52 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         network_allowed=env.network_allowed,
         free=env.free,
     )
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replaces `path` whole: a crash leaves the old or the new content, never a mix."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def _read_outcome(ws: Path) -> tuple[int, int, str] | None:
+    try:
+        state, reason, message = json.loads((ws / _OUTCOME_FILE).read_text())
+        return int(state), int(reason), str(message)
+    except (OSError, ValueError):
+        return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _saved_jobs(root: Path) -> list[EngineJob]:
+    """The jobs saved under `root`; a workspace that cannot be read is removed."""
+    entries: list[EngineJob] = []
+    if not root.is_dir():
+        return entries
+    for ws in root.iterdir():
+        try:
+            spec = engine_pb2.JobSpec.FromString((ws / _SPEC_FILE).read_bytes())
+            job = job_pb2.Job.FromString((ws / _JOB_FILE).read_bytes())
+            if spec.job_id != ws.name:
+                raise ValueError("workspace and spec disagree")
+        except (OSError, ValueError, DecodeError):
+            log.warning("removing a workspace that cannot be read", workspace=ws.name)
+            shutil.rmtree(ws, ignore_errors=True)
+            continue
+        entries.append(EngineJob(spec=spec, job=job, workspace=ws))
+    return entries
 
 
 def _make_workspace(ws: Path) -> None:

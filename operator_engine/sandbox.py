@@ -730,6 +730,11 @@ class Sandbox:
             raise SandboxUnavailable(
                 f"the runtime {python} is not under /usr, the sandbox's only runtime tree"
             )
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except OSError:
+            # Killing a job's processes by pid without a pidfd could hit a recycled pid.
+            raise SandboxUnavailable("the kernel lacks pidfd_open (Linux 5.3 or later)") from None
         self._check_uid_range()
         self._check_stage_root()
         self._cgroups.check()
@@ -740,7 +745,8 @@ class Sandbox:
     def _find_tools(self) -> _Tools:
         found = []
         for name in ("/bin/sh", self.config.bwrap, "setpriv"):
-            path = shutil.which(name)
+            # A fixed search path: the engine's own PATH must not choose what runs as root.
+            path = shutil.which(name, path=_CHAIN_PATH)
             if path is None:
                 raise SandboxUnavailable(f"{name} is not installed (or not executable)")
             found.append(os.path.abspath(path))
@@ -748,10 +754,10 @@ class Sandbox:
 
     def _check_uid_range(self) -> None:
         base, count = self.config.uid_base, self.config.uid_count
-        if base < 1 or count < 1 or base + count > 2**32 - 2:
+        if base < 0 or count < 1 or base + count > 2**32 - 2:
             raise SandboxUnavailable(f"job uid range {base}+{count} is not a valid uid range")
         wanted = self.uids
-        clashes: list[str] = []
+        clashes = ["root (uid 0)"] if 0 in wanted else []
         for file in ("/etc/passwd", "/etc/group"):
             for line in _read_lines(file):
                 fields = line.split(":")
@@ -1035,6 +1041,8 @@ class _Job:
                 f"sandbox setup failed: {errno.errorcode.get(error.errno or 0)}",
             )
 
+        if any(c.is_set() for c in self.cancels):
+            return self._result(Outcome.CANCELLED, -1, "cancelled")
         tools = self.sandbox._tools
         assert tools is not None
         status_r, status_w = os.pipe()
@@ -1056,7 +1064,7 @@ class _Job:
             # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
             # waits for the pipes to close, and it spends a thread per child.
             proc = _Child(
-                subprocess.Popen(
+                subprocess.Popen(  # noqa: ASYNC220 (fork and exec only; the wait is a pidfd)
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=out_w,
@@ -1156,7 +1164,8 @@ class _Job:
             or (counters.oom_kills is None and counters.memory_limit_hits > 0 and code == -9)
         )
         if chain_message and ran:
-            self.log.warning("sandbox.chain_stderr", message=chain_message[:2000])
+            # Not bwrap's only: the job can reopen its init's stderr through /proc/1/fd/2.
+            self.log.warning("sandbox.chain_stderr", message=chain_message[:500])
 
         if ended == "cancelled":
             return self._result(Outcome.CANCELLED, code, "cancelled")

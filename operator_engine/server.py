@@ -3,8 +3,6 @@ its limits."""
 
 from __future__ import annotations
 
-import shutil
-
 import structlog
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 
@@ -32,11 +30,10 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
     )
     sandbox.check()
     await sandbox.sweep()
-    # Workspaces of a previous run belong to jobs this engine no longer knows.
-    if config.workspace_root.exists():
-        shutil.rmtree(config.workspace_root, ignore_errors=True)
     config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     runner = Runner(config, sandbox, storage_from_url(config.storage_url))
+    # Jobs a previous engine left: queued ones queue again, interrupted ones end with a reason.
+    await runner.recover()
     servicer = EngineServicer(runner)
     server = Server(
         "operator_engine",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, cast
 
@@ -72,7 +73,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         )
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
-        if not await self.store.insert(spec, job):
+        if not await self.store.insert(spec, job, time.time() + self.tracker.lease_s):
             existing = await self._owned(spec.job_id, spec.owner)
             return operator_pb2.CreateJobResponse(job=existing)
         try:
@@ -89,7 +90,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 f"the job could not be started: {mapped.message}",
             )
             raise mapped from None
-        await self.tracker.record(response.job)
+        await self.tracker.record(response.job, renew=True)
         self.tracker.follow(spec.job_id)
         log.info("job created")
         return operator_pb2.CreateJobResponse(job=response.job)

@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER NOT NULL,            -- insertion order, for newest-first listing
     state INTEGER NOT NULL,
     spec BLOB NOT NULL,              -- engine.v1.JobSpec
-    job BLOB NOT NULL                -- common.v1.Job, as last seen
+    job BLOB NOT NULL,               -- common.v1.Job, as last seen
+    lease_until REAL NOT NULL        -- the engine must be heard from before this (unix time)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -51,28 +52,37 @@ class JobStore:
     async def close(self) -> None:
         await self.db.close()
 
-    async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job) -> bool:
+    async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job, lease_until: float) -> bool:
         """Adds a job; False when its id exists already (a retried create)."""
         cursor = await self.db.execute(
-            "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job) "
-            "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?)",
-            (spec.job_id, spec.owner, job.state, spec.SerializeToString(), job.SerializeToString()),
+            "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job, lease_until) "
+            "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?, ?)",
+            (
+                spec.job_id,
+                spec.owner,
+                job.state,
+                spec.SerializeToString(),
+                job.SerializeToString(),
+                lease_until,
+            ),
         )
         if cursor.rowcount:
             await self._event(job)
         await self.db.commit()
         return bool(cursor.rowcount)
 
-    async def save(self, job: job_pb2.Job) -> None:
-        """Records the job's latest form, and an event when its state changed."""
+    async def save(self, job: job_pb2.Job, lease_until: float | None = None) -> None:
+        """Records the job's latest form (renewing its lease when given), and an event when
+        its state changed."""
         job_id = job.name.removeprefix("jobs/")
         async with self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
             row = await cur.fetchone()
         if row is None:
             return
         await self.db.execute(
-            "UPDATE jobs SET state = ?, job = ? WHERE id = ?",
-            (job.state, job.SerializeToString(), job_id),
+            "UPDATE jobs SET state = ?, job = ?, lease_until = COALESCE(?, lease_until) "
+            "WHERE id = ?",
+            (job.state, job.SerializeToString(), lease_until, job_id),
         )
         if row[0] != job.state:
             await self._event(job)
@@ -90,6 +100,11 @@ class JobStore:
                 job.message,
             ),
         )
+
+    async def lease_until(self, job_id: str) -> float:
+        async with self.db.execute("SELECT lease_until FROM jobs WHERE id = ?", (job_id,)) as c:
+            row = await c.fetchone()
+        return 0.0 if row is None else float(row[0])
 
     async def get(self, job_id: str) -> tuple[engine_pb2.JobSpec, job_pb2.Job] | None:
         async with self.db.execute("SELECT spec, job FROM jobs WHERE id = ?", (job_id,)) as cur:

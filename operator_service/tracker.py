@@ -1,5 +1,11 @@
 """Follows every unfinished job on the engine and records each change, so that the registry
-always knows the job's latest state, and ends jobs the engine has lost."""
+always knows the job's latest state, and ends jobs the engine has lost.
+
+Each unfinished job holds a lease (in the registry, so it outlives a restart of this service),
+renewed by every message the engine sends about it, heartbeats included. When the engine has
+been silent or unreachable past the lease, the job ends `failed: engine lost`. A job the engine
+never heard of (the service stopped between registering it and handing it over) is handed over
+again."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from mesh import jobs as job_facts
+from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import NotFound
 from operator_service.store import JobStore
 
@@ -48,9 +55,9 @@ class Tracker:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
-    async def record(self, job: job_pb2.Job) -> None:
+    async def record(self, job: job_pb2.Job, *, renew: bool = False) -> None:
         job_id = job.name.removeprefix("jobs/")
-        await self.store.save(job)
+        await self.store.save(job, time.time() + self.lease_s if renew else None)
         cond = self.condition(job_id)
         async with cond:
             cond.notify_all()
@@ -72,36 +79,60 @@ class Tracker:
 
     async def _follow(self, job_id: str) -> None:
         with structlog.contextvars.bound_contextvars(job_id=job_id):
-            unreachable_since: float | None = None
             while True:
                 try:
-                    stream = self.engine.WatchJob(engine_pb2.WatchJobRequest(job_id=job_id))
-                    async for response in stream:
-                        unreachable_since = None
-                        await self.record(response.job)
-                        if job_facts.is_final(response.job.state):
-                            return
+                    if await self._follow_stream(job_id):
+                        return
+                    continue
                 except grpc.aio.AioRpcError as error:
                     if error.code() == grpc.StatusCode.NOT_FOUND:
+                        if await self._hand_over_again(job_id):
+                            continue
                         await self.end(
                             job_id,
                             State.STATE_FAILED,
                             job_pb2.FAILURE_REASON_ENGINE_LOST,
-                            "engine lost: the engine restarted without this job",
-                        )
-                        return
-                    now = time.monotonic()
-                    unreachable_since = unreachable_since or now
-                    if now - unreachable_since > self.lease_s:
-                        await self.end(
-                            job_id,
-                            State.STATE_FAILED,
-                            job_pb2.FAILURE_REASON_ENGINE_LOST,
-                            "engine lost: unreachable for too long",
+                            "engine lost: the engine no longer knows this job",
                         )
                         return
                     log.info("engine unreachable; retrying", code=error.code().name)
+                except TimeoutError:
+                    log.warning("engine silent past the lease")
+                if time.time() > await self.store.lease_until(job_id):
+                    await self.end(
+                        job_id,
+                        State.STATE_FAILED,
+                        job_pb2.FAILURE_REASON_ENGINE_LOST,
+                        "engine lost: no word from the engine within the job's lease",
+                    )
+                    return
                 await asyncio.sleep(0.2)
+
+    async def _follow_stream(self, job_id: str) -> bool:
+        """Records what the engine says of the job; True once it is final."""
+        stream = self.engine.WatchJob(engine_pb2.WatchJobRequest(job_id=job_id))
+        try:
+            messages = stream.__aiter__()
+            while True:
+                try:
+                    response = await asyncio.wait_for(messages.__anext__(), self.lease_s)
+                except StopAsyncIteration:
+                    return False
+                await self.record(response.job, renew=True)
+                if job_facts.is_final(response.job.state):
+                    return True
+        finally:
+            stream.cancel()
+
+    async def _hand_over_again(self, job_id: str) -> bool:
+        """Hands a registered job that never reached the engine over again; False when the
+        job had started (then the engine lost it)."""
+        found = await self.store.get(job_id)
+        if found is None or found[1].state != State.STATE_QUEUED:
+            return False
+        log.info("handing the job to the engine again")
+        await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
+        return True
 
     async def watch(self, job_id: str, owner: str) -> AsyncIterator[job_pb2.Job]:
         """The job now, then after every recorded change; ends after a final state."""

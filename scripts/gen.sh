@@ -15,7 +15,7 @@ mapfile -t protos < <(find protos -name '*.proto' | sort)
   -I protos -I third_party/googleapis -I "$google_protos" \
   --python_out=gen --grpc_python_out=gen \
   --mypy_out=gen --mypy_grpc_out=gen \
-  "${protos[@]}"
+  "${protos[@]}" 2> >(grep -v '^Writing mypy to' >&2)
 # Packages, so that setuptools and mypy find every generated module.
 find gen/c2d -type d -exec touch {}/__init__.py \;
 touch gen/c2d/py.typed

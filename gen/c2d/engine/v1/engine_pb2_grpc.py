@@ -97,8 +97,10 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Sends the job at once, then again after every change of state; ends after
-        the job reaches a final state. NOT_FOUND when the engine does not know it.
+        """Sends the job at once, then again after every change of state, and at least
+        every 2 seconds while it is not final (a heartbeat: the Operator Service
+        renews the job's lease with each message). Ends after the job reaches a
+        final state. NOT_FOUND when the engine does not know it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

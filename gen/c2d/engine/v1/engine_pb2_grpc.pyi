@@ -44,8 +44,10 @@ class EngineServiceStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_engine_pb2.GetJobRequest, _engine_pb2.GetJobResponse]
     """Returns the job as the engine sees it. NOT_FOUND when the engine does not know it."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_engine_pb2.WatchJobRequest, _engine_pb2.WatchJobResponse]
-    """Sends the job at once, then again after every change of state; ends after
-    the job reaches a final state. NOT_FOUND when the engine does not know it.
+    """Sends the job at once, then again after every change of state, and at least
+    every 2 seconds while it is not final (a heartbeat: the Operator Service
+    renews the job's lease with each message). Ends after the job reaches a
+    final state. NOT_FOUND when the engine does not know it.
     """
     StreamJobLogs: _grpc.UnaryStreamMultiCallable[_engine_pb2.StreamJobLogsRequest, _engine_pb2.StreamJobLogsResponse]
     """Streams the algorithm's log from `offset`, following it live while the
@@ -79,8 +81,10 @@ class EngineServiceAsyncStub(EngineServiceStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_engine_pb2.GetJobRequest, _engine_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns the job as the engine sees it. NOT_FOUND when the engine does not know it."""
     WatchJob: _aio.UnaryStreamMultiCallable[_engine_pb2.WatchJobRequest, _engine_pb2.WatchJobResponse]  # type: ignore[assignment]
-    """Sends the job at once, then again after every change of state; ends after
-    the job reaches a final state. NOT_FOUND when the engine does not know it.
+    """Sends the job at once, then again after every change of state, and at least
+    every 2 seconds while it is not final (a heartbeat: the Operator Service
+    renews the job's lease with each message). Ends after the job reaches a
+    final state. NOT_FOUND when the engine does not know it.
     """
     StreamJobLogs: _aio.UnaryStreamMultiCallable[_engine_pb2.StreamJobLogsRequest, _engine_pb2.StreamJobLogsResponse]  # type: ignore[assignment]
     """Streams the algorithm's log from `offset`, following it live while the
@@ -129,8 +133,10 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _engine_pb2.WatchJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_engine_pb2.WatchJobResponse], _abc.AsyncIterator[_engine_pb2.WatchJobResponse]]:
-        """Sends the job at once, then again after every change of state; ends after
-        the job reaches a final state. NOT_FOUND when the engine does not know it.
+        """Sends the job at once, then again after every change of state, and at least
+        every 2 seconds while it is not final (a heartbeat: the Operator Service
+        renews the job's lease with each message). Ends after the job reaches a
+        final state. NOT_FOUND when the engine does not know it.
         """
 
     @_abc_1.abstractmethod

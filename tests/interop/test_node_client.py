@@ -1,0 +1,101 @@
+"""A whole job driven by a Node.js client (grpc-js + proto-loader + ethers) that signs and
+digests its requests from the proto documentation alone, against the real mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LocalMesh, needs_root
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("node_client.mjs")
+NODE = shutil.which("node")
+NODE_DEPS = ("@grpc/grpc-js", "@grpc/proto-loader", "ethers")
+
+pytestmark = [
+    needs_root,
+    pytest.mark.skipif(NODE is None, reason="node is not installed"),
+    pytest.mark.skipif(
+        not all((ROOT / "node_modules" / dep).is_dir() for dep in NODE_DEPS),
+        reason="node_modules lacks grpc-js, proto-loader or ethers: run `npm ci`",
+    ),
+]
+
+ALGORITHM = """\
+import json, os, time
+dataset_id = json.loads(os.environ["DIDS"])[0]
+with open(f"/data/inputs/{dataset_id}/0") as f:
+    text = f.read()
+# A Struct number is a double: {"x": 1} arrives as 1.0, hence the :g.
+x = json.load(open("/data/inputs/algoCustomData.json"))["x"]
+print(f"node-interop read {len(text)} bytes, x={x:g}", flush=True)
+with open("/data/outputs/result.txt", "w") as f:
+    f.write(f"{text.strip().upper()} x={x:g}\\n")
+time.sleep(1)  # long enough for WatchJob to see the job change
+"""
+
+DATA = b"hello from node\n"
+
+
+async def run_node(env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        NODE or "node",
+        str(SCRIPT),
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_a_node_client_runs_a_whole_job(local_mesh: LocalMesh) -> None:
+    data = local_mesh.data_file("interop/greeting.txt", DATA)
+    code, stdout, stderr = await run_node(
+        {
+            "C2D_PROVIDER": local_mesh.provider_address,
+            "C2D_PRIVATE_KEY": "0x" + local_mesh.owner.private_key.hex(),
+            "C2D_DATA_FILE": str(data),
+            "C2D_ALGORITHM": ALGORITHM,
+        }
+    )
+    assert code == 0, f"node client failed:\n{stderr}\n{stdout}"
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
+    result = json.loads(lines[0])
+
+    checks = result["checks"]
+    # UNAUTHENTICATED (16) for a signature over the text itself instead of its keccak256.
+    assert checks["raw_text_signature"] == 16
+    # That refused signature did not spend its nonce: the right signature with it works...
+    assert checks["nonce_after_refused_signature"] == "OK"
+    # ...once: the same nonce again, or a lower one, is UNAUTHENTICATED.
+    assert checks["reused_nonce"] == 16
+    assert checks["lower_nonce"] == 16
+    assert checks["wrong_digest"] == 16
+
+    assert result["address"] == local_mesh.owner.address
+    assert result["owner"] == local_mesh.owner.address
+    assert result["state"] == "STATE_SUCCEEDED", result["message"]
+    # The stream began before the end and followed the job to its final state.
+    assert len(result["states"]) >= 2, result["states"]
+    assert result["states"][-1] == "STATE_SUCCEEDED"
+    expected_log = f"node-interop read {len(DATA)} bytes, x=1\n"
+    assert result["log"] == expected_log
+    assert result["log_from_3"] == expected_log[3:]
+    assert result["content"] == "HELLO FROM NODE x=1\n"
+    assert result["sha256"] == "match"
+    assert result["get_job_state"] == "STATE_SUCCEEDED"

@@ -1,0 +1,640 @@
+"""The local sandbox, for real: bubblewrap, cgroups and job uids on this machine, as root.
+
+Each test runs small Python algorithms through Sandbox.run and checks from the host what the
+job could see and do, how it ended, and that nothing of it is left afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from operator_engine.sandbox import (
+    Limits,
+    Mount,
+    Outcome,
+    Sandbox,
+    SandboxConfig,
+    SandboxResult,
+    SandboxSpec,
+    SandboxUnavailable,
+    processes_of_uids,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bwrap") is None,
+    reason="the sandbox needs root (it switches to job uids and makes cgroups) and bubblewrap",
+)
+
+PYTHON = "/usr/bin/python3"
+DATASET = "ab" * 32
+# Apart from an engine's defaults, so that tests and a running engine never meet.
+CONFIG = SandboxConfig(
+    uid_base=1_600_200_000,
+    uid_count=8,
+    stage_root=Path("/run/c2d-sandbox-test"),
+    cgroup_name="c2d-test",
+)
+LIMITS = Limits(
+    cpus=1.0,
+    memory_bytes=256 << 20,
+    disk_bytes=16 << 20,
+    max_processes=32,
+    max_duration_s=20.0,
+)
+
+
+@pytest.fixture(scope="module")
+def checked() -> Iterator[Sandbox]:
+    sandbox = Sandbox(CONFIG)
+    sandbox.check()
+    yield sandbox
+    # The parents check() made; every job's own directories are gone by now.
+    for parent in [CONFIG.cgroup_root / c / CONFIG.cgroup_name for c in ("memory", "pids", "cpu")]:
+        parent.rmdir()
+    CONFIG.stage_root.rmdir()
+
+
+@pytest.fixture
+async def sandbox(checked: Sandbox) -> AsyncIterator[Sandbox]:
+    await checked.sweep()
+    yield checked
+    assert processes_of_uids(checked.uids) == [], "a job process outlived its run"
+
+
+@dataclass
+class Workspace:
+    """What an engine lays out for one job: root-only, like the engine's own workspace."""
+
+    root: Path
+    input_file: Path
+    outputs: Path
+    algorithm_dir: Path
+
+    @classmethod
+    def make(cls, base: Path, code: str) -> Workspace:
+        root = base / "ws"
+        root.mkdir(mode=0o700)
+        input_file = root / "input.csv"
+        input_file.write_text("a,b\n1,2\n")
+        input_file.chmod(0o644)
+        algorithm_dir = root / "transformations"
+        algorithm_dir.mkdir(mode=0o755)
+        (algorithm_dir / "algorithm").write_text(textwrap.dedent(code))
+        (algorithm_dir / "algorithm").chmod(0o444)
+        outputs = root / "outputs"
+        outputs.mkdir(mode=0o700)
+        return cls(root, input_file, outputs, algorithm_dir)
+
+    def mounts(self) -> list[Mount]:
+        return [
+            Mount(self.input_file, f"/data/inputs/{DATASET}/0"),
+            Mount(self.algorithm_dir, "/data/transformations"),
+            Mount(self.outputs, "/data/outputs", writable=True),
+        ]
+
+
+@dataclass
+class Run:
+    result: SandboxResult
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+
+    @property
+    def output(self) -> bytes:
+        return b"".join(chunk for _, chunk in self.chunks)
+
+    def json(self) -> dict[str, object]:
+        lines = [line for line in self.output.splitlines() if line.startswith(b"{")]
+        value = json.loads(lines[-1])
+        assert isinstance(value, dict)
+        return value
+
+
+def spec_for(ws: Workspace, job_id: str, limits: Limits = LIMITS) -> SandboxSpec:
+    return SandboxSpec(
+        job_id=job_id,
+        mounts=ws.mounts(),
+        argv=[PYTHON, "/data/transformations/algorithm"],
+        env={"DIDS": json.dumps([DATASET]), "OUTPUTS": "/data/outputs"},
+        limits=limits,
+    )
+
+
+def assert_cleaned_up(sandbox: Sandbox, job_id: str, *, alone: bool = True) -> None:
+    root, name = CONFIG.cgroup_root, CONFIG.cgroup_name
+    for group in [root / c / name / job_id for c in ("memory", "pids", "cpu")]:
+        assert not group.exists(), f"{group} was left behind"
+    assert not (root / name / job_id).exists()
+    assert not (CONFIG.stage_root / job_id).exists()
+    if alone:  # no other job runs: no process may have a job uid
+        assert processes_of_uids(sandbox.uids) == []
+
+
+async def run_job(
+    sandbox: Sandbox,
+    ws: Workspace,
+    job_id: str,
+    limits: Limits = LIMITS,
+    cancel: asyncio.Event | None = None,
+    alone: bool = True,
+) -> Run:
+    run = Run(result=SandboxResult(Outcome.SANDBOX_FAILED, -1, 0.0, "not run"))
+
+    async def on_output(chunk: bytes) -> None:
+        run.chunks.append((time.monotonic(), chunk))
+
+    run.result = await sandbox.run(spec_for(ws, job_id, limits), on_output, cancel)
+    assert_cleaned_up(sandbox, job_id, alone=alone)
+    return run
+
+
+async def run_code(
+    sandbox: Sandbox, tmp_path: Path, code: str, limits: Limits = LIMITS, job_id: str = "job"
+) -> tuple[Run, Workspace]:
+    ws = Workspace.make(tmp_path, code)
+    return await run_job(sandbox, ws, job_id, limits), ws
+
+
+# -- what the job sees -----------------------------------------------------------------------
+
+
+async def test_the_job_runs_as_its_own_unprivileged_uid_and_sees_only_its_sandbox(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import json, os
+        status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        cmdlines = [open(f"/proc/{p}/cmdline", "rb").read() for p in pids]
+        print(json.dumps({
+            "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+            "groups": os.getgroups(),
+            "cap_eff": status["CapEff"].strip(), "cap_bnd": status["CapBnd"].strip(),
+            "no_new_privs": status["NoNewPrivs"].strip(),
+            "shadow": os.path.exists("/etc/shadow"), "root": os.path.exists("/root"),
+            "work": os.path.exists("/work"), "home": os.path.exists("/home"),
+            "sys": os.path.exists("/sys/fs/cgroup"),
+            "pids": len(pids), "host_seen": any(b"pytest" in c for c in cmdlines),
+            "etc": sorted(os.listdir("/etc")), "cwd": os.getcwd(),
+            "env": sorted(os.environ),
+        }))
+        """,
+    )
+    assert run.result.outcome is Outcome.OK, run.output
+    seen = run.json()
+    assert seen["uid"] == seen["euid"] == seen["gid"]
+    assert seen["uid"] in sandbox.uids
+    assert seen["uid"] != 0
+    assert seen["groups"] == []
+    assert seen["cap_eff"] == seen["cap_bnd"] == "0000000000000000"
+    assert seen["no_new_privs"] == "1"
+    assert not any(seen[k] for k in ("shadow", "root", "work", "home", "sys", "host_seen"))
+    assert seen["pids"] <= 3  # bwrap's init, the algorithm, perhaps nothing else
+    assert seen["etc"] == ["group", "ld.so.cache", "passwd"]
+    assert seen["cwd"] == "/"
+    assert "DIDS" in seen["env"] and "OUTPUTS" in seen["env"]
+
+
+async def test_inputs_are_read_only_and_outputs_belong_to_the_job_uid(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    run, ws = await run_code(
+        sandbox,
+        tmp_path,
+        f"""
+        import json, os
+        path = "/data/inputs/{DATASET}/0"
+        text = open(path).read()
+        errors = []
+        for attempt in (lambda: open(path, "a"), lambda: os.unlink(path),
+                        lambda: open("/data/transformations/x", "w"),
+                        lambda: open("/usr/x", "w"), lambda: open("/x", "w")):
+            try:
+                attempt()
+                errors.append(None)
+            except OSError as e:
+                errors.append(e.errno)
+        with open("/data/outputs/result.txt", "w") as out:
+            out.write(text.upper())
+        print(json.dumps({{"uid": os.getuid(), "text": text, "errors": errors}}))
+        """,
+    )
+    assert run.result.outcome is Outcome.OK, run.output
+    seen = run.json()
+    assert seen["text"] == "a,b\n1,2\n"
+    assert None not in seen["errors"]  # every write attempt failed
+    result = ws.outputs / "result.txt"
+    assert result.read_text() == "A,B\n1,2\n"
+    assert result.stat().st_uid == seen["uid"]
+    assert ws.outputs.stat().st_uid == seen["uid"]
+    assert ws.outputs.stat().st_mode & 0o777 == 0o700
+    assert ws.input_file.read_text() == "a,b\n1,2\n"
+
+
+async def test_the_network_is_unreachable(sandbox: Sandbox, tmp_path: Path) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        run, _ = await run_code(
+            sandbox,
+            tmp_path,
+            f"""
+            import json, socket
+            results = {{}}
+            for name, address in (("public", ("1.1.1.1", 53)), ("loopback", ("127.0.0.1", {port}))):
+                try:
+                    socket.create_connection(address, timeout=3).close()
+                    results[name] = "connected"
+                except OSError as e:
+                    results[name] = e.errno
+            try:
+                socket.getaddrinfo("example.com", 443)
+                results["dns"] = "resolved"
+            except OSError as e:
+                results["dns"] = str(e)
+            results["interfaces"] = [name for _, name in socket.if_nameindex()]
+            print(json.dumps(results))
+            """,
+        )
+    finally:
+        server.close()
+    assert run.result.outcome is Outcome.OK, run.output
+    seen = run.json()
+    assert seen["public"] != "connected"
+    assert seen["loopback"] != "connected"
+    assert seen["dns"] != "resolved"
+    assert seen["interfaces"] == ["lo"]
+
+
+async def test_no_new_user_namespace_inside(sandbox: Sandbox, tmp_path: Path) -> None:
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import ctypes, json, subprocess
+        tool = subprocess.run(["unshare", "-U", "true"], capture_output=True, text=True)
+        libc = ctypes.CDLL(None, use_errno=True)
+        direct = libc.unshare(0x10000000)  # CLONE_NEWUSER
+        print(json.dumps({"tool": tool.returncode, "stderr": tool.stderr,
+                          "direct": direct, "errno": ctypes.get_errno()}))
+        """,
+    )
+    assert run.result.outcome is Outcome.OK, run.output
+    seen = run.json()
+    assert seen["tool"] != 0
+    assert seen["direct"] == -1
+
+
+# -- live output -----------------------------------------------------------------------------
+
+
+async def test_output_reaches_the_callback_while_the_job_runs(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import sys, time
+        print("A", flush=True)
+        time.sleep(2)
+        print("B", time.monotonic(), flush=True)
+        print("to stderr", file=sys.stderr)
+        """,
+    )
+    assert run.result.outcome is Outcome.OK, run.output
+    a_arrived = next(t for t, chunk in run.chunks if b"A" in chunk)
+    b_line = next(line for line in run.output.splitlines() if line.startswith(b"B "))
+    b_printed = float(b_line.split()[1])  # CLOCK_MONOTONIC is the host's: no time namespace
+    assert a_arrived < b_printed - 1.5
+    assert b"to stderr" in run.output
+
+
+# -- limits and how jobs end -----------------------------------------------------------------
+
+
+async def test_a_memory_bomb_ends_out_of_memory(sandbox: Sandbox, tmp_path: Path) -> None:
+    limits = Limits(
+        cpus=1, memory_bytes=64 << 20, disk_bytes=16 << 20, max_processes=32, max_duration_s=20
+    )
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        hog = []
+        while True:
+            hog.append(b"x" * (1 << 20))
+        """,
+        limits,
+    )
+    assert run.result.outcome is Outcome.OUT_OF_MEMORY, run.result
+    assert run.result.exit_code == -signal.SIGKILL
+    assert "64 MiB" in run.result.detail
+
+
+async def test_a_fork_bomb_ends_with_too_many_processes(sandbox: Sandbox, tmp_path: Path) -> None:
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import os
+        while True:
+            os.fork()
+        """,
+    )
+    assert run.result.outcome is Outcome.TOO_MANY_PROCESSES, run.result
+    assert run.result.exit_code != 0
+    assert processes_of_uids(sandbox.uids) == []
+
+
+async def test_an_endless_loop_times_out_and_leaves_nothing(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    limits = Limits(
+        cpus=1, memory_bytes=256 << 20, disk_bytes=16 << 20, max_processes=32, max_duration_s=2
+    )
+    started = time.monotonic()
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import os
+        if os.fork() == 0:
+            os.setsid()
+        while True:
+            pass
+        """,
+        limits,
+    )
+    elapsed = time.monotonic() - started
+    assert run.result.outcome is Outcome.TIMED_OUT, run.result
+    assert 2.0 <= elapsed < 3.0
+    assert run.result.detail == "timed out after 2 s"
+
+
+async def test_a_double_forked_daemon_dies_with_its_job(sandbox: Sandbox, tmp_path: Path) -> None:
+    run, ws = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                with open("/data/outputs/daemon.log", "a") as log:
+                    while True:
+                        log.write("alive\\n")
+                        log.flush()
+                        time.sleep(0.05)
+            os._exit(0)
+        time.sleep(0.3)
+        print("main done")
+        """,
+    )
+    assert run.result.outcome is Outcome.OK, run.result
+    size = (ws.outputs / "daemon.log").stat().st_size
+    assert size > 0  # the daemon did run
+    await asyncio.sleep(0.3)
+    assert (ws.outputs / "daemon.log").stat().st_size == size
+    assert processes_of_uids(sandbox.uids) == []
+
+
+async def test_tmp_is_capped_and_private(sandbox: Sandbox, tmp_path: Path) -> None:
+    limits = Limits(
+        cpus=1, memory_bytes=256 << 20, disk_bytes=8 << 20, max_processes=32, max_duration_s=20
+    )
+    marker = f"c2d-fill-{os.getpid()}"
+    run, _ = await run_code(
+        sandbox,
+        tmp_path,
+        f"""
+        import json
+        result = {{}}
+        # Files of 1 MiB each, so that the tmpfs fills up before any file reaches the
+        # file-size limit.
+        for path in ("/tmp/{marker}", "/dev/shm/{marker}"):
+            written = 0
+            try:
+                while True:
+                    with open(f"{{path}}-{{written >> 20}}", "wb") as f:
+                        f.write(b"x" * (1 << 20))
+                    written += 1 << 20
+            except OSError as e:
+                result[path] = [e.errno, written]
+        try:
+            open("/dev/{marker}", "w")
+            result["dev"] = "writable"
+        except OSError as e:
+            result["dev"] = e.errno
+        print(json.dumps(result))
+        """,
+        limits,
+    )
+    assert run.result.outcome is Outcome.OK, run.output
+    seen = run.json()
+    for path in (f"/tmp/{marker}", f"/dev/shm/{marker}"):
+        error, written = seen[path]
+        assert error == 28  # ENOSPC
+        assert written <= 8 << 20
+    assert seen["dev"] == 30  # EROFS
+    assert not list(Path("/tmp").glob(f"{marker}*"))
+    assert not list(Path("/dev/shm").glob(f"{marker}*"))
+
+
+async def test_a_file_beyond_the_disk_limit_ends_disk_full(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    limits = Limits(
+        cpus=1, memory_bytes=256 << 20, disk_bytes=4 << 20, max_processes=32, max_duration_s=20
+    )
+    run, ws = await run_code(
+        sandbox,
+        tmp_path,
+        """
+        with open("/data/outputs/big.bin", "wb") as f:
+            for _ in range(8):
+                f.write(b"x" * (1 << 20))
+        """,
+        limits,
+    )
+    assert run.result.outcome is Outcome.DISK_FULL, run.result
+    assert (ws.outputs / "big.bin").stat().st_size == 4 << 20
+
+
+async def test_a_nonzero_exit_is_reported_with_its_code(sandbox: Sandbox, tmp_path: Path) -> None:
+    run, _ = await run_code(sandbox, tmp_path, "import sys; print('bye'); sys.exit(3)")
+    assert run.result.outcome is Outcome.EXIT_NONZERO
+    assert run.result.exit_code == 3
+    assert run.result.detail == "algorithm exited with code 3"
+    assert run.output == b"bye\n"
+
+
+async def test_a_cancelled_job_ends_cancelled(sandbox: Sandbox, tmp_path: Path) -> None:
+    ws = Workspace.make(tmp_path, "import time; print('started', flush=True); time.sleep(60)")
+    cancel = asyncio.Event()
+    job = asyncio.create_task(run_job(sandbox, ws, "cancel-me", cancel=cancel))
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    cancel.set()
+    run = await job
+    assert time.monotonic() - started < 1.0
+    assert run.result.outcome is Outcome.CANCELLED
+    assert run.output == b"started\n"
+
+
+async def test_two_jobs_at_once_get_different_uids(sandbox: Sandbox, tmp_path: Path) -> None:
+    code = "import json, os, time; time.sleep(0.5); print(json.dumps({'uid': os.getuid()}))"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ws_a, ws_b = Workspace.make(tmp_path / "a", code), Workspace.make(tmp_path / "b", code)
+    run_a, run_b = await asyncio.gather(
+        run_job(sandbox, ws_a, "job-a", alone=False), run_job(sandbox, ws_b, "job-b", alone=False)
+    )
+    assert run_a.result.outcome is run_b.result.outcome is Outcome.OK
+    assert run_a.json()["uid"] != run_b.json()["uid"]
+    assert ws_a.outputs.stat().st_uid != ws_b.outputs.stat().st_uid
+
+
+async def test_a_sandbox_that_cannot_start_says_so_without_host_paths(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    ws = Workspace.make(tmp_path, "print('never runs')")
+    spec = spec_for(ws, "broken")
+    # A mount point inside a read-only file mount cannot be made: bwrap itself fails.
+    spec = SandboxSpec(
+        job_id=spec.job_id,
+        mounts=[*spec.mounts, Mount(ws.input_file, f"/data/inputs/{DATASET}/0/inner")],
+        argv=spec.argv,
+        env=spec.env,
+        limits=spec.limits,
+    )
+    chunks: list[bytes] = []
+
+    async def on_output(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    result = await sandbox.run(spec, on_output)
+    assert_cleaned_up(sandbox, "broken")
+    assert result.outcome is Outcome.SANDBOX_FAILED, result
+    assert result.detail.startswith("sandbox failed to start: bwrap:")
+    assert str(tmp_path) not in result.detail
+    assert chunks == []  # bwrap's message is not the algorithm's log
+
+
+# -- the engine's side -----------------------------------------------------------------------
+
+
+# A stand-in engine: runs one job, prints its output, and is killed by the test.
+ENGINE_SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from operator_engine.sandbox import Limits, Mount, Sandbox, SandboxConfig, SandboxSpec
+
+params = json.loads(sys.argv[1])
+config = dict(params["config"], stage_root=Path(params["config"]["stage_root"]))
+mounts = [Mount(Path(host), path, writable) for host, path, writable in params["mounts"]]
+
+async def on_output(chunk):
+    print("job output", chunk, flush=True)
+
+async def main():
+    spec = SandboxSpec("orphan", mounts, params["argv"], {}, Limits(1, 256 << 20, 1 << 20, 8, 60))
+    await Sandbox(SandboxConfig(**config)).run(spec, on_output)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_job_dies_with_the_engine_and_sweep_cleans_up(
+    checked: Sandbox, tmp_path: Path
+) -> None:
+    ws = Workspace.make(tmp_path, "import time; print('up', flush=True); time.sleep(60)")
+    params = {
+        "config": {
+            "uid_base": CONFIG.uid_base,
+            "uid_count": CONFIG.uid_count,
+            "stage_root": str(CONFIG.stage_root),
+            "cgroup_name": CONFIG.cgroup_name,
+        },
+        "mounts": [[str(m.host_path), m.sandbox_path, m.writable] for m in ws.mounts()],
+        "argv": [PYTHON, "/data/transformations/algorithm"],
+    }
+    engine = tmp_path / "engine.py"
+    engine.write_text(ENGINE_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(engine), json.dumps(params)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.stdout is not None
+    for _ in range(20):  # the engine's own log lines come first
+        if b"job output" in proc.stdout.readline():
+            break
+    assert processes_of_uids(checked.uids) != []
+    proc.kill()  # the engine dies without cleaning anything up
+    proc.wait()
+    deadline = time.monotonic() + 2
+    while processes_of_uids(checked.uids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert processes_of_uids(checked.uids) == []
+    assert (CONFIG.cgroup_root / "memory" / CONFIG.cgroup_name / "orphan").exists()
+    await checked.sweep()
+    assert_cleaned_up(checked, "orphan")
+
+
+def test_check_refuses_a_uid_range_that_collides_with_users() -> None:
+    with pytest.raises(SandboxUnavailable, match="collides with root"):
+        Sandbox(SandboxConfig(uid_base=0, cgroup_name="c2d-test")).check()
+    with pytest.raises(SandboxUnavailable, match="not a valid uid range"):
+        Sandbox(SandboxConfig(uid_base=2**32 - 10, uid_count=64)).check()
+
+
+def test_check_refuses_a_missing_bwrap() -> None:
+    with pytest.raises(SandboxUnavailable, match="/nonexistent/bwrap is not installed"):
+        Sandbox(SandboxConfig(bwrap="/nonexistent/bwrap", cgroup_name="c2d-test")).check()
+
+
+def test_check_refuses_a_missing_runtime() -> None:
+    with pytest.raises(SandboxUnavailable, match="runtime"):
+        Sandbox(SandboxConfig(runtime_python="/usr/bin/python2.2", cgroup_name="c2d-test")).check()
+
+
+async def test_overhead_of_a_trivial_run(sandbox: Sandbox) -> None:
+    """Median of 20 runs of `python3 -c pass`, bare and sandboxed, alternated."""
+
+    async def ignore(chunk: bytes) -> None:
+        pass
+
+    bare, sandboxed = [], []
+    for i in range(20):
+        started = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(PYTHON, "-c", "pass")
+        await proc.wait()
+        bare.append(time.perf_counter() - started)
+        spec = SandboxSpec(f"overhead-{i}", [], [PYTHON, "-c", "pass"], {}, LIMITS)
+        started = time.perf_counter()
+        result = await sandbox.run(spec, ignore)
+        sandboxed.append(time.perf_counter() - started)
+        assert result.outcome is Outcome.OK
+    overhead_ms = (statistics.median(sandboxed) - statistics.median(bare)) * 1000
+    print(
+        f"bare {statistics.median(bare) * 1000:.1f} ms, "
+        f"sandboxed {statistics.median(sandboxed) * 1000:.1f} ms, overhead {overhead_ms:.1f} ms"
+    )
+    assert overhead_ms < 60
