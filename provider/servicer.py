@@ -80,6 +80,17 @@ def _check_entrypoint(entrypoint: str, field: str) -> None:
         )
 
 
+def _whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles; an algorithm given {"x": 1} expects 1, not 1.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
 class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
     def __init__(
         self,
@@ -302,7 +313,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         environments = {e.name: e for e in await self._environment_list()}
         if environment not in environments:
             raise NotFound(f"no environment named {environment!r}", reason="ENVIRONMENT_NOT_FOUND")
-        parameters = json_format.MessageToDict(request.parameters)
+        parameters = _whole_numbers(json_format.MessageToDict(request.parameters))
         spec = engine_pb2.JobSpec(
             job_id=job_facts.new_job_id(),
             owner=caller.address,

@@ -62,10 +62,10 @@ def checked() -> Iterator[Sandbox]:
     sandbox = Sandbox(CONFIG)
     sandbox.check()
     yield sandbox
-    # The parents check() made; every job's own directories are gone by now.
+    sandbox.close()
     for parent in [CONFIG.cgroup_root / c / CONFIG.cgroup_name for c in ("memory", "pids", "cpu")]:
-        parent.rmdir()
-    CONFIG.stage_root.rmdir()
+        assert not parent.exists()
+    assert not CONFIG.stage_root.exists()
 
 
 @pytest.fixture
@@ -498,6 +498,20 @@ async def test_a_cancelled_job_ends_cancelled(sandbox: Sandbox, tmp_path: Path) 
     assert run.output == b"started\n"
 
 
+async def test_a_caller_that_gives_up_still_gets_the_job_killed(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    ws = Workspace.make(tmp_path, "import time; print('started', flush=True); time.sleep(60)")
+    job = asyncio.create_task(run_job(sandbox, ws, "abandoned"))
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert time.monotonic() - started < 1.0
+    assert_cleaned_up(sandbox, "abandoned")
+
+
 async def test_two_jobs_at_once_get_different_uids(sandbox: Sandbox, tmp_path: Path) -> None:
     code = "import json, os, time; time.sleep(0.5); print(json.dumps({'uid': os.getuid()}))"
     (tmp_path / "a").mkdir()
@@ -621,6 +635,7 @@ async def test_overhead_of_a_trivial_run(sandbox: Sandbox) -> None:
     async def ignore(chunk: bytes) -> None:
         pass
 
+    fds_before = len(os.listdir("/proc/self/fd"))
     bare, sandboxed = [], []
     for i in range(20):
         started = time.perf_counter()
@@ -638,3 +653,4 @@ async def test_overhead_of_a_trivial_run(sandbox: Sandbox) -> None:
         f"sandboxed {statistics.median(sandboxed) * 1000:.1f} ms, overhead {overhead_ms:.1f} ms"
     )
     assert overhead_ms < 60
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # no pipe or pidfd leaked

@@ -811,7 +811,9 @@ class StartComputeRequest(_message.Message):
 
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
-        """Parameters for the algorithm, written to /data/inputs/algoCustomData.json."""
+        """Parameters for the algorithm, written to /data/inputs/algoCustomData.json
+        (whole numbers written as integers: {"x": 1} stays 1, not 1.0).
+        """
 
     def __init__(
         self,

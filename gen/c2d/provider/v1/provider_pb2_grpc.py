@@ -48,10 +48,16 @@ class ProviderServiceStub:
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad
@@ -179,10 +185,16 @@ class ProviderServiceServicer:
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad
@@ -198,7 +210,7 @@ class ProviderServiceServicer:
         """Returns a short-lived bearer token bound to the caller's address, for
         reads and streams. Signed. INVALID_ARGUMENT when `valid_for` is over a day.
 
-        Digest: [valid_for_seconds]
+        Digest: [valid_for.seconds] (0 when unset, which grants 1 hour)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -252,7 +264,7 @@ class ProviderServiceServicer:
         idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-        sha256 of code (lowercase hex), entrypoint]
+        sha256 of code (lowercase hex; "" for empty code), entrypoint]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,8 +302,8 @@ class ProviderServiceServicer:
         idempotent by `request_id`.
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
-        sha256 of raw_algorithm.code (lowercase hex, "" when no raw code),
-        raw_algorithm.entrypoint, parameters, environment]
+        sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
+        when no raw code), raw_algorithm.entrypoint, parameters, environment]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -489,10 +501,16 @@ class ProviderService:
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad

@@ -49,10 +49,16 @@ class ProviderServiceStub:
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad
@@ -72,7 +78,7 @@ class ProviderServiceStub:
     """Returns a short-lived bearer token bound to the caller's address, for
     reads and streams. Signed. INVALID_ARGUMENT when `valid_for` is over a day.
 
-    Digest: [valid_for_seconds]
+    Digest: [valid_for.seconds] (0 when unset, which grants 1 hour)
     """
     RevokeAuthToken: _grpc.UnaryUnaryMultiCallable[_provider_pb2.RevokeAuthTokenRequest, _provider_pb2.RevokeAuthTokenResponse]
     """Revokes a token of the caller's; later calls with it are UNAUTHENTICATED.
@@ -105,7 +111,7 @@ class ProviderServiceStub:
     idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             sha256 of code (lowercase hex), entrypoint]
+             sha256 of code (lowercase hex; "" for empty code), entrypoint]
     """
     GetAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetAlgorithmRequest, _provider_pb2.GetAlgorithmResponse]
     """Returns an algorithm's public record (not its code). NOT_FOUND when
@@ -125,8 +131,8 @@ class ProviderServiceStub:
     idempotent by `request_id`.
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
-             sha256 of raw_algorithm.code (lowercase hex, "" when no raw code),
-             raw_algorithm.entrypoint, parameters, environment]
+             sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
+             when no raw code), raw_algorithm.entrypoint, parameters, environment]
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]
     """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
@@ -198,10 +204,16 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad
@@ -218,7 +230,7 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """Returns a short-lived bearer token bound to the caller's address, for
     reads and streams. Signed. INVALID_ARGUMENT when `valid_for` is over a day.
 
-    Digest: [valid_for_seconds]
+    Digest: [valid_for.seconds] (0 when unset, which grants 1 hour)
     """
     RevokeAuthToken: _aio.UnaryUnaryMultiCallable[_provider_pb2.RevokeAuthTokenRequest, _provider_pb2.RevokeAuthTokenResponse]  # type: ignore[assignment]
     """Revokes a token of the caller's; later calls with it are UNAUTHENTICATED.
@@ -251,7 +263,7 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             sha256 of code (lowercase hex), entrypoint]
+             sha256 of code (lowercase hex; "" for empty code), entrypoint]
     """
     GetAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetAlgorithmRequest, _provider_pb2.GetAlgorithmResponse]  # type: ignore[assignment]
     """Returns an algorithm's public record (not its code). NOT_FOUND when
@@ -271,8 +283,8 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     idempotent by `request_id`.
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
-             sha256 of raw_algorithm.code (lowercase hex, "" when no raw code),
-             raw_algorithm.entrypoint, parameters, environment]
+             sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
+             when no raw code), raw_algorithm.entrypoint, parameters, environment]
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
@@ -343,10 +355,16 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
 
     `request_digest` is the lowercase hex sha256 of the RFC 8785 canonical JSON
     of an array holding the request fields that each RPC lists under "Digest",
-    in that order. Strings are JSON strings, integers JSON numbers, booleans JSON
-    booleans, repeated fields JSON arrays and `google.protobuf.Struct` values
-    JSON objects. A field left unset takes its proto3 default ("", 0, false,
-    [] or {}).
+    in that order. Strings are JSON strings, integers JSON numbers (all fit in
+    2^53), booleans JSON booleans, repeated fields JSON arrays and
+    `google.protobuf.Struct` values JSON objects (their numbers are doubles, so
+    1 and 1.0 digest alike). A field left unset digests as its proto3 default:
+    "", 0, false or []; an unset message as the list its fields would give, for
+    example ["", "", "", "", []] for metadata; an unset Struct as {}. A
+    `google.protobuf.Duration` is its whole `seconds`. "sha256 of" a string is
+    the sha256 of its UTF-8 bytes, and "" when the string or bytes are empty.
+    Signatures may end in v = 27/28 or 0/1. Refusals carry a
+    `google.rpc.ErrorInfo` whose `reason` says why (for example NONCE_REUSED).
 
     The signature is checked first; only a valid signature's nonce is then
     checked and stored, so nobody can use up another address's nonces. A bad
@@ -367,7 +385,7 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns a short-lived bearer token bound to the caller's address, for
         reads and streams. Signed. INVALID_ARGUMENT when `valid_for` is over a day.
 
-        Digest: [valid_for_seconds]
+        Digest: [valid_for.seconds] (0 when unset, which grants 1 hour)
         """
 
     @_abc_1.abstractmethod
@@ -430,7 +448,7 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-                 sha256 of code (lowercase hex), entrypoint]
+                 sha256 of code (lowercase hex; "" for empty code), entrypoint]
         """
 
     @_abc_1.abstractmethod
@@ -474,8 +492,8 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotent by `request_id`.
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
-                 sha256 of raw_algorithm.code (lowercase hex, "" when no raw code),
-                 raw_algorithm.entrypoint, parameters, environment]
+                 sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
+                 when no raw code), raw_algorithm.entrypoint, parameters, environment]
         """
 
     @_abc_1.abstractmethod
