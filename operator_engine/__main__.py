@@ -26,6 +26,7 @@ async def main() -> int:
         return 2
     await server.start()
     await run_until_signalled(server, before_stop=runner.close)
+    runner.sandbox.close()
     return 0
 
 

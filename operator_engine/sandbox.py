@@ -100,9 +100,10 @@ class SandboxUnavailable(Exception):
 
 
 class Outcome(enum.Enum):
-    """How a compute stage ended; precedence when several apply is the declaration order of
-    CANCELLED, TIMED_OUT, OUT_OF_MEMORY, TOO_MANY_PROCESSES, (SANDBOX_FAILED), DISK_FULL,
-    EXIT_NONZERO, OK."""
+    """How a compute stage ended. When several apply, the first of CANCELLED, TIMED_OUT,
+    OUT_OF_MEMORY, TOO_MANY_PROCESSES, SANDBOX_FAILED, DISK_FULL, EXIT_NONZERO, OK wins; a
+    memory or process limit counts only if the algorithm failed (one it survived did not end
+    it)."""
 
     OK = "ok"
     EXIT_NONZERO = "exit_nonzero"

@@ -128,6 +128,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         await operator.close()
         await runner.close()
         await engine_server.stop(0.5)
+        runner.sandbox.close()
         shutil.rmtree(f"/run/c2d-test-{tag}", ignore_errors=True)
 
 
