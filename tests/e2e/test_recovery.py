@@ -64,21 +64,28 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     home = tmp_path / "home"
     owner = new_key()
     environments = tmp_path / "environments.json"
-    environments.write_text(json.dumps([
-        {"name": "default", "max_concurrent_jobs": 2},
-        {"name": "one", "max_concurrent_jobs": 1, "disk_bytes": 2 << 30},
-    ]))
-    mesh = Mesh.defaults(home, owner.address, provider=f"127.0.0.1:{free_port()}",
-                         gateway=f"127.0.0.1:{free_port()}")
-    mesh.env.update({
-        "C2D_DATA_ROOT": str(tmp_path / "data"),
-        "C2D_ENVIRONMENTS_FILE": str(environments),
-        "C2D_ENGINE_LEASE_S": "10",
-        "C2D_SANDBOX_CGROUP": f"c2d-test-{tag}",
-        "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-test-{tag}",
-        "C2D_SANDBOX_UID_BASE": str(1_800_000_000 + int(tag, 16) % 1000 * 64),
-        "C2D_LOG_FORMAT": "json",
-    })
+    environments.write_text(
+        json.dumps(
+            [
+                {"name": "default", "max_concurrent_jobs": 2},
+                {"name": "one", "max_concurrent_jobs": 1, "disk_bytes": 2 << 30},
+            ]
+        )
+    )
+    mesh = Mesh.defaults(
+        home, owner.address, provider=f"127.0.0.1:{free_port()}", gateway=f"127.0.0.1:{free_port()}"
+    )
+    mesh.env.update(
+        {
+            "C2D_DATA_ROOT": str(tmp_path / "data"),
+            "C2D_ENVIRONMENTS_FILE": str(environments),
+            "C2D_ENGINE_LEASE_S": "10",
+            "C2D_SANDBOX_CGROUP": f"c2d-test-{tag}",
+            "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-test-{tag}",
+            "C2D_SANDBOX_UID_BASE": str(1_800_000_000 + int(tag, 16) % 1000 * 64),
+            "C2D_LOG_FORMAT": "json",
+        }
+    )
     supervisor = Supervisor(mesh, log_dir=home / "logs")
     await supervisor.start()
     try:
@@ -94,8 +101,9 @@ async def publish(node: Node, client: Client, code: bytes) -> tuple[str, str]:
     data.write_text("1\n")
     data.chmod(0o644)
     dataset = await client.publish_dataset(
-        [data], policy=pb.ComputePolicy(publisher_trusted_algorithms=[
-            await client.trust(algorithm.did)]))
+        [data],
+        policy=pb.ComputePolicy(publisher_trusted_algorithms=[await client.trust(algorithm.did)]),
+    )
     return algorithm.did, dataset.did
 
 
@@ -109,8 +117,10 @@ async def reach(client: Client, job: str, states: set[int], within: float = 30) 
             if last.state in states:
                 return last
         except grpc.aio.AioRpcError as error:
-            assert error.code() in (grpc.StatusCode.UNAVAILABLE,
-                                    grpc.StatusCode.DEADLINE_EXCEEDED), error
+            assert error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ), error
         await asyncio.sleep(0.05)
     raise AssertionError(f"job never reached {states}; last seen {last}")
 
@@ -149,10 +159,8 @@ async def test_each_service_killed_while_jobs_run(node: Node) -> None:
 async def test_queued_jobs_survive_an_engine_kill(node: Node) -> None:
     async with Client(node.supervisor.mesh.provider, node.owner) as client:
         sleeper = await publish(node, client, SLEEPER)
-        first = await client.start_compute([sleeper[1]], algorithm=sleeper[0],
-                                           environment="one")
-        second = await client.start_compute([sleeper[1]], algorithm=sleeper[0],
-                                            environment="one")
+        first = await client.start_compute([sleeper[1]], algorithm=sleeper[0], environment="one")
+        second = await client.start_compute([sleeper[1]], algorithm=sleeper[0], environment="one")
         await reach(client, first.name, {State.STATE_RUNNING})
         assert (await client.get_job(second.name)).state == State.STATE_QUEUED
         await node.kill("operator_engine")
