@@ -1,5 +1,8 @@
 # One entry point for every chore. `make demo` and `make test` set everything up themselves.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# This machine's pip configuration names local indexes that may be absent: not our warnings.
+QUIET_PIP := 2> >(grep -v '^WARNING: Location' >&2)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
@@ -22,12 +25,12 @@ $(VENV)/.stamp: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "Python 3.11 or newer is needed as $(PYTHON)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
+	@$(PY) -m pip install -q -e '.[dev]' $(QUIET_PIP)
 	@touch $@
 
 node_modules/.stamp: package.json package-lock.json
-	@npm ci --no-audit --no-fund --loglevel=error
+	@npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 demo: setup

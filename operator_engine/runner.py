@@ -28,6 +28,7 @@ from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
 from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.disks import JobDisks, is_full
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
 from pods.configure import AlgorithmProvisioningError, ProvisioningError, configure
@@ -88,10 +89,13 @@ class EngineJob:
 class Runner:
     """Owns every job of this engine."""
 
-    def __init__(self, config: EngineConfig, sandbox: Sandbox, storage: Storage) -> None:
+    def __init__(
+        self, config: EngineConfig, sandbox: Sandbox, storage: Storage, disks: JobDisks
+    ) -> None:
         self.config = config
         self.sandbox = sandbox
         self.storage = storage
+        self.disks = disks
         self.environments = {env.name: env for env in config.environments}
         self.jobs: dict[str, EngineJob] = {}
         self._slots = {
@@ -249,6 +253,7 @@ class Runner:
         if not job_facts.is_final(entry.job.state):
             raise FailedPrecondition("the job is still running; stop it first")
         del self.jobs[job_id]
+        await self.disks.detach(job_id, entry.workspace / layout.OUTPUTS)
         await asyncio.to_thread(shutil.rmtree, entry.workspace, True)
         log.info("job deleted", job_id=job_id)
 
@@ -341,6 +346,19 @@ class Runner:
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
             return
 
+        outputs = ws / layout.OUTPUTS
+        try:
+            await self.disks.attach(job_id, outputs, env.disk_bytes)
+        except OSError as error:
+            log.error("could not make the job's disk", error=str(error))
+            await self._publish_and_finish(
+                entry,
+                env,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_SANDBOX_FAILED,
+                "the job's disk could not be made; the operator has the details",
+            )
+            return
         await entry.update(state=State.STATE_RUNNING)
         log_file = await asyncio.to_thread(open, entry.log_path, "ab")
         try:
@@ -380,6 +398,13 @@ class Runner:
             duration_ms=round(result.duration_s * 1000, 1),
         )
         entry.job.exit_code = result.exit_code
+        outcome = result.outcome
+        detail = result.detail
+        if outcome in (Outcome.OK, Outcome.EXIT_NONZERO) and await asyncio.to_thread(
+            is_full, outputs
+        ):
+            # Whatever the algorithm did about it, its outputs may be cut short.
+            outcome, detail = Outcome.DISK_FULL, "the outputs filled the job's disk"
 
         if result.outcome is Outcome.CANCELLED and self.stopping:
             await self._publish_and_finish(
@@ -391,11 +416,11 @@ class Runner:
             )
         elif result.outcome is Outcome.CANCELLED:
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
-        elif result.outcome is Outcome.OK:
+        elif outcome is Outcome.OK:
             await self._publish_and_finish(entry, env, State.STATE_SUCCEEDED, 0, "")
         else:
-            reason = _OUTCOME_REASON[result.outcome]
-            await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, result.detail)
+            reason = _OUTCOME_REASON[outcome]
+            await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, detail)
         log.info("job done", total_ms=round((time.perf_counter() - started) * 1000, 1))
 
     async def _append_log(self, entry: EngineJob, log_file: object, data: bytes) -> None:
@@ -450,6 +475,7 @@ class Runner:
             )
         except Exception as error:
             log.exception("publish failed")
+            await self.disks.detach(entry.spec.job_id, entry.workspace / layout.OUTPUTS)
             await self._finish(
                 entry,
                 State.STATE_FAILED,
@@ -463,6 +489,7 @@ class Runner:
             reason = job_pb2.FAILURE_REASON_OUTPUT_TOO_LARGE
             message = "the outputs exceed the environment's limit; the publish log lists them"
         # Outputs are in storage now; the workspace keeps only the logs for live readers.
+        await self.disks.detach(entry.spec.job_id, entry.workspace / layout.OUTPUTS)
         await asyncio.to_thread(shutil.rmtree, entry.workspace / layout.OUTPUTS, True)
         await self._finish(entry, state, reason=reason, message=message)
 

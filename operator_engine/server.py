@@ -9,8 +9,9 @@ from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 from mesh.server import Server
 from mesh.storage import storage_from_url
 from operator_engine.config import EngineConfig
+from operator_engine.disks import DisksUnavailable, JobDisks
 from operator_engine.runner import Runner
-from operator_engine.sandbox import Sandbox, SandboxConfig
+from operator_engine.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
 from operator_engine.servicer import EngineServicer
 
 log = structlog.get_logger()
@@ -30,10 +31,16 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
     )
     sandbox.check()
     await sandbox.sweep()
+    disks = JobDisks(config.workspace_root.parent / "disks")
+    try:
+        disks.check()
+    except DisksUnavailable as error:
+        raise SandboxUnavailable(f"cannot enforce the disk limit: {error}") from None
     config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    runner = Runner(config, sandbox, storage_from_url(config.storage_url))
+    runner = Runner(config, sandbox, storage_from_url(config.storage_url), disks)
     # Jobs a previous engine left: queued ones queue again, interrupted ones end with a reason.
     await runner.recover()
+    await disks.sweep(config.workspace_root, keep=set(runner.jobs))
     servicer = EngineServicer(runner)
     server = Server(
         "operator_engine",
