@@ -1204,10 +1204,9 @@ class _Job:
 
         if ended == "cancelled":
             return self._result(Outcome.CANCELLED, code, "cancelled")
-        if ended == "timed_out":
-            return self._result(
-                Outcome.TIMED_OUT, code, f"timed out after {limits.max_duration_s:g} s"
-            )
+        # A job that hit its memory or process limit and then hung until the deadline (a fork
+        # bomb whose children wait) is reported by the limit it hit: that is what went wrong.
+        failed = failed or ended == "timed_out"
         if oom and failed:
             return self._result(
                 Outcome.OUT_OF_MEMORY, code, f"out of memory (limit {_mib(limits.memory_bytes)})"
@@ -1217,6 +1216,10 @@ class _Job:
                 Outcome.TOO_MANY_PROCESSES,
                 code,
                 f"too many processes (limit {limits.max_processes})",
+            )
+        if ended == "timed_out":
+            return self._result(
+                Outcome.TIMED_OUT, code, f"timed out after {limits.max_duration_s:g} s"
             )
         if not ran:
             self.log.error(

@@ -42,6 +42,8 @@ class LocalMesh:
     operator_address: str
     engine_address: str
     owner: Key
+    # The uids this mesh's jobs run as: none may be left running after a job.
+    sandbox_uids: range
 
     def client(self, key: Key) -> Client:
         return Client(self.provider_address, key)
@@ -63,6 +65,7 @@ TEST_ENVIRONMENTS = (
         max_processes=32,
         max_duration_s=5,
         max_concurrent_jobs=1,
+        max_output_files=20,
     ),
 )
 
@@ -76,6 +79,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
     data_root.mkdir(parents=True)
     owner = new_key()
     tag = uuid.uuid4().hex[:8]
+    uid_base = 1_700_000_000 + (int(tag, 16) % 1000) * 64
     engine = await build_engine(
         EngineConfig(
             listen=f"unix:{run / 'engine.sock'}",
@@ -84,7 +88,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
             storage_url=str(home / "results"),
             environments=TEST_ENVIRONMENTS,
             # Each test engine has cgroups, uids and a staging folder of its own.
-            sandbox_uid_base=1_700_000_000 + (int(tag, 16) % 1000) * 64,
+            sandbox_uid_base=uid_base,
             sandbox_stage_root=Path(f"/run/c2d-test-{tag}"),
             sandbox_cgroup_name=f"c2d-test-{tag}",
         )
@@ -119,6 +123,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
             operator_address=operator.server.address,
             engine_address=engine_server.address,
             owner=owner,
+            sandbox_uids=range(uid_base, uid_base + 64),
         )
     finally:
         await provider.server.stop(0.5)
