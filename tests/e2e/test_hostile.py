@@ -66,8 +66,8 @@ async def run_raw(
         [dataset.did], raw_code=code, environment=environment, parameters=parameters
     )
     final = job
-    async for final in client.watch_job(job.name):
-        pass
+    async for update in client.watch_job(job.name):
+        final = update
     return final
 
 
