@@ -3,16 +3,22 @@ ids that make creates idempotent."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 from c2d.provider.v1 import provider_pb2
 
 from mesh.config import ensure_private_dir
 from mesh.errors import Unauthenticated
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nonces (address TEXT PRIMARY KEY, nonce TEXT NOT NULL);
@@ -36,6 +42,15 @@ CREATE TABLE IF NOT EXISTS requests (
 """
 
 
+def _locked(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(method)
+    async def wrapper(self: ProviderStore, *args: Any, **kwargs: Any) -> T:
+        async with self.lock:
+            return await method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -43,6 +58,9 @@ def _token_hash(token: str) -> str:
 class ProviderStore:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # One connection serves every request: a statement of one request must never land
+        # inside another request's open transaction (and be rolled back with it).
+        self.lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> ProviderStore:
@@ -58,6 +76,7 @@ class ProviderStore:
 
     # -- nonces and tokens ---------------------------------------------------------------
 
+    @_locked
     async def use_nonce(self, address: str, nonce: str) -> None:
         """Stores `nonce` as the address's latest, in one transaction with the check that it
         is larger than the one before. Call only after the signature has been verified."""
@@ -81,6 +100,7 @@ class ProviderStore:
             raise
         await self.db.execute("COMMIT")
 
+    @_locked
     async def add_token(self, token: str, address: str, expire_time: float) -> None:
         await self.db.execute(
             "INSERT INTO tokens (token_hash, address, expire_time) VALUES (?, ?, ?)",
@@ -88,6 +108,7 @@ class ProviderStore:
         )
         await self.db.execute("DELETE FROM tokens WHERE expire_time < ?", (time.time(),))
 
+    @_locked
     async def token_address(self, token: str) -> str | None:
         async with self.db.execute(
             "SELECT address, expire_time FROM tokens WHERE token_hash = ?", (_token_hash(token),)
@@ -97,6 +118,7 @@ class ProviderStore:
             return None
         return str(row[0])
 
+    @_locked
     async def revoke_token(self, token: str, address: str) -> bool:
         cursor = await self.db.execute(
             "DELETE FROM tokens WHERE token_hash = ? AND address = ?",
@@ -106,6 +128,7 @@ class ProviderStore:
 
     # -- idempotency ---------------------------------------------------------------------
 
+    @_locked
     async def request_resource(self, address: str, request_id: str) -> str | None:
         async with self.db.execute(
             "SELECT resource FROM requests WHERE address = ? AND request_id = ?",
@@ -114,6 +137,7 @@ class ProviderStore:
             row = await cur.fetchone()
         return None if row is None else str(row[0])
 
+    @_locked
     async def remember_request(self, address: str, request_id: str, resource: str) -> None:
         await self.db.execute(
             "INSERT OR IGNORE INTO requests (address, request_id, resource) VALUES (?, ?, ?)",
@@ -122,6 +146,7 @@ class ProviderStore:
 
     # -- assets --------------------------------------------------------------------------
 
+    @_locked
     async def add_dataset(self, dataset: provider_pb2.Dataset, file_paths: list[str]) -> None:
         await self.db.execute(
             "INSERT INTO datasets (id, seq, record, file_paths) VALUES "
@@ -133,6 +158,7 @@ class ProviderStore:
             ),
         )
 
+    @_locked
     async def dataset(self, dataset_id: str) -> tuple[provider_pb2.Dataset, list[str]] | None:
         async with self.db.execute(
             "SELECT record, file_paths FROM datasets WHERE id = ?", (dataset_id,)
@@ -142,6 +168,7 @@ class ProviderStore:
             return None
         return provider_pb2.Dataset.FromString(row[0]), list(json.loads(row[1]))
 
+    @_locked
     async def datasets(self, limit: int, after_seq: int) -> list[tuple[int, provider_pb2.Dataset]]:
         async with self.db.execute(
             "SELECT seq, record FROM datasets WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -151,6 +178,7 @@ class ProviderStore:
                 (int(r[0]), provider_pb2.Dataset.FromString(r[1])) for r in await cur.fetchall()
             ]
 
+    @_locked
     async def add_algorithm(self, algorithm: provider_pb2.Algorithm, code: bytes) -> None:
         await self.db.execute(
             "INSERT INTO algorithms (id, seq, record, code) VALUES "
@@ -158,6 +186,7 @@ class ProviderStore:
             (algorithm.name.removeprefix("algorithms/"), algorithm.SerializeToString(), code),
         )
 
+    @_locked
     async def algorithm(self, algorithm_id: str) -> tuple[provider_pb2.Algorithm, bytes] | None:
         async with self.db.execute(
             "SELECT record, code FROM algorithms WHERE id = ?", (algorithm_id,)
@@ -167,6 +196,7 @@ class ProviderStore:
             return None
         return provider_pb2.Algorithm.FromString(row[0]), bytes(row[1])
 
+    @_locked
     async def algorithms(
         self, limit: int, after_seq: int
     ) -> list[tuple[int, provider_pb2.Algorithm]]:

@@ -317,3 +317,27 @@ async def test_concurrent_jobs_beyond_capacity_queue(local_mesh: LocalMesh) -> N
         assert all(f.state == job_pb2.Job.STATE_SUCCEEDED for _, f in finals)
         ends = [f.end_time.ToNanoseconds() for _, f in finals]
         assert ends == sorted(ends), "queued jobs run in the order they came"
+
+
+async def test_concurrent_signed_calls_never_fail_the_provider(local_mesh: LocalMesh) -> None:
+    """Signed calls racing each other: each is accepted or refused for its nonce, never an
+    internal error, and nothing one of them writes is lost with another's refusal."""
+    async with local_mesh.client(new_key()) as client:
+        requests = [
+            pb.PublishAlgorithmRequest(code=f"print({i})".encode(), entrypoint="python3 $ALGO")
+            for i in range(20)
+        ]
+        signed = [(r, client.signature_metadata("PublishAlgorithm", r)) for r in requests]
+        outcomes = await asyncio.gather(
+            *(client.stub.PublishAlgorithm(r, metadata=m) for r, m in signed),
+            return_exceptions=True,
+        )
+        codes = {
+            o.code() if isinstance(o, grpc.aio.AioRpcError) else grpc.StatusCode.OK
+            for o in outcomes
+        }
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED}, outcomes
+        accepted = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert accepted
+        for response in accepted:
+            assert (await client.get_algorithm(response.algorithm.name)).did
