@@ -95,7 +95,7 @@ class Supervisor:
         self._restarts: dict[str, list[float]] = {}
 
     async def _spawn(self, name: str, module: str) -> asyncio.subprocess.Process:
-        env = {**os.environ, **self.mesh.env}
+        env = {**os.environ, **self.mesh.env, "C2D_SUPERVISOR_PID": str(os.getpid())}
         stderr: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from gateway.streams import (
     resume_path,
     sse_event,
 )
+from mesh.server import stop_with_supervisor
 
 log = structlog.get_logger()
 
@@ -649,6 +650,7 @@ async def serve(config: GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    stop_with_supervisor()
     log.info("serving", listen=config.listen, provider=config.provider_address)
     try:
         await server.serve()

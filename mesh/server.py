@@ -7,6 +7,7 @@ SIGTERM or SIGINT that first reports NOT_SERVING."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import time
@@ -202,6 +203,20 @@ class Server:
         log.info("stopped", server=self.name)
 
 
+def stop_with_supervisor() -> None:
+    """When `c2d up` started this process (it sets C2D_SUPERVISOR_PID), asks the kernel for a
+    SIGTERM should the supervisor die, even by SIGKILL: no service outlives its node."""
+    expected = os.environ.get("C2D_SUPERVISOR_PID")
+    if not expected:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(expected):
+        # The supervisor was gone before the request took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def run_until_signalled(
     server: Server,
     *,
@@ -214,6 +229,7 @@ async def run_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    stop_with_supervisor()
     await stop.wait()
     log.info("stopping", server=server.name)
     if before_stop is not None:

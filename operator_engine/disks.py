@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import structlog
@@ -49,26 +50,35 @@ def mounted_under(root: Path) -> list[Path]:
 
 
 class JobDisks:
-    def __init__(self, images: Path) -> None:
-        self.images = images
+    """Job disks, kept ready in a pool so that making one (mkfs, mount) is not on a job's path.
+
+    A disk serves one job: after its outputs are published it is unmounted and deleted, and a
+    fresh one takes its place in the pool."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.images = root / "images"
+        self.mounts = root / "mounts"
+        self._ready: dict[int, list[Path]] = {}
+        self._wanted: dict[int, int] = {}
+        self._refill: asyncio.Task[None] | None = None
 
     def check(self) -> None:
         """Raises DisksUnavailable, saying why, unless a disk can be made and mounted."""
         for tool in ("mkfs.ext4", "mount", "umount"):
             if shutil.which(tool) is None:
-                raise DisksUnavailable(f"{tool} is missing (Debian package e2fsprogs/mount)")
+                raise DisksUnavailable(f"{tool} is missing (Debian packages e2fsprogs, mount)")
         if os.geteuid() != 0:
             raise DisksUnavailable("mounting a job's disk needs root")
-        self.images.mkdir(parents=True, exist_ok=True, mode=0o700)
-        probe = self.images / "probe"
-        probe.mkdir(exist_ok=True)
+        for folder in (self.root, self.images, self.mounts):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        image, point = self.images / "probe.img", self.mounts / "probe"
+        point.mkdir(exist_ok=True)
         try:
-            image = self.images / "probe.img"
-            with open(image, "wb") as f:
-                f.truncate(8 << 20)
+            _make_image(image, 8 << 20)
             subprocess.run(_mkfs(image), check=True, capture_output=True)
-            subprocess.run(_mount(image, probe), check=True, capture_output=True)
-            subprocess.run(["umount", str(probe)], check=True, capture_output=True)
+            subprocess.run(_mount(image, point), check=True, capture_output=True)
+            subprocess.run(["umount", str(point)], check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError) as error:
             detail = getattr(error, "stderr", b"") or b""
             raise DisksUnavailable(
@@ -76,42 +86,88 @@ class JobDisks:
                 + detail.decode(errors="replace").strip()[:300]
             ) from None
         finally:
+            image.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
-                (self.images / "probe.img").unlink()
-            with contextlib.suppress(OSError):
-                probe.rmdir()
+                point.rmdir()
 
-    async def attach(self, job_id: str, mountpoint: Path, size: int) -> None:
-        """Makes the job's disk and mounts it on `mountpoint` (an existing, empty folder)."""
-        image = self.images / f"{job_id}.img"
-        await asyncio.to_thread(_make_image, image, size)
-        await _run(*_mkfs(image))
-        await _run(*_mount(image, mountpoint))
-        # ext4's lost+found would otherwise sit among the outputs.
-        await asyncio.to_thread(_remove_lost_found, mountpoint)
+    def want(self, size: int, count: int) -> None:
+        """Keeps `count` disks of `size` bytes ready (one per job that can run at once)."""
+        self._wanted[size] = self._wanted.get(size, 0) + count
+        self._start_refill()
 
-    async def detach(self, job_id: str, mountpoint: Path) -> None:
-        """Unmounts the job's disk and deletes it; a no-op for a job without one."""
-        if mountpoint in await asyncio.to_thread(mounted_under, mountpoint):
+    async def take(self, size: int) -> Path:
+        """A mounted, empty disk of `size` bytes for one job."""
+        ready = self._ready.get(size, [])
+        disk = ready.pop(0) if ready else await self._make(size)
+        self._start_refill()
+        return disk
+
+    async def release(self, disk: Path) -> None:
+        """Unmounts a job's disk and deletes it; a no-op for one already gone."""
+        if disk in await asyncio.to_thread(mounted_under, disk):
             try:
-                await _run("umount", str(mountpoint))
+                await _run("umount", str(disk))
             except OSError:
                 # Busy (something still looks at it): detach it now, the kernel frees it later.
-                await _run("umount", "--lazy", str(mountpoint))
-        with contextlib.suppress(FileNotFoundError):
-            (self.images / f"{job_id}.img").unlink()
+                await _run("umount", "--lazy", str(disk))
+        await asyncio.to_thread(self._remove, disk)
 
-    async def sweep(self, workspace_root: Path, keep: set[str]) -> None:
-        """Removes disks of jobs this engine does not know (left by a crash)."""
-        for point in await asyncio.to_thread(mounted_under, workspace_root):
-            job_id = point.parent.name
-            if job_id not in keep:
-                await self.detach(job_id, point)
-                log.warning("removed a leftover job disk", job_id=job_id)
+    def _remove(self, disk: Path) -> None:
+        (self.images / f"{disk.name}.img").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            disk.rmdir()
+
+    async def sweep(self, keep: set[Path]) -> None:
+        """Removes every disk but those of jobs still to be published (left by a crash)."""
+        for point in await asyncio.to_thread(mounted_under, self.mounts):
+            if point not in keep:
+                await self.release(point)
         if self.images.is_dir():
             for image in self.images.glob("*.img"):
-                if image.stem not in keep:
+                if self.mounts / image.stem not in keep:
                     image.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        """Stops refilling and removes the ready disks (the engine is stopping)."""
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        for disks in self._ready.values():
+            for disk in disks:
+                await self.release(disk)
+        self._ready.clear()
+
+    def _start_refill(self) -> None:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        for size, count in self._wanted.items():
+            ready = self._ready.setdefault(size, [])
+            while len(ready) < count:
+                try:
+                    ready.append(await self._make(size))
+                except OSError as error:
+                    log.error("could not make a job disk ahead of time", error=str(error))
+                    return
+
+    async def _make(self, size: int) -> Path:
+        name = f"disk-{uuid.uuid4().hex}"
+        image, point = self.images / f"{name}.img", self.mounts / name
+        await asyncio.to_thread(point.mkdir, 0o700)
+        try:
+            await asyncio.to_thread(_make_image, image, size)
+            await _run(*_mkfs(image))
+            await _run(*_mount(image, point))
+        except OSError:
+            image.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                point.rmdir()
+            raise
+        # ext4's lost+found would otherwise sit among the outputs.
+        await asyncio.to_thread(_remove_lost_found, point)
+        return point
 
 
 def is_full(mountpoint: Path) -> bool:

@@ -52,6 +52,7 @@ HEARTBEAT_S = 2.0
 _SPEC_FILE = "spec.pb"
 _JOB_FILE = "job.pb"
 _OUTCOME_FILE = "outcome.json"
+_DISK_FILE = "disk"
 
 
 @dataclass
@@ -66,6 +67,8 @@ class EngineJob:
     log_dropped: bool = False
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # The job's own disk, holding its outputs from compute until they are published.
+    disk: Path | None = None
 
     @property
     def log_path(self) -> Path:
@@ -253,7 +256,7 @@ class Runner:
         if not job_facts.is_final(entry.job.state):
             raise FailedPrecondition("the job is still running; stop it first")
         del self.jobs[job_id]
-        await self.disks.detach(job_id, entry.workspace / layout.OUTPUTS)
+        await self._release_disk(entry)
         await asyncio.to_thread(shutil.rmtree, entry.workspace, True)
         log.info("job deleted", job_id=job_id)
 
@@ -266,6 +269,7 @@ class Runner:
         tasks = [e.task for e in self.jobs.values() if e.task is not None and not e.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        await self.disks.close()
 
     # -- one job -------------------------------------------------------------------------
 
@@ -346,9 +350,10 @@ class Runner:
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
             return
 
-        outputs = ws / layout.OUTPUTS
         try:
-            await self.disks.attach(job_id, outputs, env.disk_bytes)
+            outputs = await self.disks.take(env.disk_bytes)
+            entry.disk = outputs
+            await asyncio.to_thread(_write_atomic, ws / _DISK_FILE, str(outputs).encode())
         except OSError as error:
             log.error("could not make the job's disk", error=str(error))
             await self._publish_and_finish(
@@ -371,7 +376,12 @@ class Runner:
                     job_id=job_id,
                     mounts=[
                         Mount(
-                            host_path=m.host_path, sandbox_path=m.sandbox_path, writable=m.writable
+                            # The outputs live on the job's own disk.
+                            host_path=outputs
+                            if m.sandbox_path == layout.SANDBOX_OUTPUTS
+                            else m.host_path,
+                            sandbox_path=m.sandbox_path,
+                            writable=m.writable,
                         )
                         for m in prepared.mounts
                     ],
@@ -472,26 +482,33 @@ class Runner:
                 entry.spec.job_id,
                 max_files=env.max_output_files,
                 max_total_bytes=env.disk_bytes,
+                outputs=entry.disk,
             )
         except Exception as error:
             log.exception("publish failed")
-            await self.disks.detach(entry.spec.job_id, entry.workspace / layout.OUTPUTS)
             await self._finish(
                 entry,
                 State.STATE_FAILED,
                 reason=job_pb2.FAILURE_REASON_PUBLISH_FAILED,
                 message=f"results could not be stored: {type(error).__name__}",
             )
+            await self._release_disk(entry)
             return
         entry.job.results.extend(published.results)
         if published.too_large and state == State.STATE_SUCCEEDED:
             state = State.STATE_FAILED
             reason = job_pb2.FAILURE_REASON_OUTPUT_TOO_LARGE
             message = "the outputs exceed the environment's limit; the publish log lists them"
-        # Outputs are in storage now; the workspace keeps only the logs for live readers.
-        await self.disks.detach(entry.spec.job_id, entry.workspace / layout.OUTPUTS)
-        await asyncio.to_thread(shutil.rmtree, entry.workspace / layout.OUTPUTS, True)
         await self._finish(entry, state, reason=reason, message=message)
+        # Outputs are in storage now; the workspace keeps only the logs for live readers.
+        await self._release_disk(entry)
+        await asyncio.to_thread(shutil.rmtree, entry.workspace / layout.OUTPUTS, True)
+
+    async def _release_disk(self, entry: EngineJob) -> None:
+        if entry.disk is not None:
+            await self.disks.release(entry.disk)
+            entry.disk = None
+            (entry.workspace / _DISK_FILE).unlink(missing_ok=True)
 
     async def _finish(
         self, entry: EngineJob, state: int, *, reason: int = 0, message: str = ""
@@ -522,12 +539,13 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Replaces `path` whole: a crash leaves the old or the new content, never a mix."""
+    """Replaces `path` whole: a killed engine leaves the old or the new content, never a mix.
+    Not fsynced: a job's state changes many times a second, and a power loss, unlike a crash,
+    also ends every job's sandbox, so recovery then ends them `engine lost` anyway."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temporary, path)
@@ -563,7 +581,9 @@ def _saved_jobs(root: Path) -> list[EngineJob]:
             log.warning("removing a workspace that cannot be read", workspace=ws.name)
             shutil.rmtree(ws, ignore_errors=True)
             continue
-        entries.append(EngineJob(spec=spec, job=job, workspace=ws))
+        disk_file = ws / _DISK_FILE
+        disk = Path(disk_file.read_text()) if disk_file.exists() else None
+        entries.append(EngineJob(spec=spec, job=job, workspace=ws, disk=disk))
     return entries
 
 

@@ -40,7 +40,9 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
     runner = Runner(config, sandbox, storage_from_url(config.storage_url), disks)
     # Jobs a previous engine left: queued ones queue again, interrupted ones end with a reason.
     await runner.recover()
-    await disks.sweep(config.workspace_root, keep=set(runner.jobs))
+    await disks.sweep(keep={e.disk for e in runner.jobs.values() if e.disk is not None})
+    for env in config.environments:
+        disks.want(env.disk_bytes, env.max_concurrent_jobs)
     servicer = EngineServicer(runner)
     server = Server(
         "operator_engine",

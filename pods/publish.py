@@ -168,6 +168,7 @@ async def publish(
     max_files: int = DEFAULT_MAX_FILES,
     max_total_bytes: int,
     max_entries: int | None = None,
+    outputs: Path | None = None,
 ) -> PublishResult:
     """Stores the outputs under `workspace/outputs` and the logs under `workspace/logs` as the
     job's results, and writes logs/publish.log (stored last, so it is complete).
@@ -176,7 +177,8 @@ async def publish(
     remaining outputs are not stored and `too_large` is set; the logs are published anyway.
     `max_entries` (default ten times `max_files`, at least 1000) bounds how many directory
     entries of any kind the walk looks at; more also counts as too large, so a hostile
-    algorithm cannot make publishing slow. Raises `PublishError` when storing fails and
+    algorithm cannot make publishing slow. `outputs` names the outputs folder when it is not
+    `workspace/outputs` (the engine's job disk). Raises `PublishError` when storing fails and
     ValueError for a malformed job id."""
     check_job_id(job_id)
     if max_files < 0 or max_total_bytes < 0:
@@ -191,10 +193,26 @@ async def publish(
         ws_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
         raise PublishError("the job's workspace is missing") from error
+    # Outputs are found as (a folder fd, a name in it): the workspace's outputs/ or the disk.
+    base_fd, out_name = ws_fd, OUTPUTS
+    if outputs is not None:
+        try:
+            base_fd = os.open(outputs.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            os.close(ws_fd)
+            raise PublishError("the job's outputs folder is missing") from error
+        out_name = outputs.name
     try:
         try:
             await _publish_outputs(
-                ws_fd, storage, job_id, record, result, max_files, max_total_bytes, entry_budget
+                (base_fd, out_name),
+                storage,
+                job_id,
+                record,
+                result,
+                max_files,
+                max_total_bytes,
+                entry_budget,
             )
             await _publish_logs(ws_fd, storage, job_id, record, result)
         except PublishError as error:
@@ -210,6 +228,8 @@ async def publish(
         await _publish_own_log(ws_fd, storage, job_id, record, result)
     finally:
         os.close(ws_fd)
+        if base_fd != ws_fd:
+            os.close(base_fd)
     log.info(
         "publish.done",
         results=len(result.results),
@@ -220,7 +240,7 @@ async def publish(
 
 
 async def _publish_outputs(
-    ws_fd: int,
+    where: tuple[int, str],
     storage: Storage,
     job_id: str,
     record: _PublishLog,
@@ -229,7 +249,7 @@ async def _publish_outputs(
     max_total_bytes: int,
     max_entries: int,
 ) -> None:
-    walk = await asyncio.to_thread(_scan_outputs, ws_fd, record, max_entries)
+    walk = await asyncio.to_thread(_scan_outputs, where, record, max_entries)
     if walk is None:
         return
     if walk.truncated:
@@ -249,7 +269,7 @@ async def _publish_outputs(
                 f"{candidate.name}"
             )
             break
-        fd = await asyncio.to_thread(_open_candidate, ws_fd, candidate)
+        fd = await asyncio.to_thread(_open_candidate, where, candidate)
         if fd is None:
             record.skip(candidate.name, "changed while publishing")
             continue
@@ -263,9 +283,10 @@ async def _publish_outputs(
     record.add(f"outputs: {stored_files} files stored, {total} bytes")
 
 
-def _scan_outputs(ws_fd: int, record: _PublishLog, max_entries: int) -> _Walk | None:
+def _scan_outputs(where: tuple[int, str], record: _PublishLog, max_entries: int) -> _Walk | None:
+    base_fd, out_name = where
     try:
-        out_fd = os.open(OUTPUTS, _OPEN_DIR, dir_fd=ws_fd)
+        out_fd = os.open(out_name, _OPEN_DIR, dir_fd=base_fd)
     except FileNotFoundError:
         record.add("outputs: none (no outputs directory; an earlier stage failed)")
         return None
@@ -382,14 +403,14 @@ def _display(prefix: tuple[str, ...], name: str) -> str:
     return "/".join((*prefix, escaped))
 
 
-def _open_candidate(ws_fd: int, candidate: _Candidate) -> int | None:
+def _open_candidate(where: tuple[int, str], candidate: _Candidate) -> int | None:
     """Opens an output again, component by component without following links, and returns its
     descriptor only when it is still the very regular file the walk saw."""
     dir_fds: list[int] = []
     fd = -1
     try:
-        current = ws_fd
-        for part in (OUTPUTS, *candidate.parts[:-1]):
+        current, out_name = where
+        for part in (out_name, *candidate.parts[:-1]):
             current = os.open(part, _OPEN_DIR, dir_fd=current)
             dir_fds.append(current)
         fd = os.open(candidate.parts[-1], _OPEN_FILE, dir_fd=current)
