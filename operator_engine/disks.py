@@ -31,7 +31,12 @@ async def _run(*argv: str) -> None:
     process = await asyncio.create_subprocess_exec(
         *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    _, stderr = await process.communicate()
+    try:
+        _, stderr = await process.communicate()
+    except asyncio.CancelledError:
+        # Let mkfs or mount finish, so that a sweep after the cancel sees what they did.
+        await asyncio.shield(process.wait())
+        raise
     if process.returncode != 0:
         raise OSError(f"{argv[0]} failed: {stderr.decode(errors='replace').strip()[:300]}")
 
@@ -127,16 +132,17 @@ class JobDisks:
                 if self.mounts / image.stem not in keep:
                     image.unlink(missing_ok=True)
 
-    async def close(self) -> None:
-        """Stops refilling and removes the ready disks (the engine is stopping)."""
+    async def close(self, keep: set[Path]) -> None:
+        """Stops refilling and removes every disk but those in `keep` (jobs cut off by the
+        stop, whose outputs the next engine publishes)."""
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill
-        for disks in self._ready.values():
-            for disk in disks:
-                await self.release(disk)
         self._ready.clear()
+        # A sweep rather than the ready list: a disk being made when the refill was cancelled
+        # is mounted but in no list.
+        await self.sweep(keep)
 
     def _start_refill(self) -> None:
         if self._refill is None or self._refill.done():

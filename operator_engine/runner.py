@@ -269,7 +269,13 @@ class Runner:
         tasks = [e.task for e in self.jobs.values() if e.task is not None and not e.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await self.disks.close()
+        await self.disks.close(
+            keep={
+                e.disk
+                for e in self.jobs.values()
+                if e.disk is not None and not job_facts.is_final(e.job.state)
+            }
+        )
 
     # -- one job -------------------------------------------------------------------------
 

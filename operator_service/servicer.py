@@ -90,7 +90,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 f"the job could not be started: {mapped.message}",
             )
             raise mapped from None
-        await self.tracker.record(response.job, renew=True)
+        # From here the tracker records every change the engine reports.
         self.tracker.follow(spec.job_id)
         log.info("job created")
         return operator_pb2.CreateJobResponse(job=response.job)

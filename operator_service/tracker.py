@@ -36,6 +36,9 @@ class Tracker:
         self.lease_s = lease_s
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # The latest form of each job being followed: watchers are told from here, before
+        # the registry has written it.
+        self._latest: dict[str, job_pb2.Job] = {}
 
     def condition(self, job_id: str) -> asyncio.Condition:
         return self._changed.setdefault(job_id, asyncio.Condition())
@@ -57,10 +60,13 @@ class Tracker:
 
     async def record(self, job: job_pb2.Job, *, renew: bool = False) -> None:
         job_id = job.name.removeprefix("jobs/")
-        await self.store.save(job, time.time() + self.lease_s if renew else None)
         cond = self.condition(job_id)
         async with cond:
+            self._latest[job_id] = job
             cond.notify_all()
+        await self.store.save(job, time.time() + self.lease_s if renew else None)
+        if job_facts.is_final(job.state):
+            self._latest.pop(job_id, None)
 
     async def end(self, job_id: str, state: int, reason: int, message: str) -> None:
         """Ends a job here when the engine cannot: it is never left unfinished."""
@@ -134,16 +140,21 @@ class Tracker:
         await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
         return True
 
+    async def _stored(self, job_id: str) -> job_pb2.Job | None:
+        found = await self.store.get(job_id)
+        return None if found is None else found[1]
+
     async def watch(self, job_id: str, owner: str) -> AsyncIterator[job_pb2.Job]:
         """The job now, then after every recorded change; ends after a final state."""
         cond = self.condition(job_id)
         last: bytes | None = None
         while True:
             async with cond:
-                found = await self.store.get(job_id)
-                if found is None or found[1].owner != owner:
+                job = self._latest.get(job_id)
+                if job is None:
+                    job = await self._stored(job_id)
+                if job is None or job.owner != owner:
                     raise NotFound("no such job", reason="JOB_NOT_FOUND")
-                job = found[1]
                 snapshot = job.SerializeToString(deterministic=True)
                 if snapshot == last:
                     await cond.wait()

@@ -15,6 +15,7 @@ import pytest
 from eth_account import Account
 
 from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.disks import mounted_under
 from operator_engine.server import build as build_engine
 from operator_service.config import OperatorConfig
 from operator_service.server import build as build_operator
@@ -134,6 +135,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         await runner.close()
         await engine_server.stop(0.5)
         runner.sandbox.close()
+        assert mounted_under(home) == [], "the engine left a job disk mounted"
         shutil.rmtree(f"/run/c2d-test-{tag}", ignore_errors=True)
 
 

@@ -173,15 +173,20 @@ def test_failed_job_makes_follow_exit_non_zero(node: Node) -> None:
 
 def test_no_service_outlives_a_killed_supervisor(node: Node) -> None:
     assert node.process is not None
-    children = subprocess.run(["pgrep", "-P", str(node.process.pid)], capture_output=True,
-                              text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(node.process.pid)], capture_output=True, text=True
+    ).stdout.split()
     assert len(children) == 4
     node.process.kill()  # SIGKILL: the supervisor cannot pass anything on
     node.process.wait()
     deadline = time.monotonic() + 12
     alive = children
     while alive and time.monotonic() < deadline:
-        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
-                 and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+        alive = [
+            pid
+            for pid in children
+            if Path(f"/proc/{pid}").exists()
+            and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+        ]
         time.sleep(0.1)
     assert alive == [], "a service outlived its supervisor"
