@@ -27,7 +27,8 @@ AUTHORIZATION_HEADER = "authorization"
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_NONCE = re.compile(r"^[0-9]{1,30}$")
+# At most 18 digits: every nonce fits a signed 64-bit integer (microseconds since 1970 use 16).
+_NONCE = re.compile(r"^[0-9]{1,18}$")
 
 
 def request_digest(fields: Sequence[Any]) -> str:

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 from c2d.common.v1 import job_pb2
@@ -82,7 +83,8 @@ class EngineJob:
             job_facts.set_status_code(self.job)
             snapshot = self.job.SerializeToString()
             self.changed.notify_all()
-        await asyncio.to_thread(_write_atomic, self.workspace / _JOB_FILE, snapshot)
+        # Inline: a write of a few hundred bytes costs less than a hop to a thread.
+        _write_atomic(self.workspace / _JOB_FILE, snapshot)
 
     async def notify(self) -> None:
         async with self.changed:
@@ -136,10 +138,9 @@ class Runner:
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
         entry = EngineJob(spec=spec, job=job, workspace=self.config.workspace_root / spec.job_id)
-        await asyncio.to_thread(_make_workspace, entry.workspace)
-        await asyncio.to_thread(
-            _write_atomic, entry.workspace / _SPEC_FILE, spec.SerializeToString()
-        )
+        # Inline: a few small local writes, cheaper than hops to a thread.
+        _make_workspace(entry.workspace)
+        _write_atomic(entry.workspace / _SPEC_FILE, spec.SerializeToString())
         await entry.update()
         self._start(entry)
         log.info("job accepted", job_id=spec.job_id, environment=env_name)
@@ -337,7 +338,6 @@ class Runner:
         job_id = entry.spec.job_id
         ws = entry.workspace
         started = time.perf_counter()
-        await asyncio.to_thread(_make_workspace, ws)
         entry.job.start_time.GetCurrentTime()
         await entry.update(state=State.STATE_CONFIGURING, queue_position=0)
 
@@ -359,7 +359,7 @@ class Runner:
         try:
             outputs = await self.disks.take(env.disk_bytes)
             entry.disk = outputs
-            await asyncio.to_thread(_write_atomic, ws / _DISK_FILE, str(outputs).encode())
+            _write_atomic(ws / _DISK_FILE, str(outputs).encode())
         except OSError as error:
             log.error("could not make the job's disk", error=str(error))
             await self._publish_and_finish(
@@ -371,7 +371,7 @@ class Runner:
             )
             return
         await entry.update(state=State.STATE_RUNNING)
-        log_file = await asyncio.to_thread(open, entry.log_path, "ab")
+        log_file = _open_append(entry.log_path)
         try:
 
             async def on_output(data: bytes) -> None:
@@ -406,7 +406,7 @@ class Runner:
                 entry.cancel,
             )
         finally:
-            await asyncio.to_thread(log_file.close)
+            log_file.close()
         log.info(
             "compute ended",
             outcome=result.outcome.name,
@@ -447,7 +447,8 @@ class Runner:
                 log.warning("algorithm log cap reached; dropping the rest")
             return
         data = data[:room]
-        await asyncio.to_thread(_write_flush, log_file, data)
+        # Inline: the chunk is small and the log's readers are waiting for it.
+        _write_flush(log_file, data)
         entry.log_size += len(data)
         await entry.notify()
 
@@ -607,6 +608,10 @@ def _read_at(path: Path, offset: int, size: int) -> bytes:
             return f.read(size)
     except FileNotFoundError:
         return b""
+
+
+def _open_append(path: Path) -> BinaryIO:
+    return open(path, "ab")  # closed by the caller when compute ends
 
 
 def _write_flush(f: object, data: bytes) -> None:

@@ -1039,6 +1039,7 @@ class _Job:
         self.tail = bytearray()
         self.chain_stderr = bytearray()
         self.started = 0.0
+        self.steps = _Steps()
 
     async def run(self) -> SandboxResult:
         job_id = self.spec.job_id
@@ -1047,6 +1048,8 @@ class _Job:
         finally:
             empty = await self._clean_up()
             self.sandbox._release(job_id, reusable=empty)
+            self.steps.mark("release")
+            self.log.debug("sandbox.timing", **self.steps.ms)
 
     async def _run(self) -> SandboxResult:
         spec, limits = self.spec, self.spec.limits
@@ -1057,14 +1060,17 @@ class _Job:
             await self.sandbox._kill_job(spec.job_id)
             self.cgroups.remove(spec.job_id)
         _remove_stage(self.stage)
+        self.steps.mark("leftover_checks")
         try:
             self.cgroups.create(spec.job_id, limits)
+            self.steps.mark("cgroup_create")
             staged = _make_stage(self.stage, self.mounts, self.uid, self.gid)
             for s in staged:
                 if s.mount.writable:
                     _hand_over(s.mount.host_path, self.uid, self.gid)
                 elif not os.stat(s.mount.host_path).st_mode & stat.S_IROTH:
                     self.log.warning("sandbox.mount_unreadable", sandbox_path=s.mount.sandbox_path)
+            self.steps.mark("stage")
         except _SpecError as error:
             return self._result(Outcome.SANDBOX_FAILED, -1, str(error))
         except OSError as error:
@@ -1095,6 +1101,7 @@ class _Job:
                 env=spec.env,
                 status_fd=status_w,
             )
+            self.steps.mark("argv")
             # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
             # waits for the pipes to close, and it spends a thread per child.
             proc = _Child(
@@ -1116,6 +1123,8 @@ class _Job:
         finally:
             for fd in (status_w, out_w, err_w):
                 os.close(fd)
+        self.steps.mark("popen")
+        self.launched_at = time.monotonic()
         self.log.debug("sandbox.launched", pid=proc.popen.pid)
 
         readers = [
@@ -1124,9 +1133,11 @@ class _Job:
         ]
         try:
             ended = await self._wait(proc, limits.max_duration_s)
+            self.steps.mark("chain_ran")
             # Whatever the main process left (it cannot, in its pid namespace; but the
             # cgroup is the authority) dies before the result is known.
             await self.sandbox._kill_job(spec.job_id)
+            self.steps.mark("kill_after_exit")
             _, pending = await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
             for reader in pending:
                 reader.cancel()
@@ -1139,7 +1150,10 @@ class _Job:
             await asyncio.gather(*readers, return_exceptions=True)
             for fd in (status_r, out_r, err_r):
                 os.close(fd)
-        return self._classify(ended, proc.popen.returncode, status)
+        self.steps.mark("drain")
+        result = self._classify(ended, proc.popen.returncode, status)
+        self.steps.mark("classify")
+        return result
 
     async def _wait(self, proc: _Child, deadline_s: float) -> str:
         """Waits for the chain to end, the deadline, or a cancel request; kills the job in
@@ -1278,18 +1292,34 @@ class _Job:
         of the job could not be killed."""
         job_id = self.spec.job_id
         empty = await self.sandbox._kill_job(job_id)
+        self.steps.mark("cleanup_kill")
         # A v1 memory group can refuse rmdir for a moment after its last task has gone.
         for _ in range(int(_RMDIR_TIMEOUT_S / 0.01)):
             if self.cgroups.remove(job_id):
                 break
             await asyncio.sleep(0.01)
+        self.steps.mark("cgroup_rmdir")
         if not empty:
             self.log.error("sandbox.processes_left")
         if self.cgroups.exists(job_id):
             self.log.error("sandbox.cgroup_left")
         if not _remove_stage(self.stage):
             self.log.error("sandbox.stage_left")
+        self.steps.mark("stage_remove")
         return empty
+
+
+class _Steps:
+    """Milliseconds spent in each step of a run, for the debug log."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.ms[step] = round((now - self.last) * 1000, 3)
+        self.last = now
 
 
 class _Child:

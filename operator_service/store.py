@@ -1,17 +1,17 @@
 """The job registry: every job, its spec, its latest state and every change of state, in
-SQLite."""
+SQLite (statements inline: see mesh.sqlite)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
-import aiosqlite
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 
 from mesh import jobs as job_facts
-from mesh.config import ensure_private_dir
+from mesh.sqlite import connect, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -36,60 +36,53 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
 
 
 class JobStore:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
     @classmethod
     async def open(cls, path: Path) -> JobStore:
-        ensure_private_dir(path.parent)
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.executescript(_SCHEMA)
-        await db.commit()
-        return cls(db)
+        return cls(connect(path, _SCHEMA))
 
     async def close(self) -> None:
-        await self.db.close()
+        self.db.close()
 
     async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job, lease_until: float) -> bool:
         """Adds a job; False when its id exists already (a retried create)."""
-        cursor = await self.db.execute(
-            "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job, lease_until) "
-            "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?, ?)",
-            (
-                spec.job_id,
-                spec.owner,
-                job.state,
-                spec.SerializeToString(),
-                job.SerializeToString(),
-                lease_until,
-            ),
-        )
-        if cursor.rowcount:
-            await self._event(job)
-        await self.db.commit()
-        return bool(cursor.rowcount)
+        with transaction(self.db):
+            added = self.db.execute(
+                "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job, lease_until) "
+                "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?, ?)",
+                (
+                    spec.job_id,
+                    spec.owner,
+                    job.state,
+                    spec.SerializeToString(),
+                    job.SerializeToString(),
+                    lease_until,
+                ),
+            ).rowcount
+            if added:
+                self._event(job)
+        return bool(added)
 
     async def save(self, job: job_pb2.Job, lease_until: float | None = None) -> None:
         """Records the job's latest form (renewing its lease when given), and an event when
         its state changed."""
         job_id = job.name.removeprefix("jobs/")
-        async with self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return
-        await self.db.execute(
-            "UPDATE jobs SET state = ?, job = ?, lease_until = COALESCE(?, lease_until) "
-            "WHERE id = ?",
-            (job.state, job.SerializeToString(), lease_until, job_id),
-        )
-        if row[0] != job.state:
-            await self._event(job)
-        await self.db.commit()
+        with transaction(self.db):
+            row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            self.db.execute(
+                "UPDATE jobs SET state = ?, job = ?, lease_until = COALESCE(?, lease_until) "
+                "WHERE id = ?",
+                (job.state, job.SerializeToString(), lease_until, job_id),
+            )
+            if row[0] != job.state:
+                self._event(job)
 
-    async def _event(self, job: job_pb2.Job) -> None:
-        await self.db.execute(
+    def _event(self, job: job_pb2.Job) -> None:
+        self.db.execute(
             "INSERT INTO job_events (job_id, time, state, failure_reason, message) "
             "VALUES (?, ?, ?, ?, ?)",
             (
@@ -102,13 +95,11 @@ class JobStore:
         )
 
     async def lease_until(self, job_id: str) -> float:
-        async with self.db.execute("SELECT lease_until FROM jobs WHERE id = ?", (job_id,)) as c:
-            row = await c.fetchone()
+        row = self.db.execute("SELECT lease_until FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return 0.0 if row is None else float(row[0])
 
     async def get(self, job_id: str) -> tuple[engine_pb2.JobSpec, job_pb2.Job] | None:
-        async with self.db.execute("SELECT spec, job FROM jobs WHERE id = ?", (job_id,)) as cur:
-            row = await cur.fetchone()
+        row = self.db.execute("SELECT spec, job FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             return None
         return engine_pb2.JobSpec.FromString(row[0]), job_pb2.Job.FromString(row[1])
@@ -123,28 +114,27 @@ class JobStore:
             args.append(before_seq)
         query += " ORDER BY seq DESC LIMIT ?"
         args.append(limit)
-        async with self.db.execute(query, args) as cur:
-            rows = await cur.fetchall()
+        rows = self.db.execute(query, args).fetchall()
         return [(int(r[0]), job_pb2.Job.FromString(r[1])) for r in rows]
 
     async def unfinished(self) -> list[str]:
         finals = tuple(int(s) for s in job_facts.FINAL_STATES)
         marks = ",".join("?" * len(finals))
-        async with self.db.execute(
+        rows = self.db.execute(
             f"SELECT id FROM jobs WHERE state NOT IN ({marks})",  # noqa: S608 (only "?" marks)
             finals,
-        ) as cur:
-            return [str(r[0]) for r in await cur.fetchall()]
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     async def events(self, job_id: str) -> list[tuple[float, int, int, str]]:
-        async with self.db.execute(
+        rows = self.db.execute(
             "SELECT time, state, failure_reason, message FROM job_events WHERE job_id = ? "
             "ORDER BY rowid",
             (job_id,),
-        ) as cur:
-            return [(float(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in await cur.fetchall()]
+        ).fetchall()
+        return [(float(r[0]), int(r[1]), int(r[2]), str(r[3])) for r in rows]
 
     async def delete(self, job_id: str) -> None:
-        await self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        await self.db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
-        await self.db.commit()
+        with transaction(self.db):
+            self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            self.db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))

@@ -36,7 +36,8 @@ class ProviderServiceStub:
     REST edge, never query parameters):
 
     x-c2d-address    the caller's Ethereum address, 0x-prefixed
-    x-c2d-nonce      a decimal integer, larger than any nonce this address used before
+    x-c2d-nonce      a decimal integer of at most 18 digits, larger than any nonce
+    this address used before (the time in microseconds works well)
     x-c2d-signature  the 65-byte signature, 0x-prefixed hex
 
     The signed text is `address + nonce + command + request_digest`, where
@@ -173,7 +174,8 @@ class ProviderServiceServicer:
     REST edge, never query parameters):
 
     x-c2d-address    the caller's Ethereum address, 0x-prefixed
-    x-c2d-nonce      a decimal integer, larger than any nonce this address used before
+    x-c2d-nonce      a decimal integer of at most 18 digits, larger than any nonce
+    this address used before (the time in microseconds works well)
     x-c2d-signature  the 65-byte signature, 0x-prefixed hex
 
     The signed text is `address + nonce + command + request_digest`, where
@@ -489,7 +491,8 @@ class ProviderService:
     REST edge, never query parameters):
 
     x-c2d-address    the caller's Ethereum address, 0x-prefixed
-    x-c2d-nonce      a decimal integer, larger than any nonce this address used before
+    x-c2d-nonce      a decimal integer of at most 18 digits, larger than any nonce
+    this address used before (the time in microseconds works well)
     x-c2d-signature  the 65-byte signature, 0x-prefixed hex
 
     The signed text is `address + nonce + command + request_digest`, where
