@@ -226,6 +226,10 @@ async def publish(
         record.finish_skips()
         result.skipped = record.skipped
         await _publish_own_log(ws_fd, storage, job_id, record, result)
+        try:
+            await storage.sync(job_id)
+        except OSError as error:
+            raise PublishError("the results could not be made durable") from error
     finally:
         os.close(ws_fd)
         if base_fd != ws_fd:
