@@ -147,8 +147,8 @@ try:
 except OSError as error:
     print(f"no dns: {error}", flush=True)
 import os
-for sock in ("/root", os.environ.get("HOME", "/")):
-    pass
+for path in params["private_paths"]:
+    print(f"{'VISIBLE' if os.path.exists(path) else 'hidden'} {path}", flush=True)
 print("done", flush=True)
 """
 
@@ -162,6 +162,7 @@ async def test_the_network_is_unreachable_from_a_job(local_mesh: LocalMesh) -> N
         assert "CONNECTED" not in text and "RESOLVED" not in text, text
         refusals = [line for line in text.splitlines() if line.startswith("refused ")]
         assert len(refusals) == 3 and "no dns" in text, text
+        assert "VISIBLE" not in text and text.count("hidden") == 6, text
 
 
 PLANTED = """

@@ -1,0 +1,92 @@
+"""The engine as a process: it refuses to start when it cannot enforce the limits, saying why,
+and picks up the jobs a killed engine left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+
+from mesh import jobs as job_facts
+from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.server import build
+from tests.conftest import needs_root
+
+pytestmark = needs_root
+
+
+def test_the_engine_refuses_to_start_when_it_cannot_enforce_a_limit(tmp_path: Path) -> None:
+    # uid 0 is root: the sandbox's uid range would collide with real users.
+    env = {
+        **os.environ,
+        "C2D_HOME": str(tmp_path),
+        "C2D_SANDBOX_UID_BASE": "0",
+        "C2D_LOG_FORMAT": "json",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "operator_engine"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert "refusing to start" in run.stderr
+    assert "uid" in run.stderr.lower()
+
+
+async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
+    tmp_path: Path,
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    config = EngineConfig(
+        listen=f"unix:{tmp_path / 'run' / 'engine.sock'}",
+        workspace_root=tmp_path / "engine" / "jobs",
+        data_root=tmp_path / "data",
+        storage_url=str(tmp_path / "results"),
+        environments=(EnvironmentSpec(),),
+        sandbox_uid_base=1_650_000_000 + int(tag, 16) % 1000 * 64,
+        sandbox_stage_root=Path(f"/run/c2d-test-{tag}"),
+        sandbox_cgroup_name=f"c2d-test-{tag}",
+    )
+    # What a killed engine leaves: the workspace of a job it was configuring.
+    job_id = job_facts.new_job_id()
+    ws = config.workspace_root / job_id
+    (ws / "logs").mkdir(parents=True)
+    (ws / "logs" / "configuration.log").write_text("configure: started\n")
+    spec = engine_pb2.JobSpec(
+        job_id=job_id,
+        owner="0x" + "1" * 40,
+        environment="default",
+        datasets=[engine_pb2.DatasetInput(id="a" * 64)],
+    )
+    job = job_pb2.Job(
+        name=f"jobs/{job_id}", state=job_pb2.Job.STATE_CONFIGURING, environment="default"
+    )
+    (ws / "spec.pb").write_bytes(spec.SerializeToString())
+    (ws / "job.pb").write_bytes(job.SerializeToString())
+    # And a workspace too damaged to read, which is removed.
+    (config.workspace_root / ("f" * 32)).mkdir()
+
+    server, runner = await build(config)
+    try:
+        entry = runner.get(job_id)
+        async with asyncio.timeout(10):
+            async for update in runner.watch(job_id):
+                pass
+        assert update.state == job_pb2.Job.STATE_FAILED
+        assert update.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST
+        kinds = {r.kind for r in update.results}
+        assert job_pb2.ResultFile.KIND_CONFIGURATION_LOG in kinds
+        assert entry.workspace.exists()
+        assert not (config.workspace_root / ("f" * 32)).exists()
+    finally:
+        await runner.close()
+        await server.stop(0)
+        runner.sandbox.close()
