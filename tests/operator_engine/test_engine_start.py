@@ -77,9 +77,11 @@ async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
     server, runner = await build(config)
     try:
         entry = runner.get(job_id)
+        updates = []
         async with asyncio.timeout(10):
-            async for update in runner.watch(job_id):
-                pass
+            async for change in runner.watch(job_id):
+                updates.append(change)
+        update = updates[-1]
         assert update.state == job_pb2.Job.STATE_FAILED
         assert update.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST
         kinds = {r.kind for r in update.results}
