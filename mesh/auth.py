@@ -25,10 +25,10 @@ NONCE_HEADER = "x-c2d-nonce"
 SIGNATURE_HEADER = "x-c2d-signature"
 AUTHORIZATION_HEADER = "authorization"
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
 # At most 18 digits: every nonce fits a signed 64-bit integer (microseconds since 1970 use 16).
-_NONCE = re.compile(r"^[0-9]{1,18}$")
+_NONCE = re.compile(r"[0-9]{1,18}")
 
 
 def request_digest(fields: Sequence[Any]) -> str:
@@ -68,11 +68,11 @@ class SignedRequest:
         if not any(present):
             return None
         address, nonce, signature = (v or "" for v in present)
-        if not _ADDRESS.match(address):
+        if not _ADDRESS.fullmatch(address):
             raise Unauthenticated(f"{ADDRESS_HEADER} must be a 0x-prefixed 20-byte hex address")
-        if not _NONCE.match(nonce):
+        if not _NONCE.fullmatch(nonce):
             raise Unauthenticated(f"{NONCE_HEADER} must be a decimal integer")
-        if not _SIGNATURE.match(signature):
+        if not _SIGNATURE.fullmatch(signature):
             raise Unauthenticated(f"{SIGNATURE_HEADER} must be a 0x-prefixed 65-byte hex value")
         return cls(address=address, nonce=nonce, signature=signature)
 
@@ -95,6 +95,6 @@ class SignedRequest:
 
 def checksum(address: str) -> str:
     """EIP-55 form of an address; ValueError when it is not one."""
-    if not _ADDRESS.match(address):
+    if not _ADDRESS.fullmatch(address):
         raise ValueError("not an address")
     return str(to_checksum_address(address))

@@ -13,8 +13,21 @@ from mesh.errors import InvalidArgument
 State = job_pb2.Job.State
 FINAL_STATES = frozenset({State.STATE_SUCCEEDED, State.STATE_FAILED, State.STATE_CANCELLED})
 
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_ASSET_ID = re.compile(r"^[0-9a-f]{64}$")
+# Ids become path segments (on the host and in the sandbox), so only these exact shapes pass
+# (fullmatch: not even a trailing newline).
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+_ASSET_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def is_job_id(value: str) -> bool:
+    """True for 32 lowercase hex digits."""
+    return _JOB_ID.fullmatch(value) is not None
+
+
+def is_asset_id(value: str) -> bool:
+    """True for a dataset or algorithm id: 64 lowercase hex digits."""
+    return _ASSET_ID.fullmatch(value) is not None
+
 
 # Reference status codes by state; provisioning failures have codes of their own.
 _STATUS = {
@@ -48,13 +61,13 @@ def set_status_code(job: job_pb2.Job) -> None:
 
 
 def check_job_id(job_id: str, field: str = "job_id") -> str:
-    if not _JOB_ID.match(job_id):
+    if not is_job_id(job_id):
         raise InvalidArgument(f"{field} must be 32 lowercase hex digits", field=field)
     return job_id
 
 
 def check_asset_id(asset_id: str, field: str = "id") -> str:
-    if not _ASSET_ID.match(asset_id):
+    if not is_asset_id(asset_id):
         raise InvalidArgument(f"{field} must be 64 lowercase hex digits", field=field)
     return asset_id
 
@@ -65,8 +78,8 @@ def parse_name(name: str, collection: str, field: str = "name") -> str:
     if not name.startswith(prefix):
         raise InvalidArgument(f"{field} must look like {collection}/{{id}}", field=field)
     ident = name.removeprefix(prefix)
-    pattern = _JOB_ID if collection == "jobs" else _ASSET_ID
-    if not pattern.match(ident):
+    valid = is_job_id if collection == "jobs" else is_asset_id
+    if not valid(ident):
         digits = 32 if collection == "jobs" else 64
         raise InvalidArgument(
             f"{field} must look like {collection}/{{id}} with {digits} lowercase hex digits",

@@ -15,9 +15,10 @@ the data root at /data/inputs/<dataset_id>/<index>."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from mesh.jobs import is_asset_id, is_job_id
 
 # Inside the sandbox: the reference system's layout, so existing algorithms run unchanged.
 SANDBOX_DATA = "/data"
@@ -39,21 +40,6 @@ LOGS = "logs"
 ALGORITHM_LOG = "algorithm.log"
 CONFIGURATION_LOG = "configuration.log"
 PUBLISH_LOG = "publish.log"
-
-# Ids become path segments (on the host and in the sandbox), so only these exact shapes pass:
-# nothing that could spell `..`, `/` or an empty segment.
-_JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
-_ASSET_ID_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def is_job_id(value: str) -> bool:
-    """True for 32 lowercase hex digits."""
-    return _JOB_ID_RE.fullmatch(value) is not None
-
-
-def is_asset_id(value: str) -> bool:
-    """True for a dataset or algorithm id: 64 lowercase hex digits."""
-    return _ASSET_ID_RE.fullmatch(value) is not None
 
 
 def check_job_id(value: str) -> str:

@@ -39,8 +39,8 @@ OPERATOR = "operator service"
 MAX_ALGORITHM_BYTES = 16 << 20
 MAX_RAW_ALGORITHM_BYTES = 1 << 20
 MAX_TOKEN_SECONDS = 24 * 3600
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{0,64}$")
-_RESULT_NAME = re.compile(r"^jobs/([0-9a-f]{32})/results/([0-9]{1,6})$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")
+_RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
 
 
 def _page(size: int) -> int:
@@ -67,7 +67,7 @@ def _next_token(rows: list[Any], size: int) -> str:
 
 
 def _check_request_id(request_id: str) -> None:
-    if not _REQUEST_ID.match(request_id):
+    if not _REQUEST_ID.fullmatch(request_id):
         raise InvalidArgument(
             "request_id must be at most 64 letters, digits or ._:-", field="request_id"
         )
@@ -473,7 +473,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         self, request: pb.DownloadResultRequest, context: Context
     ) -> AsyncIterator[pb.DownloadResultResponse]:
         caller = await self.auth.reader(context, "DownloadResult", request)
-        match = _RESULT_NAME.match(request.name)
+        match = _RESULT_NAME.fullmatch(request.name)
         if match is None:
             raise InvalidArgument("name must look like jobs/{job}/results/{index}", field="name")
         job_id, index = match.group(1), int(match.group(2))
