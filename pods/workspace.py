@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.jobs import is_asset_id, is_job_id
+from mesh.jobs import is_asset_id as is_asset_id
+from mesh.jobs import is_job_id as is_job_id
 
 # Inside the sandbox: the reference system's layout, so existing algorithms run unchanged.
 SANDBOX_DATA = "/data"
