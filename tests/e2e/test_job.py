@@ -341,3 +341,33 @@ async def test_concurrent_signed_calls_never_fail_the_provider(local_mesh: Local
         assert accepted
         for response in accepted:
             assert (await client.get_algorithm(response.algorithm.name)).did
+
+
+async def test_no_log_line_reveals_where_data_lives_and_job_lines_carry_the_job_id(
+    local_mesh: LocalMesh,
+) -> None:
+    import structlog
+    from structlog.testing import capture_logs
+
+    async with local_mesh.client(local_mesh.owner) as owner:
+        # As the services log: context variables (job_id, consumer) merged into each line.
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as events:
+            algorithm, dataset = await publish_pair(local_mesh, owner)
+            job = await owner.start_compute([dataset.did], algorithm=algorithm.did)
+            _, final = await run_to_end(owner, job)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await owner.publish_dataset([local_mesh.data_root / "missing-file.csv"])
+    assert final.state == job_pb2.Job.STATE_SUCCEEDED
+    job_id = job.name.removeprefix("jobs/")
+    for event in events:
+        text = repr(event)
+        assert str(local_mesh.data_root) not in text, event
+        assert "missing-file" not in text, event
+    about_the_job = [
+        e
+        for e in events
+        if e.get("event")
+        in ("job accepted", "compute ended", "job final", "configure.done", "publish.done")
+    ]
+    assert len(about_the_job) >= 5
+    assert all(e.get("job_id") == job_id for e in about_the_job), about_the_job
