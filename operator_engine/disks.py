@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import subprocess
 import uuid
 from pathlib import Path
@@ -57,8 +58,9 @@ def mounted_under(root: Path) -> list[Path]:
 class JobDisks:
     """Job disks, kept ready in a pool so that making one (mkfs, mount) is not on a job's path.
 
-    A disk serves one job: after its outputs are published it is unmounted and deleted, and a
-    fresh one takes its place in the pool."""
+    After a job's outputs are published its disk is wiped (everything on it deleted, the root
+    handed back to root) and goes back to the pool; one the pool does not need, or one that
+    cannot be wiped, is unmounted and deleted."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -66,6 +68,7 @@ class JobDisks:
         self.mounts = root / "mounts"
         self._ready: dict[int, list[Path]] = {}
         self._wanted: dict[int, int] = {}
+        self._sizes: dict[Path, int] = {}
         self._refill: asyncio.Task[None] | None = None
 
     def check(self) -> None:
@@ -108,7 +111,22 @@ class JobDisks:
         return disk
 
     async def release(self, disk: Path) -> None:
-        """Unmounts a job's disk and deletes it; a no-op for one already gone."""
+        """Takes a disk back after its job: wiped and back in the pool when the pool wants it,
+        else unmounted and deleted. A no-op for a disk already gone."""
+        size = self._sizes.get(disk)
+        ready = self._ready.setdefault(size or 0, [])
+        if size is not None and len(ready) < self._wanted.get(size, 0):
+            try:
+                await asyncio.to_thread(_wipe, disk)
+            except OSError as error:
+                log.warning("could not wipe a job disk; replacing it", error=str(error))
+            else:
+                ready.append(disk)
+                return
+        await self._destroy(disk)
+
+    async def _destroy(self, disk: Path) -> None:
+        self._sizes.pop(disk, None)
         if disk in await asyncio.to_thread(mounted_under, disk):
             try:
                 await _run("umount", str(disk))
@@ -126,7 +144,7 @@ class JobDisks:
         """Removes every disk but those of jobs still to be published (left by a crash)."""
         for point in await asyncio.to_thread(mounted_under, self.mounts):
             if point not in keep:
-                await self.release(point)
+                await self._destroy(point)
         if self.images.is_dir():
             for image in self.images.glob("*.img"):
                 if self.mounts / image.stem not in keep:
@@ -173,6 +191,7 @@ class JobDisks:
             raise
         # ext4's lost+found would otherwise sit among the outputs.
         await asyncio.to_thread(_remove_lost_found, point)
+        self._sizes[point] = size
         return point
 
 
@@ -211,6 +230,23 @@ def _mkfs(image: Path) -> list[str]:
 
 def _mount(image: Path, mountpoint: Path) -> list[str]:
     return ["mount", "-o", "loop,nosuid,nodev", str(image), str(mountpoint)]
+
+
+def _wipe(disk: Path) -> None:
+    """Deletes everything a job left on its disk. rmtree works with directory descriptors and
+    never follows links, whatever the job planted; the job's processes are all gone by now."""
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in os.listdir(fd):
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(name, dir_fd=fd)
+            else:
+                os.unlink(name, dir_fd=fd)
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def _remove_lost_found(mountpoint: Path) -> None:
