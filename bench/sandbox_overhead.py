@@ -3,7 +3,8 @@ bubblewrap run of the same script, interleaved.
 
 Prints, over N runs each (30 by default):
 - wall time, median and p95: Sandbox.run() (call to return) against a bare `bwrap ... python3`
-  (spawn to reaped), and the difference, the sandbox's overhead;
+  (spawn to reaped), and the difference, the sandbox's overhead (also as the median and p95 of
+  the differences of each pair of runs);
 - when the algorithm's first line runs (the script prints CLOCK_MONOTONIC, the host's clock:
   jobs get no time namespace) and from its last line to the return, both against the bare run;
 - the sandbox's own steps (its `sandbox.timing` debug log), median and p95 of each.
@@ -99,7 +100,7 @@ async def bare_run() -> tuple[float, float, float, float]:
     loop = asyncio.get_running_loop()
     out_r, out_w = os.pipe()
     started = time.monotonic()
-    proc = subprocess.Popen(  # noqa: ASYNC220 (as the sandbox spawns: fork/exec, pidfd wait)
+    proc = subprocess.Popen(  # as the sandbox spawns: fork/exec, then a pidfd wait
         [*BARE_BWRAP, PYTHON, "-c", TRIVIAL], stdin=subprocess.DEVNULL, stdout=out_w
     )
     os.close(out_w)
@@ -158,7 +159,7 @@ async def measure(runs: int, steps: bool) -> None:
     structlog.configure(
         processors=[capture],
         wrapper_class=structlog.make_filtering_bound_logger(0),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # as the engine does
     )
     sandbox = Sandbox(CONFIG)
     sandbox.check()
@@ -206,6 +207,12 @@ async def measure(runs: int, steps: bool) -> None:
     print(
         f"{'overhead':<34} median {overhead * 1000:7.2f} ms   p95 {p95_overhead * 1000:7.2f} ms"
         f"   ({statistics.median(boxed_wall) / statistics.median(bare_wall):.2f}x)"
+    )
+    # Each sandboxed run less the bare run just before it: steadier on a busy machine.
+    print(
+        summary(
+            "overhead, paired runs", [s - b for s, b in zip(boxed_wall, bare_wall, strict=True)]
+        )
     )
     print()
     print(summary("bare: start -> first line", [r[1] - r[0] for r in bare]))

@@ -1,30 +1,46 @@
 """Runs one job's compute stage, a hostile algorithm, under bubblewrap and reports how it ended.
 
 The launch chain is one process that execs its way down, all argument lists, no shell ever
-sees untrusted data:
+parses untrusted data:
 
-1. ``/bin/sh`` (root) writes its own pid into the job's cgroups and sets RLIMIT_FSIZE and
-   RLIMIT_CORE with the ``ulimit`` builtin, then execs
-2. an *outer* bwrap (root) in a private mount and pid namespace. It bind-mounts each host file
-   or directory of the job at a traversable staging path (``<stage_root>/<job_id>/m<N>``), so
-   that inputs under root-only directories become reachable to the job uid, without anything
-   leaking to the host's mount table. Its own pid namespace makes the job die with the engine:
-   when the engine dies, bwrap's --die-with-parent kills the outer init, and the kernel kills
-   every process in that namespace, including the unprivileged ones a root-to-uid signal
-   could not reach. It execs
+1. a *launcher*: ``setpriv --pdeathsig`` then ``/bin/sh`` (root) writes its own pid into the
+   job's cgroups, then waits for the word ``go`` on its stdin, a pipe only the engine writes,
+   and execs the rest. Launchers are *parked* ahead of time, one per free uid slot up to
+   ``_PARKED_LAUNCHERS``, each in fresh cgroups of its own: moving a process into a cgroup can
+   wait several milliseconds for the kernel (an RCU grace period), and that wait, like the
+   launcher's own start, is then off the job's path. At the job's start the engine renames
+   the parked cgroups to the job id (cgroup v1; v2 keeps the parked name), writes the limits,
+   sets RLIMIT_FSIZE and RLIMIT_CORE on the launcher (prlimit), hands the per-job options to
+   the two bwraps through pipes (bwrap's ``--args``, NUL-separated: nothing is parsed by a
+   shell) and says ``go``. A launcher ends on end of file without ``go``, and by
+   PR_SET_PDEATHSIG when the engine dies; sweep() removes the cgroups of a crashed engine's.
+   (The wait is the kernel's cgroup_threadgroup_rwsem; mounting a cgroup hierarchy with
+   ``favordynmods`` would remove it host-wide, at a cost to every fork and exit on the host,
+   and cgroup v1 hierarchies cannot be remounted with it: the sandbox does not do it.)
+2. an *outer* bwrap (root) in a private mount and pid namespace. It mounts a tmpfs on
+   ``<stage_root>`` and bind-mounts each host file or directory of the job at a traversable
+   staging path in it (``<stage_root>/m<N>``), so that inputs under root-only directories
+   become reachable to the job uid, without anything leaking to the host's mount table or
+   file system (each job's staging exists in its own mount namespace only). Its own pid
+   namespace makes the job die with the engine: when the engine dies, bwrap's
+   --die-with-parent kills the outer init, and the kernel kills every process in that
+   namespace, including the unprivileged ones a root-to-uid signal could not reach. It execs
 3. ``setpriv`` (drops to the job's dedicated uid and gid, no groups, no capabilities,
    no-new-privs), which execs
 4. the *inner* bwrap, unprivileged: a fresh user namespace mapping the job uid to itself,
    every other namespace new (no network unless allowed), nested user namespaces disabled, a
-   read-only runtime (``/usr``), size-capped ``/tmp`` and ``/dev/shm``, and the job's ``/data``
-   bound from the staging paths. Inside, ``/bin/sh -c 'exec "$@" 2>&1'`` merges the
-   algorithm's stderr into its stdout and execs the algorithm. bwrap's own messages keep the
-   original stderr, a separate pipe, so they never reach the algorithm's log.
+   read-only runtime (``/usr``), size-capped ``/tmp`` and ``/dev/shm``, the job's ``/data``
+   bound from the staging paths, and ``/etc/passwd`` and ``/etc/group`` naming the job uid
+   (written into pipes when the launcher is parked). Inside, ``/bin/sh`` rebuilds the
+   algorithm's argument list from environment variables (``_C2D_ARGC``, ``_C2D_ARG<i>``: each
+   value is expanded, never parsed), unsets them, merges the algorithm's stderr into its
+   stdout and execs the algorithm. bwrap's own messages keep the original stderr, a separate
+   pipe, so they never reach the algorithm's log.
 
 Limits are the kernel's: memory, processes and CPU in per-job cgroups (v1 or v2), file size and
 core dumps by rlimit, ``/tmp`` by tmpfs size (RAM-backed, so it also counts against memory), and
 the wall-clock deadline by this module. After the main process ends, or on timeout or cancel,
-every process left in the job's cgroup is killed before the result is returned.
+every process left in the job's cgroup is killed, and gone, before the result is returned.
 
 Known limits:
 - RLIMIT_FSIZE caps each file, not the total written to the outputs: the sum is capped when the
@@ -36,6 +52,7 @@ Known limits:
   reads as killed by SIGKILL.
 - A full ``/tmp`` (ENOSPC) leaves no trace outside the job; DISK_FULL is then inferred from the
   algorithm's last output, which only the algorithm itself can mislabel.
+- The environment names ``_C2D_ARGC`` and ``_C2D_ARG<i>`` are the sandbox's own.
 """
 
 from __future__ import annotations
@@ -44,10 +61,14 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
+import itertools
 import json
 import os
 import posixpath
 import re
+import resource
+import select
 import shutil
 import signal
 import stat
@@ -79,6 +100,33 @@ _CHAIN_STDERR_CAP = 16 * 1024
 _KILL_TIMEOUT_S = 10.0
 _DRAIN_TIMEOUT_S = 2.0
 _RMDIR_TIMEOUT_S = 2.0
+# Launchers kept parked, each on a free uid slot in fresh cgroups (see the module docstring).
+_PARKED_LAUNCHERS = 4
+# A launcher's pipes: its stdin ("go"), the bwraps' --args, files the bwraps copy in, and its
+# stdout, stderr and the inner bwrap's status (read by the engine).
+_LAUNCHER_PIPES = ("go", "outer", "inner", "passwd", "group", "nsswitch", "out", "err", "status")
+_NSSWITCH = b"passwd: files\ngroup: files\n"
+# The outer bwrap's tmpfs for the staging points: empty files and directories only.
+_STAGE_TMPFS_BYTES = 1 << 20
+# Parked cgroups' names start with a character no job id starts with; the engine's pid and a
+# count make them unique (two Sandbox objects may share a cgroup parent).
+_PARK_PREFIX = "_park-"
+_park_ids = itertools.count()
+# The launcher joins the cgroups named by its arguments, waits for "go" on its stdin and execs
+# the rest of its arguments: a fixed command line, chosen when it was parked.
+_LAUNCHER_SCRIPT = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; '
+    'n=$((n - 1)); done; read -r go && [ "$go" = go ] || exit 0; exec "$@" </dev/null'
+)
+# Inside the sandbox, as the job uid: rebuilds the algorithm's argument list from the
+# environment. eval only ever sees `set -- "$@" "$_C2D_ARG<i>"` with <i> a number: each value
+# is expanded once, quoted, and never parsed.
+_ARG_ENV = "_C2D_ARG"
+_ARGV_SCRIPT = (
+    f'i=0; while [ "$i" -lt "${_ARG_ENV}C" ]; do '
+    f'eval "set -- \\"\\$@\\" \\"\\${_ARG_ENV}$i\\"; unset {_ARG_ENV}$i"; i=$((i + 1)); done; '
+    f'unset {_ARG_ENV}C; exec "$@" 2>&1'
+)
 _DISK_SCAN_LIMIT = 10_000
 _SMOKE_TIMEOUT_S = 30.0
 _CHAIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -200,6 +248,9 @@ class _Cgroups:
             self.parents = [root / name]
         else:
             self.parents = [root / c / name for c in self._V1_CONTROLLERS]
+        # Plain strings on a job's path: pathlib costs more than the system calls here.
+        self._parents = [str(parent) for parent in self.parents]
+        self._swap_file: str | None = None  # found by limit(), once
 
     def check(self) -> None:
         """Raises SandboxUnavailable unless the controllers exist and root can create and
@@ -234,27 +285,12 @@ class _Cgroups:
         finally:
             for path in self.dirs(probe):
                 with contextlib.suppress(FileNotFoundError):
-                    path.rmdir()
+                    os.rmdir(path)
         if _swap_enabled() and not self._swap_limitable():
             raise SandboxUnavailable(
                 "swap is on but the memory cgroup cannot limit it "
                 "(boot with swapaccount=1 or turn swap off)"
             )
-        if not self._favors_dynamic_changes():
-            # Moving a process into a cgroup waits for an RCU grace period unless no other
-            # move happened just before: about 5-15 ms of each job's start on a quiet host.
-            _log.info(
-                "sandbox.hint",
-                hint="mount the cgroup hierarchies with favordynmods to start jobs faster",
-            )
-
-    def _favors_dynamic_changes(self) -> bool:
-        mounts = {str(p.parent) for p in self.parents}
-        for line in _read_lines("/proc/self/mountinfo"):
-            fields = line.split()
-            if len(fields) > 4 and fields[4] in mounts and "favordynmods" in line:
-                return True
-        return False
 
     def _swap_limitable(self) -> bool:
         if self.v2:
@@ -271,93 +307,128 @@ class _Cgroups:
             for parent in self.parents:
                 parent.mkdir(mode=0o755, exist_ok=True)
 
-    def dirs(self, job_id: str) -> list[Path]:
-        return [parent / job_id for parent in self.parents]
+    # A group is a job id, or the name of a parked launcher's groups (see _Launcher).
 
-    def procs_files(self, job_id: str) -> list[Path]:
-        return [d / "cgroup.procs" for d in self.dirs(job_id)]
+    def dirs(self, group: str) -> list[str]:
+        return [f"{parent}/{group}" for parent in self._parents]
 
-    def exists(self, job_id: str) -> bool:
-        return any(d.exists() for d in self.dirs(job_id))
+    def procs_files(self, group: str) -> list[str]:
+        return [f"{parent}/{group}/cgroup.procs" for parent in self._parents]
 
-    def create(self, job_id: str, limits: Limits) -> None:
+    def exists(self, group: str) -> bool:
+        return any(os.path.exists(d) for d in self.dirs(group))
+
+    def create(self, group: str, limits: Limits) -> None:
+        self.make(group)
+        self.limit(group, limits)
+
+    def make(self, group: str) -> None:
         try:
-            for d in self.dirs(job_id):
-                d.mkdir(mode=0o755)
+            for d in self.dirs(group):
+                os.mkdir(d, 0o755)
         except FileNotFoundError:
             self.ensure_parents()
-            for d in self.dirs(job_id):
-                d.mkdir(mode=0o755, exist_ok=True)
+            for d in self.dirs(group):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o755)
+
+    def rename(self, group: str, new: str) -> str:
+        """Renames the groups (cgroup v1 allows it within a parent, v2 does not); returns the
+        name they have afterwards, `group` when they could not all be renamed."""
+        done: list[str] = []
+        try:
+            for parent in self._parents:
+                os.rename(f"{parent}/{group}", f"{parent}/{new}")
+                done.append(parent)
+        except OSError:
+            for parent in done:
+                with contextlib.suppress(OSError):
+                    os.rename(f"{parent}/{new}", f"{parent}/{group}")
+            return group
+        return new
+
+    def limit(self, group: str, limits: Limits) -> None:
         quota = max(_MIN_CPU_QUOTA_US, int(limits.cpus * _CPU_PERIOD_US))
         pids = limits.max_processes + _CHAIN_PROCESSES
+        if self._swap_file is None:
+            # memory+swap: without its limit a job could spill past its memory into swap.
+            name = "memory.swap.max" if self.v2 else "memory.memsw.limit_in_bytes"
+            self._swap_file = name if os.path.exists(f"{self.dirs(group)[0]}/{name}") else ""
         if self.v2:
-            d = self.dirs(job_id)[0]
-            _write(d / "memory.max", limits.memory_bytes)
-            if (d / "memory.swap.max").exists():
-                _write(d / "memory.swap.max", 0)
-            _write(d / "pids.max", pids)
-            _write(d / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
+            d = self.dirs(group)[0]
+            _write(f"{d}/memory.max", limits.memory_bytes)
+            if self._swap_file:
+                _write(f"{d}/{self._swap_file}", 0)
+            _write(f"{d}/pids.max", pids)
+            _write(f"{d}/cpu.max", f"{quota} {_CPU_PERIOD_US}")
         else:
-            memory, pids_dir, cpu = self.dirs(job_id)
-            _write(memory / "memory.limit_in_bytes", limits.memory_bytes)
-            # memory+swap: without it a job could spill past its limit into swap.
-            memsw = memory / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                _write(memsw, limits.memory_bytes)
-            _write(pids_dir / "pids.max", pids)
-            _write(cpu / "cpu.cfs_period_us", _CPU_PERIOD_US)
-            _write(cpu / "cpu.cfs_quota_us", quota)
+            memory, pids_dir, cpu = self.dirs(group)
+            _write(f"{memory}/memory.limit_in_bytes", limits.memory_bytes)
+            if self._swap_file:
+                _write(f"{memory}/{self._swap_file}", limits.memory_bytes)
+            _write(f"{pids_dir}/pids.max", pids)
+            _write(f"{cpu}/cpu.cfs_period_us", _CPU_PERIOD_US)
+            _write(f"{cpu}/cpu.cfs_quota_us", quota)
 
-    def counters(self, job_id: str) -> _Counters:
+    def counters(self, group: str) -> _Counters:
         if self.v2:
-            d = self.dirs(job_id)[0]
-            memory_events = _read_keyed(d / "memory.events")
+            d = self.dirs(group)[0]
+            memory_events = _read_keyed(f"{d}/memory.events")
             return _Counters(
                 oom_kills=memory_events.get("oom_kill", 0),
                 memory_limit_hits=memory_events.get("max", 0),
-                pids_limit_hits=_read_keyed(d / "pids.events").get("max", 0),
+                pids_limit_hits=_read_keyed(f"{d}/pids.events").get("max", 0),
             )
-        memory, pids_dir, _ = self.dirs(job_id)
-        oom = _read_keyed(memory / "memory.oom_control")
+        memory, pids_dir, _ = self.dirs(group)
+        oom = _read_keyed(f"{memory}/memory.oom_control")
         return _Counters(
             oom_kills=oom.get("oom_kill"),
-            memory_limit_hits=int((memory / "memory.failcnt").read_text()),
-            pids_limit_hits=_read_keyed(pids_dir / "pids.events").get("max", 0),
+            memory_limit_hits=int(_read_bytes(f"{memory}/memory.failcnt")),
+            pids_limit_hits=_read_keyed(f"{pids_dir}/pids.events").get("max", 0),
         )
 
-    def pids(self, job_id: str) -> set[int]:
+    def pids(self, group: str) -> set[int]:
         found: set[int] = set()
-        for procs in self.procs_files(job_id):
+        for procs in self.procs_files(group):
             with contextlib.suppress(FileNotFoundError):
-                found.update(int(line) for line in procs.read_text().split())
+                found.update(int(line) for line in _read_bytes(procs).split())
         return found
 
-    def member_paths(self, job_id: str) -> set[str]:
-        """The paths /proc/<pid>/cgroup shows for a member of the job's groups."""
-        return {f"/{self.name}/{job_id}"}
+    def member_paths(self, group: str) -> set[str]:
+        """The paths /proc/<pid>/cgroup shows for a member of the groups."""
+        return {f"/{self.name}/{group}"}
 
-    def kill_switch(self, job_id: str) -> bool:
+    def joined(self, pid: int, group: str) -> bool:
+        """Whether `pid` is in every one of the groups (the last of its joins is done)."""
+        path = f"/{self.name}/{group}".encode()
+        try:
+            lines = _read_bytes(f"/proc/{pid}/cgroup").splitlines()
+        except OSError:
+            return False
+        return sum(line.split(b":", 2)[-1] == path for line in lines) >= len(self.parents)
+
+    def kill_switch(self, group: str) -> bool:
         """v2's atomic kill of the whole group (kernel 5.14+); False when unavailable."""
         if not self.v2:
             return False
         try:
-            _write(self.dirs(job_id)[0] / "cgroup.kill", 1)
+            _write(f"{self.dirs(group)[0]}/cgroup.kill", 1)
         except OSError:
             return False
         return True
 
-    def remove(self, job_id: str) -> bool:
+    def remove(self, group: str) -> bool:
         removed = True
-        for d in self.dirs(job_id):
+        for d in self.dirs(group):
             try:
-                d.rmdir()
+                os.rmdir(d)
             except FileNotFoundError:
                 pass
             except OSError:
                 removed = False
         return removed
 
-    def leftover_jobs(self) -> set[str]:
+    def leftovers(self) -> set[str]:
         names: set[str] = set()
         for parent in self.parents:
             with contextlib.suppress(FileNotFoundError):
@@ -373,7 +444,7 @@ def _enable_controllers(group: Path) -> None:
         _write(control, " ".join(f"+{c}" for c in wanted))
 
 
-def _write(path: Path, value: object) -> None:
+def _write(path: str | Path, value: object) -> None:
     # One write(2) per value: cgroup files act on each write, not on close.
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -382,14 +453,28 @@ def _write(path: Path, value: object) -> None:
         os.close(fd)
 
 
-def _read_keyed(path: Path) -> dict[str, int]:
+def _read_keyed(path: str | Path) -> dict[str, int]:
     values: dict[str, int] = {}
     with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text().splitlines():
+        for line in _read_bytes(path).decode().splitlines():
             key, _, value = line.partition(" ")
             with contextlib.suppress(ValueError):
                 values[key] = int(value)
     return values
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    """A kernel file (cgroup, /proc) to its end, by plain reads: a fraction of the cost of
+    Path.read_text, which counts on a job's path. (Such files may return less than asked
+    before their end: only an empty read ends them.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _READ_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _swap_enabled() -> bool:
@@ -417,13 +502,42 @@ def _kill_if(pid: int, belongs: Callable[[int], bool]) -> None:
         os.close(pidfd)
 
 
+async def _exits(pidfds: Sequence[int], within: float) -> None:
+    """Waits until every pidfd is readable (its process has exited), or the timeout."""
+    loop = asyncio.get_running_loop()
+    waiting: list[tuple[int, asyncio.Future[None]]] = []
+    for pidfd in pidfds:
+        future: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _settle, future)
+        waiting.append((pidfd, future))
+    try:
+        await asyncio.wait([f for _, f in waiting], timeout=within)
+    finally:
+        for pidfd, _ in waiting:
+            loop.remove_reader(pidfd)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _exited(pidfd: int) -> bool:
+    """Whether the process of a pidfd has exited (without waiting)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _in_cgroup(paths: set[str]) -> Callable[[int], bool]:
+    encoded = {path.encode() for path in paths}
+
     def belongs(pid: int) -> bool:
         try:
-            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            lines = _read_bytes(f"/proc/{pid}/cgroup").splitlines()
         except OSError:
             return False
-        return any(line.split(":", 2)[-1] in paths for line in lines)
+        return any(line.split(b":", 2)[-1] in encoded for line in lines)
 
     return belongs
 
@@ -457,48 +571,37 @@ def processes_of_uids(uids: range) -> list[int]:
 class _Staged:
     mount: Mount
     stage_path: Path
-    is_dir: bool
+    mode: int
 
 
-def _make_stage(stage: Path, mounts: Sequence[Mount], uid: int, gid: int) -> list[_Staged]:
-    """Creates the job's staging directory, root-owned 0755 so that the job uid can traverse
-    it, with one mount point per mount and the job's passwd and group files."""
-    os.mkdir(stage, 0o755)
-    os.chmod(stage, 0o755)  # noqa: S103 (the job uid traverses it; mkdir obeys the umask)
+def _stage(stage_root: Path, mounts: Sequence[Mount]) -> list[_Staged]:
+    """Where the outer bwrap mounts each source (in its tmpfs on the staging root); checks that
+    each source is what its mount needs."""
     staged = []
     for index, mount in enumerate(mounts):
-        target = stage / f"m{index}"
         info = os.stat(mount.host_path)
-        if stat.S_ISDIR(info.st_mode):
-            os.mkdir(target, 0o755)
-        elif stat.S_ISREG(info.st_mode) and not mount.writable:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        else:
+        is_dir = stat.S_ISDIR(info.st_mode)
+        if not (is_dir or (stat.S_ISREG(info.st_mode) and not mount.writable)):
             kind = "a directory" if mount.writable else "a regular file or a directory"
             raise _SpecError(f"the source of {mount.sandbox_path} is not {kind}")
-        staged.append(_Staged(mount, target, stat.S_ISDIR(info.st_mode)))
-    # Some programs look their uid up; in the job's user namespace only its uid is mapped,
-    # everything else shows as the overflow id 65534.
-    _write_new(
-        stage / "passwd",
-        f"c2d:x:{uid}:{gid}:compute job:/tmp:/usr/sbin/nologin\n"
-        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-    )
-    _write_new(stage / "group", f"c2d:x:{gid}:\nnogroup:x:65534:\n")
+        staged.append(_Staged(mount, stage_root / f"m{index}", info.st_mode))
     return staged
 
 
-def _write_new(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
+def _identity_files(uid: int, gid: int) -> tuple[bytes, bytes]:
+    """/etc/passwd and /etc/group for the job: some programs look their uid up; in the job's
+    user namespace only its uid is mapped, everything else shows as the overflow id 65534."""
+    passwd = (
+        f"c2d:x:{uid}:{gid}:compute job:/tmp:/usr/sbin/nologin\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+    return passwd.encode(), f"c2d:x:{gid}:\nnogroup:x:65534:\n".encode()
 
 
 def _remove_stage(stage: Path) -> bool:
-    """Removes what _make_stage made. Never recursive: a directory that is not empty on the
-    host side (a mount gone wrong) is left alone rather than emptied."""
+    """Removes a staging directory an earlier version left on the host. Never recursive: a
+    directory that is not empty on the host side (a mount gone wrong) is left alone rather
+    than emptied."""
     try:
         entries = list(os.scandir(stage))
     except FileNotFoundError:
@@ -532,39 +635,33 @@ class _Tools:
     setpriv: str
 
 
-def _launch_argv(
+def _launcher_argv(
     tools: _Tools,
     *,
-    procs_files: Sequence[Path],
-    limits: Limits,
+    procs_files: Sequence[str],
     uid: int,
     gid: int,
-    stage: Path,
-    staged: Sequence[_Staged],
-    argv: Sequence[str],
-    env: Mapping[str, str],
-    status_fd: int,
+    stage_root: Path,
+    fds: Mapping[str, int],
 ) -> list[str]:
-    # Step 1: positional parameters carry the cgroup files and the rlimit; nothing is
-    # interpolated into the script. ulimit -f counts 512-byte blocks; without -H/-S it sets
-    # both the soft and the hard limit, so the job cannot raise it again.
-    script = (
-        'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; '
-        'n=$((n - 1)); done; ulimit -f "$1" && ulimit -c 0 || exit 125; shift; exec "$@"'
-    )
-    chain = [tools.sh, "-c", script, "c2d-launch", str(len(procs_files))]
+    """The launch chain's command line, fixed when the launcher is parked: what varies from job
+    to job reaches the two bwraps through the pipes fds["outer"] and fds["inner"] (their
+    --args), files through pipes too; `fds` are the launcher's ends."""
+    # Step 1: the launcher. --pdeathsig: a parked launcher, and the chain it becomes, dies
+    # with the engine (the engine is the parent; exec keeps the signal until the uid
+    # changes). Positional parameters carry the cgroup files; nothing is interpolated.
+    chain = [tools.setpriv, "--pdeathsig=SIGKILL", "--"]
+    chain += [tools.sh, "-c", _LAUNCHER_SCRIPT, "c2d-launch", str(len(procs_files))]
     chain += [str(p) for p in procs_files]
-    chain.append(str(max(0, limits.disk_bytes // 512)))
 
-    # Step 2: the outer bwrap, root, only stages host paths; see the module docstring.
+    # Step 2: the outer bwrap, root, only stages host paths: on a tmpfs of its own (the
+    # staging points are made in it), its --args bind the sources (_outer_options).
     chain += [tools.bwrap, "--dev-bind", "/", "/", "--unshare-pid", "--die-with-parent"]
-    for s in staged:
-        chain += [
-            "--bind" if s.mount.writable else "--ro-bind",
-            str(s.mount.host_path),
-            str(s.stage_path),
-        ]
-    chain.append("--")
+    chain += ["--size", str(_STAGE_TMPFS_BYTES), "--tmpfs", str(stage_root)]
+    # setpriv looks its numeric uid and gid up as names first: in /etc only, not through
+    # the host's other NSS modules (loading them costs each job a fraction of a millisecond).
+    chain += ["--ro-bind-data", str(fds["nsswitch"]), "/etc/nsswitch.conf"]
+    chain += ["--args", str(fds["outer"]), "--"]
 
     # Step 3: the job's identity. --pdeathsig again because the uid change clears it.
     chain += [
@@ -579,41 +676,73 @@ def _launch_argv(
         "--",
     ]
 
-    # Step 4: the inner bwrap.
-    chain += [tools.bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
-    if limits.network:
-        chain.append("--share-net")
+    # Step 4: the inner bwrap; its mounts and environment come from _inner_options. --clearenv
+    # precedes them (bwrap applies it, and each --setenv, as it reads them); --remount-ro /
+    # follows every mount (bwrap creates mount points in the root tmpfs).
     chain += [
+        tools.bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
         "--die-with-parent",
         "--new-session",
         "--clearenv",
         "--hostname",
         "c2d",
         "--json-status-fd",
-        str(status_fd),
-    ]
-    for name, value in {**_DEFAULT_ENV, **env}.items():
-        chain += ["--setenv", name, value]
-    chain += ["--ro-bind", "/usr", "/usr"]
-    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        if os.path.isdir(f"/usr/{name}"):
-            chain += ["--symlink", f"usr/{name}", f"/{name}"]
-    chain += [
-        "--ro-bind",
-        str(stage / "passwd"),
+        str(fds["status"]),
+        "--perms",
+        "0444",
+        "--ro-bind-data",
+        str(fds["passwd"]),
         "/etc/passwd",
-        "--ro-bind",
-        str(stage / "group"),
+        "--perms",
+        "0444",
+        "--ro-bind-data",
+        str(fds["group"]),
         "/etc/group",
+        "--args",
+        str(fds["inner"]),
+        "--remount-ro",
+        "/",
+        "--chdir",
+        "/",
+        "--",
     ]
-    if os.path.exists("/etc/ld.so.cache"):
-        chain += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    chain += ["/bin/sh", "-c", _ARGV_SCRIPT, "sh"]
+    return chain
+
+
+def _outer_options(staged: Sequence[_Staged]) -> list[str]:
+    options = []
+    for s in staged:
+        options += [
+            "--bind" if s.mount.writable else "--ro-bind",
+            str(s.mount.host_path),
+            str(s.stage_path),
+        ]
+    return options
+
+
+def _inner_options(
+    *,
+    limits: Limits,
+    staged: Sequence[_Staged],
+    argv: Sequence[str],
+    env: Mapping[str, str],
+) -> list[str]:
+    options = ["--share-net"] if limits.network else []
+    # The algorithm's arguments travel as environment variables (see _ARGV_SCRIPT), after
+    # the job's own, which cannot override them.
+    variables = {**_DEFAULT_ENV, **env, f"{_ARG_ENV}C": str(len(argv))}
+    variables.update({f"{_ARG_ENV}{i}": arg for i, arg in enumerate(argv)})
+    for name, value in variables.items():
+        options += ["--setenv", name, value]
+    options += _runtime_options()
     if limits.network:
-        for name in _NETWORK_ETC:
-            if os.path.exists(f"/etc/{name}"):
-                chain += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        options += _network_options()
     tmpfs_size = str(max(4096, limits.disk_bytes))
-    chain += [
+    options += [
         "--proc",
         "/proc",
         "--dev",
@@ -632,15 +761,42 @@ def _launch_argv(
         "/tmp",
     ]
     for s in staged:
-        chain += [
+        options += [
             "--bind" if s.mount.writable else "--ro-bind",
             str(s.stage_path),
             s.mount.sandbox_path,
         ]
-    # --remount-ro / must follow every mount: bwrap creates mount points in the root tmpfs.
-    chain += ["--remount-ro", "/", "--chdir", "/", "--"]
-    chain += ["/bin/sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
-    return chain
+    return options
+
+
+@functools.cache
+def _runtime_options() -> tuple[str, ...]:
+    """The read-only runtime: /usr and what links into it (the host's layout, looked at
+    once)."""
+    options = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        if os.path.isdir(f"/usr/{name}"):
+            options += ["--symlink", f"usr/{name}", f"/{name}"]
+    if os.path.exists("/etc/ld.so.cache"):
+        options += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    return tuple(options)
+
+
+@functools.cache
+def _network_options() -> tuple[str, ...]:
+    options: list[str] = []
+    for name in _NETWORK_ETC:
+        if os.path.exists(f"/etc/{name}"):
+            options += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    return tuple(options)
+
+
+def _nul_separated(options: Sequence[str]) -> bytes:
+    """bwrap's --args format: each argument followed by a NUL."""
+    encoded = [os.fsencode(option) for option in options]
+    if any(b"\0" in option for option in encoded):
+        raise ValueError("an argument, environment value or path holds a NUL byte")
+    return b"".join(option + b"\0" for option in encoded)
 
 
 def _check_spec(spec: SandboxSpec) -> None:
@@ -658,8 +814,10 @@ def _check_spec(spec: SandboxSpec) -> None:
         raise ValueError(f"memory_bytes must be at least {_MIN_MEMORY_BYTES}")
     if not spec.argv:
         raise ValueError("argv is empty")
+    if any("\0" in arg for arg in spec.argv):
+        raise ValueError("an argument holds a NUL byte")
     for name, value in spec.env.items():
-        if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+        if not _ENV_NAME_RE.fullmatch(name) or "\0" in value or name.startswith(_ARG_ENV):
             raise ValueError(f"bad environment variable {name!r}")
     seen: set[str] = set()
     for mount in spec.mounts:
@@ -728,15 +886,22 @@ def _mib(n: int) -> str:
 
 class Sandbox:
     """Runs jobs' compute stages; one per engine. Each running job holds one uid of the
-    configured range."""
+    configured range; up to _PARKED_LAUNCHERS free ones have a launcher parked (see the
+    module docstring), started by sweep() and after each job's start, ended by close()."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self._cgroups = _Cgroups(config.cgroup_root, config.cgroup_name)
         self._tools: _Tools | None = None
+        # A uid slot is free, parked (a launcher waits on it), running, or quarantined.
         self._free_slots = list(range(config.uid_count))
+        self._parked: list[_Launcher] = []
         self._running: dict[str, int] = {}
+        self._groups: dict[str, str] = {}  # running job -> the name of its cgroups
         self._cancels: dict[str, asyncio.Event] = {}
+        self._removals: set[asyncio.Future[bool]] = set()
+        self._removing: set[str] = set()  # cgroups of retired launchers, being removed
+        self._closed = False  # by close(): no launcher is parked until sweep()
 
     @property
     def uids(self) -> range:
@@ -765,7 +930,6 @@ class Sandbox:
         self._check_uid_range()
         self._check_stage_root()
         self._cgroups.check()
-        self._check_rlimits(tools)
         self._smoke_test(tools)
         self._tools = tools
 
@@ -820,70 +984,55 @@ class Sandbox:
             if foreign and not (info.st_mode & stat.S_ISVTX and path != root):
                 raise SandboxUnavailable(f"{path} is writable by others than root")
 
-    def _check_rlimits(self, tools: _Tools) -> None:
-        # The launch sets the file-size limit with the shell's ulimit builtin: make sure this
-        # shell counts 512-byte blocks and sets the hard limit too.
-        probe = subprocess.run(
-            [
-                tools.sh,
-                "-c",
-                'ulimit -f 2 && ulimit -c 0 && exec "$@"',
-                "sh",
-                self.config.runtime_python,
-                "-I",
-                "-c",
-                "import resource as r; print(*r.getrlimit(r.RLIMIT_FSIZE), "
-                "*r.getrlimit(r.RLIMIT_CORE))",
-            ],
-            capture_output=True,
-            timeout=_SMOKE_TIMEOUT_S,
-            check=False,
-        )
-        if probe.stdout.split() != [b"1024", b"1024", b"0", b"0"]:
-            raise SandboxUnavailable(
-                f"{tools.sh}'s ulimit does not set RLIMIT_FSIZE in 512-byte blocks"
-            )
-
     def _smoke_test(self, tools: _Tools) -> None:
         """Runs the whole launch chain once (without cgroups): proves that unprivileged user
-        namespaces are allowed, that bwrap knows every option used, and that the runtime
-        works as the job uid."""
+        namespaces are allowed, that bwrap knows every option used, that the runtime works as
+        the job uid with the file-size and core limits set, and that the algorithm gets its
+        arguments as they were given."""
         uid = self.config.uid_base
-        stage = self.config.stage_root / f"check-{os.getpid()}"
-        _remove_stage(stage)
-        read_fd, write_fd = os.pipe()
+        limits = Limits(1.0, 64 << 20, 1 << 20, 8, 10.0)
+        args = ["a b", "", "$HOME", "'\"\\", "x\ny", "*"]
+        code = (
+            "import json, os, pwd, resource as r, sys; print(json.dumps([os.getuid(), "
+            "pwd.getpwuid(os.getuid()).pw_name, *r.getrlimit(r.RLIMIT_FSIZE), "
+            "*r.getrlimit(r.RLIMIT_CORE), sys.argv[1:]]))"
+        )
+        expected = [uid, "c2d", 1 << 20, 1 << 20, 0, 0, args]
+        launcher = _Launcher.spawn(
+            tools,
+            slot=0,
+            uid=uid,
+            group="",
+            procs_files=[],
+            stage_root=self.config.stage_root,
+        )
         try:
-            staged = _make_stage(stage, [], uid, uid)
-            argv = _launch_argv(
-                tools,
-                procs_files=[],
-                limits=Limits(1.0, 64 << 20, 1 << 20, 8, 10.0),
-                uid=uid,
-                gid=uid,
-                stage=stage,
-                staged=staged,
-                argv=[self.config.runtime_python, "-I", "-c", "import os; print(os.getuid())"],
+            options = _inner_options(
+                limits=limits,
+                staged=[],
+                argv=[self.config.runtime_python, "-I", "-c", code, *args],
                 env={},
-                status_fd=write_fd,
             )
-            probe = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                pass_fds=(write_fd,),
-                env={"PATH": _CHAIN_PATH},
-                timeout=_SMOKE_TIMEOUT_S,
-                check=False,
-            )
+            pending = launcher.start(limits, b"", _nul_separated(options))
+            for fd, rest in pending:  # never: the options are small
+                os.set_blocking(fd, True)
+                os.write(fd, rest)
+                os.close(fd)
+            try:
+                launcher.popen.wait(timeout=_SMOKE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                launcher.popen.kill()
+                launcher.popen.wait()
+            out = _read_all(launcher.fds["out"])
+            err = _read_all(launcher.fds["err"])
         finally:
-            os.close(write_fd)
-            os.close(read_fd)
-            _remove_stage(stage)
-        if probe.returncode != 0 or probe.stdout.strip() != str(uid).encode():
-            message = (
-                probe.stderr.decode(errors="replace").strip()
-                or probe.stdout.decode(errors="replace").strip()
-            )
+            launcher.close()
+        try:
+            ok = launcher.popen.returncode == 0 and json.loads(out) == expected
+        except ValueError:
+            ok = False
+        if not ok:
+            message = err.decode(errors="replace").strip() or out.decode(errors="replace").strip()
             if "--disable-userns" in message or "Unknown option" in message:
                 reason = "bwrap is too old (0.8 or later is needed for --disable-userns)"
             elif "namespace" in message or "Operation not permitted" in message:
@@ -893,15 +1042,17 @@ class Sandbox:
             raise SandboxUnavailable(f"{reason}: {message[:500]}")
 
     async def sweep(self) -> None:
-        """Kills and removes what a crashed engine left: job cgroups, staging directories,
-        and any process still running as a job uid."""
+        """Kills and removes what a crashed engine left: job cgroups (its parked launchers'
+        too), staging directories, and any process still running as a job uid. Then parks
+        launchers for the next jobs."""
         log = _log
-        for job_id in sorted(self._cgroups.leftover_jobs()):
-            if job_id in self._running:
+        ours = {launcher.group for launcher in self._parked} | set(self._groups.values())
+        for group in sorted(self._cgroups.leftovers()):
+            if group in self._running or group in ours:
                 continue
-            await self._kill_job(job_id)
-            self._cgroups.remove(job_id)
-            log.warning("sandbox.sweep.cgroup", job_id=job_id)
+            await self._kill_job(group)
+            self._cgroups.remove(group)
+            log.warning("sandbox.sweep.cgroup", job_id=group)
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.config.stage_root):
                 if entry.name not in self._running and entry.is_dir(follow_symlinks=False):
@@ -913,13 +1064,113 @@ class Sandbox:
             if uids and not uids & busy:
                 _kill_if(pid, lambda p: bool(_uids_of(p) & set(self.uids) - busy))
                 log.warning("sandbox.sweep.process", pid=pid)
+        self._closed = False
+        if self._tools is not None:
+            self._refill()
 
     def close(self) -> None:
-        """Removes the parent cgroups and the staging root when no job is left in them (an
-        engine stopping for good, or tests); a no-op for whatever is still in use."""
+        """Ends the parked launchers, removes the parent cgroups and the staging root when no
+        job is left in them (an engine stopping for good, or tests); a no-op for whatever is
+        still in use. No launcher is parked again until sweep()."""
+        self._closed = True
+        while self._parked:
+            self._retire(self._parked.pop(), wait=True)
+        for group in list(self._removing):
+            self._remove_groups_now(group)
         for path in [*self._cgroups.parents, self.config.stage_root]:
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+    # -- parked launchers --------------------------------------------------------------------
+
+    def _park(self, slot: int, group: str | None = None) -> _Launcher:
+        """Starts a launcher for `slot` in fresh cgroups of its own."""
+        assert self._tools is not None
+        group = group or f"{_PARK_PREFIX}{os.getpid()}-{next(_park_ids)}"
+        # The outer bwrap's staging tmpfs goes on it (close() removes it).
+        os.makedirs(self.config.stage_root, mode=0o755, exist_ok=True)
+        self._cgroups.make(group)
+        try:
+            return _Launcher.spawn(
+                self._tools,
+                slot=slot,
+                uid=self.config.uid_base + slot,
+                group=group,
+                procs_files=self._cgroups.procs_files(group),
+                stage_root=self.config.stage_root,
+            )
+        except BaseException:
+            self._cgroups.remove(group)
+            raise
+
+    def _refill(self) -> None:
+        """Parks launchers on free slots, up to _PARKED_LAUNCHERS: the cgroup joins and the
+        launchers' start happen now, off the next jobs' path. On the event loop's thread (a
+        fork and exec, well under a millisecond), never a worker thread: PR_SET_PDEATHSIG
+        fires when the thread that forked the launcher ends, not the engine."""
+        wanted = 0 if self._closed else min(_PARKED_LAUNCHERS, self.config.uid_count)
+        while len(self._parked) < wanted and self._free_slots:
+            slot = self._free_slots.pop(0)
+            try:
+                self._parked.append(self._park(slot))
+            except (OSError, subprocess.SubprocessError) as error:
+                self._free_slots.append(slot)
+                self._free_slots.sort()
+                _log.warning("sandbox.park_failed", error=str(error))
+                return
+
+    def _take_parked(self) -> _Launcher | None:
+        """A parked launcher, one that has joined its cgroups first; dead ones are retired."""
+        for launcher in [p for p in self._parked if not p.alive()]:
+            self._parked.remove(launcher)
+            self._retire(launcher, wait=False)
+            _log.warning("sandbox.parked_launcher_died", status=launcher.popen.returncode)
+        if not self._parked:
+            return None
+        # The oldest first: most likely to have joined already.
+        launcher = next((p for p in self._parked if self._joined(p)), self._parked[0])
+        self._parked.remove(launcher)
+        return launcher
+
+    def _joined(self, launcher: _Launcher) -> bool:
+        if not launcher.joined:
+            launcher.joined = self._cgroups.joined(launcher.pid, launcher.group)
+        return launcher.joined
+
+    def _retire(self, launcher: _Launcher, *, wait: bool) -> None:
+        """Ends a parked launcher, removes its cgroups and frees its slot; `wait` (closing)
+        blocks until they are removed, otherwise a task finishes the removal."""
+        launcher.close()
+        if wait:
+            self._remove_groups_now(launcher.group)
+        elif not self._cgroups.remove(launcher.group):
+            self._removing.add(launcher.group)
+            task = asyncio.ensure_future(self._remove_groups(launcher.group))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+        self._free_slots.append(launcher.slot)
+        self._free_slots.sort()
+
+    async def _remove_groups(self, group: str) -> bool:
+        """Removes emptied cgroups; a v1 memory group can refuse rmdir for a moment after
+        its last task has gone. False when they are still there after _RMDIR_TIMEOUT_S."""
+        deadline = time.monotonic() + _RMDIR_TIMEOUT_S
+        pause = 0.0005
+        while not self._cgroups.remove(group):
+            if time.monotonic() > deadline:
+                _log.error("sandbox.cgroup_left", group=group)
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        self._removing.discard(group)
+        return True
+
+    def _remove_groups_now(self, group: str) -> None:
+        """_remove_groups, blocking: only when closing, when no job runs."""
+        deadline = time.monotonic() + _RMDIR_TIMEOUT_S
+        while not self._cgroups.remove(group) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self._removing.discard(group)
 
     # -- one job -----------------------------------------------------------------------------
 
@@ -940,26 +1191,32 @@ class Sandbox:
         """Runs the algorithm to its end; each chunk of its stdout and stderr goes to
         `on_output` as it arrives. Raises ValueError for a malformed spec; every way a
         started job ends is a result."""
+        steps = _Steps()
         _check_spec(spec)
         job_id = spec.job_id
         if job_id in self._running:
             raise ValueError(f"job {job_id} is already running")
         if self._tools is None:
             self._tools = self._find_tools()
-        log = _log.bind(job_id=job_id)
-        if not self._free_slots:
+        launcher = self._take_parked()
+        if launcher is not None:
+            slot = launcher.slot
+            self._groups[job_id] = launcher.group
+        elif self._free_slots:
+            slot = self._free_slots.pop(0)
+        else:
             return SandboxResult(
                 Outcome.SANDBOX_FAILED, -1, 0.0, "no free job uid: too many jobs at once"
             )
-        slot = self._free_slots.pop(0)
         uid = gid = self.config.uid_base + slot
         self._running[job_id] = slot
         own_cancel = asyncio.Event()
         self._cancels[job_id] = own_cancel
-        log = log.bind(uid=uid)
-        stage = self.config.stage_root / job_id
+        log = _log.bind(job_id=job_id, uid=uid)
+        steps.mark("take_slot")
         try:
-            job = _Job(self, spec, uid, gid, stage, on_output, [own_cancel, cancel], log)
+            job = _Job(self, spec, uid, gid, launcher, on_output, [own_cancel, cancel], log, steps)
+            await job.start()
             # Shielded so that the job is killed and cleaned up even when the caller is
             # cancelled; the caller still sees its CancelledError.
             task = asyncio.ensure_future(job.run())
@@ -976,6 +1233,7 @@ class Sandbox:
 
     def _release(self, job_id: str, *, reusable: bool) -> None:
         slot = self._running.pop(job_id, None)
+        self._groups.pop(job_id, None)
         if slot is not None and not reusable:
             # A process that survived SIGKILL (stuck in the kernel) still runs as this uid:
             # no other job may share it. sweep() at the next start deals with it.
@@ -983,26 +1241,48 @@ class Sandbox:
         elif slot is not None:
             self._free_slots.append(slot)
             self._free_slots.sort()
+            if len(self._parked) < min(_PARKED_LAUNCHERS, self.config.uid_count):
+                asyncio.get_running_loop().call_soon(self._refill)
 
-    async def _kill_job(self, job_id: str) -> bool:
-        """Kills every process in the job's cgroups, repeating until none is left (a process
-        may fork while its siblings die); True when they are empty."""
+    async def _kill_job(self, group: str) -> bool:
+        """Kills every process in the cgroups, repeating until none is left (a process may
+        fork while its siblings die); True when they are empty. Waits on the processes'
+        pidfds: a process leaves its cgroups as its pidfd becomes readable."""
         deadline = time.monotonic() + _KILL_TIMEOUT_S
-        belongs = _in_cgroup(self._cgroups.member_paths(job_id))
-        self._cgroups.kill_switch(job_id)
-        # Short polls first: right after a normal exit, only bwrap's inits are still on their
-        # way out (a bwrap monitor exits as soon as it knows the status, before its init).
-        poll = 0.0005
+        belongs = _in_cgroup(self._cgroups.member_paths(group))
+        self._cgroups.kill_switch(group)
+        pause = 0.0005
         while True:
-            pids = self._cgroups.pids(job_id)
+            pids = self._cgroups.pids(group)
             if not pids:
                 return True
-            for pid in pids:
-                _kill_if(pid, belongs)
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(poll)
-            poll = min(poll * 2, 0.02)
+            held: dict[int, int] = {}
+            try:
+                for pid in pids:
+                    with contextlib.suppress(OSError):  # gone already
+                        held[pid] = os.pidfd_open(pid)
+                for pid, pidfd in held.items():
+                    # The pidfd pins the process: a pid recycled since the listing is checked,
+                    # and spared. (An exiting process fails the check on cgroup v1, where
+                    # /proc shows it in the root: it needs no signal.)
+                    if belongs(pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                # Waited for: the pidfds of processes still listed once they were opened (a
+                # pidfd opened on a recycled pid, of a process elsewhere, is not).
+                listed = self._cgroups.pids(group)
+                waiting = [pidfd for pid, pidfd in held.items() if pid in listed]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if waiting:
+                    await _exits(waiting, within=min(remaining, 0.1))
+                elif listed:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.02)
+            finally:
+                for pidfd in held.values():
+                    os.close(pidfd)
 
 
 def _read_lines(path: str) -> list[str]:
@@ -1021,135 +1301,141 @@ class _Job:
         spec: SandboxSpec,
         uid: int,
         gid: int,
-        stage: Path,
+        launcher: _Launcher | None,
         on_output: Callable[[bytes], Awaitable[None]],
         cancels: Sequence[asyncio.Event | None],
         log: Any,
+        steps: _Steps,
     ) -> None:
         self.sandbox = sandbox
         self.cgroups = sandbox._cgroups
         self.spec = spec
         self.uid = uid
         self.gid = gid
-        self.stage = stage
+        self.stage = sandbox.config.stage_root
+        self.launcher = launcher
+        # The name of the job's cgroups: a parked launcher's, or the job id.
+        self.group = launcher.group if launcher is not None else spec.job_id
         self.on_output = on_output
         self.cancels = [c for c in cancels if c is not None]
         self.log = log
+        self.steps = steps
         self.mounts = _sorted_mounts(spec.mounts)
         self.tail = bytearray()
         self.chain_stderr = bytearray()
-        self.started = 0.0
-        self.steps = _Steps()
+        self.started = time.monotonic()
+        self.result: SandboxResult | None = None
+        self.failure: BaseException | None = None
+        self.proc: _Child | None = None
+        self.readers: list[asyncio.Future[None]] = []
+        self.writers: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        """Everything up to "go", without a pause but for a crashed engine's leftovers: the
+        caller awaits it directly (a task would wait for the event loop's next round). An
+        early end is kept in `result`, an exception in `failure`, for run()."""
+        try:
+            if self.cgroups.exists(self.spec.job_id):
+                # Left by a crashed engine for this very job: never let its processes live on.
+                self.log.warning("sandbox.leftover_cgroup")
+                await self.sandbox._kill_job(self.spec.job_id)
+                self.cgroups.remove(self.spec.job_id)
+            self.steps.mark("leftover_checks")
+            self.result = self._launch()
+        except BaseException as error:  # re-raised by run(), once cleaned up
+            self.failure = error
+
+    def _launch(self) -> SandboxResult | None:
+        spec, limits = self.spec, self.spec.limits
+        try:
+            if self.launcher is None:
+                # None was parked (a burst of jobs, or the first one): the job waits for
+                # what a parked launcher has done already.
+                slot = self.uid - self.sandbox.config.uid_base
+                self.launcher = self.sandbox._park(slot, group=spec.job_id)
+                self.steps.mark("park")
+            elif self.sandbox._joined(self.launcher):
+                # The job's name on its cgroups (v1), for whoever looks at them. Not before
+                # the launcher is in them: it joins them by their path.
+                self.group = self.cgroups.rename(self.group, spec.job_id)
+                self.sandbox._groups[spec.job_id] = self.group
+            self.cgroups.limit(self.group, limits)
+            self.steps.mark("cgroup_limits")
+            staged = _stage(self.stage, self.mounts)
+            for s in staged:
+                if s.mount.writable:
+                    _hand_over(s.mount.host_path, self.uid, self.gid)
+                elif not s.mode & stat.S_IROTH:
+                    self.log.warning("sandbox.mount_unreadable", sandbox_path=s.mount.sandbox_path)
+            outer = _nul_separated(_outer_options(staged))
+            inner = _nul_separated(
+                _inner_options(limits=limits, staged=staged, argv=spec.argv, env=spec.env)
+            )
+            self.steps.mark("stage")
+        except _SpecError as error:
+            return self._result(Outcome.SANDBOX_FAILED, -1, str(error))
+        except (OSError, subprocess.SubprocessError) as error:
+            self.log.error("sandbox.setup_failed", error=self._scrub(str(error)))
+            code = errno.errorcode.get(getattr(error, "errno", None) or 0, "error")
+            return self._result(Outcome.SANDBOX_FAILED, -1, f"sandbox setup failed: {code}")
+
+        if any(c.is_set() for c in self.cancels):
+            return self._result(Outcome.CANCELLED, -1, "cancelled")
+        launcher = self.launcher
+        try:
+            pending = launcher.start(limits, outer, inner)
+        except OSError as error:
+            self.log.error("sandbox.launch_failed", error=str(error))
+            return self._result(Outcome.SANDBOX_FAILED, -1, "the sandbox could not be launched")
+        self.proc = _Child(launcher.popen, launcher.take("pidfd"))
+        self.readers = [
+            asyncio.ensure_future(self._pump_output(launcher.fds["out"])),
+            asyncio.ensure_future(self._pump_chain_stderr(launcher.fds["err"])),
+        ]
+        self.writers = [asyncio.ensure_future(_send_rest(fd, rest)) for fd, rest in pending]
+        # Another launcher is parked while this job runs, off its path.
+        asyncio.get_running_loop().call_soon(self.sandbox._refill)
+        self.steps.mark("go")
+        self.log.debug("sandbox.launched", pid=self.proc.popen.pid)
+        return None
 
     async def run(self) -> SandboxResult:
+        """Follows the launched job to its end, then cleans up (whatever start() did)."""
         job_id = self.spec.job_id
         try:
-            return await self._run()
+            if self.failure is not None:
+                raise self.failure
+            if self.result is not None:
+                return self.result
+            return await self._follow()
         finally:
             empty = await self._clean_up()
             self.sandbox._release(job_id, reusable=empty)
             self.steps.mark("release")
             self.log.debug("sandbox.timing", **self.steps.ms)
 
-    async def _run(self) -> SandboxResult:
-        spec, limits = self.spec, self.spec.limits
-        self.started = time.monotonic()
-        if self.cgroups.exists(spec.job_id):
-            # Left by a crashed engine for this very job: never let its processes live on.
-            self.log.warning("sandbox.leftover_cgroup")
-            await self.sandbox._kill_job(spec.job_id)
-            self.cgroups.remove(spec.job_id)
-        _remove_stage(self.stage)
-        self.steps.mark("leftover_checks")
+    async def _follow(self) -> SandboxResult:
+        assert self.proc is not None and self.launcher is not None
+        proc, launcher = self.proc, self.launcher
         try:
-            self.cgroups.create(spec.job_id, limits)
-            self.steps.mark("cgroup_create")
-            staged = _make_stage(self.stage, self.mounts, self.uid, self.gid)
-            for s in staged:
-                if s.mount.writable:
-                    _hand_over(s.mount.host_path, self.uid, self.gid)
-                elif not os.stat(s.mount.host_path).st_mode & stat.S_IROTH:
-                    self.log.warning("sandbox.mount_unreadable", sandbox_path=s.mount.sandbox_path)
-            self.steps.mark("stage")
-        except _SpecError as error:
-            return self._result(Outcome.SANDBOX_FAILED, -1, str(error))
-        except OSError as error:
-            self.log.error("sandbox.setup_failed", error=self._scrub(str(error)))
-            return self._result(
-                Outcome.SANDBOX_FAILED,
-                -1,
-                f"sandbox setup failed: {errno.errorcode.get(error.errno or 0)}",
-            )
-
-        if any(c.is_set() for c in self.cancels):
-            return self._result(Outcome.CANCELLED, -1, "cancelled")
-        tools = self.sandbox._tools
-        assert tools is not None
-        status_r, status_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            argv = _launch_argv(
-                tools,
-                procs_files=self.cgroups.procs_files(spec.job_id),
-                limits=limits,
-                uid=self.uid,
-                gid=self.gid,
-                stage=self.stage,
-                staged=staged,
-                argv=spec.argv,
-                env=spec.env,
-                status_fd=status_w,
-            )
-            self.steps.mark("argv")
-            # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
-            # waits for the pipes to close, and it spends a thread per child.
-            proc = _Child(
-                subprocess.Popen(  # noqa: ASYNC220 (fork and exec only; the wait is a pidfd)
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out_w,
-                    stderr=err_w,
-                    pass_fds=(status_w,),
-                    env={"PATH": _CHAIN_PATH},
-                    start_new_session=True,
-                )
-            )
-        except OSError as error:
-            for fd in (status_r, out_r, err_r):
-                os.close(fd)
-            self.log.error("sandbox.launch_failed", error=str(error))
-            return self._result(Outcome.SANDBOX_FAILED, -1, "the sandbox could not be launched")
-        finally:
-            for fd in (status_w, out_w, err_w):
-                os.close(fd)
-        self.steps.mark("popen")
-        self.launched_at = time.monotonic()
-        self.log.debug("sandbox.launched", pid=proc.popen.pid)
-
-        readers = [
-            asyncio.ensure_future(self._pump_output(out_r)),
-            asyncio.ensure_future(self._pump_chain_stderr(err_r)),
-        ]
-        try:
-            ended = await self._wait(proc, limits.max_duration_s)
+            ended = await self._wait(proc, self.spec.limits.max_duration_s)
             self.steps.mark("chain_ran")
             # Whatever the main process left (it cannot, in its pid namespace; but the
-            # cgroup is the authority) dies before the result is known.
-            await self.sandbox._kill_job(spec.job_id)
+            # cgroup is the authority) dies, and is gone, before the result is known.
+            await self.sandbox._kill_job(self.group)
             self.steps.mark("kill_after_exit")
-            _, pending = await asyncio.wait(readers, timeout=_DRAIN_TIMEOUT_S)
-            for reader in pending:
+            _, still = await asyncio.wait(self.readers, timeout=_DRAIN_TIMEOUT_S)
+            for reader in still:
                 reader.cancel()
-            status = _read_all(status_r)
+            status = _read_all(launcher.fds["status"])
         finally:
             proc.close()
-            for reader in readers:
-                reader.cancel()
+            tasks = [*self.readers, *self.writers]
+            for task in tasks:
+                task.cancel()
             # The readers must have let go of their pipes (remove_reader) before they close.
-            await asyncio.gather(*readers, return_exceptions=True)
-            for fd in (status_r, out_r, err_r):
-                os.close(fd)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            launcher.close()
         self.steps.mark("drain")
         result = self._classify(ended, proc.popen.returncode, status)
         self.steps.mark("classify")
@@ -1171,7 +1457,7 @@ class _Job:
             return "exited"
         ended = "cancelled" if any(c in done for c in cancel_waiters) else "timed_out"
         self.log.info(f"sandbox.{ended}")
-        await self.sandbox._kill_job(self.spec.job_id)
+        await self.sandbox._kill_job(self.group)
         try:
             await asyncio.wait_for(waiter, timeout=_KILL_TIMEOUT_S)
         except TimeoutError:
@@ -1202,9 +1488,11 @@ class _Job:
         ran = inner_status is not None
         raw = inner_status if inner_status is not None else returncode
         code = _exit_code(raw if raw is not None else -1)
-        chain_message = self._scrub(self.chain_stderr.decode(errors="replace").strip())
+        chain_message = self.chain_stderr.decode(errors="replace").strip()
+        if chain_message:
+            chain_message = self._scrub(chain_message)
         try:
-            counters: _Counters | None = self.cgroups.counters(self.spec.job_id)
+            counters: _Counters | None = self.cgroups.counters(self.group)
         except OSError:
             counters = None
         failed = code != 0 or not ran
@@ -1290,22 +1578,14 @@ class _Job:
     async def _clean_up(self) -> bool:
         """Kills what is left, removes the cgroups and the staging; False when processes
         of the job could not be killed."""
-        job_id = self.spec.job_id
-        empty = await self.sandbox._kill_job(job_id)
+        empty = await self.sandbox._kill_job(self.group)
+        if self.launcher is not None:
+            self.launcher.close()  # reaps one never started, killed just now
         self.steps.mark("cleanup_kill")
-        # A v1 memory group can refuse rmdir for a moment after its last task has gone.
-        for _ in range(int(_RMDIR_TIMEOUT_S / 0.01)):
-            if self.cgroups.remove(job_id):
-                break
-            await asyncio.sleep(0.01)
+        await self.sandbox._remove_groups(self.group)
         self.steps.mark("cgroup_rmdir")
         if not empty:
             self.log.error("sandbox.processes_left")
-        if self.cgroups.exists(job_id):
-            self.log.error("sandbox.cgroup_left")
-        if not _remove_stage(self.stage):
-            self.log.error("sandbox.stage_left")
-        self.steps.mark("stage_remove")
         return empty
 
 
@@ -1323,13 +1603,13 @@ class _Steps:
 
 
 class _Child:
-    """A child process whose end the event loop learns from a pidfd."""
+    """A child process whose end the event loop learns from a pidfd (which it takes over)."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], pidfd: int) -> None:
         self.popen = popen
         self._loop = asyncio.get_running_loop()
         self._exited = asyncio.Event()
-        self._pidfd = os.pidfd_open(popen.pid)  # valid even if it has already exited
+        self._pidfd = pidfd
         self._loop.add_reader(self._pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
@@ -1347,6 +1627,168 @@ class _Child:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+
+
+class _Launcher:
+    """The first process of a launch chain (see _launcher_argv): joins its cgroups, then waits
+    for "go". Holds the engine's ends of its pipes: its stdin, the two bwraps' --args, and its
+    stdout, stderr and the inner bwrap's status, which become the job's. Bound to one uid slot:
+    the chain's uid is on its command line."""
+
+    def __init__(self, slot: int, group: str, popen: subprocess.Popen[bytes], fds: dict[str, int]):
+        self.slot = slot
+        self.group = group
+        self.popen = popen
+        self.fds = fds  # go, outer, inner (write ends); out, err, status (read ends); pidfd
+        self.joined = False  # known to be in all its cgroups (see Sandbox._joined)
+
+    @classmethod
+    def spawn(
+        cls,
+        tools: _Tools,
+        *,
+        slot: int,
+        uid: int,
+        group: str,
+        procs_files: Sequence[str],
+        stage_root: Path,
+    ) -> _Launcher:
+        ours: dict[str, int] = {}
+        theirs: dict[str, int] = {}
+        try:
+            for name in _LAUNCHER_PIPES:
+                read_end, write_end = os.pipe()
+                writes = name not in ("out", "err", "status")
+                ours[name] = write_end if writes else read_end
+                theirs[name] = read_end if writes else write_end
+            # Files the bwraps copy from pipes, the same for every job of the slot: written
+            # now (they fit in a pipe), read when the job starts.
+            passwd, group_file = _identity_files(uid, uid)
+            for name, data in (
+                ("passwd", passwd),
+                ("group", group_file),
+                ("nsswitch", _NSSWITCH),
+            ):
+                fd = ours.pop(name)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+            argv = _launcher_argv(
+                tools,
+                procs_files=procs_files,
+                uid=uid,
+                gid=uid,
+                stage_root=stage_root,
+                fds=theirs,
+            )
+            # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
+            # waits for the pipes to close, and it spends a thread per child.
+            popen = subprocess.Popen(
+                argv,
+                stdin=theirs["go"],
+                stdout=theirs["out"],
+                stderr=theirs["err"],
+                pass_fds=[fd for n, fd in theirs.items() if n not in ("go", "out", "err")],
+                env={"PATH": _CHAIN_PATH},
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in [*ours.values(), *theirs.values()]:
+                os.close(fd)
+            raise
+        for fd in theirs.values():
+            os.close(fd)
+        try:
+            ours["pidfd"] = os.pidfd_open(popen.pid)
+        except OSError:
+            popen.kill()
+            popen.wait()
+            for fd in ours.values():
+                os.close(fd)
+            raise
+        return cls(slot, group, popen, ours)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.returncode is None and not _exited(self.fds["pidfd"])
+
+    def take(self, name: str) -> int:
+        """Hands one of the engine's ends over to the caller, who closes it."""
+        fd = self.fds[name]
+        self.fds[name] = -1
+        return fd
+
+    def start(self, limits: Limits, outer: bytes, inner: bytes) -> list[tuple[int, memoryview]]:
+        """Sets the rlimits, sends the bwraps' options and "go". Returns the pipes with what
+        did not fit in them yet (large options), for _send_rest."""
+        # The file-size limit in 512-byte blocks, as ulimit -f counts; both soft and hard,
+        # so the job cannot raise it again. The launcher is our child and not reaped: its
+        # pid cannot have been recycled.
+        size = max(0, limits.disk_bytes // 512) * 512
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (size, size))
+        resource.prlimit(self.pid, resource.RLIMIT_CORE, (0, 0))
+        pending = []
+        for name, data in (("outer", outer), ("inner", inner)):
+            fd = self.take(name)
+            rest = _send_some(fd, memoryview(data))
+            if rest:
+                pending.append((fd, rest))
+            else:
+                os.close(fd)
+        go = self.take("go")
+        try:
+            os.write(go, b"go\n")
+        except BrokenPipeError:
+            pass  # the launcher is gone: its exit status says so
+        finally:
+            os.close(go)
+        return pending
+
+    def close(self) -> None:
+        """Closes the ends still held; kills and reaps the launcher if it was never started."""
+        pidfd = self.fds.get("pidfd", -1)
+        if self.popen.returncode is None and pidfd >= 0 and self.fds["go"] >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            self.popen.wait()
+        for name, fd in self.fds.items():
+            if fd >= 0:
+                os.close(fd)
+                self.fds[name] = -1
+
+
+def _send_some(fd: int, data: memoryview) -> memoryview:
+    """Writes what a pipe takes without blocking; returns the rest (empty when the reader is
+    gone: nothing will read it)."""
+    os.set_blocking(fd, False)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except BlockingIOError:
+        pass
+    except BrokenPipeError:
+        return memoryview(b"")
+    return data
+
+
+async def _send_rest(fd: int, data: memoryview) -> None:
+    """Writes the rest as the reader takes it, then closes the pipe."""
+    loop = asyncio.get_running_loop()
+    try:
+        while data:
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _settle, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+            data = _send_some(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _hand_over(path: Path, uid: int, gid: int) -> None:

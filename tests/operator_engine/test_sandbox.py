@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -610,6 +610,326 @@ async def test_the_job_dies_with_the_engine_and_sweep_cleans_up(
     assert (CONFIG.cgroup_root / "memory" / CONFIG.cgroup_name / "orphan").exists()
     await checked.sweep()
     assert_cleaned_up(checked, "orphan")
+
+
+# -- parked launchers -------------------------------------------------------------------------
+
+# Each with cgroups, uids and a staging root of its own: these tests make and end sandboxes.
+ONE_SLOT = SandboxConfig(
+    uid_base=1_600_200_100,
+    uid_count=1,
+    stage_root=Path("/run/c2d-sandbox-test-one"),
+    cgroup_name="c2d-test-one",
+)
+CRASHED = SandboxConfig(
+    uid_base=1_600_200_200,
+    uid_count=8,
+    stage_root=Path("/run/c2d-sandbox-test-crashed"),
+    cgroup_name="c2d-test-crashed",
+)
+CONTROLLERS = ("memory", "pids", "cpu")
+
+
+def groups_of(config: SandboxConfig) -> set[str]:
+    """The cgroups under the config's parent (in the memory hierarchy)."""
+    parent = config.cgroup_root / "memory" / config.cgroup_name
+    return {p.name for p in parent.iterdir() if p.is_dir()} if parent.exists() else set()
+
+
+def assert_closed(config: SandboxConfig) -> None:
+    for controller in CONTROLLERS:
+        assert not (config.cgroup_root / controller / config.cgroup_name).exists()
+    assert not config.stage_root.exists()
+    uids = range(config.uid_base, config.uid_base + config.uid_count)
+    assert processes_of_uids(uids) == []
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+@pytest.fixture
+async def one_slot() -> AsyncIterator[Sandbox]:
+    """A sandbox with a single uid slot: every job runs on the same one, one after another."""
+    sandbox = Sandbox(ONE_SLOT)
+    sandbox.check()
+    await sandbox.sweep()
+    yield sandbox
+    sandbox.close()
+    assert_closed(ONE_SLOT)
+
+
+async def test_jobs_start_from_parked_launchers_in_fresh_limited_cgroups(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    parked = list(sandbox._parked)
+    assert len(parked) == 4
+    assert len({launcher.slot for launcher in parked}) == 4
+    for launcher in parked:
+        assert alive(launcher.pid)
+        assert launcher.group.startswith("_park-")
+        assert await until(lambda p=launcher: sandbox._cgroups.joined(p.pid, p.group))
+        for controller in CONTROLLERS:
+            procs = CONFIG.cgroup_root / controller / CONFIG.cgroup_name / launcher.group
+            assert (procs / "cgroup.procs").read_text().split() == [str(launcher.pid)]
+    assert processes_of_uids(sandbox.uids) == []  # parked launchers are root until "go"
+
+    seen: dict[str, object] = {}
+    ws = Workspace.make(
+        tmp_path,
+        "import resource as r, time\n"
+        "print('up', *r.getrlimit(r.RLIMIT_FSIZE), *r.getrlimit(r.RLIMIT_CORE), flush=True)\n"
+        "time.sleep(0.5)\n",
+    )
+    output = bytearray()
+
+    async def on_output(chunk: bytes) -> None:
+        output.extend(chunk)
+        if b"up" in chunk:
+            root, name = CONFIG.cgroup_root, CONFIG.cgroup_name
+            memory, pids, cpu = (root / c / name / "started" for c in CONTROLLERS)
+            seen["procs"] = (memory / "cgroup.procs").read_text().split()
+            seen["memory"] = int((memory / "memory.limit_in_bytes").read_text())
+            seen["pids"] = int((pids / "pids.max").read_text())
+            seen["quota"] = int((cpu / "cpu.cfs_quota_us").read_text())
+            seen["stage"] = sorted(p.name for p in CONFIG.stage_root.iterdir())
+            seen["mounts"] = str(CONFIG.stage_root) in Path("/proc/self/mountinfo").read_text()
+
+    result = await sandbox.run(spec_for(ws, "started"), on_output)
+    assert_cleaned_up(sandbox, "started")
+    assert result.outcome is Outcome.OK, result
+    # The file-size and core limits, set on the launcher when it started, hard and soft.
+    disk = LIMITS.disk_bytes // 512 * 512
+    assert output.split() == [b"up", *(str(n).encode() for n in (disk, disk, 0, 0))]
+    # The job ran in a parked launcher's cgroups, renamed and limited when it started.
+    assert len(seen["procs"]) >= 5  # type: ignore[arg-type]
+    assert seen["memory"] == LIMITS.memory_bytes
+    assert seen["pids"] == LIMITS.max_processes + 4
+    assert seen["quota"] == 100_000
+    # Its staging lived in its own mount namespace only.
+    assert seen["stage"] == []
+    assert seen["mounts"] is False
+    # Another launcher was parked while it ran.
+    after = list(sandbox._parked)
+    assert len(after) == 4
+    assert len({launcher.pid for launcher in parked} - {launcher.pid for launcher in after}) == 1
+
+
+async def test_one_slot_runs_hostile_jobs_back_to_back_in_fresh_cgroups(
+    one_slot: Sandbox, tmp_path: Path
+) -> None:
+    limits = Limits(
+        cpus=1, memory_bytes=64 << 20, disk_bytes=16 << 20, max_processes=16, max_duration_s=2
+    )
+    jobs = [
+        ("hog = []\nwhile True:\n    hog.append(b'x' * (1 << 20))\n", Outcome.OUT_OF_MEMORY),
+        ("import os\nwhile True:\n    os.fork()\n", Outcome.TOO_MANY_PROCESSES),
+        ("while True:\n    pass\n", Outcome.TIMED_OUT),
+        ("import os; print(os.getuid())", Outcome.OK),
+        ("import os; print(os.getuid())", Outcome.OK),
+    ]
+    for index, (code, outcome) in enumerate(jobs):
+        # The slot's launcher is parked again (off the previous job's path) and has joined
+        # its fresh cgroups before the next job takes it.
+        assert await until(lambda: len(one_slot._parked) == 1)
+        launcher = one_slot._parked[0]
+        assert await until(lambda p=launcher: one_slot._cgroups.joined(p.pid, p.group))
+        workdir = tmp_path / str(index)
+        workdir.mkdir()
+        ws = Workspace.make(workdir, code)
+        output = bytearray()
+
+        async def on_output(chunk: bytes, output: bytearray = output) -> None:
+            output.extend(chunk)
+
+        result = await one_slot.run(spec_for(ws, f"back-{index}", limits), on_output)
+        # Counters start afresh: an OOM or a fork bomb before does not taint the next job.
+        assert result.outcome is outcome, (index, result, bytes(output))
+        assert groups_of(ONE_SLOT) <= {p.group for p in one_slot._parked}
+        assert processes_of_uids(one_slot.uids) == []
+        if outcome is Outcome.OK:
+            assert output.strip() == str(ONE_SLOT.uid_base).encode()
+
+
+async def test_a_job_on_a_launcher_still_joining_its_cgroups_is_limited(
+    one_slot: Sandbox, tmp_path: Path
+) -> None:
+    one_slot.close()  # ends the parked launcher
+    assert one_slot._parked == []
+    await one_slot.sweep()  # parks a new one; the job takes it at once
+    limits = Limits(
+        cpus=1, memory_bytes=64 << 20, disk_bytes=16 << 20, max_processes=16, max_duration_s=20
+    )
+    ws = Workspace.make(tmp_path, "hog = []\nwhile True:\n    hog.append(b'x' * (1 << 20))\n")
+
+    async def ignore(chunk: bytes) -> None:
+        pass
+
+    result = await one_slot.run(spec_for(ws, "early", limits), ignore)
+    assert result.outcome is Outcome.OUT_OF_MEMORY, result
+    assert await until(lambda: groups_of(ONE_SLOT) == {p.group for p in one_slot._parked})
+
+
+async def test_sweep_keeps_its_own_parked_launchers(sandbox: Sandbox) -> None:
+    before = [(launcher.pid, launcher.group) for launcher in sandbox._parked]
+    await sandbox.sweep()
+    assert [(launcher.pid, launcher.group) for launcher in sandbox._parked] == before
+    assert all(alive(pid) for pid, _ in before)
+    assert {group for _, group in before} <= groups_of(CONFIG)
+
+
+async def test_parked_launchers_that_died_are_replaced(sandbox: Sandbox, tmp_path: Path) -> None:
+    dead = list(sandbox._parked)
+    for launcher in dead:
+        os.kill(launcher.pid, signal.SIGKILL)
+    assert await until(lambda: not any(alive(launcher.pid) for launcher in dead))
+    run, _ = await run_code(sandbox, tmp_path, "print('fine')")
+    assert run.result.outcome is Outcome.OK, run.result
+    assert run.output == b"fine\n"
+    # The dead ones' cgroups are removed, new launchers wait in fresh ones.
+    assert await until(lambda: groups_of(CONFIG) == {p.group for p in sandbox._parked})
+    assert len(sandbox._parked) == 4
+    assert not {p.group for p in dead} & {p.group for p in sandbox._parked}
+    assert all(alive(p.pid) for p in sandbox._parked)
+
+
+# A stand-in engine that parks launchers, says which, and is killed by the test.
+PARKING_ENGINE_SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from operator_engine.sandbox import Sandbox, SandboxConfig
+
+config = json.loads(sys.argv[1])
+sandbox = Sandbox(SandboxConfig(**dict(config, stage_root=Path(config["stage_root"]))))
+sandbox.check()
+
+async def main():
+    await sandbox.sweep()
+    print(json.dumps([[p.pid, p.group] for p in sandbox._parked]), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_parked_launchers_die_with_the_engine_and_sweep_removes_their_cgroups(
+    tmp_path: Path,
+) -> None:
+    engine = tmp_path / "engine.py"
+    engine.write_text(PARKING_ENGINE_SCRIPT)
+    config = {
+        "uid_base": CRASHED.uid_base,
+        "uid_count": CRASHED.uid_count,
+        "stage_root": str(CRASHED.stage_root),
+        "cgroup_name": CRASHED.cgroup_name,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(engine), json.dumps(config)],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.stdout is not None
+    parked: list[list[object]] = []
+    for _ in range(50):  # the engine's own log lines come first
+        line = proc.stdout.readline()
+        if line.startswith(b"[["):
+            parked = json.loads(line)
+            break
+    try:
+        assert len(parked) == 4
+        for pid, group in parked:
+            assert isinstance(pid, int) and isinstance(group, str)
+            assert alive(pid)
+            assert f"PPid:\t{proc.pid}\n" in Path(f"/proc/{pid}/status").read_text()
+        assert groups_of(CRASHED) == {group for _, group in parked}
+    finally:
+        proc.kill()  # the engine dies without cleaning anything up
+        proc.wait()
+    # PR_SET_PDEATHSIG (and the end of their stdin) end them with the engine.
+    assert await until(lambda: not any(alive(int(str(pid))) for pid, _ in parked))
+    assert groups_of(CRASHED) == {group for _, group in parked}  # left for the next engine
+    restarted = Sandbox(CRASHED)
+    await restarted.sweep()
+    assert groups_of(CRASHED) == set()
+    restarted.close()
+    assert_closed(CRASHED)
+
+
+async def test_arguments_and_environment_reach_the_algorithm_unchanged(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    args = [
+        "a b",
+        "",
+        "$HOME",
+        "`id`",
+        "$(id)",
+        "'\"",
+        "x\ny",
+        "\\n",
+        "*",
+        "-e",
+        "é",
+        "${_C2D_ARG0}",
+    ]
+    env = {"DIDS": "[]", "TRICKY": "line 1\nline 2 $HOME `id` '\"", "EMPTY": ""}
+    # Larger than a pipe holds: the bwraps' options are sent as they read them.
+    big = {f"BIG{i}": chr(ord("a") + i) * 60_000 for i in range(5)}
+    code = (
+        "import json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items()"
+        " if not k.startswith('BIG')}, 'big': {k: [len(v), v[0]] for k, v in os.environ.items()"
+        " if k.startswith('BIG')}}))\n"
+    )
+    ws = Workspace.make(tmp_path, code)
+    spec = SandboxSpec(
+        job_id="arguments",
+        mounts=ws.mounts(),
+        argv=[PYTHON, "/data/transformations/algorithm", *args],
+        env={**env, **big},
+        limits=LIMITS,
+    )
+    chunks: list[bytes] = []
+
+    async def on_output(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    result = await sandbox.run(spec, on_output)
+    assert_cleaned_up(sandbox, "arguments")
+    assert result.outcome is Outcome.OK, (result, b"".join(chunks)[-500:])
+    seen = json.loads(b"".join(chunks))
+    assert seen["argv"] == args
+    assert {k: v for k, v in seen["env"].items() if k in env} == env
+    assert not [k for k in seen["env"] if k.startswith("_C2D")]
+    assert seen["big"] == {k: [60_000, v[0]] for k, v in big.items()}
+
+
+async def test_reserved_environment_names_and_nul_bytes_are_refused(sandbox: Sandbox) -> None:
+    async def ignore(chunk: bytes) -> None:
+        pass
+
+    bad = [
+        SandboxSpec("bad", [], [PYTHON, "-c", "pass"], {"_C2D_ARGC": "1"}, LIMITS),
+        SandboxSpec("bad", [], [PYTHON, "-c", "pass\0"], {}, LIMITS),
+    ]
+    for spec in bad:
+        with pytest.raises(ValueError):
+            await sandbox.run(spec, ignore)
+    assert "bad" not in sandbox._running
 
 
 def test_check_refuses_a_uid_range_that_collides_with_users() -> None:
