@@ -183,7 +183,7 @@ async def run(args: argparse.Namespace) -> int:
             "C2D_ENVIRONMENTS_FILE": str(environments),
             "C2D_SANDBOX_CGROUP": f"c2d-bench-{tag}",
             "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-bench-{tag}",
-            "C2D_LOG_LEVEL": "warning",
+            "C2D_LOG_LEVEL": "info" if args.keep else "warning",
         }
     )
     supervisor = Supervisor(mesh, log_dir=home / "logs")
@@ -192,7 +192,10 @@ async def run(args: argparse.Namespace) -> int:
         return await measure(args, mesh, owner, home)
     finally:
         await supervisor.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        if args.keep:
+            print(f"kept the node's state and logs in {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 async def measure(args: argparse.Namespace, mesh: Mesh, owner: Key, home: Path) -> int:
@@ -291,6 +294,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--log-lines", type=int, default=40)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the node's state and its services' logs (at info level)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the benchmark runs the local sandbox, which needs root")

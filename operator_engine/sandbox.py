@@ -1393,8 +1393,10 @@ class _Job:
             asyncio.ensure_future(self._pump_chain_stderr(launcher.fds["err"])),
         ]
         self.writers = [asyncio.ensure_future(_send_rest(fd, rest)) for fd, rest in pending]
-        # Another launcher is parked while this job runs, off its path.
-        asyncio.get_running_loop().call_soon(self.sandbox._refill)
+        # Parking another launcher costs CPU the job would compete for on a small machine: it
+        # waits for a job to end, unless none is left parked for the next job.
+        if not self.sandbox._parked:
+            asyncio.get_running_loop().call_soon(self.sandbox._refill)
         self.steps.mark("go")
         self.log.debug("sandbox.launched", pid=self.proc.popen.pid)
         return None
