@@ -29,6 +29,7 @@ import httpx
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format, struct_pb2
 
+from bench.baseline import BARE_BWRAP, PYTHON, percentile
 from cli.supervisor import Mesh, Supervisor
 from sdk.client import Client
 from sdk.keys import Key
@@ -40,35 +41,6 @@ LOGGER = (
     "    print(f'line {{i}} {{time.time():.6f}}', flush=True)\n"
     "    time.sleep(0.05)\n"
 )
-BARE_BWRAP = [
-    "bwrap",
-    "--unshare-all",
-    "--die-with-parent",
-    "--new-session",
-    "--clearenv",
-    "--ro-bind",
-    "/usr",
-    "/usr",
-    "--symlink",
-    "usr/bin",
-    "/bin",
-    "--symlink",
-    "usr/lib",
-    "/lib",
-    "--symlink",
-    "usr/lib64",
-    "/lib64",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--tmpfs",
-    "/tmp",
-    "--dir",
-    "/data/outputs",
-    "--chdir",
-    "/",
-]
 
 
 def free_port() -> int:
@@ -77,18 +49,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def bare_runs(count: int) -> list[float]:
     """Wall time of `bwrap ... python3 -c TRIVIAL`, the floor a job cannot beat."""
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        subprocess.run([*BARE_BWRAP, "/usr/bin/python3", "-c", TRIVIAL], check=True)
+        subprocess.run([*BARE_BWRAP, PYTHON, "-c", TRIVIAL], check=True)
         times.append(time.perf_counter() - started)
     return times
 
@@ -99,7 +65,7 @@ def bare_throughput(count: int, concurrency: int) -> float:
     for _ in range(count):
         if len(running) >= concurrency:
             running.pop(0).wait()
-        running.append(subprocess.Popen([*BARE_BWRAP, "/usr/bin/python3", "-c", TRIVIAL]))
+        running.append(subprocess.Popen([*BARE_BWRAP, PYTHON, "-c", TRIVIAL]))
     for process in running:
         process.wait()
     return count / (time.perf_counter() - started)

@@ -29,43 +29,14 @@ from typing import Any
 
 import structlog
 
+from bench.baseline import BARE_BWRAP, PYTHON, percentile
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxConfig, SandboxSpec
 
-PYTHON = "/usr/bin/python3"
 # Prints the monotonic clock when it starts and when it is done, and writes its output.
 TRIVIAL = (
     "import time; print(time.monotonic(), flush=True); "
     "open('/data/outputs/out.txt', 'w').write('ok'); print(time.monotonic(), flush=True)"
 )
-BARE_BWRAP = [
-    "bwrap",
-    "--unshare-all",
-    "--die-with-parent",
-    "--new-session",
-    "--clearenv",
-    "--ro-bind",
-    "/usr",
-    "/usr",
-    "--symlink",
-    "usr/bin",
-    "/bin",
-    "--symlink",
-    "usr/lib",
-    "/lib",
-    "--symlink",
-    "usr/lib64",
-    "/lib64",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--tmpfs",
-    "/tmp",
-    "--dir",
-    "/data/outputs",
-    "--chdir",
-    "/",
-]
 CONFIG = SandboxConfig(
     uid_base=1_600_300_000,
     uid_count=4,
@@ -75,12 +46,6 @@ CONFIG = SandboxConfig(
 LIMITS = Limits(
     cpus=1.0, memory_bytes=256 << 20, disk_bytes=16 << 20, max_processes=32, max_duration_s=30
 )
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class Capture:
