@@ -149,7 +149,7 @@ async def run(args: argparse.Namespace) -> int:
             "C2D_ENVIRONMENTS_FILE": str(environments),
             "C2D_SANDBOX_CGROUP": f"c2d-bench-{tag}",
             "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-bench-{tag}",
-            "C2D_LOG_LEVEL": "info" if args.keep else "warning",
+            "C2D_LOG_LEVEL": args.log_level or ("info" if args.keep else "warning"),
         }
     )
     supervisor = Supervisor(mesh, log_dir=home / "logs")
@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--log-lines", type=int, default=40)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--log-level", help="the services' log level (default warning)")
     parser.add_argument(
         "--keep",
         action="store_true",
