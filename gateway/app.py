@@ -270,7 +270,11 @@ class Gateway:
         }
         size: int | None = None
         if request.headers.get("authorization"):
-            size, sha256 = await self._result_size(name, metadata)
+            size, sha256, result_name = await self._result_size(name, metadata)
+            # The file name the algorithm chose, made safe (no path, no quotes).
+            headers["Content-Disposition"] = (
+                f'attachment; filename="{_safe_filename(result_name.rpartition("/")[2])}"'
+            )
             headers["Accept-Ranges"] = "bytes"
             if sha256:
                 headers["ETag"] = f'"{sha256}"'
@@ -354,9 +358,9 @@ class Gateway:
 
     async def _result_size(
         self, name: str, metadata: tuple[tuple[str, str], ...]
-    ) -> tuple[int, str]:
-        """The result's size and sha256, from the Provider's GetJob under the caller's own
-        credentials: the download stream does not carry the total, which Range needs."""
+    ) -> tuple[int, str, str]:
+        """The result's size, sha256 and name, from the Provider's GetJob under the caller's
+        own credentials: the download stream does not carry the total, which Range needs."""
         found = _RESULT_NAME.fullmatch(name)
         if found is None:
             raise HttpError.local(
@@ -380,7 +384,7 @@ class Gateway:
             raise HttpError.from_rpc_error(error) from None
         for result in response.job.results:
             if result.index == int(found.group(2)):
-                return int(result.size_bytes), str(result.sha256)
+                return int(result.size_bytes), str(result.sha256), str(result.name)
         raise HttpError.local(
             grpc.StatusCode.NOT_FOUND,
             f"{found.group(1)} has no result {found.group(2)}",

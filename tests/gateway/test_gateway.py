@@ -540,7 +540,8 @@ async def test_download_whole_file(edge: Edge) -> None:
     assert response.status_code == 200
     assert response.content == CONTENT
     assert response.headers["content-type"] == "application/octet-stream"
-    assert response.headers["content-disposition"] == 'attachment; filename="0"'
+    # With a token the gateway knows the result's own name, made safe.
+    assert response.headers["content-disposition"] == 'attachment; filename="out.bin"'
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["content-length"] == str(len(CONTENT))
     assert response.headers["accept-ranges"] == "bytes"
@@ -552,7 +553,7 @@ async def test_download_with_range(edge: Edge) -> None:
     )
     assert response.status_code == 206
     assert response.headers["content-range"] == f"bytes 5000-{len(CONTENT) - 1}/{len(CONTENT)}"
-    assert response.headers["content-disposition"] == 'attachment; filename="0"'
+    assert response.headers["content-disposition"] == 'attachment; filename="out.bin"'
     assert response.content == CONTENT[5000:]
 
     closed = await edge.http.get(
