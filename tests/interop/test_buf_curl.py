@@ -5,9 +5,7 @@ methods, and reads an error status."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from google.protobuf.descriptor import FileDescriptor
 
 from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root
+from tests.interop.commands import run
 
 ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / "node_modules" / ".bin" / "buf"
@@ -116,28 +115,21 @@ async def buf_curl(
 ) -> Result:
     """Runs buf curl asynchronously: the servers under test live in this event loop."""
     url = f"{target.base_url}/{path}" if path else target.base_url
-    process = await asyncio.create_subprocess_exec(
-        str(BUF),
-        "curl",
-        "--protocol",
-        "grpc",
-        "--http2-prior-knowledge",
-        *target.flags(),
-        *args,
-        url,
-        cwd=ROOT,
-        env={**os.environ, "BUF_CACHE_DIR": str(home / "buf-cache"), "NO_COLOR": "1"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, stdout, stderr = await run(
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            *target.flags(),
+            *args,
+            url,
+        ],
+        env={"BUF_CACHE_DIR": str(home / "buf-cache"), "NO_COLOR": "1"},
+        timeout=timeout,
     )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return Result(process.returncode, stdout.decode(), stderr.decode())
+    return Result(code, stdout, stderr)
 
 
 SERVICES = ["provider", "operator", "engine"]

@@ -3,15 +3,14 @@ digests its requests from the proto documentation alone, against the real mesh."
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import LocalMesh, needs_root
+from tests.interop.commands import run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("node_client.mjs")
@@ -44,22 +43,7 @@ DATA = b"hello from node\n"
 
 
 async def run_node(env: dict[str, str], timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        NODE or "node",
-        str(SCRIPT),
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return await run([NODE or "node", str(SCRIPT)], env=env, timeout=timeout)
 
 
 async def test_a_node_client_runs_a_whole_job(local_mesh: LocalMesh) -> None:
