@@ -30,6 +30,14 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
         )
     )
     sandbox.check()
+    networked = [env.name for env in config.environments if env.network_allowed]
+    if networked:
+        # A job with network must still never reach loopback or the node's own services; the
+        # local sandbox has no filtered network to give it yet, only the host's or none.
+        raise SandboxUnavailable(
+            f"environment {', '.join(networked)} allows the network, which the local sandbox "
+            "cannot yet give a job without also giving it the node's own loopback"
+        )
     await sandbox.sweep()
     disks = JobDisks(config.workspace_root.parent / "disks")
     try:

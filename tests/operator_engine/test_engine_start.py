@@ -92,3 +92,24 @@ async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
         await runner.close()
         await server.stop(0)
         runner.sandbox.close()
+
+
+def test_the_engine_refuses_an_environment_it_cannot_isolate(tmp_path: Path) -> None:
+    environments = tmp_path / "environments.json"
+    environments.write_text('[{"name": "online", "network_allowed": true}]')
+    env = {
+        **os.environ,
+        "C2D_HOME": str(tmp_path),
+        "C2D_ENVIRONMENTS_FILE": str(environments),
+        "C2D_SANDBOX_CGROUP": f"c2d-test-{uuid.uuid4().hex[:8]}",
+        "C2D_LOG_FORMAT": "json",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "operator_engine"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert "refusing to start" in run.stderr and "online" in run.stderr
