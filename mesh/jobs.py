@@ -66,12 +66,6 @@ def check_job_id(job_id: str, field: str = "job_id") -> str:
     return job_id
 
 
-def check_asset_id(asset_id: str, field: str = "id") -> str:
-    if not is_asset_id(asset_id):
-        raise InvalidArgument(f"{field} must be 64 lowercase hex digits", field=field)
-    return asset_id
-
-
 def parse_name(name: str, collection: str, field: str = "name") -> str:
     """The id in a resource name `{collection}/{id}`; INVALID_ARGUMENT naming `field` else."""
     prefix = f"{collection}/"

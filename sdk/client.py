@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
@@ -251,10 +250,3 @@ class Client:
             raise ValueError(f"result {result.index} failed its sha256 check; download again")
         partial.replace(dest)
         return dest
-
-
-def is_unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    )

@@ -371,3 +371,21 @@ async def test_no_log_line_reveals_where_data_lives_and_job_lines_carry_the_job_
     ]
     assert len(about_the_job) >= 5
     assert all(e.get("job_id") == job_id for e in about_the_job), about_the_job
+
+
+async def test_the_registry_records_every_change_of_state(local_mesh: LocalMesh) -> None:
+    from operator_service.store import JobStore
+
+    code = b"import time\ntime.sleep(0.3)\nprint('ok', flush=True)\n"
+    async with local_mesh.client(local_mesh.owner) as owner:
+        algorithm, dataset = await publish_pair(local_mesh, owner, code)
+        job = await owner.start_compute([dataset.did], algorithm=algorithm.did)
+        await run_to_end(owner, job)
+    store = await JobStore.open(local_mesh.home / "operator" / "operator.db")
+    try:
+        states = [state for _, state, _, _ in await store.events(job.name.removeprefix("jobs/"))]
+    finally:
+        await store.close()
+    S = job_pb2.Job
+    assert states[0] == S.STATE_QUEUED and states[-1] == S.STATE_SUCCEEDED
+    assert S.STATE_RUNNING in states
