@@ -439,7 +439,7 @@ class Runner:
             await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, detail)
         log.info("job done", total_ms=round((time.perf_counter() - started) * 1000, 1))
 
-    async def _append_log(self, entry: EngineJob, log_file: object, data: bytes) -> None:
+    async def _append_log(self, entry: EngineJob, log_file: BinaryIO, data: bytes) -> None:
         room = self.config.log_cap_bytes - entry.log_size
         if room <= 0:
             if not entry.log_dropped:
@@ -614,9 +614,9 @@ def _open_append(path: Path) -> BinaryIO:
     return open(path, "ab")  # closed by the caller when compute ends
 
 
-def _write_flush(f: object, data: bytes) -> None:
-    f.write(data)  # type: ignore[attr-defined]
-    f.flush()  # type: ignore[attr-defined]
+def _write_flush(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
+    f.flush()
 
 
 async def _wait_quietly(task: asyncio.Task[None]) -> None:
