@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import structlog
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format, struct_pb2
 
@@ -69,6 +70,28 @@ def bare_throughput(count: int, concurrency: int) -> float:
     for process in running:
         process.wait()
     return count / (time.perf_counter() - started)
+
+
+async def sandbox_runs(count: int, home: Path) -> list[float]:
+    """The same script through the engine's sandbox alone, no services around it: the floor
+    under the mesh's job latency."""
+    from bench.sandbox_overhead import CONFIG, sandboxed_run
+    from operator_engine.sandbox import Sandbox
+
+    sandbox = Sandbox(CONFIG)
+    sandbox.check()
+    await sandbox.sweep()
+    outputs = home / "sandbox-outputs"
+    outputs.mkdir()
+    times = []
+    try:
+        await sandboxed_run(sandbox, outputs, -1)
+        for index in range(count):
+            started, _, _, returned = await sandboxed_run(sandbox, outputs, index)
+            times.append(returned - started)
+    finally:
+        sandbox.close()
+    return times
 
 
 class Rest:
@@ -200,6 +223,8 @@ async def measure(args: argparse.Namespace, mesh: Mesh, owner: Key, home: Path) 
                     print(f"a benchmark job did not succeed: {job}", file=sys.stderr)
                     return 1
 
+            sandbox_alone = await sandbox_runs(args.jobs, home)
+
             name = await rest.start_job(dataset.name, logger.name)
             latencies = await rest.log_latencies(name)
 
@@ -223,6 +248,11 @@ async def measure(args: argparse.Namespace, mesh: Mesh, owner: Key, home: Path) 
     print(
         f"  ratio            p50 {ratio50:7.2f} x    p95 {ratio95:7.2f} x    "
         f"target <= 1.5x: {verdict(ratio50 <= 1.5)}"
+    )
+    s50 = statistics.median(sandbox_alone)
+    print(
+        f"  for scale: the sandbox alone (Sandbox.run, no mesh) p50 {s50 * ms:7.1f} ms, "
+        f"{s50 / b50:.2f}x the bare run"
     )
     print(f"\nlog latency, algorithm print -> SSE client ({len(latencies)} lines)")
     print(
@@ -269,6 +299,11 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("the benchmark runs the local sandbox, which needs root")
+    # The services log to their own files; this process's sandbox logs are not wanted here.
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(40),
+    )
     sys.exit(asyncio.run(run(args)))
 
 
