@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,10 +19,10 @@ import pytest
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
-from cli.supervisor import Mesh, Supervisor
+from cli.supervisor import Mesh, Supervisor, free_address
 from sdk.client import Client
 from sdk.keys import Key
-from tests.conftest import needs_root, new_key
+from tests.conftest import SandboxIdentity, needs_root, new_key
 
 pytestmark = [needs_root, pytest.mark.timeout(240)]
 State = job_pb2.Job.State
@@ -36,12 +35,6 @@ with open("/data/outputs/big.bin", "wb") as f:
         f.write(block)
 print("written", flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -60,7 +53,6 @@ class Node:
 
 @pytest.fixture
 async def node(tmp_path: Path) -> AsyncIterator[Node]:
-    tag = uuid.uuid4().hex[:8]
     home = tmp_path / "home"
     owner = new_key()
     environments = tmp_path / "environments.json"
@@ -72,17 +64,13 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
             ]
         )
     )
-    mesh = Mesh.defaults(
-        home, owner.address, provider=f"127.0.0.1:{free_port()}", gateway=f"127.0.0.1:{free_port()}"
-    )
+    mesh = Mesh.defaults(home, owner.address, provider=free_address(), gateway=free_address())
     mesh.env.update(
         {
             "C2D_DATA_ROOT": str(tmp_path / "data"),
             "C2D_ENVIRONMENTS_FILE": str(environments),
             "C2D_ENGINE_LEASE_S": "10",
-            "C2D_SANDBOX_CGROUP": f"c2d-test-{tag}",
-            "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-test-{tag}",
-            "C2D_SANDBOX_UID_BASE": str(1_800_000_000 + int(tag, 16) % 1000 * 64),
+            **SandboxIdentity.new().env(),
             "C2D_LOG_FORMAT": "json",
         }
     )
@@ -142,7 +130,10 @@ async def test_each_service_killed_while_jobs_run(node: Node) -> None:
 
         # The engine dies with its sandboxes: the job ends "engine lost", logs kept.
         job = await client.start_compute([sleeper[1]], algorithm=sleeper[0])
-        await reach(client, job.name, {State.STATE_RUNNING})
+        # Killed once the algorithm has printed: RUNNING alone may precede its first line.
+        async for chunk in client.stream_logs(job.name):
+            if "started" in chunk.text:
+                break
         began = time.monotonic()
         await node.kill("operator_engine")
         final = await reach(client, job.name, FINAL)
