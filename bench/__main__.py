@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format, struct_pb2
 
 from bench.baseline import BARE_BWRAP, PYTHON, percentile
-from cli.supervisor import Mesh, Supervisor
+from cli.supervisor import Mesh, Supervisor, free_address
 from sdk.client import Client
 from sdk.keys import Key
 
@@ -42,12 +41,6 @@ LOGGER = (
     "    print(f'line {{i}} {{time.time():.6f}}', flush=True)\n"
     "    time.sleep(0.05)\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bare_runs(count: int) -> list[float]:
@@ -160,9 +153,7 @@ async def run(args: argparse.Namespace) -> int:
     home = Path(tempfile.mkdtemp(prefix="c2d-bench-"))
     tag = uuid.uuid4().hex[:8]
     owner = Key.load_or_create(home / "key.json")
-    mesh = Mesh.defaults(
-        home, owner.address, provider=f"127.0.0.1:{free_port()}", gateway=f"127.0.0.1:{free_port()}"
-    )
+    mesh = Mesh.defaults(home, owner.address, provider=free_address(), gateway=free_address())
     environments = home / "environments.json"
     environments.write_text(
         json.dumps([{"name": "default", "max_concurrent_jobs": args.concurrency}])

@@ -9,7 +9,6 @@ import json
 import math
 import random
 import shutil
-import socket
 import sys
 import time
 from importlib import resources
@@ -20,19 +19,13 @@ from c2d.provider.v1 import provider_pb2 as pb
 
 from cli.follow import follow
 from cli.output import kind_name
-from cli.supervisor import Mesh, Supervisor
+from cli.supervisor import Mesh, Supervisor, free_address
 from mesh import config as mesh_config
 from sdk.client import Client
 from sdk.keys import Key
 
 ROWS = 5000
 COLUMNS = ("age", "glucose", "blood_pressure")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _step(text: str) -> None:
@@ -92,8 +85,8 @@ async def run_demo(args: argparse.Namespace) -> int:
     mesh = Mesh.defaults(
         home,
         owner.address,
-        provider=f"127.0.0.1:{_free_port()}",
-        gateway=f"127.0.0.1:{_free_port()}",
+        provider=free_address(),
+        gateway=free_address(),
     )
     supervisor = Supervisor(mesh, log_dir=home / "logs")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,14 @@ from mesh.channels import open_channel
 STOP_SECONDS = 8.0
 # A child that keeps crashing is not restarted forever: this many restarts a minute at most.
 MAX_RESTARTS_PER_MINUTE = 5
+
+
+def free_address() -> str:
+    """A loopback address with a port nothing listens on now, for a node that must not meet
+    another one on this machine (the demo, tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 @dataclass

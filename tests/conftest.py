@@ -30,6 +30,42 @@ needs_root = pytest.mark.skipif(
 )
 
 
+@dataclass(frozen=True)
+class SandboxIdentity:
+    """Cgroups, job uids and a staging root of a test engine's own, so that test engines and
+    any node running on this machine never meet (an engine sweeps what it thinks it left)."""
+
+    tag: str
+
+    @classmethod
+    def new(cls) -> SandboxIdentity:
+        return cls(uuid.uuid4().hex[:8])
+
+    @property
+    def uid_base(self) -> int:
+        return 1_700_000_000 + int(self.tag, 16) % 10_000 * 64
+
+    @property
+    def uids(self) -> range:
+        return range(self.uid_base, self.uid_base + 64)
+
+    @property
+    def stage_root(self) -> Path:
+        return Path(f"/run/c2d-test-{self.tag}")
+
+    @property
+    def cgroup_name(self) -> str:
+        return f"c2d-test-{self.tag}"
+
+    def env(self) -> dict[str, str]:
+        """The same, for an engine started as a process."""
+        return {
+            "C2D_SANDBOX_CGROUP": self.cgroup_name,
+            "C2D_SANDBOX_STAGE_ROOT": str(self.stage_root),
+            "C2D_SANDBOX_UID_BASE": str(self.uid_base),
+        }
+
+
 def new_key() -> Key:
     account = Account.create()
     return Key(address=account.address, private_key=bytes(account.key))
@@ -79,8 +115,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
     data_root = tmp_path / "data"
     data_root.mkdir(parents=True)
     owner = new_key()
-    tag = uuid.uuid4().hex[:8]
-    uid_base = 1_700_000_000 + (int(tag, 16) % 1000) * 64
+    sandbox = SandboxIdentity.new()
     engine = await build_engine(
         EngineConfig(
             listen=f"unix:{run / 'engine.sock'}",
@@ -88,10 +123,9 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
             data_root=data_root,
             storage_url=str(home / "results"),
             environments=TEST_ENVIRONMENTS,
-            # Each test engine has cgroups, uids and a staging folder of its own.
-            sandbox_uid_base=uid_base,
-            sandbox_stage_root=Path(f"/run/c2d-test-{tag}"),
-            sandbox_cgroup_name=f"c2d-test-{tag}",
+            sandbox_uid_base=sandbox.uid_base,
+            sandbox_stage_root=sandbox.stage_root,
+            sandbox_cgroup_name=sandbox.cgroup_name,
         )
     )
     engine_server, runner = engine
@@ -124,7 +158,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
             operator_address=operator.server.address,
             engine_address=engine_server.address,
             owner=owner,
-            sandbox_uids=range(uid_base, uid_base + 64),
+            sandbox_uids=sandbox.uids,
         )
     finally:
         await provider.server.stop(0.5)
@@ -136,7 +170,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         await engine_server.stop(0.5)
         runner.sandbox.close()
         assert mounted_under(home) == [], "the engine left a job disk mounted"
-        shutil.rmtree(f"/run/c2d-test-{tag}", ignore_errors=True)
+        shutil.rmtree(sandbox.stage_root, ignore_errors=True)
 
 
 def write_key(path: Path, key: Key) -> None:

@@ -6,46 +6,35 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import needs_root
+from cli.supervisor import free_address
+from tests.conftest import SandboxIdentity, needs_root
 
 pytestmark = needs_root
 C2D = [sys.executable, "-m", "cli.main"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Node:
     def __init__(self, home: Path) -> None:
-        tag = uuid.uuid4().hex[:8]
         self.home = home
-        self.provider = f"127.0.0.1:{free_port()}"
-        self.gateway = f"127.0.0.1:{free_port()}"
+        self.provider = free_address()
+        self.gateway = free_address()
         self.env = {
             **os.environ,
             "C2D_HOME": str(home),
             "C2D_PROVIDER_LISTEN": self.provider,
             "C2D_PROVIDER_ADDRESS": self.provider,
             "C2D_GATEWAY_LISTEN": self.gateway,
-            # Away from any node running on this machine.
-            "C2D_SANDBOX_CGROUP": f"c2d-test-{tag}",
-            "C2D_SANDBOX_STAGE_ROOT": f"/run/c2d-test-{tag}",
-            "C2D_SANDBOX_UID_BASE": str(1_750_000_000 + int(tag, 16) % 1000 * 64),
+            **SandboxIdentity.new().env(),
             "C2D_LOG_FORMAT": "json",
         }
         self.process: subprocess.Popen[str] | None = None

@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 from c2d.common.v1 import job_pb2
@@ -16,26 +15,31 @@ from c2d.engine.v1 import engine_pb2
 from mesh import jobs as job_facts
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.server import build
-from tests.conftest import needs_root
+from tests.conftest import SandboxIdentity, needs_root
 
 pytestmark = needs_root
 
 
-def test_the_engine_refuses_to_start_when_it_cannot_enforce_a_limit(tmp_path: Path) -> None:
-    # uid 0 is root: the sandbox's uid range would collide with real users.
-    env = {
-        **os.environ,
-        "C2D_HOME": str(tmp_path),
-        "C2D_SANDBOX_UID_BASE": "0",
-        "C2D_LOG_FORMAT": "json",
-    }
-    run = subprocess.run(
+def start_engine(home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m operator_engine` with a state folder and sandbox identity of its own."""
+    return subprocess.run(
         [sys.executable, "-m", "operator_engine"],
-        env=env,
+        env={
+            **os.environ,
+            **SandboxIdentity.new().env(),
+            "C2D_HOME": str(home),
+            "C2D_LOG_FORMAT": "json",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def test_the_engine_refuses_to_start_when_it_cannot_enforce_a_limit(tmp_path: Path) -> None:
+    # uid 0 is root: the sandbox's uid range would collide with real users.
+    run = start_engine(tmp_path, C2D_SANDBOX_UID_BASE="0")
     assert run.returncode == 2
     assert "refusing to start" in run.stderr
     assert "uid" in run.stderr.lower()
@@ -44,16 +48,16 @@ def test_the_engine_refuses_to_start_when_it_cannot_enforce_a_limit(tmp_path: Pa
 async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
     tmp_path: Path,
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
+    sandbox = SandboxIdentity.new()
     config = EngineConfig(
         listen=f"unix:{tmp_path / 'run' / 'engine.sock'}",
         workspace_root=tmp_path / "engine" / "jobs",
         data_root=tmp_path / "data",
         storage_url=str(tmp_path / "results"),
         environments=(EnvironmentSpec(),),
-        sandbox_uid_base=1_650_000_000 + int(tag, 16) % 1000 * 64,
-        sandbox_stage_root=Path(f"/run/c2d-test-{tag}"),
-        sandbox_cgroup_name=f"c2d-test-{tag}",
+        sandbox_uid_base=sandbox.uid_base,
+        sandbox_stage_root=sandbox.stage_root,
+        sandbox_cgroup_name=sandbox.cgroup_name,
     )
     # What a killed engine leaves: the workspace of a job it was configuring.
     job_id = job_facts.new_job_id()
@@ -97,19 +101,6 @@ async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
 def test_the_engine_refuses_an_environment_it_cannot_isolate(tmp_path: Path) -> None:
     environments = tmp_path / "environments.json"
     environments.write_text('[{"name": "online", "network_allowed": true}]')
-    env = {
-        **os.environ,
-        "C2D_HOME": str(tmp_path),
-        "C2D_ENVIRONMENTS_FILE": str(environments),
-        "C2D_SANDBOX_CGROUP": f"c2d-test-{uuid.uuid4().hex[:8]}",
-        "C2D_LOG_FORMAT": "json",
-    }
-    run = subprocess.run(
-        [sys.executable, "-m", "operator_engine"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = start_engine(tmp_path, C2D_ENVIRONMENTS_FILE=str(environments))
     assert run.returncode == 2
     assert "refusing to start" in run.stderr and "online" in run.stderr
