@@ -20,7 +20,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh.errors import MeshError
+from mesh.errors import MeshError, from_rpc_error
 
 log = structlog.get_logger()
 
@@ -46,8 +46,12 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps domain errors to statuses, hides unexpected ones behind INTERNAL, and writes one
+    """Maps domain errors to statuses, and errors of the service this one calls (`downstream`)
+    to the same kind of status naming it; hides unexpected ones behind INTERNAL; writes one
     summary log line per call."""
+
+    def __init__(self, downstream: str = "") -> None:
+        self.downstream = downstream
 
     async def intercept_service(
         self,
@@ -60,13 +64,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
+                _wrap_unary(method, self.downstream, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, cast(Callable[..., AsyncIterator[Any]], handler.unary_stream)),
+                _wrap_stream(
+                    method,
+                    self.downstream,
+                    cast(Callable[..., AsyncIterator[Any]], handler.unary_stream),
+                ),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -84,15 +92,24 @@ def _finish(method: str, started: float, code: str) -> None:
     log.info("rpc", method=method, code=code, duration_ms=elapsed_ms)
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+def _as_mesh_error(error: Exception, downstream: str, method: str) -> MeshError:
+    """What a handler's exception means to its caller. Call inside the `except` block."""
+    if isinstance(error, MeshError):
+        return error
+    if downstream and isinstance(error, grpc.aio.AioRpcError):
+        return from_rpc_error(error, service=downstream)
+    log.exception("rpc failed", method=method)
+    return MeshError("internal error; it has been logged")
+
+
+def _wrap_unary(
+    method: str, downstream: str, behavior: Callable[..., Awaitable[Any]]
+) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars():
             try:
                 response = await behavior(request, context)
-            except MeshError as error:
-                _finish(method, started, error.code.name)
-                await _abort(context, error)
             except asyncio.CancelledError:
                 _finish(method, started, "CANCELLED")
                 raise
@@ -100,9 +117,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
                 if _is_abort(error):
                     _finish(method, started, "ABORTED_BY_HANDLER")
                     raise
-                log.exception("rpc failed", method=method)
-                _finish(method, started, "INTERNAL")
-                await _abort(context, MeshError("internal error; it has been logged"))
+                mapped = _as_mesh_error(error, downstream, method)
+                _finish(method, started, mapped.code.name)
+                await _abort(context, mapped)
             else:
                 _finish(method, started, "OK")
                 return response
@@ -110,7 +127,9 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return wrapper
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+def _wrap_stream(
+    method: str, downstream: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., Any]:
     async def wrapper(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
@@ -119,18 +138,15 @@ def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Ca
             try:
                 async for item in behavior(request, context):
                     yield item
-            except MeshError as error:
-                _finish(method, started, error.code.name)
-                await _abort(context, error)
             except asyncio.CancelledError:
                 _finish(method, started, "CANCELLED")
                 raise
             except Exception as error:
                 if _is_abort(error):
                     raise
-                log.exception("rpc failed", method=method)
-                _finish(method, started, "INTERNAL")
-                await _abort(context, MeshError("internal error; it has been logged"))
+                mapped = _as_mesh_error(error, downstream, method)
+                _finish(method, started, mapped.code.name)
+                await _abort(context, mapped)
             else:
                 _finish(method, started, "OK")
 
@@ -151,12 +167,13 @@ class Server:
         register: Callable[[grpc.aio.Server], None],
         service_names: Sequence[str],
         *,
+        downstream: str = "",
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(), *interceptors], options=SERVER_OPTIONS
+            interceptors=[ErrorInterceptor(downstream), *interceptors], options=SERVER_OPTIONS
         )
         register(self.server)
         self.health = health.aio.HealthServicer()

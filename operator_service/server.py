@@ -46,6 +46,7 @@ async def build(config: OperatorConfig) -> OperatorService:
         "operator_service",
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
+        downstream="operator engine",
     )
     server.bind(config.listen)
     return OperatorService(server, store, tracker, channel)

@@ -141,7 +141,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             return
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise from_rpc_error(error, service=ENGINE) from None
+                raise  # the interceptor maps it, naming the engine
         # The engine no longer holds the log: serve the published copy.
         job = await self._owned(request.job_id, request.owner)
         logs = [r for r in job.results if r.kind == job_pb2.ResultFile.KIND_ALGORITHM_LOG]
@@ -171,7 +171,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise from_rpc_error(error, service=ENGINE) from None
+                raise  # the interceptor maps it, naming the engine
             await self.tracker.end(request.job_id, State.STATE_CANCELLED, 0, "stopped")
         else:
             await self.tracker.record(response.job)
@@ -193,7 +193,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
-                raise from_rpc_error(error, service=ENGINE) from None
+                raise  # the interceptor maps it, naming the engine
         await self.storage.delete_job(request.job_id)
         await self.store.delete(request.job_id)
         log.info("job deleted")
@@ -235,10 +235,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def ListEnvironments(
         self, request: operator_pb2.ListEnvironmentsRequest, context: Context
     ) -> operator_pb2.ListEnvironmentsResponse:
-        try:
-            response = await self.engine.ListEnvironments(
-                engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=ENGINE) from None
+        response = await self.engine.ListEnvironments(
+            engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
+        )
         return operator_pb2.ListEnvironmentsResponse(environments=response.environments)

@@ -36,6 +36,7 @@ async def build(config: ProviderConfig) -> Provider:
         "provider",
         lambda s: provider_pb2_grpc.add_ProviderServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
+        downstream="operator service",
     )
     server.bind(config.listen)
     return Provider(server, store, channel)

@@ -25,7 +25,7 @@ from google.protobuf import json_format, timestamp_pb2
 from mesh import jobs as job_facts
 from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
-from mesh.errors import InvalidArgument, NotFound, PermissionDenied, from_rpc_error
+from mesh.errors import InvalidArgument, NotFound, PermissionDenied
 from provider import assets
 from provider.auth import Authenticator
 from provider.config import ProviderConfig
@@ -34,7 +34,6 @@ from provider.store import ProviderStore
 
 log = structlog.get_logger()
 Context = grpc.aio.ServicerContext[Any, Any]
-OPERATOR = "operator service"
 
 MAX_ALGORITHM_BYTES = 16 << 20
 MAX_RAW_ALGORITHM_BYTES = 1 << 20
@@ -273,12 +272,9 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         fetched, environments = self._environments
         if time.monotonic() - fetched < 10 and environments:
             return environments
-        try:
-            response = await self.operator.ListEnvironments(
-                operator_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        response = await self.operator.ListEnvironments(
+            operator_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
+        )
         environments = list(response.environments)
         self._environments = (time.monotonic(), environments)
         return environments
@@ -336,12 +332,9 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
             allow_network=all(d.policy.allow_network_access for d, _ in datasets),
         )
         structlog.contextvars.bind_contextvars(job_id=spec.job_id)
-        try:
-            response = await self.operator.CreateJob(
-                operator_pb2.CreateJobRequest(spec=spec), timeout=UNARY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        response = await self.operator.CreateJob(
+            operator_pb2.CreateJobRequest(spec=spec), timeout=UNARY_TIMEOUT
+        )
         if request.request_id:
             await self.store.remember_request(caller.address, request.request_id, response.job.name)
         log.info(
@@ -384,12 +377,9 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
 
     async def _job(self, name: str, owner: str) -> job_pb2.Job:
         job_id = job_facts.parse_name(name, "jobs")
-        try:
-            response = await self.operator.GetJob(
-                operator_pb2.GetJobRequest(job_id=job_id, owner=owner), timeout=UNARY_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        response = await self.operator.GetJob(
+            operator_pb2.GetJobRequest(job_id=job_id, owner=owner), timeout=UNARY_TIMEOUT
+        )
         return response.job
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
@@ -398,15 +388,12 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         caller = await self.auth.reader(context, "ListJobs", request)
-        try:
-            response = await self.operator.ListJobs(
-                operator_pb2.ListJobsRequest(
-                    owner=caller.address, page_size=request.page_size, page_token=request.page_token
-                ),
-                timeout=UNARY_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        response = await self.operator.ListJobs(
+            operator_pb2.ListJobsRequest(
+                owner=caller.address, page_size=request.page_size, page_token=request.page_token
+            ),
+            timeout=UNARY_TIMEOUT,
+        )
         return pb.ListJobsResponse(jobs=response.jobs, next_page_token=response.next_page_token)
 
     async def WatchJob(
@@ -415,13 +402,10 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         caller = await self.auth.reader(context, "WatchJob", request)
         job_id = job_facts.parse_name(request.name, "jobs")
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        try:
-            async for response in self.operator.WatchJob(
-                operator_pb2.WatchJobRequest(job_id=job_id, owner=caller.address)
-            ):
-                yield pb.WatchJobResponse(job=response.job)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        async for response in self.operator.WatchJob(
+            operator_pb2.WatchJobRequest(job_id=job_id, owner=caller.address)
+        ):
+            yield pb.WatchJobResponse(job=response.job)
 
     async def StreamJobLogs(
         self, request: pb.StreamJobLogsRequest, context: Context
@@ -431,27 +415,21 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         structlog.contextvars.bind_contextvars(job_id=job_id)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
-        try:
-            async for response in self.operator.StreamJobLogs(
-                operator_pb2.StreamJobLogsRequest(
-                    job_id=job_id, owner=caller.address, offset=request.offset
-                )
-            ):
-                yield pb.StreamJobLogsResponse(chunk=response.chunk)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        async for response in self.operator.StreamJobLogs(
+            operator_pb2.StreamJobLogsRequest(
+                job_id=job_id, owner=caller.address, offset=request.offset
+            )
+        ):
+            yield pb.StreamJobLogsResponse(chunk=response.chunk)
 
     async def StopJob(self, request: pb.StopJobRequest, context: Context) -> pb.StopJobResponse:
         caller = await self.auth.signed(context, "StopJob", request)
         job_id = job_facts.parse_name(request.name, "jobs")
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        try:
-            response = await self.operator.StopJob(
-                operator_pb2.StopJobRequest(job_id=job_id, owner=caller.address),
-                timeout=UNARY_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        response = await self.operator.StopJob(
+            operator_pb2.StopJobRequest(job_id=job_id, owner=caller.address),
+            timeout=UNARY_TIMEOUT,
+        )
         return pb.StopJobResponse(job=response.job)
 
     async def DeleteJob(
@@ -460,13 +438,10 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         caller = await self.auth.signed(context, "DeleteJob", request)
         job_id = job_facts.parse_name(request.name, "jobs")
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        try:
-            await self.operator.DeleteJob(
-                operator_pb2.DeleteJobRequest(job_id=job_id, owner=caller.address),
-                timeout=UNARY_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        await self.operator.DeleteJob(
+            operator_pb2.DeleteJobRequest(job_id=job_id, owner=caller.address),
+            timeout=UNARY_TIMEOUT,
+        )
         return pb.DeleteJobResponse()
 
     async def DownloadResult(
@@ -480,12 +455,9 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         structlog.contextvars.bind_contextvars(job_id=job_id)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
-        try:
-            async for response in self.operator.ReadResult(
-                operator_pb2.ReadResultRequest(
-                    job_id=job_id, owner=caller.address, index=index, offset=request.offset
-                )
-            ):
-                yield pb.DownloadResultResponse(offset=response.offset, data=response.data)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, service=OPERATOR) from None
+        async for response in self.operator.ReadResult(
+            operator_pb2.ReadResultRequest(
+                job_id=job_id, owner=caller.address, index=index, offset=request.offset
+            )
+        ):
+            yield pb.DownloadResultResponse(offset=response.offset, data=response.data)
