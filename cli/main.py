@@ -45,7 +45,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     from cli.supervisor import Mesh, Supervisor
 
     home = mesh_config.home()
-    owner = Key.load_or_create(Path(args.key_file) if args.key_file else home / "key.json")
+    owner = _key(args)
     mesh = Mesh.defaults(home, owner.address)
     supervisor = Supervisor(mesh)
     stop = asyncio.Event()

@@ -190,10 +190,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
             raise InvalidArgument("policy.timeout must not be negative", field="policy.timeout")
 
     async def _dataset(self, name: str, field: str = "name") -> pb.Dataset:
-        found = await self.store.dataset(job_facts.parse_name(name, "datasets", field))
-        if found is None:
-            raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
-        return found[0]
+        return (await self._dataset_with_files(name, field))[0]
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context
@@ -344,7 +341,10 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         )
         return pb.StartComputeResponse(job=response.job)
 
-    async def _dataset_with_files(self, name: str, field: str) -> tuple[pb.Dataset, list[str]]:
+    async def _dataset_with_files(
+        self, name: str, field: str = "name"
+    ) -> tuple[pb.Dataset, list[str]]:
+        """The dataset with the paths of its files (for the engine only)."""
         found = await self.store.dataset(job_facts.parse_name(name, "datasets", field))
         if found is None:
             raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
