@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from operator_engine.mounts import mounted_under
+
 log = structlog.get_logger()
 
 # Below this much free space, or with no free inode, the job's disk counts as full.
@@ -42,25 +44,13 @@ async def _run(*argv: str) -> None:
         raise OSError(f"{argv[0]} failed: {stderr.decode(errors='replace').strip()[:300]}")
 
 
-def mounted_under(root: Path) -> list[Path]:
-    """Mount points at or below `root`, from this process's mount table."""
-    found = []
-    prefix = str(root.resolve())
-    with open("/proc/self/mountinfo") as table:
-        for line in table:
-            # The fifth field is the mount point, with spaces escaped as \040.
-            point = line.split(" ")[4].replace("\\040", " ")
-            if point == prefix or point.startswith(prefix + "/"):
-                found.append(Path(point))
-    return found
-
-
 class JobDisks:
     """Job disks, kept ready in a pool so that making one (mkfs, mount) is not on a job's path.
 
     After a job's outputs are published its disk is wiped (everything on it deleted, the root
     handed back to root) and goes back to the pool; one the pool does not need, or one that
-    cannot be wiped, is unmounted and deleted."""
+    cannot be wiped, is unmounted and deleted. Disks in use count towards the pool's size, so
+    a job taking one does not start the making of another that its release then destroys."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -69,6 +59,10 @@ class JobDisks:
         self._ready: dict[int, list[Path]] = {}
         self._wanted: dict[int, int] = {}
         self._sizes: dict[Path, int] = {}
+        # Per size: disks held by jobs, and disks being wiped on their way back to the pool.
+        self._in_use: dict[int, int] = {}
+        self._wiping: dict[int, int] = {}
+        self._wiped = asyncio.Condition()
         self._refill: asyncio.Task[None] | None = None
 
     def check(self) -> None:
@@ -105,8 +99,14 @@ class JobDisks:
 
     async def take(self, size: int) -> Path:
         """A mounted, empty disk of `size` bytes for one job."""
-        ready = self._ready.get(size, [])
+        ready = self._ready.setdefault(size, [])
+        if not ready and self._wiping.get(size, 0):
+            # The last job's disk is on its way back (a wipe takes about a millisecond):
+            # cheaper to wait for it than to make one.
+            async with self._wiped:
+                await self._wiped.wait_for(lambda: bool(ready) or not self._wiping.get(size, 0))
         disk = ready.pop(0) if ready else await self._make(size)
+        self._in_use[size] = self._in_use.get(size, 0) + 1
         self._start_refill()
         return disk
 
@@ -114,16 +114,31 @@ class JobDisks:
         """Takes a disk back after its job: wiped and back in the pool when the pool wants it,
         else unmounted and deleted. A no-op for a disk already gone."""
         size = self._sizes.get(disk)
-        ready = self._ready.setdefault(size or 0, [])
-        if size is not None and len(ready) < self._wanted.get(size, 0):
+        if size is None:  # not one of this pool's (a previous engine's), or already gone
+            await self._destroy(disk)
+            return
+        self._in_use[size] = max(0, self._in_use.get(size, 0) - 1)
+        if self._pooled(size) < self._wanted.get(size, 0):
+            self._wiping[size] = self._wiping.get(size, 0) + 1
             try:
                 await asyncio.to_thread(_wipe, disk)
             except OSError as error:
                 log.warning("could not wipe a job disk; replacing it", error=str(error))
             else:
-                ready.append(disk)
+                self._ready.setdefault(size, []).append(disk)
                 return
+            finally:
+                self._wiping[size] -= 1
+                async with self._wiped:
+                    self._wiped.notify_all()
         await self._destroy(disk)
+        self._start_refill()  # when the pool is now short of a disk
+
+    def _pooled(self, size: int) -> int:
+        """Disks of `size` ready, held by jobs, or on their way back to the pool."""
+        return (
+            len(self._ready.get(size, ())) + self._in_use.get(size, 0) + self._wiping.get(size, 0)
+        )
 
     async def _destroy(self, disk: Path) -> None:
         self._sizes.pop(disk, None)
@@ -169,7 +184,7 @@ class JobDisks:
     async def _fill(self) -> None:
         for size, count in self._wanted.items():
             ready = self._ready.setdefault(size, [])
-            while len(ready) < count:
+            while self._pooled(size) < count:
                 try:
                     ready.append(await self._make(size))
                 except OSError as error:

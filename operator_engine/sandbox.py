@@ -1,41 +1,37 @@
 """Runs one job's compute stage, a hostile algorithm, under bubblewrap and reports how it ended.
 
-The launch chain is one process that execs its way down, all argument lists, no shell ever
-parses untrusted data:
+Each uid slot gets its sandbox built *before* a job arrives, so that a job's start costs no
+namespace, mount or process setup but its own few mounts and one exec. The chain is one process
+that execs its way down, all argument lists, fixed when it is parked:
 
-1. a *launcher*: ``setpriv --pdeathsig`` then ``/bin/sh`` (root) writes its own pid into the
-   job's cgroups, then waits for the word ``go`` on its stdin, a pipe only the engine writes,
-   and execs the rest. Launchers are *parked* ahead of time, one per free uid slot up to
-   ``_PARKED_LAUNCHERS``, each in fresh cgroups of its own: moving a process into a cgroup can
-   wait several milliseconds for the kernel (an RCU grace period), and that wait, like the
-   launcher's own start, is then off the job's path. At the job's start the engine renames
-   the parked cgroups to the job id (cgroup v1; v2 keeps the parked name), writes the limits,
-   sets RLIMIT_FSIZE and RLIMIT_CORE on the launcher (prlimit), hands the per-job options to
-   the two bwraps through pipes (bwrap's ``--args``, NUL-separated: nothing is parsed by a
-   shell) and says ``go``. A launcher ends on end of file without ``go``, and by
-   PR_SET_PDEATHSIG when the engine dies; sweep() removes the cgroups of a crashed engine's.
-   (The wait is the kernel's cgroup_threadgroup_rwsem; mounting a cgroup hierarchy with
-   ``favordynmods`` would remove it host-wide, at a cost to every fork and exit on the host,
-   and cgroup v1 hierarchies cannot be remounted with it: the sandbox does not do it.)
-2. an *outer* bwrap (root) in a private mount and pid namespace. It mounts a tmpfs on
-   ``<stage_root>`` and bind-mounts each host file or directory of the job at a traversable
-   staging path in it (``<stage_root>/m<N>``), so that inputs under root-only directories
-   become reachable to the job uid, without anything leaking to the host's mount table or
-   file system (each job's staging exists in its own mount namespace only). Its own pid
-   namespace makes the job die with the engine: when the engine dies, bwrap's
-   --die-with-parent kills the outer init, and the kernel kills every process in that
-   namespace, including the unprivileged ones a root-to-uid signal could not reach. It execs
-3. ``setpriv`` (drops to the job's dedicated uid and gid, no groups, no capabilities,
-   no-new-privs), which execs
-4. the *inner* bwrap, unprivileged: a fresh user namespace mapping the job uid to itself,
-   every other namespace new (no network unless allowed), nested user namespaces disabled, a
-   read-only runtime (``/usr``), size-capped ``/tmp`` and ``/dev/shm``, the job's ``/data``
-   bound from the staging paths, and ``/etc/passwd`` and ``/etc/group`` naming the job uid
-   (written into pipes when the launcher is parked). Inside, ``/bin/sh`` rebuilds the
-   algorithm's argument list from environment variables (``_C2D_ARGC``, ``_C2D_ARG<i>``: each
-   value is expanded, never parsed), unsets them, merges the algorithm's stderr into its
-   stdout and execs the algorithm. bwrap's own messages keep the original stderr, a separate
-   pipe, so they never reach the algorithm's log.
+1. ``setpriv --pdeathsig`` then ``/bin/sh`` (root) writes its own pid into the slot's fresh
+   cgroups (moving a process into a cgroup can wait several milliseconds for the kernel, an RCU
+   grace period: that wait is then off the job's path) and execs
+2. ``setpriv`` again: drops to the slot's dedicated uid and gid, no groups, no capabilities,
+   no-new-privs, and PR_SET_PDEATHSIG once more (the uid change cleared it), then execs
+3. bwrap, unprivileged: a fresh user namespace mapping the job uid to itself, every other
+   namespace new (no network unless allowed), nested user namespaces disabled, a read-only
+   runtime (``/usr``), and ``/etc/passwd`` and ``/etc/group`` naming the job uid. Its ``/data``,
+   ``/tmp`` and ``/dev/shm`` are bound from the slot's staging directories, empty root-owned
+   directories for now, on a tmpfs with *shared* mount propagation (``<stage_root>/slots``), so
+   that what the engine mounts there later appears inside. bwrap runs
+4. ``/bin/sh`` as the job uid, which waits for the job's script on its stdin, a pipe only the
+   engine writes.
+
+A job then takes a parked sandbox: the engine renames its cgroups to the job id (cgroup v1; v2
+keeps the parked name) and writes the limits; mounts the job's ``/tmp`` and ``/dev/shm``
+(tmpfs, size-capped, owned by the job uid) and each input, read-only, on the slot's staging
+directories (each bind is made read-only on a private scratch mount first and only then moved
+into the shared tree, so it never appears writable inside); and writes the script: the
+file-size and core limits (``ulimit``, soft and hard), the job's environment and ``exec`` of the
+algorithm's argument list with stderr merged into stdout. Every value in it is single-quoted
+(``shlex.quote``): the shell takes it literally. The deadline runs from then. bwrap's own
+messages keep the original stderr, a separate pipe, so they never reach the algorithm's log.
+After the job, its mounts are detached and the slot is parked again.
+
+If the engine dies, the kernel kills the sandbox: bwrap's monitor dies by PR_SET_PDEATHSIG, its
+init by --die-with-parent, and every process in the pid namespace with it. A crashed engine's
+staging mounts stay on the host until the next engine's check() detaches them.
 
 Limits are the kernel's: memory, processes and CPU in per-job cgroups (v1 or v2), file size and
 core dumps by rlimit, ``/tmp`` by tmpfs size (RAM-backed, so it also counts against memory), and
@@ -52,7 +48,11 @@ Known limits:
   reads as killed by SIGKILL.
 - A full ``/tmp`` (ENOSPC) leaves no trace outside the job; DISK_FULL is then inferred from the
   algorithm's last output, which only the algorithm itself can mislabel.
-- The environment names ``_C2D_ARGC`` and ``_C2D_ARG<i>`` are the sandbox's own.
+- Inputs are bound without what is mounted below their source on the host.
+- A job with ``Limits.network=True`` gets no parked sandbox: its own is built as it starts.
+- An engine killed within a moment of parking a sandbox can leave that sandbox's bwrap child
+  waiting (it had not yet asked for PR_SET_PDEATHSIG): it runs nothing, and the next engine's
+  sweep kills it with its cgroup.
 """
 
 from __future__ import annotations
@@ -67,19 +67,21 @@ import json
 import os
 import posixpath
 import re
-import resource
 import select
+import shlex
 import shutil
 import signal
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+from operator_engine import mounts
 
 _log = structlog.get_logger(__name__)
 
@@ -87,10 +89,10 @@ _log = structlog.get_logger(__name__)
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-# The chain's own processes sit in the job's pids cgroup next to the algorithm: the outer
-# bwrap's monitor and init, the inner bwrap's monitor and init. They are added to the job's
-# process limit so that `max_processes` counts the algorithm's processes (and threads) only.
-_CHAIN_PROCESSES = 4
+# The chain's own processes sit in the job's pids cgroup next to the algorithm: bwrap's monitor
+# and its init. They are added to the job's process limit so that `max_processes` counts the
+# algorithm's processes (and threads) only.
+_CHAIN_PROCESSES = 2
 _CPU_PERIOD_US = 100_000
 _MIN_CPU_QUOTA_US = 1_000
 _MIN_MEMORY_BYTES = 16 * 1024 * 1024
@@ -100,33 +102,28 @@ _CHAIN_STDERR_CAP = 16 * 1024
 _KILL_TIMEOUT_S = 10.0
 _DRAIN_TIMEOUT_S = 2.0
 _RMDIR_TIMEOUT_S = 2.0
-# Launchers kept parked, each on a free uid slot in fresh cgroups (see the module docstring).
+# Sandboxes kept parked, each on a free uid slot in fresh cgroups (see the module docstring).
 _PARKED_LAUNCHERS = 4
-# A launcher's pipes: its stdin ("go"), the bwraps' --args, files the bwraps copy in, and its
-# stdout, stderr and the inner bwrap's status (read by the engine).
-_LAUNCHER_PIPES = ("go", "outer", "inner", "passwd", "group", "nsswitch", "out", "err", "status")
-_NSSWITCH = b"passwd: files\ngroup: files\n"
-# The outer bwrap's tmpfs for the staging points: empty files and directories only.
-_STAGE_TMPFS_BYTES = 1 << 20
+# A launcher's pipes: its stdin (the job's script, read by the waiting shell), files bwrap
+# copies in, and its stdout, stderr and bwrap's status (read by the engine).
+_LAUNCHER_PIPES = ("go", "passwd", "group", "out", "err", "status")
+# The staging tmpfs holds empty files and directories only (mount points).
+_STAGE_TMPFS = "size=1m,nr_inodes=65536,mode=0755"
+_SCRATCH_TMPFS = "size=64k,nr_inodes=4096,mode=0700"
+# The slot's staging directories bound into its sandbox, and where.
+_SLOT_BINDS = (("data", "/data"), ("tmp", "/tmp"), ("shm", "/dev/shm"))
 # Parked cgroups' names start with a character no job id starts with; the engine's pid and a
 # count make them unique (two Sandbox objects may share a cgroup parent).
 _PARK_PREFIX = "_park-"
 _park_ids = itertools.count()
-# The launcher joins the cgroups named by its arguments, waits for "go" on its stdin and execs
-# the rest of its arguments: a fixed command line, chosen when it was parked.
+# The launcher joins the cgroups named by its arguments and execs the rest of its arguments.
 _LAUNCHER_SCRIPT = (
     'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; '
-    'n=$((n - 1)); done; read -r go && [ "$go" = go ] || exit 0; exec "$@" </dev/null'
+    'n=$((n - 1)); done; exec "$@"'
 )
-# Inside the sandbox, as the job uid: rebuilds the algorithm's argument list from the
-# environment. eval only ever sees `set -- "$@" "$_C2D_ARG<i>"` with <i> a number: each value
-# is expanded once, quoted, and never parsed.
-_ARG_ENV = "_C2D_ARG"
-_ARGV_SCRIPT = (
-    f'i=0; while [ "$i" -lt "${_ARG_ENV}C" ]; do '
-    f'eval "set -- \\"\\$@\\" \\"\\${_ARG_ENV}$i\\"; unset {_ARG_ENV}$i"; i=$((i + 1)); done; '
-    f'unset {_ARG_ENV}C; exec "$@" 2>&1'
-)
+# Inside the sandbox, as the job uid: reads the job's script (see _job_script) from stdin to its
+# end, lets go of the pipe and runs it. Without a script (the engine closed the pipe), it ends.
+_WAITER_SCRIPT = 's=; while IFS= read -r line; do s="$s$line\n"; done; exec </dev/null; eval "$s"'
 _DISK_SCAN_LIMIT = 10_000
 _SMOKE_TIMEOUT_S = 30.0
 _CHAIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -322,7 +319,9 @@ class _Cgroups:
         self.make(group)
         self.limit(group, limits)
 
-    def make(self, group: str) -> None:
+    def make(self, group: str, *, parked: bool = False) -> None:
+        """Creates the groups; `parked` ones get the least CPU weight, so that building a
+        sandbox for later yields to the jobs running now (limit() gives a job the default)."""
         try:
             for d in self.dirs(group):
                 os.mkdir(d, 0o755)
@@ -331,6 +330,14 @@ class _Cgroups:
             for d in self.dirs(group):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(d, 0o755)
+        if parked:
+            self._weigh(group, parked=True)
+
+    def _weigh(self, group: str, *, parked: bool) -> None:
+        if self.v2:
+            _write(f"{self.dirs(group)[0]}/cpu.weight", 1 if parked else 100)
+        else:
+            _write(f"{self.dirs(group)[2]}/cpu.shares", 2 if parked else 1024)
 
     def rename(self, group: str, new: str) -> str:
         """Renames the groups (cgroup v1 allows it within a parent, v2 does not); returns the
@@ -361,6 +368,7 @@ class _Cgroups:
                 _write(f"{d}/{self._swap_file}", 0)
             _write(f"{d}/pids.max", pids)
             _write(f"{d}/cpu.max", f"{quota} {_CPU_PERIOD_US}")
+            _write(f"{d}/cpu.weight", 100)
         else:
             memory, pids_dir, cpu = self.dirs(group)
             _write(f"{memory}/memory.limit_in_bytes", limits.memory_bytes)
@@ -369,6 +377,7 @@ class _Cgroups:
             _write(f"{pids_dir}/pids.max", pids)
             _write(f"{cpu}/cpu.cfs_period_us", _CPU_PERIOD_US)
             _write(f"{cpu}/cpu.cfs_quota_us", quota)
+            _write(f"{cpu}/cpu.shares", 1024)
 
     def counters(self, group: str) -> _Counters:
         if self.v2:
@@ -543,10 +552,13 @@ def _in_cgroup(paths: set[str]) -> Callable[[int], bool]:
 
 
 def _uids_of(pid: int) -> set[int]:
-    """The real, effective, saved and filesystem uids of a process (empty if gone)."""
+    """The real, effective, saved and filesystem uids of a process (empty if gone, or a zombie:
+    it has ended and waits for its parent, which may be the host's init, to reap it)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as status:
             for line in status:
+                if line.startswith(b"State:") and b"Z" in line:
+                    return set()
                 if line.startswith(b"Uid:"):
                     return {int(v) for v in line.split()[1:]}
     except OSError:
@@ -554,7 +566,7 @@ def _uids_of(pid: int) -> set[int]:
     return set()
 
 
-def processes_of_uids(uids: range) -> list[int]:
+def processes_of_uids(uids: Collection[int]) -> list[int]:
     """Pids of the host's processes running with any uid in `uids` (a check that a job left
     nothing behind)."""
     found: list[int] = []
@@ -564,28 +576,142 @@ def processes_of_uids(uids: range) -> list[int]:
     return found
 
 
-# -- the staging directory and argument lists ------------------------------------------------
+# -- the staging mounts and argument lists ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Staged:
-    mount: Mount
-    stage_path: Path
-    mode: int
+class _Stage:
+    """The staging root: ``slots/<slot>/{data,tmp,shm}``, bound into each slot's sandbox, on a
+    tmpfs with shared propagation; ``scratch``, a private tmpfs where a bind is made read-only
+    before it moves into ``slots``. Mounted by the engine in its own mount namespace (the
+    host's), which the parked sandboxes were started from."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.slots = root / "slots"
+        self.scratch = root / "scratch"
+        self.ready = False
 
-def _stage(stage_root: Path, mounts: Sequence[Mount]) -> list[_Staged]:
-    """Where the outer bwrap mounts each source (in its tmpfs on the staging root); checks that
-    each source is what its mount needs."""
-    staged = []
-    for index, mount in enumerate(mounts):
+    def set_up(self) -> None:
+        """Mounts both tmpfs, after detaching what a crashed engine left."""
+        self.tear_down()
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        for path, options, propagation in (
+            (self.slots, _STAGE_TMPFS, mounts.MS_SHARED),
+            (self.scratch, _SCRATCH_TMPFS, mounts.MS_PRIVATE),
+        ):
+            path.mkdir(mode=0o755, exist_ok=True)
+            mounts.mount("c2d-stage", path, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, options)
+            # Its own peer group (shared) or none (private), whatever its parent's is.
+            mounts.mount(None, path, None, propagation)
+        self.ready = True
+
+    def tear_down(self) -> None:
+        """Detaches every staging mount (jobs' included) and removes the empty directories."""
+        for point in reversed(mounts.mounted_under(self.root)):
+            mounts.unmount(point)
+        for path in (self.slots, self.scratch, self.root):
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir()
+        self.ready = False
+
+    def slot_dir(self, slot: int) -> Path:
+        return self.slots / str(slot)
+
+    def prepare_slot(self, slot: int) -> Path:
+        """The slot's empty staging directories, root-owned and traversable."""
+        top = self.slot_dir(slot)
+        for path in (top, *(top / name for name, _ in _SLOT_BINDS)):
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+            os.chmod(path, 0o755)  # noqa: S103 (the job uid traverses them)
+        return top
+
+    def mount_job(self, slot: int, uid: int, job_mounts: Sequence[Mount], limits: Limits) -> None:
+        """Mounts the job's /tmp and /dev/shm and its inputs on the slot's staging directories;
+        raises _SpecError for a source that is not what its mount needs. On any error, what
+        was mounted is detached again."""
+        top = self.slot_dir(slot)
+        size = max(4096, limits.disk_bytes)
+        tmpfs = f"size={size},mode=0700,uid={uid},gid={uid}"
+        try:
+            for name in ("tmp", "shm"):
+                mounts.mount("c2d-job", top / name, "tmpfs", _JOB_MOUNT_FLAGS, tmpfs)
+            for index, mount in enumerate(job_mounts):
+                self._bind(top / "data", f"{slot}-{index}", mount)
+        except BaseException:
+            self.unmount_job(slot)
+            raise
+
+    def _bind(self, data: Path, scratch_name: str, mount: Mount) -> None:
         info = os.stat(mount.host_path)
         is_dir = stat.S_ISDIR(info.st_mode)
         if not (is_dir or (stat.S_ISREG(info.st_mode) and not mount.writable)):
             kind = "a directory" if mount.writable else "a regular file or a directory"
             raise _SpecError(f"the source of {mount.sandbox_path} is not {kind}")
-        staged.append(_Staged(mount, stage_root / f"m{index}", info.st_mode))
-    return staged
+        target = data / mount.sandbox_path.removeprefix("/data/")
+        _make_points(data, target, is_dir)
+        scratch = self.scratch / scratch_name
+        _make_points(self.scratch, scratch, is_dir)
+        try:
+            mounts.mount(mount.host_path, scratch, None, mounts.MS_BIND)
+            flags = _JOB_MOUNT_FLAGS | (0 if mount.writable else mounts.MS_RDONLY)
+            mounts.mount(None, scratch, None, mounts.MS_BIND | mounts.MS_REMOUNT | flags)
+            mounts.mount(scratch, target, None, mounts.MS_MOVE)
+        finally:
+            mounts.unmount(scratch)  # still there only when the move failed
+            _remove_point(scratch)
+
+    def unmount_job(self, slot: int) -> bool:
+        """Detaches the job's mounts and empties the slot's staging directories again; False
+        when something could not be removed (the slot is then not parked again)."""
+        top = self.slot_dir(slot)
+        ok = True
+        for point in reversed(mounts.mounted_under(top)):
+            try:
+                mounts.unmount(point)
+            except OSError:
+                ok = False
+        for root, dirs, files in os.walk(top / "data", topdown=False):
+            for name in files:
+                ok = _remove_point(Path(root) / name) and ok
+            for name in dirs:
+                ok = _remove_point(Path(root) / name) and ok
+        return ok
+
+
+_JOB_MOUNT_FLAGS = mounts.MS_NOSUID | mounts.MS_NODEV
+
+
+def _make_points(base: Path, target: Path, is_dir: bool) -> None:
+    """Creates `target` (an empty directory or file) and its missing parents below `base`,
+    root-owned and readable, whatever the engine's umask."""
+    missing = []
+    parent = target.parent
+    while parent != base and not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for path in reversed(missing):
+        path.mkdir()
+        os.chmod(path, 0o755)  # noqa: S103 (the job uid traverses them)
+    if is_dir:
+        target.mkdir()
+        os.chmod(target, 0o755)  # noqa: S103
+    else:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+
+
+def _remove_point(path: Path) -> bool:
+    """Removes an empty mount point; never recursive (one still mounted is left alone)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _identity_files(uid: int, gid: int) -> tuple[bytes, bytes]:
@@ -596,32 +722,6 @@ def _identity_files(uid: int, gid: int) -> tuple[bytes, bytes]:
         "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
     )
     return passwd.encode(), f"c2d:x:{gid}:\nnogroup:x:65534:\n".encode()
-
-
-def _remove_stage(stage: Path) -> bool:
-    """Removes a staging directory an earlier version left on the host. Never recursive: a
-    directory that is not empty on the host side (a mount gone wrong) is left alone rather
-    than emptied."""
-    try:
-        entries = list(os.scandir(stage))
-    except FileNotFoundError:
-        return True
-    ok = True
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                os.rmdir(entry.path)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            ok = False
-    try:
-        os.rmdir(stage)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        ok = False
-    return ok
 
 
 class _SpecError(Exception):
@@ -641,29 +741,20 @@ def _launcher_argv(
     procs_files: Sequence[str],
     uid: int,
     gid: int,
-    stage_root: Path,
+    slot_dir: Path,
+    network: bool,
     fds: Mapping[str, int],
 ) -> list[str]:
-    """The launch chain's command line, fixed when the launcher is parked: what varies from job
-    to job reaches the two bwraps through the pipes fds["outer"] and fds["inner"] (their
-    --args), files through pipes too; `fds` are the launcher's ends."""
-    # Step 1: the launcher. --pdeathsig: a parked launcher, and the chain it becomes, dies
-    # with the engine (the engine is the parent; exec keeps the signal until the uid
-    # changes). Positional parameters carry the cgroup files; nothing is interpolated.
+    """The launch chain's command line (see the module docstring); `fds` are the launcher's
+    ends of its pipes."""
+    # Step 1: --pdeathsig: a parked sandbox dies with the engine (the engine is the parent;
+    # exec keeps the signal until the uid changes). Positional parameters carry the cgroup
+    # files; nothing is interpolated.
     chain = [tools.setpriv, "--pdeathsig=SIGKILL", "--"]
     chain += [tools.sh, "-c", _LAUNCHER_SCRIPT, "c2d-launch", str(len(procs_files))]
     chain += [str(p) for p in procs_files]
 
-    # Step 2: the outer bwrap, root, only stages host paths: on a tmpfs of its own (the
-    # staging points are made in it), its --args bind the sources (_outer_options).
-    chain += [tools.bwrap, "--dev-bind", "/", "/", "--unshare-pid", "--die-with-parent"]
-    chain += ["--size", str(_STAGE_TMPFS_BYTES), "--tmpfs", str(stage_root)]
-    # setpriv looks its numeric uid and gid up as names first: in /etc only, not through
-    # the host's other NSS modules (loading them costs each job a fraction of a millisecond).
-    chain += ["--ro-bind-data", str(fds["nsswitch"]), "/etc/nsswitch.conf"]
-    chain += ["--args", str(fds["outer"]), "--"]
-
-    # Step 3: the job's identity. --pdeathsig again because the uid change clears it.
+    # Step 2: the job's identity. --pdeathsig again because the uid change clears it.
     chain += [
         tools.setpriv,
         f"--reuid={uid}",
@@ -676,9 +767,9 @@ def _launcher_argv(
         "--",
     ]
 
-    # Step 4: the inner bwrap; its mounts and environment come from _inner_options. --clearenv
-    # precedes them (bwrap applies it, and each --setenv, as it reads them); --remount-ro /
-    # follows every mount (bwrap creates mount points in the root tmpfs).
+    # Step 3: bwrap. --remount-ro / follows every mount (bwrap creates mount points in its
+    # root tmpfs); the staging directories stay writable binds so that the job's own mounts,
+    # arriving later, keep their own flags (they are root-owned: the job cannot write there).
     chain += [
         tools.bwrap,
         "--unshare-all",
@@ -701,72 +792,32 @@ def _launcher_argv(
         "--ro-bind-data",
         str(fds["group"]),
         "/etc/group",
-        "--args",
-        str(fds["inner"]),
-        "--remount-ro",
-        "/",
-        "--chdir",
-        "/",
-        "--",
     ]
-    chain += ["/bin/sh", "-c", _ARGV_SCRIPT, "sh"]
+    if network:
+        chain += ["--share-net", *_network_options()]
+    chain += _runtime_options()
+    chain += ["--proc", "/proc", "--dev", "/dev"]
+    for name, sandbox_path in _SLOT_BINDS:
+        chain += ["--bind", str(slot_dir / name), sandbox_path]
+    # /dev itself is a tmpfs without size: read-only, with /dev/shm the job's capped tmpfs.
+    chain += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/", "--"]
+    # Step 4: the shell that waits for the job's script.
+    chain += ["/bin/sh", "-c", _WAITER_SCRIPT, "sh"]
     return chain
 
 
-def _outer_options(staged: Sequence[_Staged]) -> list[str]:
-    options = []
-    for s in staged:
-        options += [
-            "--bind" if s.mount.writable else "--ro-bind",
-            str(s.mount.host_path),
-            str(s.stage_path),
-        ]
-    return options
-
-
-def _inner_options(
-    *,
-    limits: Limits,
-    staged: Sequence[_Staged],
-    argv: Sequence[str],
-    env: Mapping[str, str],
-) -> list[str]:
-    options = ["--share-net"] if limits.network else []
-    # The algorithm's arguments travel as environment variables (see _ARGV_SCRIPT), after
-    # the job's own, which cannot override them.
-    variables = {**_DEFAULT_ENV, **env, f"{_ARG_ENV}C": str(len(argv))}
-    variables.update({f"{_ARG_ENV}{i}": arg for i, arg in enumerate(argv)})
-    for name, value in variables.items():
-        options += ["--setenv", name, value]
-    options += _runtime_options()
-    if limits.network:
-        options += _network_options()
-    tmpfs_size = str(max(4096, limits.disk_bytes))
-    options += [
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        # /dev itself is a tmpfs without size: make it read-only and give shared memory
-        # its own capped tmpfs.
-        "--size",
-        tmpfs_size,
-        "--tmpfs",
-        "/dev/shm",
-        "--remount-ro",
-        "/dev",
-        "--size",
-        tmpfs_size,
-        "--tmpfs",
-        "/tmp",
+def _job_script(argv: Sequence[str], env: Mapping[str, str], limits: Limits) -> bytes:
+    """What the waiting shell runs: the limits, the environment, then the algorithm. Every
+    value is single-quoted; the job's variables come after the defaults, which they may
+    override."""
+    variables = {**_DEFAULT_ENV, **env}
+    # ulimit -f counts 512-byte blocks; dash sets soft and hard: the job cannot raise them.
+    lines = [
+        f"ulimit -c 0 && ulimit -f {max(0, limits.disk_bytes // 512)} || exit 125",
+        "export " + " ".join(shlex.quote(f"{name}={value}") for name, value in variables.items()),
+        "exec " + " ".join(shlex.quote(arg) for arg in argv) + " 2>&1",
     ]
-    for s in staged:
-        options += [
-            "--bind" if s.mount.writable else "--ro-bind",
-            str(s.stage_path),
-            s.mount.sandbox_path,
-        ]
-    return options
+    return "".join(line + "\n" for line in lines).encode()
 
 
 @functools.cache
@@ -791,14 +842,6 @@ def _network_options() -> tuple[str, ...]:
     return tuple(options)
 
 
-def _nul_separated(options: Sequence[str]) -> bytes:
-    """bwrap's --args format: each argument followed by a NUL."""
-    encoded = [os.fsencode(option) for option in options]
-    if any(b"\0" in option for option in encoded):
-        raise ValueError("an argument, environment value or path holds a NUL byte")
-    return b"".join(option + b"\0" for option in encoded)
-
-
 def _check_spec(spec: SandboxSpec) -> None:
     if not _JOB_ID_RE.fullmatch(spec.job_id):
         raise ValueError("job_id must be 1-128 letters, digits, '.', '_' or '-'")
@@ -817,7 +860,7 @@ def _check_spec(spec: SandboxSpec) -> None:
     if any("\0" in arg for arg in spec.argv):
         raise ValueError("an argument holds a NUL byte")
     for name, value in spec.env.items():
-        if not _ENV_NAME_RE.fullmatch(name) or "\0" in value or name.startswith(_ARG_ENV):
+        if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
             raise ValueError(f"bad environment variable {name!r}")
     seen: set[str] = set()
     for mount in spec.mounts:
@@ -827,6 +870,10 @@ def _check_spec(spec: SandboxSpec) -> None:
         if path in seen:
             raise ValueError(f"two mounts at {path}")
         seen.add(path)
+    for path in seen:
+        # Its mount point would have to be made inside another mount's host directory.
+        if any(path.startswith(other + "/") for other in seen):
+            raise ValueError(f"a mount inside another mount: {path}")
 
 
 def _sorted_mounts(mounts: Sequence[Mount]) -> list[Mount]:
@@ -902,6 +949,7 @@ class Sandbox:
         self._removals: set[asyncio.Future[bool]] = set()
         self._removing: set[str] = set()  # cgroups of retired launchers, being removed
         self._closed = False  # by close(): no launcher is parked until sweep()
+        self._stage = _Stage(config.stage_root)
 
     @property
     def uids(self) -> range:
@@ -929,8 +977,12 @@ class Sandbox:
             raise SandboxUnavailable("the kernel lacks pidfd_open (Linux 5.3 or later)") from None
         self._check_uid_range()
         self._check_stage_root()
-        self._cgroups.check()
-        self._smoke_test(tools)
+        try:
+            self._cgroups.check()
+            self._smoke_test(tools)
+        except BaseException:
+            self._stage.tear_down()
+            raise
         self._tools = tools
 
     def _find_tools(self) -> _Tools:
@@ -974,7 +1026,7 @@ class Sandbox:
             os.chmod(root, 0o755)  # noqa: S103 (the job uids traverse it)
         except OSError as error:
             raise SandboxUnavailable(f"cannot create the staging root {root}: {error}") from None
-        # The job uid walks to its staged files through every ancestor.
+        # The job uid's bwrap walks to its slot's directories through every ancestor.
         for path in [root, *root.parents]:
             info = os.stat(path)
             if not info.st_mode & stat.S_IXOTH:
@@ -983,38 +1035,52 @@ class Sandbox:
             # A sticky ancestor (/tmp) is fine: nobody else can replace what root made in it.
             if foreign and not (info.st_mode & stat.S_ISVTX and path != root):
                 raise SandboxUnavailable(f"{path} is writable by others than root")
+        try:
+            self._stage.set_up()
+        except OSError as error:
+            raise SandboxUnavailable(f"cannot mount the staging tmpfs on {root}: {error}") from None
 
     def _smoke_test(self, tools: _Tools) -> None:
         """Runs the whole launch chain once (without cgroups): proves that unprivileged user
-        namespaces are allowed, that bwrap knows every option used, that the runtime works as
-        the job uid with the file-size and core limits set, and that the algorithm gets its
-        arguments as they were given."""
+        namespaces are allowed, that bwrap knows every option used, that mounts made after
+        the sandbox was built reach it, read-only, even from a root-only directory, that the
+        runtime works as the job uid with the file-size and core limits set, and that the
+        algorithm gets its arguments as they were given."""
         uid = self.config.uid_base
         limits = Limits(1.0, 64 << 20, 1 << 20, 8, 10.0)
-        args = ["a b", "", "$HOME", "'\"\\", "x\ny", "*"]
+        args = ["a b", "", "$HOME", "'\"\\", "x\ny", "*", "$(id)"]
         code = (
-            "import json, os, pwd, resource as r, sys; print(json.dumps([os.getuid(), "
-            "pwd.getpwuid(os.getuid()).pw_name, *r.getrlimit(r.RLIMIT_FSIZE), "
-            "*r.getrlimit(r.RLIMIT_CORE), sys.argv[1:]]))"
+            "import json, os, pwd, resource as r, sys\n"
+            "try:\n    open('/data/probe', 'a').write('x'); ro = False\n"
+            "except OSError as e:\n    ro = e.errno == 30\n"
+            "print(json.dumps([os.getuid(), pwd.getpwuid(os.getuid()).pw_name, "
+            "*r.getrlimit(r.RLIMIT_FSIZE), *r.getrlimit(r.RLIMIT_CORE), sys.argv[1:], "
+            "open('/data/probe').read(), ro, os.environ.get('PROBE')]))"
         )
-        expected = [uid, "c2d", 1 << 20, 1 << 20, 0, 0, args]
+        expected = [uid, "c2d", 1 << 20, 1 << 20, 0, 0, args, "probe", True, "x'y\nz"]
+        # A world-writable file in a root-only directory: readable, never writable, inside.
+        hidden = self.config.stage_root / "probe"
+        hidden.mkdir(mode=0o700, exist_ok=True)
+        probe = hidden / "input"
+        probe.write_text("probe")
+        probe.chmod(0o666)
+        self._stage.prepare_slot(0)
         launcher = _Launcher.spawn(
             tools,
             slot=0,
             uid=uid,
             group="",
             procs_files=[],
-            stage_root=self.config.stage_root,
+            slot_dir=self._stage.slot_dir(0),
+            network=False,
         )
         try:
-            options = _inner_options(
-                limits=limits,
-                staged=[],
-                argv=[self.config.runtime_python, "-I", "-c", code, *args],
-                env={},
+            self._stage.mount_job(0, uid, [Mount(probe, "/data/probe")], limits)
+            script = _job_script(
+                [self.config.runtime_python, "-I", "-c", code, *args], {"PROBE": "x'y\nz"}, limits
             )
-            pending = launcher.start(limits, b"", _nul_separated(options))
-            for fd, rest in pending:  # never: the options are small
+            pending = launcher.start(script)
+            for fd, rest in pending:  # never: the script is small
                 os.set_blocking(fd, True)
                 os.write(fd, rest)
                 os.close(fd)
@@ -1025,8 +1091,13 @@ class Sandbox:
                 launcher.popen.wait()
             out = _read_all(launcher.fds["out"])
             err = _read_all(launcher.fds["err"])
+        except OSError as error:
+            raise SandboxUnavailable(f"the job's mounts cannot be made: {error}") from None
         finally:
             launcher.close()
+            self._stage.unmount_job(0)
+            probe.unlink()
+            hidden.rmdir()
         try:
             ok = launcher.popen.returncode == 0 and json.loads(out) == expected
         except ValueError:
@@ -1042,9 +1113,9 @@ class Sandbox:
             raise SandboxUnavailable(f"{reason}: {message[:500]}")
 
     async def sweep(self) -> None:
-        """Kills and removes what a crashed engine left: job cgroups (its parked launchers'
-        too), staging directories, and any process still running as a job uid. Then parks
-        launchers for the next jobs."""
+        """Kills and removes what a crashed engine left: job cgroups (its parked sandboxes'
+        too), staging mounts, and any process still running as a job uid but our own parked
+        sandboxes. Then parks sandboxes for the next jobs."""
         log = _log
         ours = {launcher.group for launcher in self._parked} | set(self._groups.values())
         for group in sorted(self._cgroups.leftovers()):
@@ -1053,23 +1124,32 @@ class Sandbox:
             await self._kill_job(group)
             self._cgroups.remove(group)
             log.warning("sandbox.sweep.cgroup", job_id=group)
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.config.stage_root):
-                if entry.name not in self._running and entry.is_dir(follow_symlinks=False):
-                    _remove_stage(Path(entry.path))
-                    log.warning("sandbox.sweep.stage", job_id=entry.name)
-        busy = {self.config.uid_base + slot for slot in self._running.values()}
-        for pid in processes_of_uids(self.uids):
-            uids = _uids_of(pid)
-            if uids and not uids & busy:
-                _kill_if(pid, lambda p: bool(_uids_of(p) & set(self.uids) - busy))
-                log.warning("sandbox.sweep.process", pid=pid)
+        if not self._stage.ready:
+            self._stage.set_up()
+        parked = {launcher.slot for launcher in self._parked}
+        for slot in self._free_slots:
+            if slot not in parked and not self._stage.unmount_job(slot):
+                log.warning("sandbox.sweep.stage", slot=slot)
+        stray = self._stray_uids()
+        for pid in processes_of_uids(stray):
+            _kill_if(pid, lambda p: bool(_uids_of(p) & stray))
+            log.warning("sandbox.sweep.process", pid=pid)
         self._closed = False
         if self._tools is not None:
             self._refill()
 
+    def _stray_uids(self) -> set[int]:
+        """The job uids neither a running job nor a parked sandbox holds."""
+        held = [*self._running.values(), *(launcher.slot for launcher in self._parked)]
+        return set(self.uids) - {self.config.uid_base + slot for slot in held}
+
+    def stray_processes(self) -> list[int]:
+        """Processes running as a job uid that no running job or parked sandbox holds: left
+        behind (what sweep() kills)."""
+        return processes_of_uids(self._stray_uids())
+
     def close(self) -> None:
-        """Ends the parked launchers, removes the parent cgroups and the staging root when no
+        """Ends the parked sandboxes, removes the parent cgroups and the staging mounts when no
         job is left in them (an engine stopping for good, or tests); a no-op for whatever is
         still in use. No launcher is parked again until sweep()."""
         self._closed = True
@@ -1077,19 +1157,25 @@ class Sandbox:
             self._retire(self._parked.pop(), wait=True)
         for group in list(self._removing):
             self._remove_groups_now(group)
-        for path in [*self._cgroups.parents, self.config.stage_root]:
+        if not self._running:
+            self._stage.tear_down()
+        for path in self._cgroups.parents:
             with contextlib.suppress(OSError):
                 path.rmdir()
 
     # -- parked launchers --------------------------------------------------------------------
 
-    def _park(self, slot: int, group: str | None = None) -> _Launcher:
-        """Starts a launcher for `slot` in fresh cgroups of its own."""
+    def _park(self, slot: int, group: str | None = None, *, network: bool = False) -> _Launcher:
+        """Starts a sandbox for `slot` in fresh cgroups of its own."""
         assert self._tools is not None
+        # Built for later at the least CPU weight; for a job waiting on it (which names its
+        # group), at the job's.
+        for_later = group is None
         group = group or f"{_PARK_PREFIX}{os.getpid()}-{next(_park_ids)}"
-        # The outer bwrap's staging tmpfs goes on it (close() removes it).
-        os.makedirs(self.config.stage_root, mode=0o755, exist_ok=True)
-        self._cgroups.make(group)
+        if not self._stage.ready:
+            self._stage.set_up()
+        slot_dir = self._stage.prepare_slot(slot)
+        self._cgroups.make(group, parked=for_later)
         try:
             return _Launcher.spawn(
                 self._tools,
@@ -1097,7 +1183,8 @@ class Sandbox:
                 uid=self.config.uid_base + slot,
                 group=group,
                 procs_files=self._cgroups.procs_files(group),
-                stage_root=self.config.stage_root,
+                slot_dir=slot_dir,
+                network=network,
             )
         except BaseException:
             self._cgroups.remove(group)
@@ -1138,18 +1225,35 @@ class Sandbox:
         return launcher.joined
 
     def _retire(self, launcher: _Launcher, *, wait: bool) -> None:
-        """Ends a parked launcher, removes its cgroups and frees its slot; `wait` (closing)
-        blocks until they are removed, otherwise a task finishes the removal."""
+        """Ends a parked sandbox, removes its cgroups and frees its slot; `wait` (closing)
+        blocks until they are removed, otherwise a task finishes the removal. The whole
+        cgroup is killed, not only the launcher: bwrap's child may not have asked for
+        PR_SET_PDEATHSIG yet when a sandbox that was just parked is ended."""
         launcher.close()
         if wait:
+            self._kill_group_now(launcher.group)
             self._remove_groups_now(launcher.group)
-        elif not self._cgroups.remove(launcher.group):
+        else:
             self._removing.add(launcher.group)
-            task = asyncio.ensure_future(self._remove_groups(launcher.group))
+            task = asyncio.ensure_future(self._end_group(launcher.group))
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
         self._free_slots.append(launcher.slot)
         self._free_slots.sort()
+
+    async def _end_group(self, group: str) -> bool:
+        await self._kill_job(group)
+        return await self._remove_groups(group)
+
+    def _kill_group_now(self, group: str) -> None:
+        """_kill_job, blocking: only when closing, when no job runs."""
+        deadline = time.monotonic() + _KILL_TIMEOUT_S
+        belongs = _in_cgroup(self._cgroups.member_paths(group))
+        self._cgroups.kill_switch(group)
+        while (pids := self._cgroups.pids(group)) and time.monotonic() < deadline:
+            for pid in pids:
+                _kill_if(pid, belongs)
+            time.sleep(0.001)
 
     async def _remove_groups(self, group: str) -> bool:
         """Removes emptied cgroups; a v1 memory group can refuse rmdir for a moment after
@@ -1198,7 +1302,8 @@ class Sandbox:
             raise ValueError(f"job {job_id} is already running")
         if self._tools is None:
             self._tools = self._find_tools()
-        launcher = self._take_parked()
+        # A network job's sandbox shares the host's network: none is parked for it.
+        launcher = None if spec.limits.network else self._take_parked()
         if launcher is not None:
             slot = launcher.slot
             self._groups[job_id] = launcher.group
@@ -1312,7 +1417,8 @@ class _Job:
         self.spec = spec
         self.uid = uid
         self.gid = gid
-        self.stage = sandbox.config.stage_root
+        self.stage = sandbox._stage
+        self.slot = uid - sandbox.config.uid_base
         self.launcher = launcher
         # The name of the job's cgroups: a parked launcher's, or the job id.
         self.group = launcher.group if launcher is not None else spec.job_id
@@ -1349,10 +1455,11 @@ class _Job:
         spec, limits = self.spec, self.spec.limits
         try:
             if self.launcher is None:
-                # None was parked (a burst of jobs, or the first one): the job waits for
-                # what a parked launcher has done already.
-                slot = self.uid - self.sandbox.config.uid_base
-                self.launcher = self.sandbox._park(slot, group=spec.job_id)
+                # None was parked (a burst of jobs, the first one, or a network job): the job
+                # waits for what a parked sandbox has done already.
+                self.launcher = self.sandbox._park(
+                    self.slot, group=spec.job_id, network=limits.network
+                )
                 self.steps.mark("park")
             elif self.sandbox._joined(self.launcher):
                 # The job's name on its cgroups (v1), for whoever looks at them. Not before
@@ -1361,16 +1468,14 @@ class _Job:
                 self.sandbox._groups[spec.job_id] = self.group
             self.cgroups.limit(self.group, limits)
             self.steps.mark("cgroup_limits")
-            staged = _stage(self.stage, self.mounts)
-            for s in staged:
-                if s.mount.writable:
-                    _hand_over(s.mount.host_path, self.uid, self.gid)
-                elif not s.mode & stat.S_IROTH:
-                    self.log.warning("sandbox.mount_unreadable", sandbox_path=s.mount.sandbox_path)
-            outer = _nul_separated(_outer_options(staged))
-            inner = _nul_separated(
-                _inner_options(limits=limits, staged=staged, argv=spec.argv, env=spec.env)
-            )
+            for mount in self.mounts:
+                if mount.writable:
+                    _hand_over(mount.host_path, self.uid, self.gid)
+            self.stage.mount_job(self.slot, self.uid, self.mounts, limits)
+            for mount in self.mounts:
+                if not mount.writable and not os.stat(mount.host_path).st_mode & stat.S_IROTH:
+                    self.log.warning("sandbox.mount_unreadable", sandbox_path=mount.sandbox_path)
+            script = _job_script(spec.argv, spec.env, limits)
             self.steps.mark("stage")
         except _SpecError as error:
             return self._result(Outcome.SANDBOX_FAILED, -1, str(error))
@@ -1383,7 +1488,7 @@ class _Job:
             return self._result(Outcome.CANCELLED, -1, "cancelled")
         launcher = self.launcher
         try:
-            pending = launcher.start(limits, outer, inner)
+            pending = launcher.start(script)
         except OSError as error:
             self.log.error("sandbox.launch_failed", error=str(error))
             return self._result(Outcome.SANDBOX_FAILED, -1, "the sandbox could not be launched")
@@ -1568,11 +1673,13 @@ class _Job:
     def _scrub(self, text: str) -> str:
         """Replaces host paths (which would reveal where datasets live) by sandbox paths."""
         pairs = []
-        for index, mount in enumerate(self.mounts):
+        slot_data = self.stage.slot_dir(self.slot) / "data"
+        for mount in self.mounts:
             for host in {str(mount.host_path), os.path.realpath(mount.host_path)}:
                 pairs.append((host, f"<{mount.sandbox_path}>"))
-            pairs.append((str(self.stage / f"m{index}"), f"<{mount.sandbox_path}>"))
-        pairs.append((str(self.stage), "<stage>"))
+            relative = mount.sandbox_path.removeprefix("/data/")
+            pairs.append((str(slot_data / relative), f"<{mount.sandbox_path}>"))
+        pairs.append((str(self.stage.root), "<stage>"))
         for host, alias in sorted(pairs, key=lambda p: -len(p[0])):
             text = text.replace(host, alias)
         return text
@@ -1583,6 +1690,9 @@ class _Job:
         empty = await self.sandbox._kill_job(self.group)
         if self.launcher is not None:
             self.launcher.close()  # reaps one never started, killed just now
+        if not self.stage.unmount_job(self.slot):
+            self.log.error("sandbox.stage_left")
+            empty = False
         self.steps.mark("cleanup_kill")
         await self.sandbox._remove_groups(self.group)
         self.steps.mark("cgroup_rmdir")
@@ -1632,16 +1742,16 @@ class _Child:
 
 
 class _Launcher:
-    """The first process of a launch chain (see _launcher_argv): joins its cgroups, then waits
-    for "go". Holds the engine's ends of its pipes: its stdin, the two bwraps' --args, and its
-    stdout, stderr and the inner bwrap's status, which become the job's. Bound to one uid slot:
-    the chain's uid is on its command line."""
+    """The first process of a launch chain (see _launcher_argv), a parked sandbox once it has
+    exec'd its way down, waiting for the job's script. Holds the engine's ends of its pipes:
+    its stdin, and its stdout, stderr and bwrap's status, which become the job's. Bound to one
+    uid slot: the chain's uid is on its command line."""
 
     def __init__(self, slot: int, group: str, popen: subprocess.Popen[bytes], fds: dict[str, int]):
         self.slot = slot
         self.group = group
         self.popen = popen
-        self.fds = fds  # go, outer, inner (write ends); out, err, status (read ends); pidfd
+        self.fds = fds  # go (write end); out, err, status (read ends); pidfd
         self.joined = False  # known to be in all its cgroups (see Sandbox._joined)
 
     @classmethod
@@ -1653,7 +1763,8 @@ class _Launcher:
         uid: int,
         group: str,
         procs_files: Sequence[str],
-        stage_root: Path,
+        slot_dir: Path,
+        network: bool,
     ) -> _Launcher:
         ours: dict[str, int] = {}
         theirs: dict[str, int] = {}
@@ -1663,14 +1774,10 @@ class _Launcher:
                 writes = name not in ("out", "err", "status")
                 ours[name] = write_end if writes else read_end
                 theirs[name] = read_end if writes else write_end
-            # Files the bwraps copy from pipes, the same for every job of the slot: written
-            # now (they fit in a pipe), read when the job starts.
+            # Files bwrap copies from pipes, the same for every job of the slot (they fit in a
+            # pipe).
             passwd, group_file = _identity_files(uid, uid)
-            for name, data in (
-                ("passwd", passwd),
-                ("group", group_file),
-                ("nsswitch", _NSSWITCH),
-            ):
+            for name, data in (("passwd", passwd), ("group", group_file)):
                 fd = ours.pop(name)
                 try:
                     os.write(fd, data)
@@ -1681,7 +1788,8 @@ class _Launcher:
                 procs_files=procs_files,
                 uid=uid,
                 gid=uid,
-                stage_root=stage_root,
+                slot_dir=slot_dir,
+                network=network,
                 fds=theirs,
             )
             # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
@@ -1724,31 +1832,15 @@ class _Launcher:
         self.fds[name] = -1
         return fd
 
-    def start(self, limits: Limits, outer: bytes, inner: bytes) -> list[tuple[int, memoryview]]:
-        """Sets the rlimits, sends the bwraps' options and "go". Returns the pipes with what
-        did not fit in them yet (large options), for _send_rest."""
-        # The file-size limit in 512-byte blocks, as ulimit -f counts; both soft and hard,
-        # so the job cannot raise it again. The launcher is our child and not reaped: its
-        # pid cannot have been recycled.
-        size = max(0, limits.disk_bytes // 512) * 512
-        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (size, size))
-        resource.prlimit(self.pid, resource.RLIMIT_CORE, (0, 0))
-        pending = []
-        for name, data in (("outer", outer), ("inner", inner)):
-            fd = self.take(name)
-            rest = _send_some(fd, memoryview(data))
-            if rest:
-                pending.append((fd, rest))
-            else:
-                os.close(fd)
+    def start(self, script: bytes) -> list[tuple[int, memoryview]]:
+        """Hands the job's script to the waiting shell. Returns the pipe with what did not fit
+        in it yet (a large environment), for _send_rest."""
         go = self.take("go")
-        try:
-            os.write(go, b"go\n")
-        except BrokenPipeError:
-            pass  # the launcher is gone: its exit status says so
-        finally:
-            os.close(go)
-        return pending
+        rest = _send_some(go, memoryview(script))
+        if rest:
+            return [(go, rest)]
+        os.close(go)
+        return []
 
     def close(self) -> None:
         """Closes the ends still held; kills and reaps the launcher if it was never started."""

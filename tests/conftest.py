@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,8 @@ import pytest
 from eth_account import Account
 
 from operator_engine.config import EngineConfig, EnvironmentSpec
-from operator_engine.disks import mounted_under
+from operator_engine.mounts import mounted_under
+from operator_engine.sandbox import Sandbox, SandboxConfig
 from operator_engine.server import build as build_engine
 from operator_service.config import OperatorConfig
 from operator_service.server import build as build_operator
@@ -57,6 +58,21 @@ class SandboxIdentity:
     def cgroup_name(self) -> str:
         return f"c2d-test-{self.tag}"
 
+    def config(self) -> SandboxConfig:
+        return SandboxConfig(
+            uid_base=self.uid_base,
+            uid_count=len(self.uids),
+            stage_root=self.stage_root,
+            cgroup_name=self.cgroup_name,
+        )
+
+    async def sweep(self) -> None:
+        """Does what the next engine would after one was killed: kills its processes, detaches
+        its staging mounts, removes its cgroups."""
+        sandbox = Sandbox(self.config())
+        await sandbox.sweep()
+        sandbox.close()
+
     def env(self) -> dict[str, str]:
         """The same, for an engine started as a process."""
         return {
@@ -79,8 +95,8 @@ class LocalMesh:
     operator_address: str
     engine_address: str
     owner: Key
-    # The uids this mesh's jobs run as: none may be left running after a job.
-    sandbox_uids: range
+    # Processes left running as a job uid (parked sandboxes aside): none may outlive a job.
+    stray_processes: Callable[[], list[int]]
 
     def client(self, key: Key) -> Client:
         return Client(self.provider_address, key)
@@ -158,7 +174,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
             operator_address=operator.server.address,
             engine_address=engine_server.address,
             owner=owner,
-            sandbox_uids=sandbox.uids,
+            stray_processes=runner.sandbox.stray_processes,
         )
     finally:
         await provider.server.stop(0.5)
@@ -170,7 +186,8 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         await engine_server.stop(0.5)
         runner.sandbox.close()
         assert mounted_under(home) == [], "the engine left a job disk mounted"
-        shutil.rmtree(sandbox.stage_root, ignore_errors=True)
+        # Never removed by force: a mount left there could be a dataset's.
+        assert not sandbox.stage_root.exists(), "the engine left its staging root"
 
 
 def write_key(path: Path, key: Key) -> None:

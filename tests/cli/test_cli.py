@@ -3,6 +3,7 @@ it, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -28,13 +29,14 @@ class Node:
         self.home = home
         self.provider = free_address()
         self.gateway = free_address()
+        self.sandbox = SandboxIdentity.new()
         self.env = {
             **os.environ,
             "C2D_HOME": str(home),
             "C2D_PROVIDER_LISTEN": self.provider,
             "C2D_PROVIDER_ADDRESS": self.provider,
             "C2D_GATEWAY_LISTEN": self.gateway,
-            **SandboxIdentity.new().env(),
+            **self.sandbox.env(),
             "C2D_LOG_FORMAT": "json",
         }
         self.process: subprocess.Popen[str] | None = None
@@ -68,6 +70,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
         if node.process.poll() is None:
             node.process.kill()
             node.process.wait()
+        asyncio.run(node.sandbox.sweep())
 
 
 def test_up_serves_the_cli_and_stops_cleanly_on_sigterm(node: Node) -> None:

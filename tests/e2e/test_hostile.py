@@ -11,7 +11,6 @@ import pytest
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
-from operator_engine.sandbox import processes_of_uids
 from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root
 
@@ -76,7 +75,7 @@ async def log_of(client: Client, job: job_pb2.Job) -> str:
 
 
 def assert_nothing_left(mesh: LocalMesh) -> None:
-    assert processes_of_uids(mesh.sandbox_uids) == [], "a job left a process behind"
+    assert mesh.stray_processes() == [], "a job left a process behind"
 
 
 @pytest.mark.parametrize(

@@ -65,12 +65,13 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         )
     )
     mesh = Mesh.defaults(home, owner.address, provider=free_address(), gateway=free_address())
+    sandbox = SandboxIdentity.new()
     mesh.env.update(
         {
             "C2D_DATA_ROOT": str(tmp_path / "data"),
             "C2D_ENVIRONMENTS_FILE": str(environments),
             "C2D_ENGINE_LEASE_S": "10",
-            **SandboxIdentity.new().env(),
+            **sandbox.env(),
             "C2D_LOG_FORMAT": "json",
         }
     )
@@ -80,6 +81,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         yield Node(supervisor, owner, tmp_path / "data")
     finally:
         await supervisor.stop()
+        await sandbox.sweep()
 
 
 async def publish(node: Node, client: Client, code: bytes) -> tuple[str, str]:
