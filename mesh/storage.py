@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 import structlog
@@ -45,12 +45,24 @@ class StoredObject:
     sha256: str
 
 
+class Source(Protocol):
+    """What `put` reads an object from: `read(size)` returns at most `size` bytes, and b""
+    once the content is over (a binary file, or the publish stage's capped reader)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class Storage(Protocol):
     """A job's result objects, addressed by (job_id, key)."""
 
-    async def put(self, job_id: str, key: str, source: BinaryIO) -> StoredObject:
+    async def put(self, job_id: str, key: str, source: Source) -> StoredObject:
         """Stores everything `source` yields until EOF, read in chunks, replacing any object
         already under `key`. Until it returns, no reader sees a partial object."""
+        ...
+
+    def put_blocking(self, job_id: str, key: str, source: Source) -> StoredObject:
+        """`put` for a caller already on a worker thread: the publish stage stores all of a
+        job's results in one pass there, instead of one hop to a thread per object."""
         ...
 
     def read(
@@ -67,6 +79,10 @@ class Storage(Protocol):
     async def sync(self, job_id: str) -> None:
         """Makes every object of the job durable (survives a power loss); called once after
         the last put of a job, before it is reported published."""
+        ...
+
+    def sync_blocking(self, job_id: str) -> None:
+        """`sync` for a caller already on a worker thread."""
         ...
 
     async def delete_job(self, job_id: str) -> None:
@@ -98,8 +114,8 @@ class LocalStorage:
     """Objects as files at `root/<job_id>/<key>`: directories 0700, files 0600, since results
     may hold data-derived outputs that only the services should read.
 
-    Blocking file I/O runs in worker threads (`asyncio.to_thread`) so that a large copy never
-    stalls the event loop serving other jobs."""
+    The async methods run their blocking file I/O in worker threads (`asyncio.to_thread`) so
+    that a large copy never stalls the event loop serving other jobs."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -112,13 +128,16 @@ class LocalStorage:
         _check_key(key)
         return self._job_dir(job_id) / key
 
-    async def put(self, job_id: str, key: str, source: BinaryIO) -> StoredObject:
+    async def put(self, job_id: str, key: str, source: Source) -> StoredObject:
+        return await asyncio.to_thread(self.put_blocking, job_id, key, source)
+
+    def put_blocking(self, job_id: str, key: str, source: Source) -> StoredObject:
         path = self._object_path(job_id, key)
-        stored = await asyncio.to_thread(self._put_sync, path, source)
+        stored = self._put_sync(path, source)
         log.debug("storage.put", job_id=job_id, key=key, size=stored.size)
         return stored
 
-    def _put_sync(self, path: Path, source: BinaryIO) -> StoredObject:
+    def _put_sync(self, path: Path, source: Source) -> StoredObject:
         # mkdir's mode is filtered by the umask, so set it explicitly, but only on directories
         # created here: an existing root keeps the mode its operator gave it.
         for directory in (path.parent.parent, path.parent):
@@ -153,9 +172,10 @@ class LocalStorage:
         return StoredObject(size=size, sha256=digest.hexdigest())
 
     async def sync(self, job_id: str) -> None:
-        await asyncio.to_thread(self._sync, self._job_dir(job_id))
+        await asyncio.to_thread(self.sync_blocking, job_id)
 
-    def _sync(self, job_dir: Path) -> None:
+    def sync_blocking(self, job_id: str) -> None:
+        job_dir = self._job_dir(job_id)
         if not job_dir.is_dir():
             return
         for entry in os.scandir(job_dir):

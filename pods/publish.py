@@ -32,7 +32,7 @@ import structlog
 from c2d.common.v1 import job_pb2
 from google.protobuf import json_format
 
-from mesh.storage import CHUNK_SIZE, Storage, result_key, storage_from_url
+from mesh.storage import Storage, result_key, storage_from_url
 from pods.workspace import (
     ALGORITHM_LOG,
     CONFIGURATION_LOG,
@@ -179,7 +179,36 @@ async def publish(
     entries of any kind the walk looks at; more also counts as too large, so a hostile
     algorithm cannot make publishing slow. `outputs` names the outputs folder when it is not
     `workspace/outputs` (the engine's job disk). Raises `PublishError` when storing fails and
-    ValueError for a malformed job id."""
+    ValueError for a malformed job id.
+
+    The whole stage (walk, reads, stores, the final flush) runs in one worker thread: for a
+    typical job of a few small files, hops to a thread per file cost more than the files."""
+    check_job_id(job_id)
+    if max_files < 0 or max_total_bytes < 0:
+        raise ValueError("caps must not be negative")
+    return await asyncio.to_thread(
+        publish_blocking,
+        workspace,
+        storage,
+        job_id,
+        max_files=max_files,
+        max_total_bytes=max_total_bytes,
+        max_entries=max_entries,
+        outputs=outputs,
+    )
+
+
+def publish_blocking(
+    workspace: Path,
+    storage: Storage,
+    job_id: str,
+    *,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_total_bytes: int,
+    max_entries: int | None = None,
+    outputs: Path | None = None,
+) -> PublishResult:
+    """`publish`, blocking: for a worker thread or the program form."""
     check_job_id(job_id)
     if max_files < 0 or max_total_bytes < 0:
         raise ValueError("caps must not be negative")
@@ -204,7 +233,7 @@ async def publish(
         out_name = outputs.name
     try:
         try:
-            await _publish_outputs(
+            _publish_outputs(
                 (base_fd, out_name),
                 storage,
                 job_id,
@@ -214,20 +243,20 @@ async def publish(
                 max_total_bytes,
                 entry_budget,
             )
-            await _publish_logs(ws_fd, storage, job_id, record, result)
+            _publish_logs(ws_fd, storage, job_id, record, result)
         except PublishError as error:
             record.add(f"publish failed: {error}")
             record.finish_skips()
             # Best effort: the failure being reported matters more than this log.
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_write_publish_log, ws_fd, record.render())
+                _write_publish_log(ws_fd, record.render())
             log.error("publish.failed", stored=len(result.results))
             raise
         record.finish_skips()
         result.skipped = record.skipped
-        await _publish_own_log(ws_fd, storage, job_id, record, result)
+        _publish_own_log(ws_fd, storage, job_id, record, result)
         try:
-            await storage.sync(job_id)
+            storage.sync_blocking(job_id)
         except OSError as error:
             raise PublishError("the results could not be made durable") from error
     finally:
@@ -243,7 +272,7 @@ async def publish(
     return result
 
 
-async def _publish_outputs(
+def _publish_outputs(
     where: tuple[int, str],
     storage: Storage,
     job_id: str,
@@ -253,7 +282,7 @@ async def _publish_outputs(
     max_total_bytes: int,
     max_entries: int,
 ) -> None:
-    walk = await asyncio.to_thread(_scan_outputs, where, record, max_entries)
+    walk = _scan_outputs(where, record, max_entries)
     if walk is None:
         return
     if walk.truncated:
@@ -273,14 +302,14 @@ async def _publish_outputs(
                 f"{candidate.name}"
             )
             break
-        fd = await asyncio.to_thread(_open_candidate, where, candidate)
+        fd = _open_candidate(where, candidate)
         if fd is None:
             record.skip(candidate.name, "changed while publishing")
             continue
         entry = job_pb2.ResultFile(
             index=len(result.results), name=candidate.name, kind=job_pb2.ResultFile.KIND_OUTPUT
         )
-        await _store(storage, job_id, entry, fd, candidate.size, record)
+        _store(storage, job_id, entry, fd, candidate.size, record)
         result.results.append(entry)
         stored_files += 1
         total += entry.size_bytes
@@ -446,6 +475,16 @@ class _CappedReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1) -> bytes:
+        # Direct, without a buffer: storage reads in large chunks, and a small output then
+        # costs one read of its own size instead of a copy through a chunk-sized buffer.
+        wanted = self._remaining if size < 0 else min(size, self._remaining)
+        if wanted <= 0:
+            return b""
+        data = os.read(self._fd, wanted)
+        self._remaining -= len(data)
+        return data
+
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
         wanted = min(len(view), self._remaining)
@@ -462,7 +501,7 @@ class _CappedReader(io.RawIOBase):
         super().close()
 
 
-async def _store(
+def _store(
     storage: Storage,
     job_id: str,
     entry: job_pb2.ResultFile,
@@ -472,9 +511,9 @@ async def _store(
 ) -> None:
     """Streams one open file into storage under the entry's key and fills in its size and
     digest. Takes ownership of `fd`."""
-    reader = io.BufferedReader(_CappedReader(fd, limit), buffer_size=CHUNK_SIZE)
+    reader = _CappedReader(fd, limit)
     try:
-        stored = await storage.put(job_id, result_key(entry), reader)
+        stored = storage.put_blocking(job_id, result_key(entry), reader)
     except Exception as error:
         # The message may name storage internals; the log says only what failed.
         record.add(f"storing {entry.name} failed ({type(error).__name__})")
@@ -488,17 +527,17 @@ async def _store(
     )
 
 
-async def _publish_logs(
+def _publish_logs(
     ws_fd: int, storage: Storage, job_id: str, record: _PublishLog, result: PublishResult
 ) -> None:
     for name, kind in _LOGS:
-        opened = await asyncio.to_thread(_open_log, ws_fd, name)
+        opened = _open_log(ws_fd, name)
         if isinstance(opened, str):
             record.add(f"{name}: {opened}")
             continue
         fd, size = opened
         entry = job_pb2.ResultFile(index=len(result.results), name=name, kind=kind)
-        await _store(storage, job_id, entry, fd, size, record)
+        _store(storage, job_id, entry, fd, size, record)
         result.results.append(entry)
 
 
@@ -526,7 +565,7 @@ def _open_log(ws_fd: int, name: str) -> tuple[int, int] | str:
     return fd, info.st_size
 
 
-async def _publish_own_log(
+def _publish_own_log(
     ws_fd: int, storage: Storage, job_id: str, record: _PublishLog, result: PublishResult
 ) -> None:
     entry = job_pb2.ResultFile(
@@ -539,9 +578,9 @@ async def _publish_own_log(
     )
     content = record.render()
     # On disk too, so the engine can show it even if storing it fails below.
-    await asyncio.to_thread(_write_publish_log, ws_fd, content)
+    _write_publish_log(ws_fd, content)
     try:
-        stored = await storage.put(job_id, result_key(entry), io.BytesIO(content))
+        stored = storage.put_blocking(job_id, result_key(entry), io.BytesIO(content))
     except Exception as error:
         raise PublishError(f"result {PUBLISH_LOG} could not be stored") from error
     entry.size_bytes = stored.size
@@ -593,14 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"publish: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = asyncio.run(
-            publish(
-                args.workspace,
-                storage,
-                args.job_id,
-                max_files=args.max_files,
-                max_total_bytes=args.max_total_bytes,
-            )
+        result = publish_blocking(
+            args.workspace,
+            storage,
+            args.job_id,
+            max_files=args.max_files,
+            max_total_bytes=args.max_total_bytes,
         )
     except PublishError as error:
         print(json.dumps({"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": str(error)}))

@@ -11,14 +11,14 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 from c2d.common.v1 import job_pb2
 
-from mesh.storage import LocalStorage, StoredObject
+from mesh.storage import LocalStorage, Source, StoredObject
 from pods import publish as publish_module
 from pods.publish import PublishError, PublishResult, publish
 
@@ -319,7 +319,7 @@ async def test_a_symlinked_log_is_not_followed(workspace: Path, storage: LocalSt
 
 
 class BrokenStorage(LocalStorage):
-    async def put(self, job_id: str, key: str, source: BinaryIO) -> StoredObject:
+    def put_blocking(self, job_id: str, key: str, source: Source) -> StoredObject:
         raise OSError("disk full at /srv/secret-storage")
 
 
@@ -333,6 +333,34 @@ async def test_storage_failure_raises_publish_error(
     log = (workspace / "logs" / "publish.log").read_text()
     assert "storing result.csv failed (OSError)" in log
     assert "secret-storage" not in log
+
+
+async def test_one_worker_thread_does_the_whole_stage(
+    workspace: Path, outputs: Path, storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Walk, stores and the final flush run in one worker thread, off the event loop: a hop to
+    a thread per file would cost more than a typical job's few small files."""
+    write(outputs / "a.txt", b"a")
+    write(outputs / "b.txt", b"b")
+    threads: list[int] = []
+    put, sync = LocalStorage.put_blocking, LocalStorage.sync_blocking
+
+    def put_blocking(self: LocalStorage, job_id: str, key: str, source: Source) -> StoredObject:
+        threads.append(threading.get_ident())
+        return put(self, job_id, key, source)
+
+    def sync_blocking(self: LocalStorage, job_id: str) -> None:
+        threads.append(threading.get_ident())
+        sync(self, job_id)
+
+    monkeypatch.setattr(LocalStorage, "put_blocking", put_blocking)
+    monkeypatch.setattr(LocalStorage, "sync_blocking", sync_blocking)
+    result = await publish(workspace, storage, JOB, max_total_bytes=1 << 20)
+    assert len(result.results) == 5
+    assert len(threads) == 6  # five stores, one flush
+    assert len(set(threads)) == 1
+    assert threads[0] != threading.get_ident()
+    await check_consistent(storage, result)
 
 
 async def test_bad_job_id_is_refused(workspace: Path, storage: LocalStorage) -> None:
