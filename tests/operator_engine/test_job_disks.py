@@ -1,0 +1,128 @@
+"""Job disks and what the engine does around them: a pool that reuses disks instead of making
+and destroying one per job, and the recovery of a job cut off while it ran on one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+
+from mesh import jobs as job_facts
+from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.disks import JobDisks
+from operator_engine.mounts import mounted_under
+from operator_engine.server import build
+from tests.conftest import SandboxIdentity, needs_root
+
+pytestmark = needs_root
+
+SIZE = 16 << 20
+
+
+async def mounted_soon(disks: JobDisks, count: int) -> set[Path]:
+    async with asyncio.timeout(20):
+        while len(found := mounted_under(disks.mounts)) < count:
+            await asyncio.sleep(0.02)
+    return set(found)
+
+
+@pytest.fixture
+async def disks(tmp_path: Path) -> AsyncIterator[JobDisks]:
+    pool = JobDisks(tmp_path / "disks")
+    pool.check()
+    try:
+        yield pool
+    finally:
+        await pool.close(keep=set())
+        assert mounted_under(tmp_path) == []
+
+
+async def test_released_disks_are_reused_and_none_is_made_for_a_job(disks: JobDisks) -> None:
+    disks.want(SIZE, 2)
+    pool = await mounted_soon(disks, 2)
+    for _ in range(4):
+        disk = await disks.take(SIZE)
+        assert disk in pool
+        (disk / "out.txt").write_text("result")
+        os.chown(disk, 1234, 1234)
+        await asyncio.sleep(0.05)  # room for a refill, were one (wrongly) started
+        await disks.release(disk)
+        assert os.listdir(disk) == []
+        info = os.stat(disk)
+        assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700)
+    await asyncio.sleep(0.05)
+    assert set(mounted_under(disks.mounts)) == pool
+
+
+async def test_a_take_waits_for_the_disk_being_wiped_rather_than_making_one(
+    disks: JobDisks,
+) -> None:
+    disks.want(SIZE, 1)
+    (only,) = await mounted_soon(disks, 1)
+    disk = await disks.take(SIZE)
+    (disk / "left-behind").write_bytes(b"x" * 4096)
+    releasing = asyncio.create_task(disks.release(disk))
+    await asyncio.sleep(0)  # the wipe has started
+    again = await disks.take(SIZE)
+    await releasing
+    assert again == only
+    assert os.listdir(again) == []
+    await disks.release(again)
+
+
+async def test_a_job_cut_off_while_running_ends_engine_lost_with_its_outputs(
+    tmp_path: Path,
+) -> None:
+    """RUNNING is not written to job.pb; the job's disk file says it got that far."""
+    sandbox = SandboxIdentity.new()
+    config = EngineConfig(
+        listen=f"unix:{tmp_path / 'run' / 'engine.sock'}",
+        workspace_root=tmp_path / "engine" / "jobs",
+        data_root=tmp_path / "data",
+        storage_url=str(tmp_path / "results"),
+        environments=(EnvironmentSpec(),),
+        sandbox_uid_base=sandbox.uid_base,
+        sandbox_stage_root=sandbox.stage_root,
+        sandbox_cgroup_name=sandbox.cgroup_name,
+    )
+    # What a killed engine leaves: a job that was running, its outputs on its disk.
+    job_id = job_facts.new_job_id()
+    ws = config.workspace_root / job_id
+    (ws / "logs").mkdir(parents=True)
+    (ws / "logs" / "algorithm.log").write_text("started\n")
+    disk = tmp_path / "left-disk"
+    disk.mkdir()
+    (disk / "partial.txt").write_text("half a result")
+    spec = engine_pb2.JobSpec(
+        job_id=job_id,
+        owner="0x" + "1" * 40,
+        environment="default",
+        datasets=[engine_pb2.DatasetInput(id="a" * 64)],
+    )
+    job = job_pb2.Job(
+        name=f"jobs/{job_id}", state=job_pb2.Job.STATE_CONFIGURING, environment="default"
+    )
+    (ws / "spec.pb").write_bytes(spec.SerializeToString())
+    (ws / "job.pb").write_bytes(job.SerializeToString())
+    (ws / "disk").write_text(str(disk))
+
+    server, runner = await build(config)
+    try:
+        updates = []
+        async with asyncio.timeout(10):
+            async for change in runner.watch(job_id):
+                updates.append(change)
+        assert job_pb2.Job.STATE_CONFIGURING not in {u.state for u in updates}
+        final = updates[-1]
+        assert final.state == job_pb2.Job.STATE_FAILED
+        assert final.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST
+        assert {"partial.txt", "algorithm.log", "publish.log"} <= {r.name for r in final.results}
+    finally:
+        await runner.close()
+        await server.stop(0)
+        runner.sandbox.close()
