@@ -150,7 +150,7 @@ def configure(spec: engine_pb2.JobSpec, workspace: Path, data_root: Path) -> Con
     try:
         check_job_id(spec.job_id)
         record.add(f"configure: job {spec.job_id}")
-        _make_layout(ws)
+        make_layout(ws)
         result = _configure(spec, ws, Path(data_root), record)
         record.add("configure succeeded")
     except ProvisioningError as error:
@@ -333,7 +333,9 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _make_layout(ws: Workspace) -> None:
+def make_layout(ws: Workspace) -> None:
+    """The workspace's folders, with their modes; what exists already is kept. The engine also
+    calls it to make workspaces ahead of time."""
     ws.root.mkdir(mode=0o700, exist_ok=True)
     # 0755: the sandbox's uid reads through these mounts. outputs/ starts root-only; the sandbox
     # chowns it to the job's uid.
