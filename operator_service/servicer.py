@@ -49,11 +49,11 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
 
     async def _owned(self, job_id: str, owner: str) -> job_pb2.Job:
         job_facts.check_job_id(job_id)
-        found = await self.store.get(job_id)
+        job = await self.store.job(job_id)
         # Someone else's job does not exist, as far as this caller can tell.
-        if found is None or found[1].owner != owner:
+        if job is None or job.owner != owner:
             raise NotFound("no such job", reason="JOB_NOT_FOUND")
-        return found[1]
+        return job
 
     async def CreateJob(
         self, request: operator_pb2.CreateJobRequest, context: Context

@@ -98,6 +98,12 @@ class JobStore:
         row = self.db.execute("SELECT lease_until FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return 0.0 if row is None else float(row[0])
 
+    async def job(self, job_id: str) -> job_pb2.Job | None:
+        """The job's latest form, without its spec (which holds the algorithm's code, up to
+        16 MiB: most callers need only the job)."""
+        row = self.db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else job_pb2.Job.FromString(row[0])
+
     async def get(self, job_id: str) -> tuple[engine_pb2.JobSpec, job_pb2.Job] | None:
         row = self.db.execute("SELECT spec, job FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:

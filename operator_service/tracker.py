@@ -64,16 +64,19 @@ class Tracker:
         async with cond:
             self._latest[job_id] = job
             cond.notify_all()
+        # Lets the watchers just woken hand the change to their streams before the write
+        # below, which is not what they wait for. A crash in between loses nothing: the engine
+        # still has the change and says it again when this service follows the job anew.
+        await asyncio.sleep(0)
         await self.store.save(job, time.time() + self.lease_s if renew else None)
         if job_facts.is_final(job.state):
             self._latest.pop(job_id, None)
 
     async def end(self, job_id: str, state: int, reason: int, message: str) -> None:
         """Ends a job here when the engine cannot: it is never left unfinished."""
-        found = await self.store.get(job_id)
-        if found is None or job_facts.is_final(found[1].state):
+        job = await self.store.job(job_id)
+        if job is None or job_facts.is_final(job.state):
             return
-        job = found[1]
         job.state = state  # type: ignore[assignment]
         job.failure_reason = reason  # type: ignore[assignment]
         job.message = message
@@ -117,16 +120,19 @@ class Tracker:
     async def _follow_stream(self, job_id: str) -> bool:
         """Records what the engine says of the job; True once it is final."""
         stream = self.engine.WatchJob(engine_pb2.WatchJobRequest(job_id=job_id))
+        loop = asyncio.get_running_loop()
         try:
-            messages = stream.__aiter__()
-            while True:
-                try:
-                    response = await asyncio.wait_for(messages.__anext__(), self.lease_s)
-                except StopAsyncIteration:
-                    return False
-                await self.record(response.job, renew=True)
-                if job_facts.is_final(response.job.state):
-                    return True
+            # One deadline for the reads, pushed back by every message (heartbeats included):
+            # wait_for would make a task of every read. It is off while a message is recorded,
+            # so that only the engine's silence can end the stream.
+            async with asyncio.timeout(self.lease_s) as deadline:
+                async for response in stream:
+                    deadline.reschedule(None)
+                    await self.record(response.job, renew=True)
+                    if job_facts.is_final(response.job.state):
+                        return True
+                    deadline.reschedule(loop.time() + self.lease_s)
+            return False
         finally:
             stream.cancel()
 
@@ -140,10 +146,6 @@ class Tracker:
         await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
         return True
 
-    async def _stored(self, job_id: str) -> job_pb2.Job | None:
-        found = await self.store.get(job_id)
-        return None if found is None else found[1]
-
     async def watch(self, job_id: str, owner: str) -> AsyncIterator[job_pb2.Job]:
         """The job now, then after every recorded change; ends after a final state."""
         cond = self.condition(job_id)
@@ -152,7 +154,7 @@ class Tracker:
             async with cond:
                 job = self._latest.get(job_id)
                 if job is None:
-                    job = await self._stored(job_id)
+                    job = await self.store.job(job_id)
                 if job is None or job.owner != owner:
                     raise NotFound("no such job", reason="JOB_NOT_FOUND")
                 snapshot = job.SerializeToString(deterministic=True)
