@@ -52,6 +52,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, downstream: str = "") -> None:
         self.downstream = downstream
+        # Each method's wrapped handler, made once: the server asks for it on every call.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
@@ -62,6 +64,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, self.downstream, handler.unary_unary),
