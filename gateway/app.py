@@ -21,7 +21,6 @@ import grpc
 import structlog
 import uvicorn
 from c2d.provider.v1 import provider_pb2
-from google.protobuf import json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
@@ -34,6 +33,7 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
+from gateway import proto_json
 from gateway.config import GatewayConfig
 from gateway.errors import HTTP_STATUS, HttpError, error_body
 from gateway.openapi import build_openapi
@@ -82,7 +82,7 @@ def _error_response(error: HttpError) -> Response:
 
 def _to_json(message: Message) -> dict[str, Any]:
     # lowerCamelCase names and enum names as strings: the proto3 JSON mapping.
-    rendered: dict[str, Any] = json_format.MessageToDict(message)
+    rendered: dict[str, Any] = proto_json.to_dict(message)
     return rendered
 
 
@@ -106,7 +106,7 @@ class Gateway:
         self.keepalive = keepalive_seconds
         self._channel = channel
         self._owns_channel = channel is None
-        self._stopping: asyncio.Event | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._own_endpoints: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/healthz": self.healthz,
             "/openapi.json": self.openapi_json,
@@ -122,14 +122,16 @@ class Gateway:
         return self._channel
 
     @property
-    def stopping(self) -> asyncio.Event:
+    def stopping(self) -> asyncio.Future[None]:
+        """Done once the gateway stops: every event stream waits on it."""
         if self._stopping is None:
-            self._stopping = asyncio.Event()
+            self._stopping = asyncio.get_running_loop().create_future()
         return self._stopping
 
     def stop_streams(self) -> None:
         """Ends every event stream, so a graceful stop does not wait for jobs to finish."""
-        self.stopping.set()
+        if not self.stopping.done():
+            self.stopping.set_result(None)
 
     async def close(self) -> None:
         self.stop_streams()
@@ -602,6 +604,8 @@ def _uvicorn_config(app: Starlette, **kwargs: Any) -> uvicorn.Config:
         lifespan="on",
         log_config=None,
         access_log=False,  # AccessLog writes the one line per request
+        # Nothing here reads the client's address: no X-Forwarded-* rewriting on each request.
+        proxy_headers=False,
         timeout_graceful_shutdown=5,
         **kwargs,
     )

@@ -14,11 +14,12 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from gateway import proto_json
 
 log = structlog.get_logger()
 
@@ -40,36 +41,34 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 class StreamReader:
     """Reads a unary-stream call one message at a time. A read that times out is kept, not
     cancelled, so that waiting with a timeout (for a keepalive) never loses a message or ends
-    the call; `close` ends the call."""
+    the call; `close` ends the call.
 
-    def __init__(self, call: Any, *, stopping: asyncio.Event | None = None) -> None:
+    `stopping` is a future every reader of the gateway shares, done once it shuts down: waiting
+    on it costs nothing per read, where waiting on an Event would take a task each time."""
+
+    def __init__(self, call: Any, *, stopping: asyncio.Future[None] | None = None) -> None:
         self._call = call
         self._pending: asyncio.Future[Any] | None = None
         self._stopping = stopping
 
     async def next(self, wait_seconds: float | None) -> Message | Signal:
         """The next message, END, or SILENCE after `wait_seconds`; raises the call's AioRpcError."""
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._call.read())
-            self._pending.add_done_callback(_retrieve)
-        waiting: set[asyncio.Future[Any]] = {self._pending}
-        stop_wait: asyncio.Future[Any] | None = None
-        if self._stopping is not None:
-            # The gateway is shutting down: end the stream as if it had ended, so that an event
-            # stream client reconnects (elsewhere) instead of waiting for a dead server.
-            stop_wait = asyncio.ensure_future(self._stopping.wait())
-            waiting.add(stop_wait)
-        try:
-            done, _ = await asyncio.wait(
-                waiting, timeout=wait_seconds, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            if stop_wait is not None:
-                stop_wait.cancel()
-        if self._pending not in done:
-            return Signal.END if stop_wait is not None and stop_wait in done else Signal.SILENCE
-        task, self._pending = self._pending, None
-        result = task.result()
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = asyncio.ensure_future(self._call.read())
+            pending.add_done_callback(_retrieve)
+        if not pending.done():
+            waiting: set[asyncio.Future[Any]] = {pending}
+            if self._stopping is not None:
+                # The gateway is shutting down: end the stream as if it had ended, so that an
+                # event stream client reconnects (elsewhere) instead of waiting for a dead server.
+                waiting.add(self._stopping)
+            await asyncio.wait(waiting, timeout=wait_seconds, return_when=asyncio.FIRST_COMPLETED)
+            if not pending.done():
+                stopped = self._stopping is not None and self._stopping.done()
+                return Signal.END if stopped else Signal.SILENCE
+        self._pending = None
+        result = pending.result()
         if result is grpc.aio.EOF:
             return Signal.END
         message: Message = result
@@ -180,7 +179,7 @@ def sse_event(event: str, data: str, *, event_id: str | None = None) -> bytes:
 
 
 def message_event(message: Message, resume: tuple[str, ...] | None) -> bytes:
-    data = compact_json(json_format.MessageToDict(message))
+    data = compact_json(proto_json.to_dict(message))
     event_id = _resume_id(message, resume) if resume is not None else None
     return sse_event(message.DESCRIPTOR.name, data, event_id=event_id)
 
