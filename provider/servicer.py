@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -77,6 +78,13 @@ def _check_entrypoint(entrypoint: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} must name the code as $ALGO, for example 'python3 $ALGO'", field=field
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _ddo_json(record: bytes) -> str:
+    """The dataset's description as its jobs see it. Datasets never change once published, so
+    each is written once, not at every job."""
+    return json_format.MessageToJson(pb.Dataset.FromString(record), indent=2)
 
 
 def _whole_numbers(value: Any) -> Any:
@@ -314,7 +322,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
                 engine_pb2.DatasetInput(
                     id=dataset.name.removeprefix("datasets/"),
                     file_paths=paths,
-                    ddo_json=json_format.MessageToJson(dataset, indent=2),
+                    ddo_json=_ddo_json(dataset.SerializeToString(deterministic=True)),
                 )
                 for dataset, paths in datasets
             ],
