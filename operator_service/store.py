@@ -24,6 +24,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL NOT NULL        -- the engine must be heard from before this (unix time)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
+-- Each insert takes MAX(seq) + 1: without this it scans every job (4 ms at 100,000 jobs, on
+-- the path of every StartCompute); with it, a lookup.
+CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
     time REAL NOT NULL,

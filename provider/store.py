@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS algorithms (
     record BLOB NOT NULL,            -- provider.v1.Algorithm
     code BLOB NOT NULL
 );
+-- Each insert takes MAX(seq) + 1: an index makes that a lookup rather than a scan.
+CREATE INDEX IF NOT EXISTS datasets_by_seq ON datasets (seq);
+CREATE INDEX IF NOT EXISTS algorithms_by_seq ON algorithms (seq);
 CREATE TABLE IF NOT EXISTS requests (
     address TEXT NOT NULL, request_id TEXT NOT NULL, resource TEXT NOT NULL,
     PRIMARY KEY (address, request_id)
