@@ -10,6 +10,7 @@ again."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -46,7 +47,14 @@ class Tracker:
     def follow(self, job_id: str) -> None:
         task = self._tasks.get(job_id)
         if task is None or task.done():
-            self._tasks[job_id] = asyncio.create_task(self._follow(job_id), name=f"follow-{job_id}")
+            task = asyncio.create_task(self._follow(job_id), name=f"follow-{job_id}")
+            self._tasks[job_id] = task
+            task.add_done_callback(functools.partial(self._forget, job_id))
+
+    def _forget(self, job_id: str, task: asyncio.Task[None]) -> None:
+        # Finished jobs leave nothing behind: the service runs for months of jobs.
+        if self._tasks.get(job_id) is task:
+            del self._tasks[job_id]
 
     async def resume(self) -> None:
         """Follows again every job that was unfinished when the service last stopped."""
@@ -70,7 +78,9 @@ class Tracker:
         await asyncio.sleep(0)
         await self.store.save(job, time.time() + self.lease_s if renew else None)
         if job_facts.is_final(job.state):
+            # Watchers still running read the final state from the registry from now on.
             self._latest.pop(job_id, None)
+            self._changed.pop(job_id, None)
 
     async def end(self, job_id: str, state: int, reason: int, message: str) -> None:
         """Ends a job here when the engine cannot: it is never left unfinished."""
@@ -150,18 +160,25 @@ class Tracker:
         """The job now, then after every recorded change; ends after a final state."""
         cond = self.condition(job_id)
         last: bytes | None = None
-        while True:
-            async with cond:
-                job = self._latest.get(job_id)
-                if job is None:
-                    job = await self.store.job(job_id)
-                if job is None or job.owner != owner:
-                    raise NotFound("no such job", reason="JOB_NOT_FOUND")
-                snapshot = job.SerializeToString(deterministic=True)
-                if snapshot == last:
-                    await cond.wait()
-                    continue
-            last = snapshot
-            yield job
-            if job_facts.is_final(job.state):
-                return
+        job: job_pb2.Job | None = None
+        try:
+            while True:
+                async with cond:
+                    job = self._latest.get(job_id)
+                    if job is None:
+                        job = await self.store.job(job_id)
+                    if job is None or job.owner != owner:
+                        raise NotFound("no such job", reason="JOB_NOT_FOUND")
+                    snapshot = job.SerializeToString(deterministic=True)
+                    if snapshot == last:
+                        await cond.wait()
+                        continue
+                last = snapshot
+                yield job
+                if job_facts.is_final(job.state):
+                    return
+        finally:
+            # A final or missing job changes no more: its condition need not outlive the watch.
+            gone = job is None or job_facts.is_final(job.state)
+            if gone and self._changed.get(job_id) is cond:
+                del self._changed[job_id]
