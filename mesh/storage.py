@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ _JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Temporary files start with a dot, which no valid key does, so they never shadow an object.
 _TEMP_PREFIX = ".part-"
+# Job folders made ahead of time (a dot name: never a job id), and the files made in them.
+_SPARE_DIR = ".spare"
+_READY_PREFIX = ".ready-"
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class Storage(Protocol):
         """`sync` for a caller already on a worker thread."""
         ...
 
+    def prepare_blocking(self, jobs: int, objects: int) -> None:
+        """Makes ahead of time, for `jobs` jobs to come, what storing `objects` objects of each
+        would make (nothing, for a storage with nothing to make), so that a job's puts then
+        make less on its path. Blocking: for a worker thread, while no job is being stored."""
+        ...
+
     async def delete_job(self, job_id: str) -> None:
         """Removes every object of the job; nothing to remove is not an error."""
         ...
@@ -115,10 +125,20 @@ class LocalStorage:
     may hold data-derived outputs that only the services should read.
 
     The async methods run their blocking file I/O in worker threads (`asyncio.to_thread`) so
-    that a large copy never stalls the event loop serving other jobs."""
+    that a large copy never stalls the event loop serving other jobs.
+
+    Making a file or a folder costs 0.1-0.4 ms on a node's file system, ten to thirty times a
+    rename: `prepare_blocking` makes job folders, each with a few empty files, under
+    `root/.spare`; a job's first put renames one into place and its puts fill those files
+    before they make any. What a job did not use is removed at its `sync`."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # Shared by the worker threads of prepare_blocking and of the puts.
+        self._lock = threading.Lock()
+        self._spares: list[Path] = []
+        self._ready: dict[Path, list[Path]] = {}
+        self._swept = False
 
     def _job_dir(self, job_id: str) -> Path:
         _check_job_id(job_id)
@@ -138,17 +158,16 @@ class LocalStorage:
         return stored
 
     def _put_sync(self, path: Path, source: Source) -> StoredObject:
-        # mkdir's mode is filtered by the umask, so set it explicitly, but only on directories
-        # created here: an existing root keeps the mode its operator gave it.
-        for directory in (path.parent.parent, path.parent):
-            try:
-                directory.mkdir(mode=0o700, parents=directory == self.root)
-            except FileExistsError:
-                continue
-            os.chmod(directory, 0o700)
-        # mkstemp creates the file 0600 with O_EXCL in the job's own directory, so the rename
-        # below is atomic (same file system) and readers see the old object or the whole new one.
-        fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
+        self._make_job_dir(path.parent)
+        # A file made ahead in this job's folder, or one made now: either is 0600, made with
+        # O_EXCL in the job's own folder, so the rename below is atomic (same file system) and
+        # readers see the old object or the whole new one.
+        ready = self._take(self._ready.get(path.parent))
+        if ready is not None:
+            fd = os.open(ready, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+            temp_name = str(ready)
+        else:
+            fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
         digest = hashlib.sha256()
         size = 0
         try:
@@ -171,11 +190,70 @@ class LocalStorage:
             raise
         return StoredObject(size=size, sha256=digest.hexdigest())
 
+    def _make_job_dir(self, job_dir: Path) -> None:
+        if job_dir.is_dir():
+            return  # every put of a job but its first
+        self._make_root()
+        spare = self._take(self._spares)
+        if spare is not None:
+            try:
+                os.rename(spare, job_dir)  # made 0700 ahead of time
+                moved = True
+            except OSError:
+                moved = False  # made meanwhile by another put of the job: the spare is dropped
+            with self._lock:
+                files = self._ready.pop(spare, [])
+                if moved:
+                    self._ready[job_dir] = [job_dir / f.name for f in files]
+            if moved:
+                return
+        try:
+            job_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            return
+        os.chmod(job_dir, 0o700)
+
+    def _make_root(self) -> None:
+        # mkdir's mode is filtered by the umask, so set it explicitly, but only on directories
+        # created here: an existing root keeps the mode its operator gave it.
+        try:
+            self.root.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            return
+        os.chmod(self.root, 0o700)
+
+    def _take(self, items: list[Path] | None) -> Path | None:
+        with self._lock:
+            return items.pop() if items else None
+
+    def prepare_blocking(self, jobs: int, objects: int) -> None:
+        spare_root = self.root / _SPARE_DIR
+        if not self._swept:
+            # Spares of an earlier engine: this one does not know their files.
+            shutil.rmtree(spare_root, ignore_errors=True)
+            self._swept = True
+        self._make_root()
+        spare_root.mkdir(mode=0o700, exist_ok=True)
+        while len(self._spares) < jobs:
+            spare = Path(tempfile.mkdtemp(prefix="job-", dir=spare_root))  # 0700
+            files = []
+            for _ in range(objects):
+                fd, name = tempfile.mkstemp(prefix=_READY_PREFIX, dir=spare)  # 0600
+                os.close(fd)
+                files.append(Path(name))
+            with self._lock:
+                self._ready[spare] = files
+                self._spares.append(spare)
+
     async def sync(self, job_id: str) -> None:
         await asyncio.to_thread(self.sync_blocking, job_id)
 
     def sync_blocking(self, job_id: str) -> None:
         job_dir = self._job_dir(job_id)
+        with self._lock:
+            unused = self._ready.pop(job_dir, [])
+        for path in unused:
+            path.unlink(missing_ok=True)
         if not job_dir.is_dir():
             return
         for entry in os.scandir(job_dir):
@@ -219,6 +297,8 @@ class LocalStorage:
 
     async def delete_job(self, job_id: str) -> None:
         job_dir = self._job_dir(job_id)
+        with self._lock:
+            self._ready.pop(job_dir, None)
         # rmtree is safe against symlink swaps on Linux (it works with directory fds).
         await asyncio.to_thread(_rmtree_if_present, job_dir)
         log.info("storage.job_deleted", job_id=job_id)

@@ -65,6 +65,9 @@ _DISK_FILE = "disk"
 _SPARE_PREFIX = ".spare-"
 # In a spare workspace: the algorithm log's file, out of the logs folder until the job runs.
 _READY_LOG = "algorithm.log.ready"
+# Files made ahead in storage for each job to come: one output and the three logs, a small
+# job's results.
+_PREPARED_RESULTS = 4
 # A job this small is configured inline on the event loop: a few small writes and stats cost
 # less than a hop to a worker thread and back (0.3-1 ms on a busy engine). Larger ones (big
 # code or DDOs to hash and write, many dataset files to check) go to a thread.
@@ -370,6 +373,12 @@ class Runner:
                 log.warning("could not make a workspace ahead of time", error=str(error))
                 return
             self._spares.append(spare)
+        try:
+            await asyncio.to_thread(
+                self.storage.prepare_blocking, self._spares_wanted, _PREPARED_RESULTS
+            )
+        except OSError as error:
+            log.warning("could not prepare storage ahead of time", error=str(error))
 
     async def _queue(self, entry: EngineJob, env: EnvironmentSpec) -> None:
         slot = self._slots[env.name]
@@ -712,13 +721,14 @@ def _make_workspace(ws: Path) -> None:
 
 def _make_spare(root: Path) -> Path:
     """A workspace for a job yet to come, holding what its start would make: the folders of
-    the engine and of configure, the algorithm log, and a first file for each state file that
-    `_write_atomic` writes (`job.pb` two, as it is rewritten)."""
+    the engine and of configure, the algorithm log, a first file for each state file that
+    `_write_atomic` writes (`job.pb` two, as it is rewritten), and files for the stages to
+    fill (`layout.READY_FILES`: configure's three, publish's log)."""
     spare = root / f"{_SPARE_PREFIX}{uuid.uuid4().hex}"
     _make_workspace(spare)
     make_layout(layout.Workspace(spare))
     scratch = [f"{_SPEC_FILE}.tmp", f"{_JOB_FILE}.tmp", f"{_JOB_FILE}.prev"]
-    scratch += [f"{_DISK_FILE}.tmp", f"{_OUTCOME_FILE}.tmp"]
+    scratch += [f"{_DISK_FILE}.tmp", f"{_OUTCOME_FILE}.tmp", *layout.READY_FILES]
     for name in scratch:
         os.close(os.open(spare / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     # Not in logs/ yet: a job that never runs has no algorithm log.

@@ -45,6 +45,7 @@ from pods.workspace import (
     asset_did,
     check_job_id,
     is_asset_id,
+    open_ready_file,
     sandbox_input_path,
 )
 
@@ -212,7 +213,7 @@ def _provision_algorithm(
     argv = _entrypoint_argv(algorithm.entrypoint)
     record.add(f"entrypoint: {json.dumps(argv)}")
     # 0444: the sandbox's unrelated uid must read it, nobody needs to change it.
-    _write_file(ws.transformations, ALGORITHM_FILE, algorithm.code, 0o444)
+    _write_file(ws, ws.transformations, ALGORITHM_FILE, algorithm.code, 0o444)
     return argv
 
 
@@ -257,7 +258,7 @@ def _provision_datasets(
             mounts.append(Mount(host_path, sandbox_input_path(dataset.id, index)))
             total += size
         ddo = dataset.ddo_json.encode("utf-8")
-        _write_file(ws.ddos, dataset.id, ddo, 0o444)
+        _write_file(ws, ws.ddos, dataset.id, ddo, 0o444)
         record.add(
             f"dataset {dataset.id}: {len(dataset.file_paths)} files, {total} bytes; "
             f"ddo {len(ddo)} bytes, sha256 {hashlib.sha256(ddo).hexdigest()}"
@@ -320,7 +321,7 @@ def _provision_parameters(parameters_json: str, ws: Workspace, record: _Configur
     if failed or not isinstance(parsed, dict):
         raise AlgorithmProvisioningError("the algorithm parameters are not a JSON object")
     data = parameters_json.encode("utf-8")
-    _write_file(ws.root, ALGO_CUSTOM_DATA_FILE, data, 0o444)
+    _write_file(ws, ws.root, ALGO_CUSTOM_DATA_FILE, data, 0o444)
     record.add(
         f"parameters: {len(parsed)} keys, {len(data)} bytes, "
         f"sha256 {hashlib.sha256(data).hexdigest()}"
@@ -356,11 +357,15 @@ def _make_dir(path: Path, mode: int) -> None:
     os.chmod(path, mode)  # mkdir's mode is filtered by the umask
 
 
-def _write_file(directory: Path, name: str, data: bytes, mode: int) -> None:
+def _write_file(ws: Workspace, directory: Path, name: str, data: bytes, mode: int) -> None:
     """Writes `directory/name` whole or not at all: a temporary file (never following a link)
-    renamed over the target, so a rerun replaces a read-only file and a crash leaves no half."""
+    renamed over the target, so a rerun replaces a read-only file and a crash leaves no half.
+    The temporary file is one made ahead in the workspace when there is one (see
+    pods.workspace), else a new one."""
     temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = open_ready_file(ws.root, temp)
+    if fd is None:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
@@ -378,7 +383,7 @@ def _write_configuration_log(
         if not ws.logs.is_dir():
             _make_dir(ws.logs, 0o755)
         # 0644: the consumer receives it anyway, and the sandbox may read /data/logs.
-        _write_file(ws.logs, CONFIGURATION_LOG, record.render(), 0o644)
+        _write_file(ws, ws.logs, CONFIGURATION_LOG, record.render(), 0o644)
     except OSError as error:
         # A log that cannot be written must not hide the stage's real outcome.
         log.error("configure.log_not_written", error_type=type(error).__name__)

@@ -122,6 +122,38 @@ async def test_failed_replace_keeps_the_old_object(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "store" / JOB) == ["0000"]
 
 
+async def test_folders_and_files_made_ahead_are_used_and_the_rest_removed(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "store"
+    storage = LocalStorage(root)
+    storage.prepare_blocking(2, 3)
+    spares = list((root / ".spare").iterdir())
+    assert len(spares) == 2
+    made_ahead = {os.stat(f).st_ino for spare in spares for f in spare.iterdir()}
+    for index in range(4):  # one more than was made ahead
+        await storage.put(JOB, f"{index:04d}", io.BytesIO(b"x" * index))
+    await storage.sync(JOB)
+    assert sorted(os.listdir(root / JOB)) == ["0000", "0001", "0002", "0003"]
+    for index in range(4):
+        assert await read_all(storage, f"{index:04d}") == b"x" * index
+    stored = {os.stat(root / JOB / name).st_ino for name in os.listdir(root / JOB)}
+    assert len(stored & made_ahead) == 3
+    assert stat.S_IMODE(os.stat(root / JOB).st_mode) == 0o700
+    assert {stat.S_IMODE(os.stat(f).st_mode) for f in (root / JOB).iterdir()} == {0o600}
+    # Fewer objects than files made ahead: the job's folder keeps its objects only.
+    await storage.put(OTHER_JOB, "0000", io.BytesIO(b"y"))
+    await storage.sync(OTHER_JOB)
+    assert os.listdir(root / OTHER_JOB) == ["0000"]
+    assert not (root / ".spare").exists() or list((root / ".spare").iterdir()) == []
+    # A storage on the same root (the engine restarted) removes what the last one made.
+    storage.prepare_blocking(1, 2)
+    restarted = LocalStorage(root)
+    restarted.prepare_blocking(1, 1)
+    (spare,) = (root / ".spare").iterdir()
+    assert len(os.listdir(spare)) == 1
+
+
 @pytest.mark.parametrize("job_id", ["", "../" + "a" * 29, "A" * 32, "a" * 31, "a" * 33, "a/" * 16])
 async def test_bad_job_ids_are_rejected(tmp_path: Path, job_id: str) -> None:
     storage = LocalStorage(tmp_path / "store")

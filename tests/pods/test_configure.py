@@ -94,6 +94,33 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode)
 
 
+def test_files_made_ahead_are_filled_and_anything_else_is_left_alone(
+    tmp_path: Path, data_root: Path, workspace: Path
+) -> None:
+    """The engine's ready files (pods.workspace) are used before new ones are made; one that is
+    a link, or has a second name, is not written through."""
+    host = make_file(tmp_path / "host-file", b"host")
+    (workspace / ".ready-0").symlink_to(host)
+    os.link(host, workspace / ".ready-1")
+    (workspace / ".ready-2").write_bytes(b"")
+    made_ahead = os.stat(workspace / ".ready-2").st_ino
+    job = spec([dataset(DS1, make_file(data_root / "d.csv"))])
+
+    configure(job, workspace, data_root)
+
+    assert host.read_bytes() == b"host"
+    assert os.stat(host).st_nlink == 1
+    written = [
+        workspace / "transformations" / "algorithm",
+        workspace / "ddos" / DS1,
+        workspace / "logs" / "configuration.log",
+    ]
+    assert written[0].read_bytes() == CODE
+    assert [mode_of(path) for path in written] == [0o444, 0o444, 0o644]
+    assert made_ahead in {os.stat(path).st_ino for path in written}
+    assert not [name for name in os.listdir(workspace) if name.startswith(".")]
+
+
 def test_happy_path_lays_out_the_workspace(data_root: Path, workspace: Path) -> None:
     f0 = make_file(data_root / "sales" / "2024.csv", b"x" * 100)
     f1 = make_file(data_root / "sales" / "2025.csv", b"y" * 7)

@@ -363,6 +363,16 @@ async def test_one_worker_thread_does_the_whole_stage(
     await check_consistent(storage, result)
 
 
+async def test_publish_log_fills_a_file_made_ahead(workspace: Path, storage: LocalStorage) -> None:
+    (workspace / ".ready-3").write_bytes(b"")
+    made_ahead = os.stat(workspace / ".ready-3").st_ino
+    await publish(workspace, storage, JOB, max_total_bytes=1 << 20)
+    on_disk = workspace / "logs" / "publish.log"
+    assert os.stat(on_disk).st_ino == made_ahead
+    assert stat.S_IMODE(os.stat(on_disk).st_mode) == 0o644
+    assert on_disk.read_bytes() == await stored_bytes(storage, 2)
+
+
 async def test_bad_job_id_is_refused(workspace: Path, storage: LocalStorage) -> None:
     with pytest.raises(ValueError):
         await publish(workspace, storage, "../" + "a" * 29, max_total_bytes=1)
