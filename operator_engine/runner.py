@@ -10,8 +10,10 @@ RUNNING is not written to `job.pb`: recovery ends a job cut off while configurin
 alike, and the job's `disk` file, written just before, marks that it got as far as running.
 
 Making a file or a folder costs 0.1-0.4 ms on a node's file system (ten to thirty renames), and a
-job's start would make a dozen: workspaces are made ahead of time (`.spare-*` in the workspace
-root) and renamed into place, and rewritten state files reuse their previous versions' files."""
+job would make about twenty: workspaces are made ahead of time (`.spare-*` in the workspace
+root, with files for the stages to fill) and renamed into place, storage prepares job folders
+likewise, and rewritten state files reuse their previous versions' files. All of it is made
+after a job's final state, off the next job's path."""
 
 from __future__ import annotations
 
