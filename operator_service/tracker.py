@@ -130,19 +130,19 @@ class Tracker:
     async def _follow_stream(self, job_id: str) -> bool:
         """Records what the engine says of the job; True once it is final."""
         stream = self.engine.WatchJob(engine_pb2.WatchJobRequest(job_id=job_id))
-        loop = asyncio.get_running_loop()
         try:
-            # One deadline for the reads, pushed back by every message (heartbeats included):
-            # wait_for would make a task of every read. It is off while a message is recorded,
-            # so that only the engine's silence can end the stream.
-            async with asyncio.timeout(self.lease_s) as deadline:
-                async for response in stream:
-                    deadline.reschedule(None)
-                    await self.record(response.job, renew=True)
-                    if job_facts.is_final(response.job.state):
-                        return True
-                    deadline.reschedule(loop.time() + self.lease_s)
-            return False
+            messages = stream.__aiter__()
+            while True:
+                # A deadline on the read alone (every message renews it, heartbeats included);
+                # unlike wait_for, it makes no task of every read.
+                async with asyncio.timeout(self.lease_s):
+                    try:
+                        response = await messages.__anext__()
+                    except StopAsyncIteration:
+                        return False
+                await self.record(response.job, renew=True)
+                if job_facts.is_final(response.job.state):
+                    return True
         finally:
             stream.cancel()
 
