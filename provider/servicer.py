@@ -40,6 +40,10 @@ MAX_ALGORITHM_BYTES = 16 << 20
 MAX_RAW_ALGORITHM_BYTES = 1 << 20
 MAX_TOKEN_SECONDS = 24 * 3600
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")
+# The engine's environments are read again after this long; until _ENVIRONMENTS_STALE_S the
+# list at hand answers while the new one is fetched.
+_ENVIRONMENTS_FRESH_S = 10.0
+_ENVIRONMENTS_STALE_S = 60.0
 _RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
 
 
@@ -110,6 +114,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         self.operator = operator
         self.auth = Authenticator(store)
         self._environments: tuple[float, list[job_pb2.Environment]] = (0.0, [])
+        self._refreshing: asyncio.Task[None] | None = None
 
     # -- tokens --------------------------------------------------------------------------
 
@@ -275,14 +280,31 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
 
     async def _environment_list(self) -> list[job_pb2.Environment]:
         fetched, environments = self._environments
-        if time.monotonic() - fetched < 10 and environments:
+        age = time.monotonic() - fetched
+        if environments and age < _ENVIRONMENTS_FRESH_S:
             return environments
+        if environments and age < _ENVIRONMENTS_STALE_S:
+            # Answer with the list at hand and fetch a new one beside this call: a
+            # StartCompute every ten seconds no longer pays two more hops.
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh_environments())
+            return environments
+        return await self._fetch_environments()
+
+    async def _fetch_environments(self) -> list[job_pb2.Environment]:
         response = await self.operator.ListEnvironments(
             operator_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
         )
         environments = list(response.environments)
         self._environments = (time.monotonic(), environments)
         return environments
+
+    async def _refresh_environments(self) -> None:
+        try:
+            await self._fetch_environments()
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as error:
+            # The list at hand stays; a call past _ENVIRONMENTS_STALE_S fetches it itself.
+            log.debug("environments not refreshed", error=str(error))
 
     # -- jobs ----------------------------------------------------------------------------
 
