@@ -113,7 +113,10 @@ class Rest:
         return str(reply.json()["job"]["name"])
 
     async def until_listed(self, name: str) -> dict[str, Any]:
-        """Follows the SSE watch until the job is final with its results listed."""
+        """Follows the SSE watch until the job is final with its results listed. The stream
+        ends by itself after the final state; read to its end, its connection is kept for the
+        next request, as a client that keeps connections alive would."""
+        final: dict[str, Any] | None = None
         async with self.http.stream(
             "GET", f"/v1/{name}:watch", headers=self.token_headers
         ) as reply:
@@ -121,8 +124,10 @@ class Rest:
                 if line.startswith("data:"):
                     job = json.loads(line[5:])["job"]
                     if job.get("state") in ("STATE_SUCCEEDED", "STATE_FAILED", "STATE_CANCELLED"):
-                        return dict(job)
-        raise RuntimeError(f"{name}: the watch ended before a final state")
+                        final = dict(job)
+        if final is None:
+            raise RuntimeError(f"{name}: the watch ended before a final state")
+        return final
 
     async def log_latencies(self, name: str) -> list[float]:
         latencies = []

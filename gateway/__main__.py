@@ -6,13 +6,13 @@ embedded node's defaults."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 from collections.abc import Sequence
 
 from gateway.app import serve
 from gateway.config import GatewayConfig
 from mesh.logging import configure_logging
+from mesh.server import run_service
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         call_timeout_seconds=args.call_timeout,
     )
     configure_logging("gateway")
-    asyncio.run(serve(config))
+    run_service(serve(config))
 
 
 if __name__ == "__main__":

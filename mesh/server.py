@@ -11,12 +11,13 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 import structlog
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -264,3 +265,13 @@ async def run_until_signalled(
     await server.stop()
     if on_stop is not None:
         await on_stop()
+
+
+_T = TypeVar("_T")
+
+
+def run_service(main: Coroutine[Any, Any, _T]) -> _T:
+    """Runs a service's main coroutine to its end on uvloop: an event loop in C costs each
+    job's messages about a tenth less CPU than asyncio's own (measured through the REST edge,
+    all four services)."""
+    return uvloop.run(main)

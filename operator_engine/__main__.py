@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import structlog
 
 from mesh.logging import configure_logging
-from mesh.server import run_until_signalled
+from mesh.server import run_service, run_until_signalled
 from operator_engine.config import EngineConfig
 from operator_engine.sandbox import SandboxUnavailable
 from operator_engine.server import build
@@ -31,4 +30,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_service(main()))

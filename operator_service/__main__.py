@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from mesh.logging import configure_logging
-from mesh.server import run_until_signalled
+from mesh.server import run_service, run_until_signalled
 from operator_service.config import OperatorConfig
 from operator_service.server import build
 
@@ -22,4 +21,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_service(main()))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import structlog
 
 from mesh.logging import configure_logging
-from mesh.server import run_until_signalled
+from mesh.server import run_service, run_until_signalled
 from provider.config import ProviderConfig
 from provider.server import build
 
@@ -27,4 +26,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run_service(main()))
