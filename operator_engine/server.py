@@ -29,7 +29,6 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
             cgroup_name=config.sandbox_cgroup_name,
         )
     )
-    sandbox.check()
     networked = [env.name for env in config.environments if env.network_allowed]
     if networked:
         # A job with network must still never reach loopback or the node's own services; the
@@ -38,17 +37,23 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
             f"environment {', '.join(networked)} allows the network, which the local sandbox "
             "cannot yet give a job without also giving it the node's own loopback"
         )
-    await sandbox.sweep()
-    disks = JobDisks(config.workspace_root.parent / "disks")
+    sandbox.check()
     try:
-        disks.check()
-    except DisksUnavailable as error:
-        raise SandboxUnavailable(f"cannot enforce the disk limit: {error}") from None
-    config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    runner = Runner(config, sandbox, storage_from_url(config.storage_url), disks)
-    # Jobs a previous engine left: queued ones queue again, interrupted ones end with a reason.
-    await runner.recover()
-    await disks.sweep(keep={e.disk for e in runner.jobs.values() if e.disk is not None})
+        await sandbox.sweep()
+        disks = JobDisks(config.workspace_root.parent / "disks")
+        try:
+            disks.check()
+        except DisksUnavailable as error:
+            raise SandboxUnavailable(f"cannot enforce the disk limit: {error}") from None
+        config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        runner = Runner(config, sandbox, storage_from_url(config.storage_url), disks)
+        # Jobs a previous engine left: queued ones queue again, interrupted ones end with a
+        # reason.
+        await runner.recover()
+        await disks.sweep(keep={e.disk for e in runner.jobs.values() if e.disk is not None})
+    except BaseException:
+        sandbox.close()  # its parked sandboxes and staging mounts, when no job started
+        raise
     for env in config.environments:
         disks.want(env.disk_bytes, env.max_concurrent_jobs)
     servicer = EngineServicer(runner)
