@@ -123,6 +123,27 @@ TEST_ENVIRONMENTS = (
 )
 
 
+def engine_config(
+    home: Path,
+    sandbox: SandboxIdentity,
+    environments: tuple[EnvironmentSpec, ...] = (EnvironmentSpec(),),
+    *,
+    data_root: Path | None = None,
+) -> EngineConfig:
+    """An engine's configuration with its state under `home` (socket in `home/run`) and the
+    sandbox identity's uids, cgroups and staging root."""
+    return EngineConfig(
+        listen=f"unix:{home / 'run' / 'engine.sock'}",
+        workspace_root=home / "engine" / "jobs",
+        data_root=data_root or home / "data",
+        storage_url=str(home / "results"),
+        environments=environments,
+        sandbox_uid_base=sandbox.uid_base,
+        sandbox_stage_root=sandbox.stage_root,
+        sandbox_cgroup_name=sandbox.cgroup_name,
+    )
+
+
 @pytest.fixture
 async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
     """Engine, Operator Service and Provider, started in order on fresh state."""
@@ -133,16 +154,7 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
     owner = new_key()
     sandbox = SandboxIdentity.new()
     engine = await build_engine(
-        EngineConfig(
-            listen=f"unix:{run / 'engine.sock'}",
-            workspace_root=home / "engine" / "jobs",
-            data_root=data_root,
-            storage_url=str(home / "results"),
-            environments=TEST_ENVIRONMENTS,
-            sandbox_uid_base=sandbox.uid_base,
-            sandbox_stage_root=sandbox.stage_root,
-            sandbox_cgroup_name=sandbox.cgroup_name,
-        )
+        engine_config(home, sandbox, TEST_ENVIRONMENTS, data_root=data_root)
     )
     engine_server, runner = engine
     await engine_server.start()
