@@ -4,6 +4,7 @@ while it starts, where a `mount` command per mount point would cost a fork and e
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def unmount(target: str | Path) -> bool:
     it keeps it until it lets go); False when nothing is mounted there."""
     if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
         code = ctypes.get_errno()
-        if code in (22, 2):  # EINVAL: not a mount point; ENOENT: gone
+        if code in (errno.EINVAL, errno.ENOENT):  # not a mount point, or gone
             return False
         raise OSError(code, os.strerror(code), str(target))
     return True

@@ -110,8 +110,10 @@ _LAUNCHER_PIPES = ("go", "passwd", "group", "out", "err", "status")
 # The staging tmpfs holds empty files and directories only (mount points).
 _STAGE_TMPFS = "size=1m,nr_inodes=65536,mode=0755"
 _SCRATCH_TMPFS = "size=64k,nr_inodes=4096,mode=0700"
-# The slot's staging directories bound into its sandbox, and where.
+# The slot's staging directories bound into its sandbox, and where; the job's tmpfs are
+# mounted on the latter two.
 _SLOT_BINDS = (("data", "/data"), ("tmp", "/tmp"), ("shm", "/dev/shm"))
+_SLOT_TMPFS = ("tmp", "shm")
 # Parked cgroups' names start with a character no job id starts with; the engine's pid and a
 # count make them unique (two Sandbox objects may share a cgroup parent).
 _PARK_PREFIX = "_park-"
@@ -368,7 +370,6 @@ class _Cgroups:
                 _write(f"{d}/{self._swap_file}", 0)
             _write(f"{d}/pids.max", pids)
             _write(f"{d}/cpu.max", f"{quota} {_CPU_PERIOD_US}")
-            _write(f"{d}/cpu.weight", 100)
         else:
             memory, pids_dir, cpu = self.dirs(group)
             _write(f"{memory}/memory.limit_in_bytes", limits.memory_bytes)
@@ -377,7 +378,7 @@ class _Cgroups:
             _write(f"{pids_dir}/pids.max", pids)
             _write(f"{cpu}/cpu.cfs_period_us", _CPU_PERIOD_US)
             _write(f"{cpu}/cpu.cfs_quota_us", quota)
-            _write(f"{cpu}/cpu.shares", 1024)
+        self._weigh(group, parked=False)
 
     def counters(self, group: str) -> _Counters:
         if self.v2:
@@ -591,6 +592,11 @@ class _Stage:
         self.scratch = root / "scratch"
         self.ready = False
 
+    def ensure(self) -> None:
+        """set_up(), unless this object has done it already."""
+        if not self.ready:
+            self.set_up()
+
     def set_up(self) -> None:
         """Mounts both tmpfs, after detaching what a crashed engine left."""
         self.tear_down()
@@ -626,23 +632,31 @@ class _Stage:
             os.chmod(path, 0o755)  # noqa: S103 (the job uid traverses them)
         return top
 
-    def mount_job(self, slot: int, uid: int, job_mounts: Sequence[Mount], limits: Limits) -> None:
+    def mount_job(
+        self, slot: int, uid: int, job_mounts: Sequence[Mount], limits: Limits
+    ) -> list[str]:
         """Mounts the job's /tmp and /dev/shm and its inputs on the slot's staging directories;
-        raises _SpecError for a source that is not what its mount needs. On any error, what
-        was mounted is detached again."""
+        returns the sandbox paths of read-only inputs not readable by others (so not by the
+        job's uid either). Raises _SpecError for a source that is not what its mount needs.
+        On any error, what was mounted is detached again."""
         top = self.slot_dir(slot)
         size = max(4096, limits.disk_bytes)
         tmpfs = f"size={size},mode=0700,uid={uid},gid={uid}"
+        unreadable = []
         try:
-            for name in ("tmp", "shm"):
+            for name in _SLOT_TMPFS:
                 mounts.mount("c2d-job", top / name, "tmpfs", _JOB_MOUNT_FLAGS, tmpfs)
             for index, mount in enumerate(job_mounts):
-                self._bind(top / "data", f"{slot}-{index}", mount)
+                mode = self._bind(top / "data", f"{slot}-{index}", mount)
+                if not mount.writable and not mode & stat.S_IROTH:
+                    unreadable.append(mount.sandbox_path)
         except BaseException:
             self.unmount_job(slot)
             raise
+        return unreadable
 
-    def _bind(self, data: Path, scratch_name: str, mount: Mount) -> None:
+    def _bind(self, data: Path, scratch_name: str, mount: Mount) -> int:
+        """Binds one source at its place below `data`; returns the source's mode."""
         info = os.stat(mount.host_path)
         is_dir = stat.S_ISDIR(info.st_mode)
         if not (is_dir or (stat.S_ISREG(info.st_mode) and not mount.writable)):
@@ -660,6 +674,7 @@ class _Stage:
         finally:
             mounts.unmount(scratch)  # still there only when the move failed
             _remove_point(scratch)
+        return info.st_mode
 
     def unmount_job(self, slot: int) -> bool:
         """Detaches the job's mounts and empties the slot's staging directories again; False
@@ -876,11 +891,6 @@ def _check_spec(spec: SandboxSpec) -> None:
             raise ValueError(f"a mount inside another mount: {path}")
 
 
-def _sorted_mounts(mounts: Sequence[Mount]) -> list[Mount]:
-    # A parent directory must be mounted before a mount point inside it.
-    return sorted(mounts, key=lambda m: m.sandbox_path.count("/"))
-
-
 # -- the result ------------------------------------------------------------------------------
 
 
@@ -892,7 +902,7 @@ def _exit_code(status: int) -> int:
 
 
 def _parse_status(data: bytes) -> tuple[bool, int | None]:
-    """(the inner bwrap started its child, the child's exit status if it reported one).
+    """(bwrap started its child, the child's exit status if it reported one).
     bwrap writes one JSON object a line: child-pid when it has cloned, exit-code only when
     the command ran and ended; a setup or exec failure ends without exit-code."""
     cloned, status = False, None
@@ -1124,8 +1134,7 @@ class Sandbox:
             await self._kill_job(group)
             self._cgroups.remove(group)
             log.warning("sandbox.sweep.cgroup", job_id=group)
-        if not self._stage.ready:
-            self._stage.set_up()
+        self._stage.ensure()
         parked = {launcher.slot for launcher in self._parked}
         for slot in self._free_slots:
             if slot not in parked and not self._stage.unmount_job(slot):
@@ -1172,8 +1181,7 @@ class Sandbox:
         # group), at the job's.
         for_later = group is None
         group = group or f"{_PARK_PREFIX}{os.getpid()}-{next(_park_ids)}"
-        if not self._stage.ready:
-            self._stage.set_up()
+        self._stage.ensure()
         slot_dir = self._stage.prepare_slot(slot)
         self._cgroups.make(group, parked=for_later)
         try:
@@ -1426,7 +1434,7 @@ class _Job:
         self.cancels = [c for c in cancels if c is not None]
         self.log = log
         self.steps = steps
-        self.mounts = _sorted_mounts(spec.mounts)
+        self.mounts = list(spec.mounts)
         self.tail = bytearray()
         self.chain_stderr = bytearray()
         self.started = time.monotonic()
@@ -1471,10 +1479,8 @@ class _Job:
             for mount in self.mounts:
                 if mount.writable:
                     _hand_over(mount.host_path, self.uid, self.gid)
-            self.stage.mount_job(self.slot, self.uid, self.mounts, limits)
-            for mount in self.mounts:
-                if not mount.writable and not os.stat(mount.host_path).st_mode & stat.S_IROTH:
-                    self.log.warning("sandbox.mount_unreadable", sandbox_path=mount.sandbox_path)
+            for sandbox_path in self.stage.mount_job(self.slot, self.uid, self.mounts, limits):
+                self.log.warning("sandbox.mount_unreadable", sandbox_path=sandbox_path)
             script = _job_script(spec.argv, spec.env, limits)
             self.steps.mark("stage")
         except _SpecError as error:
@@ -1591,9 +1597,9 @@ class _Job:
 
     def _classify(self, ended: str, returncode: int | None, status: bytes) -> SandboxResult:
         limits = self.spec.limits
-        cloned, inner_status = _parse_status(status)
-        ran = inner_status is not None
-        raw = inner_status if inner_status is not None else returncode
+        cloned, child_status = _parse_status(status)
+        ran = child_status is not None
+        raw = child_status if child_status is not None else returncode
         code = _exit_code(raw if raw is not None else -1)
         chain_message = self.chain_stderr.decode(errors="replace").strip()
         if chain_message:
