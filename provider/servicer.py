@@ -254,10 +254,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         return pb.PublishAlgorithmResponse(algorithm=algorithm)
 
     async def _algorithm(self, name: str, field: str = "name") -> pb.Algorithm:
-        found = await self.store.algorithm(job_facts.parse_name(name, "algorithms", field))
-        if found is None:
-            raise NotFound(f"no algorithm {name}", reason="ALGORITHM_NOT_FOUND")
-        return found[0]
+        return (await self._algorithm_with_code(name, field))[0]
 
     async def GetAlgorithm(
         self, request: pb.GetAlgorithmRequest, context: Context
@@ -380,6 +377,15 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
             raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
         return found
 
+    async def _algorithm_with_code(
+        self, name: str, field: str = "name"
+    ) -> tuple[pb.Algorithm, bytes]:
+        """The algorithm with its code (for the engine only)."""
+        found = await self.store.algorithm(job_facts.parse_name(name, "algorithms", field))
+        if found is None:
+            raise NotFound(f"no algorithm {name}", reason="ALGORITHM_NOT_FOUND")
+        return found
+
     async def _resolve_algorithm(
         self, request: pb.StartComputeRequest
     ) -> tuple[pb.Algorithm | None, bytes]:
@@ -389,12 +395,7 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
                 raise InvalidArgument(
                     "send either algorithm or raw_algorithm, not both", field="raw_algorithm"
                 )
-            found = await self.store.algorithm(
-                job_facts.parse_name(request.algorithm, "algorithms", "algorithm")
-            )
-            if found is None:
-                raise NotFound(f"no algorithm {request.algorithm}", reason="ALGORITHM_NOT_FOUND")
-            return found
+            return await self._algorithm_with_code(request.algorithm, "algorithm")
         if not raw.code:
             raise InvalidArgument("algorithm or raw_algorithm.code is required", field="algorithm")
         code = raw.code.encode()
