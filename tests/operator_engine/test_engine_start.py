@@ -13,9 +13,8 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 
 from mesh import jobs as job_facts
-from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.server import build
-from tests.conftest import SandboxIdentity, needs_root
+from tests.conftest import SandboxIdentity, engine_config, needs_root
 
 pytestmark = needs_root
 
@@ -49,16 +48,7 @@ async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
     tmp_path: Path,
 ) -> None:
     sandbox = SandboxIdentity.new()
-    config = EngineConfig(
-        listen=f"unix:{tmp_path / 'run' / 'engine.sock'}",
-        workspace_root=tmp_path / "engine" / "jobs",
-        data_root=tmp_path / "data",
-        storage_url=str(tmp_path / "results"),
-        environments=(EnvironmentSpec(),),
-        sandbox_uid_base=sandbox.uid_base,
-        sandbox_stage_root=sandbox.stage_root,
-        sandbox_cgroup_name=sandbox.cgroup_name,
-    )
+    config = engine_config(tmp_path, sandbox)
     # What a killed engine leaves: the workspace of a job it was configuring.
     job_id = job_facts.new_job_id()
     ws = config.workspace_root / job_id

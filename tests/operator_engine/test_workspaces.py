@@ -10,9 +10,9 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from operator_engine import runner
-from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.config import EnvironmentSpec
 from operator_engine.server import build
-from tests.conftest import SandboxIdentity, needs_root
+from tests.conftest import SandboxIdentity, engine_config, needs_root
 
 
 def inode(path: Path) -> int:
@@ -62,16 +62,7 @@ async def test_the_engine_keeps_spare_workspaces_and_removes_an_earlier_engines(
     tmp_path: Path,
 ) -> None:
     sandbox = SandboxIdentity.new()
-    config = EngineConfig(
-        listen=f"unix:{tmp_path / 'run' / 'engine.sock'}",
-        workspace_root=tmp_path / "engine" / "jobs",
-        data_root=tmp_path / "data",
-        storage_url=str(tmp_path / "results"),
-        environments=(EnvironmentSpec(max_concurrent_jobs=2),),
-        sandbox_uid_base=sandbox.uid_base,
-        sandbox_stage_root=sandbox.stage_root,
-        sandbox_cgroup_name=sandbox.cgroup_name,
-    )
+    config = engine_config(tmp_path, sandbox, (EnvironmentSpec(max_concurrent_jobs=2),))
     left = config.workspace_root / ".spare-0123"
     (left / "logs").mkdir(parents=True)
     with capture_logs() as events:
