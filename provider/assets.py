@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,19 +45,23 @@ class CheckedFile:
     sha256: str
 
 
-def check_dataset_file(raw: str, index: int, data_root: Path) -> CheckedFile:
-    """Checks a dataset file as the configure stage will (under the data root after resolving
+def check_dataset_files(raw_paths: Sequence[str], data_root: Path) -> list[CheckedFile]:
+    """Checks each dataset file as the configure stage will (under the data root after resolving
     links, a regular file, readable by the sandbox) and hashes it. Errors name the field, never
     the path, so that nothing echoes where data lives."""
-    field = f"file_paths[{index}]"
-    try:
-        path, size = configure.check_dataset_file(
-            raw, configure.resolve_data_root(data_root), field
-        )
-    except DataProvisioningError as error:
-        raise InvalidArgument(str(error), field=field) from None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return CheckedFile(path=str(path), size=size, sha256=digest.hexdigest())
+    checked: list[CheckedFile] = []
+    root: Path | None = None
+    for index, raw in enumerate(raw_paths):
+        field = f"file_paths[{index}]"
+        try:
+            # Resolved once, at the first file, whose field a missing root is reported under.
+            root = root or configure.resolve_data_root(data_root)
+            path, size = configure.check_dataset_file(raw, root, field)
+        except DataProvisioningError as error:
+            raise InvalidArgument(str(error), field=field) from None
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        checked.append(CheckedFile(path=str(path), size=size, sha256=digest.hexdigest()))
+    return checked
