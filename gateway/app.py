@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import structlog
 import uvicorn
+from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -263,23 +264,24 @@ class Gateway:
         request: Request,
     ) -> Response:
         name: str = message.name  # type: ignore[attr-defined]
-        index = name.rpartition("/")[2]
+        # With a token the gateway reads the result's size, sha256 and name; with a signature
+        # (good for one call only) it cannot.
+        authorized = bool(request.headers.get("authorization"))
+        result = await self._result(name, metadata) if authorized else None
+        filename = (result.name if result is not None else name).rpartition("/")[2]
         headers = {
-            # Results are untrusted bytes written by an algorithm: never render them inline.
-            "Content-Disposition": f'attachment; filename="{_safe_filename(index)}"',
+            # Results are untrusted bytes written by an algorithm: never render them inline,
+            # and name them safely (no path, no quotes).
+            "Content-Disposition": f'attachment; filename="{_safe_filename(filename)}"',
             "X-Content-Type-Options": "nosniff",
             "Cache-Control": "private, no-store",
         }
         size: int | None = None
-        if request.headers.get("authorization"):
-            size, sha256, result_name = await self._result_size(name, metadata)
-            # The file name the algorithm chose, made safe (no path, no quotes).
-            headers["Content-Disposition"] = (
-                f'attachment; filename="{_safe_filename(result_name.rpartition("/")[2])}"'
-            )
+        if result is not None:
+            size = result.size_bytes
             headers["Accept-Ranges"] = "bytes"
-            if sha256:
-                headers["ETag"] = f'"{sha256}"'
+            if result.sha256:
+                headers["ETag"] = f'"{result.sha256}"'
         status_code = 200
         start: int = message.offset  # type: ignore[attr-defined]
         end: int | None = None  # inclusive
@@ -358,9 +360,7 @@ class Gateway:
             if item is Signal.SILENCE:
                 raise TimeoutError("the Provider stopped sending the result")
 
-    async def _result_size(
-        self, name: str, metadata: tuple[tuple[str, str], ...]
-    ) -> tuple[int, str, str]:
+    async def _result(self, name: str, metadata: tuple[tuple[str, str], ...]) -> job_pb2.ResultFile:
         """The result's size, sha256 and name, from the Provider's GetJob under the caller's
         own credentials: the download stream does not carry the total, which Range needs."""
         found = _RESULT_NAME.fullmatch(name)
@@ -377,7 +377,7 @@ class Gateway:
             response_deserializer=provider_pb2.GetJobResponse.FromString,
         )
         try:
-            response = await get_job(
+            response: provider_pb2.GetJobResponse = await get_job(
                 provider_pb2.GetJobRequest(name=found.group(1)),
                 metadata=metadata,
                 timeout=self.call_timeout,
@@ -386,7 +386,7 @@ class Gateway:
             raise HttpError.from_rpc_error(error) from None
         for result in response.job.results:
             if result.index == int(found.group(2)):
-                return int(result.size_bytes), str(result.sha256), str(result.name)
+                return result
         raise HttpError.local(
             grpc.StatusCode.NOT_FOUND,
             f"{found.group(1)} has no result {found.group(2)}",
