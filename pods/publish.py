@@ -184,9 +184,6 @@ async def publish(
 
     The whole stage (walk, reads, stores, the final flush) runs in one worker thread: for a
     typical job of a few small files, hops to a thread per file cost more than the files."""
-    check_job_id(job_id)
-    if max_files < 0 or max_total_bytes < 0:
-        raise ValueError("caps must not be negative")
     return await asyncio.to_thread(
         publish_blocking,
         workspace,
