@@ -12,7 +12,7 @@ from mesh.channels import open_channel
 from mesh.server import Server
 from mesh.storage import storage_from_url
 from operator_service.config import OperatorConfig
-from operator_service.servicer import OperatorServicer
+from operator_service.servicer import ENGINE, OperatorServicer
 from operator_service.store import JobStore
 from operator_service.tracker import Tracker
 
@@ -46,7 +46,7 @@ async def build(config: OperatorConfig) -> OperatorService:
         "operator_service",
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
-        downstream="operator engine",
+        downstream=ENGINE,
     )
     server.bind(config.listen)
     return OperatorService(server, store, tracker, channel)

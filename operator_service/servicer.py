@@ -25,6 +25,7 @@ from operator_service.tracker import Tracker
 log = structlog.get_logger()
 Context = grpc.aio.ServicerContext[Any, Any]
 State = job_pb2.Job.State
+# The next hop as its errors name it: CreateJob maps them itself, the interceptor the rest.
 ENGINE = "operator engine"
 
 
