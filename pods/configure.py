@@ -45,7 +45,7 @@ from pods.workspace import (
     asset_did,
     check_job_id,
     is_asset_id,
-    open_ready_file,
+    open_new_file,
     sandbox_input_path,
 )
 
@@ -363,9 +363,7 @@ def _write_file(ws: Workspace, directory: Path, name: str, data: bytes, mode: in
     The temporary file is one made ahead in the workspace when there is one (see
     pods.workspace), else a new one."""
     temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    fd = open_ready_file(ws.root, temp)
-    if fd is None:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = open_new_file(ws.root, temp)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

@@ -40,7 +40,7 @@ from pods.workspace import (
     OUTPUTS,
     PUBLISH_LOG,
     check_job_id,
-    open_ready_file,
+    open_new_file,
 )
 
 if TYPE_CHECKING:
@@ -594,10 +594,7 @@ def _write_publish_log(ws_fd: int, content: bytes) -> None:
     try:
         temp = f".{PUBLISH_LOG}.{secrets.token_hex(8)}.tmp"
         # One made ahead in the workspace when there is one (see pods.workspace).
-        fd = open_ready_file(ws_fd, temp, dir_fd=logs_fd)
-        if fd is None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            fd = os.open(temp, flags, 0o644, dir_fd=logs_fd)
+        fd = open_new_file(ws_fd, temp, dir_fd=logs_fd)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(content)

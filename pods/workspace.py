@@ -14,7 +14,7 @@ Dataset files are not copied into the workspace: each is mounted read-only from 
 the data root at /data/inputs/<dataset_id>/<index>.
 
 The engine may also leave empty files in the root (`.ready-N`, never mounted), made ahead of
-time: a stage that writes a file takes one of those (`open_ready_file`) before making one, since
+time: a stage that writes a file takes one of those (`open_new_file`) before making one, since
 making a file costs ten to thirty renames on a node's file system."""
 
 from __future__ import annotations
@@ -58,14 +58,23 @@ def check_job_id(value: str) -> str:
     return value
 
 
-def open_ready_file(root: Path | int, temp: Path | str, dir_fd: int | None = None) -> int | None:
-    """Moves one of the workspace's ready files to `temp` and returns it open for writing, or
-    None when none is left (the caller makes a file then). `root` is the workspace (a path or
-    an open folder), `temp` the new name (a path, or a name in the open folder `dir_fd`).
+def open_new_file(root: Path | int, temp: Path | str, dir_fd: int | None = None) -> int:
+    """A new empty file at `temp`, open for writing: one of the workspace's ready files moved
+    there, or, when none is left, one made now (0600, never through a link). `root` is the
+    workspace (a path or an open folder), `temp` the new name (a path, or a name in the open
+    folder `dir_fd`).
 
     Only root writes in a workspace's root, yet what is taken is checked like a file made
     anew would be: opened without following a link or blocking, and refused unless it is a
     regular file with this one name, so writing it can change nothing else."""
+    fd = _take_ready_file(root, temp, dir_fd)
+    if fd is None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+    return fd
+
+
+def _take_ready_file(root: Path | int, temp: Path | str, dir_fd: int | None) -> int | None:
     for ready in READY_FILES:
         source = ready if isinstance(root, int) else root / ready
         source_fd = root if isinstance(root, int) else None
