@@ -103,7 +103,8 @@ class Supervisor:
         self.log_dir = log_dir
         self._restarts: dict[str, list[float]] = {}
 
-    async def _spawn(self, name: str, module: str) -> asyncio.subprocess.Process:
+    async def _spawn(self, name: str) -> asyncio.subprocess.Process:
+        """Runs the part `name` as `python -m name`."""
         env = {**os.environ, **self.mesh.env, "C2D_SUPERVISOR_PID": str(os.getpid())}
         stderr: IO[bytes] | None = None
         if self.log_dir is not None:
@@ -112,7 +113,7 @@ class Supervisor:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            module,
+            name,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=stderr,
@@ -133,7 +134,7 @@ class Supervisor:
         ]
 
     async def _start_part(self, name: str, address: str, startup_s: float) -> bool:
-        process = await self._spawn(name, name)
+        process = await self._spawn(name)
         deadline = time.monotonic() + startup_s
         probe = _http_ready(address, deadline) if name == "gateway" else _healthy(address, deadline)
         ready = asyncio.ensure_future(probe)
