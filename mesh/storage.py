@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import structlog
@@ -39,6 +39,7 @@ _TEMP_PREFIX = ".part-"
 # Job folders made ahead of time (a dot name: never a job id), and the files made in them.
 _SPARE_DIR = ".spare"
 _READY_PREFIX = ".ready-"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,10 @@ class LocalStorage:
         self.root = Path(root)
         # Shared by the worker threads of prepare_blocking and of the puts.
         self._lock = threading.Lock()
-        self._spares: list[Path] = []
-        self._ready: dict[Path, list[Path]] = {}
+        # Spare folders, each with the names of its empty files; a job's folder, once a spare
+        # is renamed to it, keeps the names of those not used yet in `_ready`.
+        self._spares: list[tuple[Path, list[str]]] = []
+        self._ready: dict[Path, list[str]] = {}
         self._swept = False
 
     def _job_dir(self, job_id: str) -> Path:
@@ -164,8 +167,8 @@ class LocalStorage:
         # readers see the old object or the whole new one.
         ready = self._take(self._ready.get(path.parent))
         if ready is not None:
-            fd = os.open(ready, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
-            temp_name = str(ready)
+            temp_name = str(path.parent / ready)
+            fd = os.open(temp_name, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
         else:
             fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
         digest = hashlib.sha256()
@@ -196,16 +199,14 @@ class LocalStorage:
         self._make_root()
         spare = self._take(self._spares)
         if spare is not None:
+            folder, names = spare
             try:
-                os.rename(spare, job_dir)  # made 0700 ahead of time
-                moved = True
+                os.rename(folder, job_dir)  # made 0700 ahead of time
             except OSError:
-                moved = False  # made meanwhile by another put of the job: the spare is dropped
-            with self._lock:
-                files = self._ready.pop(spare, [])
-                if moved:
-                    self._ready[job_dir] = [job_dir / f.name for f in files]
-            if moved:
+                pass  # made meanwhile by another put of the job: the spare is dropped
+            else:
+                with self._lock:
+                    self._ready[job_dir] = names
                 return
         try:
             job_dir.mkdir(mode=0o700)
@@ -222,7 +223,7 @@ class LocalStorage:
             return
         os.chmod(self.root, 0o700)
 
-    def _take(self, items: list[Path] | None) -> Path | None:
+    def _take(self, items: list[_T] | None) -> _T | None:
         with self._lock:
             return items.pop() if items else None
 
@@ -236,14 +237,13 @@ class LocalStorage:
         spare_root.mkdir(mode=0o700, exist_ok=True)
         while len(self._spares) < jobs:
             spare = Path(tempfile.mkdtemp(prefix="job-", dir=spare_root))  # 0700
-            files = []
+            names = []
             for _ in range(objects):
                 fd, name = tempfile.mkstemp(prefix=_READY_PREFIX, dir=spare)  # 0600
                 os.close(fd)
-                files.append(Path(name))
+                names.append(os.path.basename(name))
             with self._lock:
-                self._ready[spare] = files
-                self._spares.append(spare)
+                self._spares.append((spare, names))
 
     async def sync(self, job_id: str) -> None:
         await asyncio.to_thread(self.sync_blocking, job_id)
@@ -252,8 +252,8 @@ class LocalStorage:
         job_dir = self._job_dir(job_id)
         with self._lock:
             unused = self._ready.pop(job_dir, [])
-        for path in unused:
-            path.unlink(missing_ok=True)
+        for name in unused:
+            (job_dir / name).unlink(missing_ok=True)
         if not job_dir.is_dir():
             return
         for entry in os.scandir(job_dir):
