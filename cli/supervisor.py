@@ -110,16 +110,21 @@ class Supervisor:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stderr = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            name,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=stderr,
-            stderr=stderr,
-            start_new_session=True,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                name,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        finally:
+            # The child writes to its own copy; ours would leak one descriptor per (re)start.
+            if stderr is not None:
+                stderr.close()
         self.children.append((name, process))
         return process
 
