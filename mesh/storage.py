@@ -24,15 +24,15 @@ import structlog
 from c2d.common.v1 import job_pb2
 
 from mesh.errors import NotFound
+from mesh.jobs import is_job_id
 
 log = structlog.get_logger()
 
 # Copies stream in chunks of this size, so no object is ever held whole in memory.
 CHUNK_SIZE = 1 << 20
 
-# Job ids and keys become path segments: only shapes that cannot name `..`, `/` or a
-# hidden temporary file are accepted.
-_JOB_ID_RE = re.compile(r"[0-9a-f]{32}")
+# Keys become path segments (as job ids do, see mesh.jobs): only shapes that cannot name `..`,
+# `/` or a hidden temporary file are accepted.
 _KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Temporary files start with a dot, which no valid key does, so they never shadow an object.
 _TEMP_PREFIX = ".part-"
@@ -110,7 +110,7 @@ def result_key(result: job_pb2.ResultFile) -> str:
 
 
 def _check_job_id(job_id: str) -> None:
-    if not _JOB_ID_RE.fullmatch(job_id):
+    if not is_job_id(job_id):
         raise ValueError("a job id is 32 lowercase hex digits")
 
 
