@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from google.protobuf import any_pb2, json_format
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cli.supervisor import free_address
 from gateway.app import BackgroundServer, create_app, run_in_background
 from gateway.routes import parse_template, split_verb
 
@@ -626,15 +626,8 @@ async def test_healthz(edge: Edge) -> None:
     assert response.json() == {"status": "SERVING"}
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_provider_down_is_503_json() -> None:
-    app = create_app(f"127.0.0.1:{_closed_port()}")
+    app = create_app(free_address())
     gateway = await run_in_background(app)
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as http:
