@@ -18,9 +18,8 @@ from google.protobuf.descriptor import FileDescriptor
 
 from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root
-from tests.interop.commands import run
+from tests.interop.commands import ROOT, run
 
-ROOT = Path(__file__).resolve().parents[2]
 BUF = ROOT / "node_modules" / ".bin" / "buf"
 HEALTH = "grpc.health.v1.Health"
 # buf curl exits with the gRPC status code shifted three bits to the left.

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LocalMesh, needs_root
-from tests.interop.commands import run
+from tests.interop.commands import ROOT, run
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("node_client.mjs")
 NODE = shutil.which("node")
 NODE_DEPS = ("@grpc/grpc-js", "@grpc/proto-loader", "ethers")
