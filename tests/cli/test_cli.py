@@ -41,6 +41,14 @@ class Node:
         }
         self.process: subprocess.Popen[str] | None = None
 
+    def data_file(self, name: str, text: str) -> Path:
+        """A file under the node's data root, readable by the jobs' own identity."""
+        path = self.home / "data" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o644)
+        return path
+
     def c2d(self, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
         extra = ["--key-file", key] if key else []
         return subprocess.run(
@@ -96,10 +104,7 @@ def test_up_serves_the_cli_and_stops_cleanly_on_sigterm(node: Node) -> None:
     )
     assert published.returncode == 0, published.stderr
     algorithm = json.loads(published.stdout)["did"]
-    data = home / "data" / "d.csv"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text("1\n")
-    data.chmod(0o644)
+    data = node.data_file("d.csv", "1\n")
     dataset_run = node.c2d("dataset", "publish", str(data), "--trust", algorithm)
     assert dataset_run.returncode == 0, dataset_run.stderr
     dataset = dataset_run.stdout.strip()
@@ -149,10 +154,7 @@ def test_up_serves_the_cli_and_stops_cleanly_on_sigterm(node: Node) -> None:
 def test_failed_job_makes_follow_exit_non_zero(node: Node) -> None:
     algo = node.home / "fail.py"
     algo.write_text("raise SystemExit(4)\n")
-    data = node.home / "data" / "x.csv"
-    data.parent.mkdir(exist_ok=True)
-    data.write_text("1\n")
-    data.chmod(0o644)
+    data = node.data_file("x.csv", "1\n")
     dataset = node.c2d("dataset", "publish", str(data), "--allow-raw").stdout.strip()
     started = node.c2d(
         "compute", "start", "--dataset", dataset, "--raw", str(algo), "--follow", "--json"
