@@ -30,7 +30,8 @@ import json, os, time
 dataset_id = json.loads(os.environ["DIDS"])[0]
 with open(f"/data/inputs/{dataset_id}/0") as f:
     text = f.read()
-# A Struct number is a double: {"x": 1} arrives as 1.0, hence the :g.
+# A Struct number is a double on the wire; the Provider hands a whole one over as an int, and
+# :g prints either form the same.
 x = json.load(open("/data/inputs/algoCustomData.json"))["x"]
 print(f"node-interop read {len(text)} bytes, x={x:g}", flush=True)
 with open("/data/outputs/result.txt", "w") as f:
