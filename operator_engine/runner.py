@@ -196,7 +196,6 @@ class Runner:
                     entry.job.environment = next(iter(self.environments))
                 if job_facts.is_final(state):
                     self.jobs[job_id] = entry
-                    entry.log_size = await asyncio.to_thread(_size, entry.log_path)
                 elif state == State.STATE_QUEUED:
                     log.info("job queued again after an engine restart")
                     self._start(entry)
@@ -204,7 +203,6 @@ class Runner:
                     log.warning(
                         "job cut off by an engine restart", state=job_pb2.Job.State.Name(state)
                     )
-                    entry.log_size = await asyncio.to_thread(_size, entry.log_path)
                     self._start(entry, resume_publish=True)
         self._refill_spares()
 
@@ -688,7 +686,8 @@ def _size(path: Path) -> int:
 
 
 def _saved_jobs(root: Path) -> list[EngineJob]:
-    """The jobs saved under `root`; a workspace that cannot be read is removed."""
+    """The jobs saved under `root`, with the size of their algorithm logs (none, for a job that
+    never ran); a workspace that cannot be read is removed."""
     entries: list[EngineJob] = []
     if not root.is_dir():
         return entries
@@ -710,7 +709,9 @@ def _saved_jobs(root: Path) -> list[EngineJob]:
         if job.state == State.STATE_CONFIGURING and disk is not None:
             job.state = State.STATE_RUNNING  # not written to job.pb (see the top)
             job_facts.set_status_code(job)
-        entries.append(EngineJob(spec=spec, job=job, workspace=ws, disk=disk))
+        entry = EngineJob(spec=spec, job=job, workspace=ws, disk=disk)
+        entry.log_size = _size(entry.log_path)
+        entries.append(entry)
     return entries
 
 
