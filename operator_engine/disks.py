@@ -1,9 +1,10 @@
-"""A disk of its own for each job's outputs: a sparse file formatted as ext4 and loop-mounted on
-the workspace's outputs/ folder, as large as the environment's disk limit.
+"""A disk of its own for each job's outputs: a sparse file formatted as ext4, as large as the
+environment's disk limit, loop-mounted under `disks/mounts` and mounted into the job's sandbox
+as /data/outputs in place of the workspace's outputs/ folder.
 
 The kernel then enforces the limit, on bytes and on files (inodes) alike, however the algorithm
-writes; a file-size rlimit alone would let many files fill the node's disk. The image is
-deleted after the outputs are published, so nothing the algorithm wrote outlives the job."""
+writes; a file-size rlimit alone would let many files fill the node's disk. The disk is wiped
+or deleted after the outputs are published, so nothing the algorithm wrote outlives the job."""
 
 from __future__ import annotations
 

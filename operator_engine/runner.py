@@ -597,7 +597,7 @@ class Runner:
         await self._release_disk(entry)
         outputs = entry.workspace / layout.OUTPUTS
         try:
-            # Inline: with a job disk, outputs/ in the workspace is only an empty mount point.
+            # Inline: with a job disk, outputs/ in the workspace was never used and is empty.
             os.rmdir(outputs)
         except FileNotFoundError:
             pass
