@@ -9,7 +9,6 @@ import base64
 import hashlib
 import json
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from google.protobuf.message import Message
 from gateway.app import BackgroundServer, create_app, run_in_background
 from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root, new_key
+from tests.sse import Event, read_events
 
 pytestmark = needs_root
 
@@ -97,32 +97,13 @@ def error_info(error: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-@dataclass
-class Event:
-    name: str | None
-    data: str
-    id: str | None
-    received_at: float
-
-
 async def sse(response: httpx.Response) -> AsyncIterator[Event]:
-    """Server-Sent Events as they arrive; every event must carry exactly one `data:` line."""
+    """The events of a stream, as they arrive, after checking it is one."""
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
-    fields: dict[str, str] = {}
-    data_lines = 0
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            continue  # a keepalive comment
-        if line == "":
-            if fields:
-                assert data_lines == 1, fields
-                yield Event(fields.get("event"), fields["data"], fields.get("id"), time.monotonic())
-            fields, data_lines = {}, 0
-            continue
-        key, _, value = line.partition(":")
-        fields[key] = value.removeprefix(" ")
-        data_lines += key == "data"
+    async for item in read_events(response):
+        if isinstance(item, Event):
+            yield item
 
 
 async def events(

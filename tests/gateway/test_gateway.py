@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cli.supervisor import free_address
 from gateway.app import BackgroundServer, create_app, run_in_background
 from gateway.routes import parse_template, split_verb
+from tests.sse import Event, read_events
 
 LOG = "line one\nline two\nline three\n"
 LOG_CHUNK = 9
@@ -227,31 +228,6 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     return body["error"]  # type: ignore[no-any-return]
 
 
-@dataclass
-class Event:
-    name: str | None
-    data: str
-    id: str | None
-    received_at: float
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[Event | str]:
-    """Parses Server-Sent Events as they arrive; comments are yielded as plain strings."""
-    fields: dict[str, str] = {}
-    async for line in response.aiter_lines():
-        if line.startswith(":"):
-            yield line
-        elif line == "":
-            if fields:
-                yield Event(
-                    fields.get("event"), fields.get("data", ""), fields.get("id"), time.monotonic()
-                )
-            fields = {}
-        else:
-            key, _, value = line.partition(": ")
-            fields[key] = value
-
-
 # -- unary calls ------------------------------------------------------------------------
 
 
@@ -448,7 +424,7 @@ async def test_watch_streams_events_as_they_happen(edge: Edge) -> None:
     async with edge.http.stream("GET", "/v1/jobs/abc:watch") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        async for item in _events(response):
+        async for item in read_events(response):
             received.append(item)
     events = [item for item in received if isinstance(item, Event)]
     assert [e.name for e in events] == ["WatchJobResponse", "WatchJobResponse"]
@@ -473,7 +449,7 @@ async def test_watch_refused_at_once_is_an_http_error(edge: Edge) -> None:
 async def test_watch_failing_midway_ends_with_an_error_event(edge: Edge) -> None:
     async with edge.http.stream("GET", "/v1/jobs/broken:watch") as response:
         assert response.status_code == 200
-        events = [item async for item in _events(response) if isinstance(item, Event)]
+        events = [item async for item in read_events(response) if isinstance(item, Event)]
     assert [e.name for e in events] == ["WatchJobResponse", "error"]
     error = json.loads(events[1].data)["error"]
     assert error["code"] == 500
@@ -483,7 +459,7 @@ async def test_watch_failing_midway_ends_with_an_error_event(edge: Edge) -> None
 
 async def test_logs_carry_resume_ids_and_resume_from_last_event_id(edge: Edge) -> None:
     async with edge.http.stream("GET", "/v1/jobs/abc:streamLogs") as response:
-        events = [item async for item in _events(response) if isinstance(item, Event)]
+        events = [item async for item in read_events(response) if isinstance(item, Event)]
     assert all(e.name == "StreamJobLogsResponse" for e in events)
     chunks = [json.loads(e.data)["chunk"] for e in events]
     assert "".join(c["text"] for c in chunks) == LOG
@@ -495,7 +471,7 @@ async def test_logs_carry_resume_ids_and_resume_from_last_event_id(edge: Edge) -
     async with edge.http.stream(
         "GET", "/v1/jobs/abc:streamLogs", headers={"Last-Event-ID": resume_at}
     ) as response:
-        resumed = [item async for item in _events(response) if isinstance(item, Event)]
+        resumed = [item async for item in read_events(response) if isinstance(item, Event)]
     texts = "".join(json.loads(e.data)["chunk"]["text"] for e in resumed)
     assert texts == LOG[int(resume_at) :]
     assert json.loads(resumed[0].data)["chunk"]["offset"] == resume_at
@@ -506,7 +482,7 @@ async def test_logs_carry_resume_ids_and_resume_from_last_event_id(edge: Edge) -
 
 async def test_client_disconnect_cancels_the_grpc_call(edge: Edge) -> None:
     async with edge.http.stream("GET", "/v1/jobs/endless:streamLogs") as response:
-        async for item in _events(response):
+        async for item in read_events(response):
             if isinstance(item, Event):
                 break
     await asyncio.wait_for(edge.provider.cancelled.wait(), timeout=3)
@@ -514,7 +490,7 @@ async def test_client_disconnect_cancels_the_grpc_call(edge: Edge) -> None:
 
 async def test_stopping_the_gateway_ends_event_streams(edge: Edge) -> None:
     async with edge.http.stream("GET", "/v1/jobs/endless:streamLogs") as response:
-        events = _events(response)
+        events = read_events(response)
         async for item in events:
             if isinstance(item, Event):
                 break
