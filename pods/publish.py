@@ -484,13 +484,10 @@ class _CappedReader(io.RawIOBase):
         return data
 
     def readinto(self, buffer: WriteableBuffer) -> int:
+        # For io's buffered readers; storage calls read() directly.
         view = memoryview(buffer).cast("B")
-        wanted = min(len(view), self._remaining)
-        if wanted <= 0:
-            return 0
-        data = os.read(self._fd, wanted)
+        data = self.read(len(view))
         view[: len(data)] = data
-        self._remaining -= len(data)
         return len(data)
 
     def close(self) -> None:
