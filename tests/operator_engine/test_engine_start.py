@@ -3,18 +3,19 @@ and picks up the jobs a killed engine left behind."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from c2d.common.v1 import job_pb2
-from c2d.engine.v1 import engine_pb2
 
-from mesh import jobs as job_facts
-from operator_engine.server import build
 from tests.conftest import SandboxIdentity, engine_config, needs_root
+from tests.operator_engine.killed_engine import (
+    leave_configuring_job,
+    restarted_engine,
+    updates_until_final,
+)
 
 pytestmark = needs_root
 
@@ -50,42 +51,19 @@ async def test_a_job_cut_off_while_configuring_ends_engine_lost_with_its_logs(
     sandbox = SandboxIdentity.new()
     config = engine_config(tmp_path, sandbox)
     # What a killed engine leaves: the workspace of a job it was configuring.
-    job_id = job_facts.new_job_id()
-    ws = config.workspace_root / job_id
-    (ws / "logs").mkdir(parents=True)
-    (ws / "logs" / "configuration.log").write_text("configure: started\n")
-    spec = engine_pb2.JobSpec(
-        job_id=job_id,
-        owner="0x" + "1" * 40,
-        environment="default",
-        datasets=[engine_pb2.DatasetInput(id="a" * 64)],
-    )
-    job = job_pb2.Job(
-        name=f"jobs/{job_id}", state=job_pb2.Job.STATE_CONFIGURING, environment="default"
-    )
-    (ws / "spec.pb").write_bytes(spec.SerializeToString())
-    (ws / "job.pb").write_bytes(job.SerializeToString())
+    ws = leave_configuring_job(config, "configuration.log", "configure: started\n")
     # And a workspace too damaged to read, which is removed.
     (config.workspace_root / ("f" * 32)).mkdir()
 
-    server, runner = await build(config)
-    try:
-        entry = runner.get(job_id)
-        updates = []
-        async with asyncio.timeout(10):
-            async for change in runner.watch(job_id):
-                updates.append(change)
-        update = updates[-1]
+    async with restarted_engine(config) as runner:
+        entry = runner.get(ws.name)
+        update = (await updates_until_final(runner, ws.name))[-1]
         assert update.state == job_pb2.Job.STATE_FAILED
         assert update.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST
         kinds = {r.kind for r in update.results}
         assert job_pb2.ResultFile.KIND_CONFIGURATION_LOG in kinds
         assert entry.workspace.exists()
         assert not (config.workspace_root / ("f" * 32)).exists()
-    finally:
-        await runner.close()
-        await server.stop(0)
-        runner.sandbox.close()
 
 
 def test_the_engine_refuses_an_environment_it_cannot_isolate(tmp_path: Path) -> None:

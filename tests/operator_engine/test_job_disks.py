@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 from c2d.common.v1 import job_pb2
-from c2d.engine.v1 import engine_pb2
 
-from mesh import jobs as job_facts
 from operator_engine.disks import JobDisks
 from operator_engine.mounts import mounted_under
-from operator_engine.server import build
 from tests.conftest import SandboxIdentity, engine_config, needs_root
+from tests.operator_engine.killed_engine import (
+    leave_configuring_job,
+    restarted_engine,
+    updates_until_final,
+)
 
 pytestmark = needs_root
 
@@ -81,38 +83,16 @@ async def test_a_job_cut_off_while_running_ends_engine_lost_with_its_outputs(
     sandbox = SandboxIdentity.new()
     config = engine_config(tmp_path, sandbox)
     # What a killed engine leaves: a job that was running, its outputs on its disk.
-    job_id = job_facts.new_job_id()
-    ws = config.workspace_root / job_id
-    (ws / "logs").mkdir(parents=True)
-    (ws / "logs" / "algorithm.log").write_text("started\n")
+    ws = leave_configuring_job(config, "algorithm.log", "started\n")
     disk = tmp_path / "left-disk"
     disk.mkdir()
     (disk / "partial.txt").write_text("half a result")
-    spec = engine_pb2.JobSpec(
-        job_id=job_id,
-        owner="0x" + "1" * 40,
-        environment="default",
-        datasets=[engine_pb2.DatasetInput(id="a" * 64)],
-    )
-    job = job_pb2.Job(
-        name=f"jobs/{job_id}", state=job_pb2.Job.STATE_CONFIGURING, environment="default"
-    )
-    (ws / "spec.pb").write_bytes(spec.SerializeToString())
-    (ws / "job.pb").write_bytes(job.SerializeToString())
     (ws / "disk").write_text(str(disk))
 
-    server, runner = await build(config)
-    try:
-        updates = []
-        async with asyncio.timeout(10):
-            async for change in runner.watch(job_id):
-                updates.append(change)
+    async with restarted_engine(config) as runner:
+        updates = await updates_until_final(runner, ws.name)
         assert job_pb2.Job.STATE_CONFIGURING not in {u.state for u in updates}
         final = updates[-1]
         assert final.state == job_pb2.Job.STATE_FAILED
         assert final.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST
         assert {"partial.txt", "algorithm.log", "publish.log"} <= {r.name for r in final.results}
-    finally:
-        await runner.close()
-        await server.stop(0)
-        runner.sandbox.close()
