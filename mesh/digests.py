@@ -6,7 +6,7 @@ document the same lists for clients in other languages."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from c2d.provider.v1 import provider_pb2 as pb
@@ -20,6 +20,16 @@ def _metadata(m: pb.AssetMetadata) -> list[Any]:
     return [m.title, m.description, m.author, m.license, list(m.tags)]
 
 
+def _optional(message: Message, field: str) -> Any:
+    """A proto3 `optional` field: its value, or JSON null when unset."""
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _value(message: Message, field: str) -> Any:
+    """A google.protobuf.Value field as JSON, null when unset."""
+    return json_format.MessageToDict(getattr(message, field)) if message.HasField(field) else None
+
+
 def _policy(p: pb.ComputePolicy) -> list[Any]:
     return [
         p.allow_raw_algorithm,
@@ -30,6 +40,26 @@ def _policy(p: pb.ComputePolicy) -> list[Any]:
             for t in p.publisher_trusted_algorithms
         ],
         list(p.publisher_trusted_algorithm_publishers),
+        [
+            [b.name, b.algorithm_did, _optional(b, "minimum"), _optional(b, "maximum")]
+            for b in p.parameter_bounds
+        ],
+    ]
+
+
+def _parameters(specs: Iterable[pb.ParameterSpec]) -> list[Any]:
+    return [
+        [
+            s.name,
+            s.type,
+            s.required,
+            _value(s, "default_value"),
+            [json_format.MessageToDict(o) for o in s.options],
+            _optional(s, "minimum"),
+            _optional(s, "maximum"),
+            s.description,
+        ]
+        for s in specs
     ]
 
 
@@ -48,6 +78,14 @@ def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
         r.raw_algorithm.entrypoint,
         json_format.MessageToDict(r.parameters),
         r.environment,
+        list(r.viewers),
+        [
+            r.resources.cpus,
+            r.resources.memory_bytes,
+            r.resources.disk_bytes,
+            r.resources.max_duration.seconds,
+        ],
+        r.require_network,
     ]
 
 
@@ -59,13 +97,19 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
         _metadata(r.metadata),
         list(r.file_paths),
         _policy(r.policy),
+        r.sample_of,
     ],
+    "UpdateDatasetPolicy": lambda r: [r.name, _policy(r.policy), r.expected_policy_version],
     "PublishAlgorithm": lambda r: [
         r.request_id,
         _metadata(r.metadata),
-        hashlib.sha256(r.code).hexdigest(),
+        _sha256(r.code),
         r.entrypoint,
+        r.access,
+        _parameters(r.parameters),
     ],
+    "UpdateAlgorithm": lambda r: [r.name, _sha256(r.code), r.entrypoint, _parameters(r.parameters)],
+    "DownloadAlgorithm": lambda r: [r.name, r.offset],
     "StartCompute": _start_compute,
     "GetJob": lambda r: [r.name],
     "WatchJob": lambda r: [r.name],
@@ -74,6 +118,25 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
     "ListJobs": lambda r: [r.page_size, r.page_token],
     "StreamJobLogs": lambda r: [r.name, r.offset],
     "DownloadResult": lambda r: [r.name, r.offset],
+    "GetProvenance": lambda r: [r.name],
+    "CreateApprovalRequest": lambda r: [
+        r.request_id,
+        r.dataset,
+        r.algorithm,
+        r.message,
+        json_format.MessageToDict(r.parameters),
+    ],
+    "ListApprovalRequests": lambda r: [r.dataset, r.state, r.page_size, r.page_token],
+    "GetApprovalRequest": lambda r: [r.name],
+    "ApproveApprovalRequest": lambda r: [
+        r.name,
+        r.files_checksum,
+        r.container_section_checksum,
+        r.note,
+    ],
+    "RejectApprovalRequest": lambda r: [r.name, r.reason],
+    "RunApprovalSample": lambda r: [r.name, r.request_id, r.environment],
+    "ListAuditEvents": lambda r: [r.action, r.resource, r.page_size, r.page_token],
 }
 
 

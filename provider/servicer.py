@@ -28,9 +28,11 @@ from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import InvalidArgument, NotFound, PermissionDenied
 from provider import assets
+from provider.audit import AuditLog
 from provider.auth import Authenticator
 from provider.config import ProviderConfig
 from provider.policy import check_trusted
+from provider.provenance import ProvenanceBook
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -113,6 +115,8 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         self.store = store
         self.operator = operator
         self.auth = Authenticator(store)
+        self.audit = AuditLog(store.db)
+        self.provenance = ProvenanceBook(store.db)
         self._environments: tuple[float, list[job_pb2.Environment]] = (0.0, [])
         self._refreshing: asyncio.Task[None] | None = None
 

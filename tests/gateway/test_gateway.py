@@ -647,6 +647,18 @@ async def test_openapi_lists_every_annotated_path(edge: Edge) -> None:
         ("post", "/v1/jobs/{job}:stop"),
         ("delete", "/v1/jobs/{job}"),
         ("get", "/v1/jobs/{job}/results/{result}:download"),
+        ("post", "/v1/datasets/{dataset}:setPolicy"),
+        ("post", "/v1/algorithms/{algorithm}:update"),
+        ("get", "/v1/algorithms/{algorithm}:download"),
+        ("get", "/v1/jobs/{job}:provenance"),
+        ("post", "/v1/approvalRequests"),
+        ("get", "/v1/approvalRequests"),
+        ("get", "/v1/approvalRequests/{approvalRequest}"),
+        ("post", "/v1/approvalRequests/{approvalRequest}:approve"),
+        ("post", "/v1/approvalRequests/{approvalRequest}:reject"),
+        ("post", "/v1/approvalRequests/{approvalRequest}:runSample"),
+        ("get", "/v1/auditEvents"),
+        ("get", "/v1/providerInfo"),
     }
     service = provider_pb2.DESCRIPTOR.services_by_name["ProviderService"]
     assert {op["operationId"] for op in operations.values()} == {m.name for m in service.methods}

@@ -120,6 +120,10 @@ const DIGESTS = {
     metadataFields(r.metadata),
     sha256Hex(r.code),
     r.entrypoint ?? "",
+    // The enum's number; this client publishes with the default (private).
+    0,
+    // No parameter declaration.
+    [],
   ],
   PublishDataset: (r) => {
     const p = r.policy ?? {};
@@ -137,7 +141,14 @@ const DIGESTS = {
           t.container_section_checksum ?? "",
         ]),
         [...(p.publisher_trusted_algorithm_publishers ?? [])],
+        (p.parameter_bounds ?? []).map((b) => [
+          b.name ?? "",
+          b.algorithm_did ?? "",
+          b.minimum ?? null,
+          b.maximum ?? null,
+        ]),
       ],
+      r.sample_of ?? "",
     ];
   },
   StartCompute: (r) => [
@@ -149,6 +160,14 @@ const DIGESTS = {
     r.raw_algorithm?.entrypoint ?? "",
     structToJson(r.parameters),
     r.environment ?? "",
+    [...(r.viewers ?? [])],
+    [
+      Number(r.resources?.cpus ?? 0),
+      Number(r.resources?.memory_bytes ?? 0),
+      Number(r.resources?.disk_bytes ?? 0),
+      Number(r.resources?.max_duration?.seconds ?? 0),
+    ],
+    r.require_network ?? false,
   ],
   GetJob: (r) => [r.name ?? ""],
   StreamJobLogs: (r) => [r.name ?? "", Number(r.offset ?? 0)],

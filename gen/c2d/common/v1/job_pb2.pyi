@@ -51,6 +51,10 @@ class _FailureReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Failure
     """The engine running the job stopped and did not come back in time."""
     FAILURE_REASON_SANDBOX_FAILED: _FailureReason.ValueType  # 11
     """The engine could not start the sandbox."""
+    FAILURE_REASON_QUEUE_TIMEOUT: _FailureReason.ValueType  # 12
+    """The job waited in its environment's queue longer than the environment's
+    `max_queue_wait` and never ran.
+    """
 
 class FailureReason(_FailureReason, metaclass=_FailureReasonEnumTypeWrapper):
     """Why a job ended in STATE_FAILED. Each limit has its own reason, so a
@@ -81,6 +85,10 @@ FAILURE_REASON_ENGINE_LOST: FailureReason.ValueType  # 10
 """The engine running the job stopped and did not come back in time."""
 FAILURE_REASON_SANDBOX_FAILED: FailureReason.ValueType  # 11
 """The engine could not start the sandbox."""
+FAILURE_REASON_QUEUE_TIMEOUT: FailureReason.ValueType  # 12
+"""The job waited in its environment's queue longer than the environment's
+`max_queue_wait` and never ran.
+"""
 Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 @_typing.final
@@ -159,6 +167,8 @@ class Job(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    VIEWERS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `jobs/{job}`, where `{job}` is 32 lowercase hex digits."""
     owner: _builtins.str
@@ -205,6 +215,18 @@ class Job(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultFile]:
         """The stored results, listed once the publish stage has run."""
 
+    @_builtins.property
+    def viewers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses, besides the owner, that may read the job's status, logs,
+        results and provenance (EIP-55 form). Only the owner may stop or delete it.
+        """
+
+    @_builtins.property
+    def limits(self) -> Global___Resources:
+        """The limits the job runs under: its environment's, lowered where the
+        consumer asked for less.
+        """
+
     def __init__(
         self,
         *,
@@ -224,14 +246,54 @@ class Job(_message.Message):
         results: _abc.Iterable[Global___ResultFile] | None = ...,
         exit_code: _builtins.int = ...,
         queue_position: _builtins.int = ...,
+        viewers: _abc.Iterable[_builtins.str] | None = ...,
+        limits: Global___Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "results", b"results", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "limits", b"limits", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "results", b"results", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Resources(_message.Message):
+    """Limits for one job. In a request, a zero or unset field means "the
+    environment's limit"; a value above the environment's limit is refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPUS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    cpus: _builtins.float
+    """CPUs (fractions allowed)."""
+    memory_bytes: _builtins.int
+    """Memory in bytes, including RAM-backed /tmp."""
+    disk_bytes: _builtins.int
+    """Disk in bytes for the outputs and /tmp."""
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """The longest the algorithm may run before it is killed."""
+
+    def __init__(
+        self,
+        *,
+        cpus: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        disk_bytes: _builtins.int = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "max_duration", b"max_duration", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resources: _TypeAlias = Resources  # noqa: Y015
 
 @_typing.final
 class ResultFile(_message.Message):
@@ -317,6 +379,8 @@ class Environment(_message.Message):
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _builtins.int
     NETWORK_ALLOWED_FIELD_NUMBER: _builtins.int
     FREE_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_WAIT_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The environment's name, for example "default"."""
     cpus: _builtins.float
@@ -333,9 +397,19 @@ class Environment(_message.Message):
     """Whether jobs in this environment may ever use the network."""
     free: _builtins.bool
     """Whether jobs in this environment cost nothing."""
+    max_queued_jobs: _builtins.int
+    """The most jobs that may wait in the queue at once; StartCompute is
+    RESOURCE_EXHAUSTED beyond it.
+    """
     @_builtins.property
     def max_duration(self) -> _duration_pb2.Duration:
         """The longest a job may run before it is killed."""
+
+    @_builtins.property
+    def max_queue_wait(self) -> _duration_pb2.Duration:
+        """The longest a job waits in the queue for a free slot; after that it ends
+        FAILED with FAILURE_REASON_QUEUE_TIMEOUT.
+        """
 
     def __init__(
         self,
@@ -349,10 +423,12 @@ class Environment(_message.Message):
         max_concurrent_jobs: _builtins.int = ...,
         network_allowed: _builtins.bool = ...,
         free: _builtins.bool = ...,
+        max_queue_wait: _duration_pb2.Duration | None = ...,
+        max_queued_jobs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "max_queue_wait", b"max_queue_wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "max_queue_wait", b"max_queue_wait", "max_queued_jobs", b"max_queued_jobs", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

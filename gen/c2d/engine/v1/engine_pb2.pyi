@@ -65,6 +65,7 @@ class AlgorithmInput(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     CODE_SHA256_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    PRIVATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The algorithm's 64-hex id; empty for raw code."""
     code: _builtins.bytes
@@ -77,6 +78,12 @@ class AlgorithmInput(_message.Message):
     """The command to run, with `$ALGO` standing for the code's path, for
     example `python3 $ALGO`. Split into arguments; no shell is involved.
     """
+    private: _builtins.bool
+    """Whether the code is private (usable only inside jobs): then no line of
+    the code may reach the job's log. Each log line that is, once stripped, a
+    line of the code is replaced by a redaction notice, so a crash's
+    traceback does not print the source to the consumer.
+    """
     def __init__(
         self,
         *,
@@ -84,10 +91,11 @@ class AlgorithmInput(_message.Message):
         code: _builtins.bytes = ...,
         code_sha256: _builtins.str = ...,
         entrypoint: _builtins.str = ...,
+        private: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_sha256", b"code_sha256", "entrypoint", b"entrypoint", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_sha256", b"code_sha256", "entrypoint", b"entrypoint", "id", b"id", "private", b"private"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -106,6 +114,8 @@ class JobSpec(_message.Message):
     PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     ALLOW_NETWORK_FIELD_NUMBER: _builtins.int
+    VIEWERS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id: 32 lowercase hex digits."""
     owner: _builtins.str
@@ -128,6 +138,17 @@ class JobSpec(_message.Message):
     def algorithm(self) -> Global___AlgorithmInput:
         """The algorithm."""
 
+    @_builtins.property
+    def viewers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses besides the owner that may read the job (see Job.viewers)."""
+
+    @_builtins.property
+    def resources(self) -> _job_pb2.Resources:
+        """Lower limits than the environment's, as the consumer asked; zero or unset
+        fields take the environment's. INVALID_ARGUMENT when above the
+        environment's limits.
+        """
+
     def __init__(
         self,
         *,
@@ -138,10 +159,12 @@ class JobSpec(_message.Message):
         parameters_json: _builtins.str = ...,
         environment: _builtins.str = ...,
         allow_network: _builtins.bool = ...,
+        viewers: _abc.Iterable[_builtins.str] | None = ...,
+        resources: _job_pb2.Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "allow_network", b"allow_network", "datasets", b"datasets", "environment", b"environment", "job_id", b"job_id", "owner", b"owner", "parameters_json", b"parameters_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "allow_network", b"allow_network", "datasets", b"datasets", "environment", b"environment", "job_id", b"job_id", "owner", b"owner", "parameters_json", b"parameters_json", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

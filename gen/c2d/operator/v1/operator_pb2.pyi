@@ -81,7 +81,7 @@ class GetJobRequest(_message.Message):
     job_id: _builtins.str
     """The job's id."""
     owner: _builtins.str
-    """The caller's address; a job owned by another address is NOT_FOUND."""
+    """The caller's address; NOT_FOUND unless it owns or views the job."""
     def __init__(
         self,
         *,

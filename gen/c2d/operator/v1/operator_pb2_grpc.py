@@ -30,7 +30,9 @@ class OperatorServiceStub:
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     def __init__(self, channel):
@@ -91,7 +93,9 @@ class OperatorServiceServicer:
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     def CreateJob(self, request, context):
@@ -104,14 +108,16 @@ class OperatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Returns a job. NOT_FOUND when unknown or owned by someone else.
+        """Returns a job. NOT_FOUND when unknown, or when the caller neither owns
+        nor views it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists an owner's jobs, newest first. INVALID_ARGUMENT for a bad page token.
+        """Lists the jobs an address owns or views, newest first. INVALID_ARGUMENT
+        for a bad page token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,7 +125,7 @@ class OperatorServiceServicer:
 
     def WatchJob(self, request, context):
         """Sends the job at once, then after every change; ends after a final state.
-        NOT_FOUND when unknown or owned by someone else.
+        NOT_FOUND as for GetJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +141,8 @@ class OperatorServiceServicer:
 
     def StopJob(self, request, context):
         """Stops a job; it ends CANCELLED. A final job is returned unchanged.
-        NOT_FOUND as for GetJob.
+        NOT_FOUND unless the caller owns the job (a viewer's stop is NOT_FOUND
+        too: viewers may only read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,7 +150,7 @@ class OperatorServiceServicer:
 
     def DeleteJob(self, request, context):
         """Deletes a final job with its results. FAILED_PRECONDITION while it runs;
-        NOT_FOUND as for GetJob.
+        NOT_FOUND as for StopJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,7 +233,9 @@ class OperatorService:
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     @staticmethod

@@ -31,7 +31,9 @@ class OperatorServiceStub:
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     @_typing.overload
@@ -44,12 +46,16 @@ class OperatorServiceStub:
     be reached (the job is then recorded as failed, never lost).
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetJobRequest, _operator_pb2.GetJobResponse]
-    """Returns a job. NOT_FOUND when unknown or owned by someone else."""
+    """Returns a job. NOT_FOUND when unknown, or when the caller neither owns
+    nor views it.
+    """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListJobsRequest, _operator_pb2.ListJobsResponse]
-    """Lists an owner's jobs, newest first. INVALID_ARGUMENT for a bad page token."""
+    """Lists the jobs an address owns or views, newest first. INVALID_ARGUMENT
+    for a bad page token.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_operator_pb2.WatchJobRequest, _operator_pb2.WatchJobResponse]
     """Sends the job at once, then after every change; ends after a final state.
-    NOT_FOUND when unknown or owned by someone else.
+    NOT_FOUND as for GetJob.
     """
     StreamJobLogs: _grpc.UnaryStreamMultiCallable[_operator_pb2.StreamJobLogsRequest, _operator_pb2.StreamJobLogsResponse]
     """Streams the algorithm's log from `offset`, live while the job runs; ends
@@ -57,11 +63,12 @@ class OperatorServiceStub:
     """
     StopJob: _grpc.UnaryUnaryMultiCallable[_operator_pb2.StopJobRequest, _operator_pb2.StopJobResponse]
     """Stops a job; it ends CANCELLED. A final job is returned unchanged.
-    NOT_FOUND as for GetJob.
+    NOT_FOUND unless the caller owns the job (a viewer's stop is NOT_FOUND
+    too: viewers may only read).
     """
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_operator_pb2.DeleteJobRequest, _operator_pb2.DeleteJobResponse]
     """Deletes a final job with its results. FAILED_PRECONDITION while it runs;
-    NOT_FOUND as for GetJob.
+    NOT_FOUND as for StopJob.
     """
     ReadResult: _grpc.UnaryStreamMultiCallable[_operator_pb2.ReadResultRequest, _operator_pb2.ReadResultResponse]
     """Streams one result's content from `offset`; ends after the last byte.
@@ -77,7 +84,9 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -87,12 +96,16 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     be reached (the job is then recorded as failed, never lost).
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetJobRequest, _operator_pb2.GetJobResponse]  # type: ignore[assignment]
-    """Returns a job. NOT_FOUND when unknown or owned by someone else."""
+    """Returns a job. NOT_FOUND when unknown, or when the caller neither owns
+    nor views it.
+    """
     ListJobs: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListJobsRequest, _operator_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists an owner's jobs, newest first. INVALID_ARGUMENT for a bad page token."""
+    """Lists the jobs an address owns or views, newest first. INVALID_ARGUMENT
+    for a bad page token.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_operator_pb2.WatchJobRequest, _operator_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Sends the job at once, then after every change; ends after a final state.
-    NOT_FOUND when unknown or owned by someone else.
+    NOT_FOUND as for GetJob.
     """
     StreamJobLogs: _aio.UnaryStreamMultiCallable[_operator_pb2.StreamJobLogsRequest, _operator_pb2.StreamJobLogsResponse]  # type: ignore[assignment]
     """Streams the algorithm's log from `offset`, live while the job runs; ends
@@ -100,11 +113,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """
     StopJob: _aio.UnaryUnaryMultiCallable[_operator_pb2.StopJobRequest, _operator_pb2.StopJobResponse]  # type: ignore[assignment]
     """Stops a job; it ends CANCELLED. A final job is returned unchanged.
-    NOT_FOUND as for GetJob.
+    NOT_FOUND unless the caller owns the job (a viewer's stop is NOT_FOUND
+    too: viewers may only read).
     """
     DeleteJob: _aio.UnaryUnaryMultiCallable[_operator_pb2.DeleteJobRequest, _operator_pb2.DeleteJobResponse]  # type: ignore[assignment]
     """Deletes a final job with its results. FAILED_PRECONDITION while it runs;
-    NOT_FOUND as for GetJob.
+    NOT_FOUND as for StopJob.
     """
     ReadResult: _aio.UnaryStreamMultiCallable[_operator_pb2.ReadResultRequest, _operator_pb2.ReadResultResponse]  # type: ignore[assignment]
     """Streams one result's content from `offset`; ends after the last byte.
@@ -119,7 +133,9 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
     hands jobs to the Operator Engine, records every change of state and serves
     results from storage. Called only by the Provider, which has already
     authenticated the consumer and checked the dataset's policy; this service
-    trusts the `owner` it is given and filters by it.
+    trusts the `owner` (the caller's address) it is given and filters by it: a
+    job's owner and its viewers may read it, only its owner may stop or delete
+    it, and to anyone else it does not exist (NOT_FOUND).
     """
 
     @_abc_1.abstractmethod
@@ -139,7 +155,9 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.GetJobResponse, _abc.Awaitable[_operator_pb2.GetJobResponse]]:
-        """Returns a job. NOT_FOUND when unknown or owned by someone else."""
+        """Returns a job. NOT_FOUND when unknown, or when the caller neither owns
+        nor views it.
+        """
 
     @_abc_1.abstractmethod
     def ListJobs(
@@ -147,7 +165,9 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _operator_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.ListJobsResponse, _abc.Awaitable[_operator_pb2.ListJobsResponse]]:
-        """Lists an owner's jobs, newest first. INVALID_ARGUMENT for a bad page token."""
+        """Lists the jobs an address owns or views, newest first. INVALID_ARGUMENT
+        for a bad page token.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(
@@ -156,7 +176,7 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_operator_pb2.WatchJobResponse], _abc.AsyncIterator[_operator_pb2.WatchJobResponse]]:
         """Sends the job at once, then after every change; ends after a final state.
-        NOT_FOUND when unknown or owned by someone else.
+        NOT_FOUND as for GetJob.
         """
 
     @_abc_1.abstractmethod
@@ -176,7 +196,8 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.StopJobResponse, _abc.Awaitable[_operator_pb2.StopJobResponse]]:
         """Stops a job; it ends CANCELLED. A final job is returned unchanged.
-        NOT_FOUND as for GetJob.
+        NOT_FOUND unless the caller owns the job (a viewer's stop is NOT_FOUND
+        too: viewers may only read).
         """
 
     @_abc_1.abstractmethod
@@ -186,7 +207,7 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operator_pb2.DeleteJobResponse, _abc.Awaitable[_operator_pb2.DeleteJobResponse]]:
         """Deletes a final job with its results. FAILED_PRECONDITION while it runs;
-        NOT_FOUND as for GetJob.
+        NOT_FOUND as for StopJob.
         """
 
     @_abc_1.abstractmethod

@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +22,114 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _AlgorithmAccess:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlgorithmAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlgorithmAccess.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALGORITHM_ACCESS_UNSPECIFIED: _AlgorithmAccess.ValueType  # 0
+    """Not given: a new algorithm is then private."""
+    ALGORITHM_ACCESS_PUBLIC: _AlgorithmAccess.ValueType  # 1
+    """Anyone may download the code (the reference system's `access`)."""
+    ALGORITHM_ACCESS_PRIVATE: _AlgorithmAccess.ValueType  # 2
+    """The code is usable only inside jobs on this provider (`compute`)."""
+
+class AlgorithmAccess(_AlgorithmAccess, metaclass=_AlgorithmAccessEnumTypeWrapper):
+    """Who may read an algorithm's code."""
+
+ALGORITHM_ACCESS_UNSPECIFIED: AlgorithmAccess.ValueType  # 0
+"""Not given: a new algorithm is then private."""
+ALGORITHM_ACCESS_PUBLIC: AlgorithmAccess.ValueType  # 1
+"""Anyone may download the code (the reference system's `access`)."""
+ALGORITHM_ACCESS_PRIVATE: AlgorithmAccess.ValueType  # 2
+"""The code is usable only inside jobs on this provider (`compute`)."""
+Global___AlgorithmAccess: _TypeAlias = AlgorithmAccess  # noqa: Y015
+
+class _ParameterType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParameterTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParameterType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAMETER_TYPE_UNSPECIFIED: _ParameterType.ValueType  # 0
+    """Never valid in a declaration."""
+    PARAMETER_TYPE_STRING: _ParameterType.ValueType  # 1
+    """A JSON string."""
+    PARAMETER_TYPE_INTEGER: _ParameterType.ValueType  # 2
+    """A whole number (a JSON number without a fraction)."""
+    PARAMETER_TYPE_NUMBER: _ParameterType.ValueType  # 3
+    """Any JSON number."""
+    PARAMETER_TYPE_BOOLEAN: _ParameterType.ValueType  # 4
+    """true or false."""
+
+class ParameterType(_ParameterType, metaclass=_ParameterTypeEnumTypeWrapper):
+    """The type of an algorithm parameter."""
+
+PARAMETER_TYPE_UNSPECIFIED: ParameterType.ValueType  # 0
+"""Never valid in a declaration."""
+PARAMETER_TYPE_STRING: ParameterType.ValueType  # 1
+"""A JSON string."""
+PARAMETER_TYPE_INTEGER: ParameterType.ValueType  # 2
+"""A whole number (a JSON number without a fraction)."""
+PARAMETER_TYPE_NUMBER: ParameterType.ValueType  # 3
+"""Any JSON number."""
+PARAMETER_TYPE_BOOLEAN: ParameterType.ValueType  # 4
+"""true or false."""
+Global___ParameterType: _TypeAlias = ParameterType  # noqa: Y015
+
+class _ApprovalState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_STATE_UNSPECIFIED: _ApprovalState.ValueType  # 0
+    """Never sent; the zero value of the enum."""
+    APPROVAL_STATE_PENDING: _ApprovalState.ValueType  # 1
+    """Waiting for an owner's decision."""
+    APPROVAL_STATE_APPROVED: _ApprovalState.ValueType  # 2
+    """Approved: the algorithm, pinned by its checksums, is trusted."""
+    APPROVAL_STATE_REJECTED: _ApprovalState.ValueType  # 3
+    """Rejected, with a reason."""
+
+class ApprovalState(_ApprovalState, metaclass=_ApprovalStateEnumTypeWrapper):
+    """The state of an approval request."""
+
+APPROVAL_STATE_UNSPECIFIED: ApprovalState.ValueType  # 0
+"""Never sent; the zero value of the enum."""
+APPROVAL_STATE_PENDING: ApprovalState.ValueType  # 1
+"""Waiting for an owner's decision."""
+APPROVAL_STATE_APPROVED: ApprovalState.ValueType  # 2
+"""Approved: the algorithm, pinned by its checksums, is trusted."""
+APPROVAL_STATE_REJECTED: ApprovalState.ValueType  # 3
+"""Rejected, with a reason."""
+Global___ApprovalState: _TypeAlias = ApprovalState  # noqa: Y015
+
+class _AuditOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_OUTCOME_UNSPECIFIED: _AuditOutcome.ValueType  # 0
+    """Never sent; the zero value of the enum."""
+    AUDIT_OUTCOME_ALLOWED: _AuditOutcome.ValueType  # 1
+    """The action happened."""
+    AUDIT_OUTCOME_REFUSED: _AuditOutcome.ValueType  # 2
+    """The action was refused; `reason` says why."""
+
+class AuditOutcome(_AuditOutcome, metaclass=_AuditOutcomeEnumTypeWrapper):
+    """Whether a decision let the action happen."""
+
+AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome.ValueType  # 0
+"""Never sent; the zero value of the enum."""
+AUDIT_OUTCOME_ALLOWED: AuditOutcome.ValueType  # 1
+"""The action happened."""
+AUDIT_OUTCOME_REFUSED: AuditOutcome.ValueType  # 2
+"""The action was refused; `reason` says why."""
+Global___AuditOutcome: _TypeAlias = AuditOutcome  # noqa: Y015
 
 @_typing.final
 class CreateAuthTokenRequest(_message.Message):
@@ -196,6 +305,7 @@ class ComputePolicy(_message.Message):
     ALLOW_RAW_ALGORITHM_FIELD_NUMBER: _builtins.int
     ALLOW_NETWORK_ACCESS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    PARAMETER_BOUNDS_FIELD_NUMBER: _builtins.int
     allow_raw_algorithm: _builtins.bool
     """Whether raw code, sent with the request and not published, may run."""
     allow_network_access: _builtins.bool
@@ -218,6 +328,12 @@ class ComputePolicy(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """How long a paid order grants compute access; unset means no expiry."""
 
+    @_builtins.property
+    def parameter_bounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterBound]:
+        """Bounds on algorithm parameters, enforced on every job on this dataset
+        (for example a minimum aggregation size).
+        """
+
     def __init__(
         self,
         *,
@@ -226,14 +342,60 @@ class ComputePolicy(_message.Message):
         allow_raw_algorithm: _builtins.bool = ...,
         allow_network_access: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        parameter_bounds: _abc.Iterable[Global___ParameterBound] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network_access", b"allow_network_access", "allow_raw_algorithm", b"allow_raw_algorithm", "publisher_trusted_algorithm_publishers", b"publisher_trusted_algorithm_publishers", "publisher_trusted_algorithms", b"publisher_trusted_algorithms", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network_access", b"allow_network_access", "allow_raw_algorithm", b"allow_raw_algorithm", "parameter_bounds", b"parameter_bounds", "publisher_trusted_algorithm_publishers", b"publisher_trusted_algorithm_publishers", "publisher_trusted_algorithms", b"publisher_trusted_algorithms", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ComputePolicy: _TypeAlias = ComputePolicy  # noqa: Y015
+
+@_typing.final
+class ParameterBound(_message.Message):
+    """A dataset owner's bound on one algorithm parameter. It applies to every
+    algorithm that declares a numeric parameter of that name (or only to
+    `algorithm_did` when set); the value a job runs with, given or default,
+    must lie within it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALGORITHM_DID_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The parameter's name."""
+    algorithm_did: _builtins.str
+    """The algorithm the bound is for, `did:c2d:{64 hex}`; empty for all."""
+    minimum: _builtins.float
+    """The smallest value allowed; unset for none."""
+    maximum: _builtins.float
+    """The largest value allowed; unset for none."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        algorithm_did: _builtins.str = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "algorithm_did", b"algorithm_did", "maximum", b"maximum", "minimum", b"minimum", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___ParameterBound: _TypeAlias = ParameterBound  # noqa: Y015
 
 @_typing.final
 class DatasetFile(_message.Message):
@@ -278,12 +440,23 @@ class Dataset(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    SAMPLE_OF_FIELD_NUMBER: _builtins.int
+    SAMPLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `datasets/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
     """The DID: `did:c2d:{id}`."""
     publisher: _builtins.str
     """The publisher's address."""
+    policy_version: _builtins.int
+    """The policy's version: 1 at publication, one more at each change."""
+    sample_of: _builtins.str
+    """For a sample dataset: the dataset it is a sample of, `datasets/{id}`."""
+    sample: _builtins.str
+    """The sample dataset registered beside this one, `datasets/{id}`; empty
+    when none.
+    """
     @_builtins.property
     def metadata(self) -> Global___AssetMetadata:
         """Descriptive metadata."""
@@ -310,14 +483,82 @@ class Dataset(_message.Message):
         files: _abc.Iterable[Global___DatasetFile] | None = ...,
         policy: Global___ComputePolicy | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        policy_version: _builtins.int = ...,
+        sample_of: _builtins.str = ...,
+        sample: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "publisher", b"publisher"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "policy_version", b"policy_version", "publisher", b"publisher", "sample", b"sample", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class ParameterSpec(_message.Message):
+    """One parameter an algorithm declares. A job's value is checked against it
+    before the job starts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALUE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name, as the key in algoCustomData.json: letters, digits and _, at
+    most 64, starting with a letter.
+    """
+    type: Global___ParameterType.ValueType
+    """The value's type."""
+    required: _builtins.bool
+    """Whether a job must give a value (a default then makes no sense)."""
+    minimum: _builtins.float
+    """For numbers: the smallest value allowed; unset for none."""
+    maximum: _builtins.float
+    """For numbers: the largest value allowed; unset for none."""
+    description: _builtins.str
+    """What the parameter does."""
+    @_builtins.property
+    def default_value(self) -> _struct_pb2.Value:
+        """The value used when a job gives none; unset for no default."""
+
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """The allowed values; empty for any value of the type."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___ParameterType.ValueType = ...,
+        required: _builtins.bool = ...,
+        default_value: _struct_pb2.Value | None = ...,
+        options: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "default_value", b"default_value", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "default_value", b"default_value", "description", b"description", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "options", b"options", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___ParameterSpec: _TypeAlias = ParameterSpec  # noqa: Y015
 
 @_typing.final
 class Algorithm(_message.Message):
@@ -334,6 +575,10 @@ class Algorithm(_message.Message):
     CONTAINER_SECTION_CHECKSUM_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `algorithms/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
@@ -350,6 +595,10 @@ class Algorithm(_message.Message):
     """
     size_bytes: _builtins.int
     """The code's size in bytes."""
+    access: Global___AlgorithmAccess.ValueType
+    """Who may read the code: ALGORITHM_ACCESS_PUBLIC or ALGORITHM_ACCESS_PRIVATE."""
+    version: _builtins.int
+    """1 at publication, one more at each UpdateAlgorithm."""
     @_builtins.property
     def metadata(self) -> Global___AssetMetadata:
         """Descriptive metadata."""
@@ -357,6 +606,14 @@ class Algorithm(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was published."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
+        """The parameters it declares."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last changed."""
 
     def __init__(
         self,
@@ -370,10 +627,14 @@ class Algorithm(_message.Message):
         container_section_checksum: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        access: Global___AlgorithmAccess.ValueType = ...,
+        parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
+        version: _builtins.int = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "publisher", b"publisher", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "parameters", b"parameters", "publisher", b"publisher", "size_bytes", b"size_bytes", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,9 +650,15 @@ class PublishDatasetRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     FILE_PATHS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    SAMPLE_OF_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's dataset. Up to 64 characters.
+    """
+    sample_of: _builtins.str
+    """Registers this dataset as the sample (a subset or anonymised version) of
+    another one, `datasets/{id}`, which must have no sample yet; empty for
+    an ordinary dataset.
     """
     @_builtins.property
     def metadata(self) -> Global___AssetMetadata:
@@ -412,10 +679,11 @@ class PublishDatasetRequest(_message.Message):
         metadata: Global___AssetMetadata | None = ...,
         file_paths: _abc.Iterable[_builtins.str] | None = ...,
         policy: Global___ComputePolicy | None = ...,
+        sample_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "metadata", b"metadata", "policy", b"policy", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "metadata", b"metadata", "policy", b"policy", "request_id", b"request_id", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,6 +712,62 @@ class PublishDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishDatasetResponse: _TypeAlias = PublishDatasetResponse  # noqa: Y015
+
+@_typing.final
+class UpdateDatasetPolicyRequest(_message.Message):
+    """The request of UpdateDatasetPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    EXPECTED_POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`datasets/{id}`."""
+    expected_policy_version: _builtins.int
+    """When not 0, the change is made only if the dataset is at this version."""
+    @_builtins.property
+    def policy(self) -> Global___ComputePolicy:
+        """The new policy, whole: it replaces the old one."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        policy: Global___ComputePolicy | None = ...,
+        expected_policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_policy_version", b"expected_policy_version", "name", b"name", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDatasetPolicyRequest: _TypeAlias = UpdateDatasetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDatasetPolicyResponse(_message.Message):
+    """The response of UpdateDatasetPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset with its new policy and version."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDatasetPolicyResponse: _TypeAlias = UpdateDatasetPolicyResponse  # noqa: Y015
 
 @_typing.final
 class GetDatasetRequest(_message.Message):
@@ -555,6 +879,8 @@ class PublishAlgorithmRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    ACCESS_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe, as in PublishDatasetRequest."""
     code: _builtins.bytes
@@ -563,9 +889,15 @@ class PublishAlgorithmRequest(_message.Message):
     """The command that runs it, with `$ALGO` for the code's path, for example
     `python3 $ALGO`.
     """
+    access: Global___AlgorithmAccess.ValueType
+    """Who may read the code; unset means private."""
     @_builtins.property
     def metadata(self) -> Global___AssetMetadata:
         """Descriptive metadata."""
+
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
+        """The parameters it takes; a job's parameters are checked against them."""
 
     def __init__(
         self,
@@ -574,10 +906,12 @@ class PublishAlgorithmRequest(_message.Message):
         metadata: Global___AssetMetadata | None = ...,
         code: _builtins.bytes = ...,
         entrypoint: _builtins.str = ...,
+        access: Global___AlgorithmAccess.ValueType = ...,
+        parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "entrypoint", b"entrypoint", "metadata", b"metadata", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "code", b"code", "entrypoint", b"entrypoint", "metadata", b"metadata", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,6 +940,118 @@ class PublishAlgorithmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishAlgorithmResponse: _TypeAlias = PublishAlgorithmResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAlgorithmRequest(_message.Message):
+    """The request of UpdateAlgorithm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`algorithms/{id}`."""
+    code: _builtins.bytes
+    """The new code: one file, at most 16 MiB."""
+    entrypoint: _builtins.str
+    """The new entrypoint, with `$ALGO`."""
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
+        """The new parameter declaration, whole."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        code: _builtins.bytes = ...,
+        entrypoint: _builtins.str = ...,
+        parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "entrypoint", b"entrypoint", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAlgorithmRequest: _TypeAlias = UpdateAlgorithmRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAlgorithmResponse(_message.Message):
+    """The response of UpdateAlgorithm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def algorithm(self) -> Global___Algorithm:
+        """The algorithm with its new checksums and version."""
+
+    def __init__(
+        self,
+        *,
+        algorithm: Global___Algorithm | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAlgorithmResponse: _TypeAlias = UpdateAlgorithmResponse  # noqa: Y015
+
+@_typing.final
+class DownloadAlgorithmRequest(_message.Message):
+    """The request of DownloadAlgorithm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`algorithms/{id}`."""
+    offset: _builtins.int
+    """The byte offset to start from."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadAlgorithmRequest: _TypeAlias = DownloadAlgorithmRequest  # noqa: Y015
+
+@_typing.final
+class DownloadAlgorithmResponse(_message.Message):
+    """One message of DownloadAlgorithm's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """The byte offset of `data` in the code."""
+    data: _builtins.bytes
+    """The next bytes (at most 1 MiB)."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadAlgorithmResponse: _TypeAlias = DownloadAlgorithmResponse  # noqa: Y015
 
 @_typing.final
 class GetAlgorithmRequest(_message.Message):
@@ -789,6 +1235,9 @@ class StartComputeRequest(_message.Message):
     RAW_ALGORITHM_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    VIEWERS_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    REQUIRE_NETWORK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's job. Up to 64 characters.
@@ -799,6 +1248,10 @@ class StartComputeRequest(_message.Message):
     """The published algorithm, `algorithms/{id}`; leave empty to send raw code."""
     environment: _builtins.str
     """The compute environment; empty means "default"."""
+    require_network: _builtins.bool
+    """Fail up front (PERMISSION_DENIED, NETWORK_NOT_ALLOWED) unless the job
+    will have the network, instead of running without it.
+    """
     @_builtins.property
     def additional_datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """More datasets the job reads, each `datasets/{id}`; each one's policy must
@@ -815,6 +1268,18 @@ class StartComputeRequest(_message.Message):
         (whole numbers written as integers: {"x": 1} stays 1, not 1.0).
         """
 
+    @_builtins.property
+    def viewers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses that may read the job's status, logs, results and provenance
+        besides the caller; at most 20.
+        """
+
+    @_builtins.property
+    def resources(self) -> _job_pb2.Resources:
+        """Lower limits than the environment's; unset takes the environment's.
+        INVALID_ARGUMENT when a field is above the environment's limit.
+        """
+
     def __init__(
         self,
         *,
@@ -825,10 +1290,13 @@ class StartComputeRequest(_message.Message):
         raw_algorithm: Global___RawAlgorithm | None = ...,
         parameters: _struct_pb2.Struct | None = ...,
         environment: _builtins.str = ...,
+        viewers: _abc.Iterable[_builtins.str] | None = ...,
+        resources: _job_pb2.Resources | None = ...,
+        require_network: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "raw_algorithm", b"raw_algorithm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id", "require_network", b"require_network", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1190,3 +1658,664 @@ class DownloadResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadResultResponse: _TypeAlias = DownloadResultResponse  # noqa: Y015
+
+@_typing.final
+class GetProvenanceRequest(_message.Message):
+    """The request of GetProvenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`jobs/{job}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceRequest: _TypeAlias = GetProvenanceRequest  # noqa: Y015
+
+@_typing.final
+class GetProvenanceResponse(_message.Message):
+    """The response of GetProvenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    """The signed record, exactly as it should be saved: the RFC 8785 canonical
+    JSON of `{"provenance": {...}, "signature": "0x..."}`, where `signature`
+    is the provider's EIP-191 personal signature (65 bytes, lowercase hex)
+    over the keccak256 of the canonical JSON of the `provenance` object.
+    Verify it against the provider's address pinned beforehand
+    (GetProviderInfo), never against an address inside the record.
+    """
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProvenanceResponse: _TypeAlias = GetProvenanceResponse  # noqa: Y015
+
+@_typing.final
+class ApprovalRequest(_message.Message):
+    """A consumer's request that a dataset trust an algorithm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    ALGORITHM_DID_FIELD_NUMBER: _builtins.int
+    FILES_CHECKSUM_FIELD_NUMBER: _builtins.int
+    CONTAINER_SECTION_CHECKSUM_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DECISION_NOTE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    SAMPLE_JOBS_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`approvalRequests/{id}`, where `{id}` is 32 lowercase hex digits."""
+    dataset: _builtins.str
+    """The dataset, `datasets/{id}`."""
+    algorithm: _builtins.str
+    """The algorithm, `algorithms/{id}`."""
+    algorithm_did: _builtins.str
+    """The algorithm's DID."""
+    files_checksum: _builtins.str
+    """The algorithm's files checksum when the request was made."""
+    container_section_checksum: _builtins.str
+    """The algorithm's container section checksum when the request was made."""
+    requester: _builtins.str
+    """Who asked (EIP-55 address)."""
+    message: _builtins.str
+    """The consumer's message to the owners."""
+    state: Global___ApprovalState.ValueType
+    """Where the request is."""
+    decision_note: _builtins.str
+    """The owner's reason for a rejection, or note on an approval."""
+    decided_by: _builtins.str
+    """The owner who decided."""
+    policy_version: _builtins.int
+    """The dataset's policy version the approval created; 0 unless approved."""
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The parameters the consumer means to run with (used by RunApprovalSample)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was decided; unset while pending."""
+
+    @_builtins.property
+    def sample_jobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sample runs owners started for it, `jobs/{job}`."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        algorithm_did: _builtins.str = ...,
+        files_checksum: _builtins.str = ...,
+        container_section_checksum: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        message: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        state: Global___ApprovalState.ValueType = ...,
+        decision_note: _builtins.str = ...,
+        decided_by: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        sample_jobs: _abc.Iterable[_builtins.str] | None = ...,
+        policy_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "algorithm_did", b"algorithm_did", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "dataset", b"dataset", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision_note", b"decision_note", "files_checksum", b"files_checksum", "message", b"message", "name", b"name", "parameters", b"parameters", "policy_version", b"policy_version", "requester", b"requester", "sample_jobs", b"sample_jobs", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequest: _TypeAlias = ApprovalRequest  # noqa: Y015
+
+@_typing.final
+class CreateApprovalRequestRequest(_message.Message):
+    """The request of CreateApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Makes retries safe, as in PublishDatasetRequest."""
+    dataset: _builtins.str
+    """The dataset, `datasets/{id}`."""
+    algorithm: _builtins.str
+    """The published algorithm, `algorithms/{id}`."""
+    message: _builtins.str
+    """A message to the owners, at most 4096 characters."""
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The parameters the consumer means to run with; checked against the
+        algorithm's declaration.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        algorithm: _builtins.str = ...,
+        message: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "dataset", b"dataset", "message", b"message", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApprovalRequestRequest: _TypeAlias = CreateApprovalRequestRequest  # noqa: Y015
+
+@_typing.final
+class CreateApprovalRequestResponse(_message.Message):
+    """The response of CreateApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """The request, pending."""
+
+    def __init__(
+        self,
+        *,
+        approval_request: Global___ApprovalRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateApprovalRequestResponse: _TypeAlias = CreateApprovalRequestResponse  # noqa: Y015
+
+@_typing.final
+class ListApprovalRequestsRequest(_message.Message):
+    """The request of ListApprovalRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """Only requests for this dataset, `datasets/{id}`; empty for all."""
+    state: Global___ApprovalState.ValueType
+    """Only requests in this state; unspecified for all."""
+    page_size: _builtins.int
+    """The most requests to return; 0 means 50, more than 500 is taken as 500."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        state: Global___ApprovalState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalRequestsRequest: _TypeAlias = ListApprovalRequestsRequest  # noqa: Y015
+
+@_typing.final
+class ListApprovalRequestsResponse(_message.Message):
+    """The response of ListApprovalRequests."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_REQUESTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
+    @_builtins.property
+    def approval_requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRequest]:
+        """The requests, newest first."""
+
+    def __init__(
+        self,
+        *,
+        approval_requests: _abc.Iterable[Global___ApprovalRequest] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_requests", b"approval_requests", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListApprovalRequestsResponse: _TypeAlias = ListApprovalRequestsResponse  # noqa: Y015
+
+@_typing.final
+class GetApprovalRequestRequest(_message.Message):
+    """The request of GetApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`approvalRequests/{id}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalRequestRequest: _TypeAlias = GetApprovalRequestRequest  # noqa: Y015
+
+@_typing.final
+class GetApprovalRequestResponse(_message.Message):
+    """The response of GetApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """The request."""
+
+    def __init__(
+        self,
+        *,
+        approval_request: Global___ApprovalRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetApprovalRequestResponse: _TypeAlias = GetApprovalRequestResponse  # noqa: Y015
+
+@_typing.final
+class ApproveApprovalRequestRequest(_message.Message):
+    """The request of ApproveApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILES_CHECKSUM_FIELD_NUMBER: _builtins.int
+    CONTAINER_SECTION_CHECKSUM_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`approvalRequests/{id}`."""
+    files_checksum: _builtins.str
+    """The files checksum the owner reviewed."""
+    container_section_checksum: _builtins.str
+    """The container section checksum the owner reviewed."""
+    note: _builtins.str
+    """A note for the consumer, at most 4096 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        files_checksum: _builtins.str = ...,
+        container_section_checksum: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_section_checksum", b"container_section_checksum", "files_checksum", b"files_checksum", "name", b"name", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveApprovalRequestRequest: _TypeAlias = ApproveApprovalRequestRequest  # noqa: Y015
+
+@_typing.final
+class ApproveApprovalRequestResponse(_message.Message):
+    """The response of ApproveApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """The request, approved."""
+
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset with its new policy."""
+
+    def __init__(
+        self,
+        *,
+        approval_request: Global___ApprovalRequest | None = ...,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveApprovalRequestResponse: _TypeAlias = ApproveApprovalRequestResponse  # noqa: Y015
+
+@_typing.final
+class RejectApprovalRequestRequest(_message.Message):
+    """The request of RejectApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`approvalRequests/{id}`."""
+    reason: _builtins.str
+    """Why, for the consumer; 1 to 4096 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectApprovalRequestRequest: _TypeAlias = RejectApprovalRequestRequest  # noqa: Y015
+
+@_typing.final
+class RejectApprovalRequestResponse(_message.Message):
+    """The response of RejectApprovalRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """The request, rejected."""
+
+    def __init__(
+        self,
+        *,
+        approval_request: Global___ApprovalRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectApprovalRequestResponse: _TypeAlias = RejectApprovalRequestResponse  # noqa: Y015
+
+@_typing.final
+class RunApprovalSampleRequest(_message.Message):
+    """The request of RunApprovalSample."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`approvalRequests/{id}`."""
+    request_id: _builtins.str
+    """Makes retries safe, as in StartComputeRequest."""
+    environment: _builtins.str
+    """The compute environment; empty means "default"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        environment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunApprovalSampleRequest: _TypeAlias = RunApprovalSampleRequest  # noqa: Y015
+
+@_typing.final
+class RunApprovalSampleResponse(_message.Message):
+    """The response of RunApprovalSample."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _job_pb2.Job:
+        """The sample job, owned by the calling owner."""
+
+    def __init__(
+        self,
+        *,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunApprovalSampleResponse: _TypeAlias = RunApprovalSampleResponse  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """One entry of the audit log. Entries are chained: each one's `hash` covers
+    the previous entry's hash, so a removed or changed entry breaks the chain.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The entry's position in the log, from 1."""
+    actor: _builtins.str
+    """Who asked (EIP-55 address)."""
+    action: _builtins.str
+    """What was asked, for example `compute.start` or `dataset.policy.update`."""
+    resource: _builtins.str
+    """What it was about, for example `datasets/{id}` or `jobs/{job}`."""
+    outcome: Global___AuditOutcome.ValueType
+    """Whether it was allowed."""
+    reason: _builtins.str
+    """The machine-readable reason of a refusal (for example
+    ALGORITHM_NOT_TRUSTED), or the basis of an allowed start.
+    """
+    hash: _builtins.str
+    """The lowercase hex sha256 of the previous entry's `hash` and this entry's
+    canonical JSON (without `hash`).
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """Further facts: the algorithm, the datasets and their policy versions,
+        the environment. Never a dataset's location, never code.
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        outcome: Global___AuditOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        details: _struct_pb2.Struct | None = ...,
+        hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "details", b"details", "hash", b"hash", "outcome", b"outcome", "reason", b"reason", "resource", b"resource", "sequence", b"sequence", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    """The request of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    action: _builtins.str
+    """Only this action; empty for all."""
+    resource: _builtins.str
+    """Only this resource; empty for all."""
+    page_size: _builtins.int
+    """The most entries to return; 0 means 100, more than 1000 is taken as 1000."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        action: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "page_size", b"page_size", "page_token", b"page_token", "resource", b"resource"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    """The response of ListAuditEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """The entries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetProviderInfoRequest(_message.Message):
+    """The request of GetProviderInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderInfoRequest: _TypeAlias = GetProviderInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetProviderInfoResponse(_message.Message):
+    """The response of GetProviderInfo."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """The address (EIP-55) of the key that signs this provider's provenance
+    records.
+    """
+    version: _builtins.str
+    """The software's version."""
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The node's data owners."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        owners: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "owners", b"owners", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProviderInfoResponse: _TypeAlias = GetProviderInfoResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class ProviderServiceStub:
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishDatasetRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishDatasetResponse.FromString,
                 _registered_method=True)
+        self.UpdateDatasetPolicy = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/UpdateDatasetPolicy',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyResponse.FromString,
+                _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/c2d.provider.v1.ProviderService/GetDataset',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetDatasetRequest.SerializeToString,
@@ -105,6 +110,16 @@ class ProviderServiceStub:
                 '/c2d.provider.v1.ProviderService/PublishAlgorithm',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmResponse.FromString,
+                _registered_method=True)
+        self.UpdateAlgorithm = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/UpdateAlgorithm',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmResponse.FromString,
+                _registered_method=True)
+        self.DownloadAlgorithm = channel.unary_stream(
+                '/c2d.provider.v1.ProviderService/DownloadAlgorithm',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmResponse.FromString,
                 _registered_method=True)
         self.GetAlgorithm = channel.unary_unary(
                 '/c2d.provider.v1.ProviderService/GetAlgorithm',
@@ -160,6 +175,51 @@ class ProviderServiceStub:
                 '/c2d.provider.v1.ProviderService/DownloadResult',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.FromString,
+                _registered_method=True)
+        self.GetProvenance = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/GetProvenance',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceResponse.FromString,
+                _registered_method=True)
+        self.CreateApprovalRequest = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/CreateApprovalRequest',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestResponse.FromString,
+                _registered_method=True)
+        self.ListApprovalRequests = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/ListApprovalRequests',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsResponse.FromString,
+                _registered_method=True)
+        self.GetApprovalRequest = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/GetApprovalRequest',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestResponse.FromString,
+                _registered_method=True)
+        self.ApproveApprovalRequest = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/ApproveApprovalRequest',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestResponse.FromString,
+                _registered_method=True)
+        self.RejectApprovalRequest = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/RejectApprovalRequest',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestResponse.FromString,
+                _registered_method=True)
+        self.RunApprovalSample = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/RunApprovalSample',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/ListAuditEvents',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.GetProviderInfo = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/GetProviderInfo',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -238,8 +298,25 @@ class ProviderServiceServicer:
         Digest: [request_id, [title, description, author, license, [tags...]],
         [file_paths...], [allow_raw_algorithm, allow_network_access,
         timeout_seconds, [[did, files_checksum, container_section_checksum]...],
-        [publisher_trusted_algorithm_publishers...]]]
-        where `timeout_seconds` is the policy's `timeout` in whole seconds.
+        [publisher_trusted_algorithm_publishers...],
+        [[name, algorithm_did, minimum, maximum]...]],
+        sample_of]
+        where `timeout_seconds` is the policy's `timeout` in whole seconds and an
+        unset `minimum` or `maximum` is JSON null.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDatasetPolicy(self, request, context):
+        """Replaces a dataset's compute policy. Only the node's data owners may;
+        PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+        running job keeps the policy version it was allowed under (recorded in
+        its provenance). Each change adds one to `policy_version`. ABORTED when
+        `expected_policy_version` is set and the dataset is at another version.
+        INVALID_ARGUMENT for a malformed policy, naming the field. Signed.
+
+        Digest: [name, <policy as in PublishDataset>, expected_policy_version]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -262,11 +339,42 @@ class ProviderServiceServicer:
 
     def PublishAlgorithm(self, request, context):
         """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-        code, code over 16 MiB, or an entrypoint without `$ALGO`. Signed;
-        idempotent by `request_id`.
+        code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
+        parameter declaration (naming it). Private unless `access` says public.
+        Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-        sha256 of code (lowercase hex; "" for empty code), entrypoint]
+        sha256 of code (lowercase hex; "" for empty code), entrypoint,
+        access, [<parameter>...]]
+        where `access` is the enum's number and each <parameter> is
+        [name, type, required, default_value, [options...], minimum, maximum,
+        description]: `type` the enum's number, `default_value` and `options` as
+        JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAlgorithm(self, request, context):
+        """Replaces an algorithm's code, entrypoint and parameter declaration; its
+        DID stays, its checksums change, so datasets that trusted it by checksum
+        refuse it until their owner trusts the new checksums. Only its publisher
+        may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
+
+        Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadAlgorithm(self, request, context):
+        """Streams an algorithm's code from `offset`. A public algorithm's code is
+        open to anyone. A private one's is readable only by its publisher and by
+        the node's data owners while an approval request for it is pending;
+        PERMISSION_DENIED (reason ALGORITHM_PRIVATE) for anyone else. Signed or
+        token for a private algorithm; no credentials needed for a public one.
+
+        Digest: [name, offset]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -297,23 +405,31 @@ class ProviderServiceServicer:
     def StartCompute(self, request, context):
         """Starts a compute job. Each dataset's policy must trust the algorithm
         (by DID and checksums, or by its publisher), or allow raw code when raw
-        code is sent; PERMISSION_DENIED otherwise, naming the dataset. NOT_FOUND
-        for an unknown dataset or algorithm or environment; INVALID_ARGUMENT for
-        a malformed request, naming the field. A failure while the job runs is
-        not an error of this call: it is the job's final state. Signed;
-        idempotent by `request_id`.
+        code is sent; PERMISSION_DENIED otherwise, naming the dataset, with the
+        reason (ALGORITHM_NOT_TRUSTED, ALGORITHM_CHECKSUM_MISMATCH,
+        RAW_ALGORITHM_NOT_ALLOWED, NETWORK_NOT_ALLOWED). NOT_FOUND for an unknown
+        dataset or algorithm or environment. INVALID_ARGUMENT for a malformed
+        request, a parameter that the algorithm's declaration or a dataset's
+        bound refuses, or resources above the environment's limits, naming the
+        field (for example `parameters.min_group_size`). RESOURCE_EXHAUSTED when
+        the environment's queue is full. A failure while the job runs is not an
+        error of this call: it is the job's final state. Every decision is
+        written to the audit log. Signed; idempotent by `request_id`.
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
         sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-        when no raw code), raw_algorithm.entrypoint, parameters, environment]
+        when no raw code), raw_algorithm.entrypoint, parameters, environment,
+        [viewers...], [resources.cpus, resources.memory_bytes,
+        resources.disk_bytes, resources.max_duration.seconds],
+        require_network]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
-        not the caller's. Signed or token.
+        """Returns a job the caller owns or views. NOT_FOUND for a job that is
+        unknown, or that the caller neither owns nor views. Signed or token.
 
         Digest: [name]
         """
@@ -322,7 +438,7 @@ class ProviderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists the caller's jobs, newest first. Signed or token.
+        """Lists the jobs the caller owns or views, newest first. Signed or token.
 
         Digest: [page_size, page_token]
         """
@@ -354,7 +470,8 @@ class ProviderServiceServicer:
 
     def StopJob(self, request, context):
         """Stops a running or queued job; it ends CANCELLED and its logs are kept.
-        A final job is returned unchanged. NOT_FOUND as for GetJob. Signed.
+        A final job is returned unchanged. Only the job's owner may: NOT_FOUND
+        for anyone else, viewers included. Signed.
 
         Digest: [name]
         """
@@ -363,8 +480,9 @@ class ProviderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteJob(self, request, context):
-        """Deletes a final job and its results. FAILED_PRECONDITION while it is not
-        final (stop it first); NOT_FOUND as for GetJob. Signed.
+        """Deletes a final job and its results; its provenance record is kept.
+        FAILED_PRECONDITION while it is not final (stop it first); NOT_FOUND as
+        for StopJob. Signed.
 
         Digest: [name]
         """
@@ -374,11 +492,118 @@ class ProviderServiceServicer:
 
     def DownloadResult(self, request, context):
         """Streams one result of a job from `offset`; ends after its last byte.
-        NOT_FOUND for an unknown result or a job that is not the caller's;
-        DATA_LOSS when the stored bytes no longer match the recorded sha256.
-        Signed or token.
+        NOT_FOUND for an unknown result or a job the caller neither owns nor
+        views; DATA_LOSS when the stored bytes no longer match the recorded
+        sha256. Signed or token.
 
         Digest: [name, offset]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProvenance(self, request, context):
+        """Returns a final job's provenance record, signed by the provider's key:
+        what ran on what, under which policy version, and what it produced.
+        FAILED_PRECONDITION while the job is not final; NOT_FOUND as for GetJob.
+        The record stays after the job is deleted. Signed or token.
+
+        Digest: [name]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApprovalRequest(self, request, context):
+        """Asks the owners of a dataset to trust an algorithm that its policy does
+        not trust yet. The request pins the algorithm's checksums as they are
+        now. FAILED_PRECONDITION when the dataset already trusts the algorithm;
+        a pending request of the caller's for the same dataset and algorithm is
+        returned instead of a new one. Anyone signed in may. Signed; idempotent
+        by `request_id`.
+
+        Digest: [request_id, dataset, algorithm, message, parameters]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApprovalRequests(self, request, context):
+        """Lists approval requests, newest first: every request for the node's
+        data owners, the caller's own for anyone else. Signed or token.
+
+        Digest: [dataset, state, page_size, page_token]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApprovalRequest(self, request, context):
+        """Returns one approval request. NOT_FOUND unless the caller made it or is
+        one of the node's data owners. Signed or token.
+
+        Digest: [name]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveApprovalRequest(self, request, context):
+        """Approves a pending request: the algorithm, pinned by the checksums the
+        owner reviewed, joins the dataset's trusted algorithms (a new policy
+        version). The checksums in this request must be the request's, and the
+        algorithm must still have them: FAILED_PRECONDITION otherwise (it
+        changed since; the consumer must ask again). FAILED_PRECONDITION when
+        the request is no longer pending. Only the node's data owners may.
+        Signed.
+
+        Digest: [name, files_checksum, container_section_checksum, note]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectApprovalRequest(self, request, context):
+        """Rejects a pending request with a reason the consumer can read.
+        FAILED_PRECONDITION when it is no longer pending. Only the node's data
+        owners may. Signed.
+
+        Digest: [name, reason]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunApprovalSample(self, request, context):
+        """Runs a pending request's algorithm, with the parameters the consumer
+        gave, on the sample dataset registered beside the request's dataset.
+        The job belongs to the calling owner, who reads its logs and results as
+        with any job; the sample's own policy is not consulted. FAILED_PRECONDITION
+        when the dataset has no sample, the request is not pending, or the
+        algorithm's checksums are no longer the request's. Only the node's data
+        owners may. Signed; idempotent by `request_id`.
+
+        Digest: [name, request_id, environment]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Lists the audit log, oldest first: every decision the Provider took
+        (publish, policy change, approval, start allowed or refused and why,
+        stop, delete, downloads). Only the node's data owners may;
+        PERMISSION_DENIED for anyone else. Signed or token.
+
+        Digest: [action, resource, page_size, page_token]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProviderInfo(self, request, context):
+        """Returns who this provider is: the address whose key signs provenance
+        records. Pin it before you trust a record. Open to anyone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -402,6 +627,11 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishDatasetRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishDatasetResponse.SerializeToString,
             ),
+            'UpdateDatasetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDatasetPolicy,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyResponse.SerializeToString,
+            ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetDatasetRequest.FromString,
@@ -416,6 +646,16 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     servicer.PublishAlgorithm,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmResponse.SerializeToString,
+            ),
+            'UpdateAlgorithm': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAlgorithm,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmResponse.SerializeToString,
+            ),
+            'DownloadAlgorithm': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadAlgorithm,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmResponse.SerializeToString,
             ),
             'GetAlgorithm': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAlgorithm,
@@ -471,6 +711,51 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     servicer.DownloadResult,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.SerializeToString,
+            ),
+            'GetProvenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProvenance,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceResponse.SerializeToString,
+            ),
+            'CreateApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApprovalRequest,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestResponse.SerializeToString,
+            ),
+            'ListApprovalRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovalRequests,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsResponse.SerializeToString,
+            ),
+            'GetApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApprovalRequest,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestResponse.SerializeToString,
+            ),
+            'ApproveApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveApprovalRequest,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestResponse.SerializeToString,
+            ),
+            'RejectApprovalRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectApprovalRequest,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestResponse.SerializeToString,
+            ),
+            'RunApprovalSample': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunApprovalSample,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'GetProviderInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProviderInfo,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -607,6 +892,33 @@ class ProviderService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateDatasetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/UpdateDatasetPolicy',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateDatasetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetDataset(request,
             target,
             options=(),
@@ -677,6 +989,60 @@ class ProviderService:
             '/c2d.provider.v1.ProviderService/PublishAlgorithm',
             c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmRequest.SerializeToString,
             c2d_dot_provider_dot_v1_dot_provider__pb2.PublishAlgorithmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAlgorithm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/UpdateAlgorithm',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.UpdateAlgorithmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadAlgorithm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/DownloadAlgorithm',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadAlgorithmResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -974,6 +1340,249 @@ class ProviderService:
             '/c2d.provider.v1.ProviderService/DownloadResult',
             c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.SerializeToString,
             c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProvenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/GetProvenance',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/CreateApprovalRequest',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.CreateApprovalRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApprovalRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/ListApprovalRequests',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ListApprovalRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/GetApprovalRequest',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetApprovalRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/ApproveApprovalRequest',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ApproveApprovalRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectApprovalRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/RejectApprovalRequest',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.RejectApprovalRequestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunApprovalSample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/RunApprovalSample',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.RunApprovalSampleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/ListAuditEvents',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProviderInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/GetProviderInfo',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetProviderInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,8 +97,21 @@ class ProviderServiceStub:
     Digest: [request_id, [title, description, author, license, [tags...]],
              [file_paths...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
-             [publisher_trusted_algorithm_publishers...]]]
-    where `timeout_seconds` is the policy's `timeout` in whole seconds.
+             [publisher_trusted_algorithm_publishers...],
+             [[name, algorithm_did, minimum, maximum]...]],
+             sample_of]
+    where `timeout_seconds` is the policy's `timeout` in whole seconds and an
+    unset `minimum` or `maximum` is JSON null.
+    """
+    UpdateDatasetPolicy: _grpc.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]
+    """Replaces a dataset's compute policy. Only the node's data owners may;
+    PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+    running job keeps the policy version it was allowed under (recorded in
+    its provenance). Each change adds one to `policy_version`. ABORTED when
+    `expected_policy_version` is set and the dataset is at another version.
+    INVALID_ARGUMENT for a malformed policy, naming the field. Signed.
+
+    Digest: [name, <policy as in PublishDataset>, expected_policy_version]
     """
     GetDataset: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetDatasetRequest, _provider_pb2.GetDatasetResponse]
     """Returns a dataset's public record; never where its files are.
@@ -108,11 +121,34 @@ class ProviderServiceStub:
     """Lists datasets, oldest first. Open to anyone."""
     PublishAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.PublishAlgorithmRequest, _provider_pb2.PublishAlgorithmResponse]
     """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-    code, code over 16 MiB, or an entrypoint without `$ALGO`. Signed;
-    idempotent by `request_id`.
+    code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
+    parameter declaration (naming it). Private unless `access` says public.
+    Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             sha256 of code (lowercase hex; "" for empty code), entrypoint]
+             sha256 of code (lowercase hex; "" for empty code), entrypoint,
+             access, [<parameter>...]]
+    where `access` is the enum's number and each <parameter> is
+    [name, type, required, default_value, [options...], minimum, maximum,
+    description]: `type` the enum's number, `default_value` and `options` as
+    JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+    """
+    UpdateAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.UpdateAlgorithmRequest, _provider_pb2.UpdateAlgorithmResponse]
+    """Replaces an algorithm's code, entrypoint and parameter declaration; its
+    DID stays, its checksums change, so datasets that trusted it by checksum
+    refuse it until their owner trusts the new checksums. Only its publisher
+    may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
+
+    Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+    """
+    DownloadAlgorithm: _grpc.UnaryStreamMultiCallable[_provider_pb2.DownloadAlgorithmRequest, _provider_pb2.DownloadAlgorithmResponse]
+    """Streams an algorithm's code from `offset`. A public algorithm's code is
+    open to anyone. A private one's is readable only by its publisher and by
+    the node's data owners while an approval request for it is pending;
+    PERMISSION_DENIED (reason ALGORITHM_PRIVATE) for anyone else. Signed or
+    token for a private algorithm; no credentials needed for a public one.
+
+    Digest: [name, offset]
     """
     GetAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetAlgorithmRequest, _provider_pb2.GetAlgorithmResponse]
     """Returns an algorithm's public record (not its code). NOT_FOUND when
@@ -125,24 +161,32 @@ class ProviderServiceStub:
     StartCompute: _grpc.UnaryUnaryMultiCallable[_provider_pb2.StartComputeRequest, _provider_pb2.StartComputeResponse]
     """Starts a compute job. Each dataset's policy must trust the algorithm
     (by DID and checksums, or by its publisher), or allow raw code when raw
-    code is sent; PERMISSION_DENIED otherwise, naming the dataset. NOT_FOUND
-    for an unknown dataset or algorithm or environment; INVALID_ARGUMENT for
-    a malformed request, naming the field. A failure while the job runs is
-    not an error of this call: it is the job's final state. Signed;
-    idempotent by `request_id`.
+    code is sent; PERMISSION_DENIED otherwise, naming the dataset, with the
+    reason (ALGORITHM_NOT_TRUSTED, ALGORITHM_CHECKSUM_MISMATCH,
+    RAW_ALGORITHM_NOT_ALLOWED, NETWORK_NOT_ALLOWED). NOT_FOUND for an unknown
+    dataset or algorithm or environment. INVALID_ARGUMENT for a malformed
+    request, a parameter that the algorithm's declaration or a dataset's
+    bound refuses, or resources above the environment's limits, naming the
+    field (for example `parameters.min_group_size`). RESOURCE_EXHAUSTED when
+    the environment's queue is full. A failure while the job runs is not an
+    error of this call: it is the job's final state. Every decision is
+    written to the audit log. Signed; idempotent by `request_id`.
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-             when no raw code), raw_algorithm.entrypoint, parameters, environment]
+             when no raw code), raw_algorithm.entrypoint, parameters, environment,
+             [viewers...], [resources.cpus, resources.memory_bytes,
+             resources.disk_bytes, resources.max_duration.seconds],
+             require_network]
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]
-    """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
-    not the caller's. Signed or token.
+    """Returns a job the caller owns or views. NOT_FOUND for a job that is
+    unknown, or that the caller neither owns nor views. Signed or token.
 
     Digest: [name]
     """
     ListJobs: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ListJobsRequest, _provider_pb2.ListJobsResponse]
-    """Lists the caller's jobs, newest first. Signed or token.
+    """Lists the jobs the caller owns or views, newest first. Signed or token.
 
     Digest: [page_size, page_token]
     """
@@ -162,23 +206,96 @@ class ProviderServiceStub:
     """
     StopJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.StopJobRequest, _provider_pb2.StopJobResponse]
     """Stops a running or queued job; it ends CANCELLED and its logs are kept.
-    A final job is returned unchanged. NOT_FOUND as for GetJob. Signed.
+    A final job is returned unchanged. Only the job's owner may: NOT_FOUND
+    for anyone else, viewers included. Signed.
 
     Digest: [name]
     """
     DeleteJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.DeleteJobRequest, _provider_pb2.DeleteJobResponse]
-    """Deletes a final job and its results. FAILED_PRECONDITION while it is not
-    final (stop it first); NOT_FOUND as for GetJob. Signed.
+    """Deletes a final job and its results; its provenance record is kept.
+    FAILED_PRECONDITION while it is not final (stop it first); NOT_FOUND as
+    for StopJob. Signed.
 
     Digest: [name]
     """
     DownloadResult: _grpc.UnaryStreamMultiCallable[_provider_pb2.DownloadResultRequest, _provider_pb2.DownloadResultResponse]
     """Streams one result of a job from `offset`; ends after its last byte.
-    NOT_FOUND for an unknown result or a job that is not the caller's;
-    DATA_LOSS when the stored bytes no longer match the recorded sha256.
-    Signed or token.
+    NOT_FOUND for an unknown result or a job the caller neither owns nor
+    views; DATA_LOSS when the stored bytes no longer match the recorded
+    sha256. Signed or token.
 
     Digest: [name, offset]
+    """
+    GetProvenance: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]
+    """Returns a final job's provenance record, signed by the provider's key:
+    what ran on what, under which policy version, and what it produced.
+    FAILED_PRECONDITION while the job is not final; NOT_FOUND as for GetJob.
+    The record stays after the job is deleted. Signed or token.
+
+    Digest: [name]
+    """
+    CreateApprovalRequest: _grpc.UnaryUnaryMultiCallable[_provider_pb2.CreateApprovalRequestRequest, _provider_pb2.CreateApprovalRequestResponse]
+    """Asks the owners of a dataset to trust an algorithm that its policy does
+    not trust yet. The request pins the algorithm's checksums as they are
+    now. FAILED_PRECONDITION when the dataset already trusts the algorithm;
+    a pending request of the caller's for the same dataset and algorithm is
+    returned instead of a new one. Anyone signed in may. Signed; idempotent
+    by `request_id`.
+
+    Digest: [request_id, dataset, algorithm, message, parameters]
+    """
+    ListApprovalRequests: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ListApprovalRequestsRequest, _provider_pb2.ListApprovalRequestsResponse]
+    """Lists approval requests, newest first: every request for the node's
+    data owners, the caller's own for anyone else. Signed or token.
+
+    Digest: [dataset, state, page_size, page_token]
+    """
+    GetApprovalRequest: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetApprovalRequestRequest, _provider_pb2.GetApprovalRequestResponse]
+    """Returns one approval request. NOT_FOUND unless the caller made it or is
+    one of the node's data owners. Signed or token.
+
+    Digest: [name]
+    """
+    ApproveApprovalRequest: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ApproveApprovalRequestRequest, _provider_pb2.ApproveApprovalRequestResponse]
+    """Approves a pending request: the algorithm, pinned by the checksums the
+    owner reviewed, joins the dataset's trusted algorithms (a new policy
+    version). The checksums in this request must be the request's, and the
+    algorithm must still have them: FAILED_PRECONDITION otherwise (it
+    changed since; the consumer must ask again). FAILED_PRECONDITION when
+    the request is no longer pending. Only the node's data owners may.
+    Signed.
+
+    Digest: [name, files_checksum, container_section_checksum, note]
+    """
+    RejectApprovalRequest: _grpc.UnaryUnaryMultiCallable[_provider_pb2.RejectApprovalRequestRequest, _provider_pb2.RejectApprovalRequestResponse]
+    """Rejects a pending request with a reason the consumer can read.
+    FAILED_PRECONDITION when it is no longer pending. Only the node's data
+    owners may. Signed.
+
+    Digest: [name, reason]
+    """
+    RunApprovalSample: _grpc.UnaryUnaryMultiCallable[_provider_pb2.RunApprovalSampleRequest, _provider_pb2.RunApprovalSampleResponse]
+    """Runs a pending request's algorithm, with the parameters the consumer
+    gave, on the sample dataset registered beside the request's dataset.
+    The job belongs to the calling owner, who reads its logs and results as
+    with any job; the sample's own policy is not consulted. FAILED_PRECONDITION
+    when the dataset has no sample, the request is not pending, or the
+    algorithm's checksums are no longer the request's. Only the node's data
+    owners may. Signed; idempotent by `request_id`.
+
+    Digest: [name, request_id, environment]
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ListAuditEventsRequest, _provider_pb2.ListAuditEventsResponse]
+    """Lists the audit log, oldest first: every decision the Provider took
+    (publish, policy change, approval, start allowed or refused and why,
+    stop, delete, downloads). Only the node's data owners may;
+    PERMISSION_DENIED for anyone else. Signed or token.
+
+    Digest: [action, resource, page_size, page_token]
+    """
+    GetProviderInfo: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetProviderInfoRequest, _provider_pb2.GetProviderInfoResponse]
+    """Returns who this provider is: the address whose key signs provenance
+    records. Pin it before you trust a record. Open to anyone.
     """
 
 @_typing.type_check_only
@@ -250,8 +367,21 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     Digest: [request_id, [title, description, author, license, [tags...]],
              [file_paths...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
-             [publisher_trusted_algorithm_publishers...]]]
-    where `timeout_seconds` is the policy's `timeout` in whole seconds.
+             [publisher_trusted_algorithm_publishers...],
+             [[name, algorithm_did, minimum, maximum]...]],
+             sample_of]
+    where `timeout_seconds` is the policy's `timeout` in whole seconds and an
+    unset `minimum` or `maximum` is JSON null.
+    """
+    UpdateDatasetPolicy: _aio.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]  # type: ignore[assignment]
+    """Replaces a dataset's compute policy. Only the node's data owners may;
+    PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+    running job keeps the policy version it was allowed under (recorded in
+    its provenance). Each change adds one to `policy_version`. ABORTED when
+    `expected_policy_version` is set and the dataset is at another version.
+    INVALID_ARGUMENT for a malformed policy, naming the field. Signed.
+
+    Digest: [name, <policy as in PublishDataset>, expected_policy_version]
     """
     GetDataset: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetDatasetRequest, _provider_pb2.GetDatasetResponse]  # type: ignore[assignment]
     """Returns a dataset's public record; never where its files are.
@@ -261,11 +391,34 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """Lists datasets, oldest first. Open to anyone."""
     PublishAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.PublishAlgorithmRequest, _provider_pb2.PublishAlgorithmResponse]  # type: ignore[assignment]
     """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-    code, code over 16 MiB, or an entrypoint without `$ALGO`. Signed;
-    idempotent by `request_id`.
+    code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
+    parameter declaration (naming it). Private unless `access` says public.
+    Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             sha256 of code (lowercase hex; "" for empty code), entrypoint]
+             sha256 of code (lowercase hex; "" for empty code), entrypoint,
+             access, [<parameter>...]]
+    where `access` is the enum's number and each <parameter> is
+    [name, type, required, default_value, [options...], minimum, maximum,
+    description]: `type` the enum's number, `default_value` and `options` as
+    JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+    """
+    UpdateAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.UpdateAlgorithmRequest, _provider_pb2.UpdateAlgorithmResponse]  # type: ignore[assignment]
+    """Replaces an algorithm's code, entrypoint and parameter declaration; its
+    DID stays, its checksums change, so datasets that trusted it by checksum
+    refuse it until their owner trusts the new checksums. Only its publisher
+    may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
+
+    Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+    """
+    DownloadAlgorithm: _aio.UnaryStreamMultiCallable[_provider_pb2.DownloadAlgorithmRequest, _provider_pb2.DownloadAlgorithmResponse]  # type: ignore[assignment]
+    """Streams an algorithm's code from `offset`. A public algorithm's code is
+    open to anyone. A private one's is readable only by its publisher and by
+    the node's data owners while an approval request for it is pending;
+    PERMISSION_DENIED (reason ALGORITHM_PRIVATE) for anyone else. Signed or
+    token for a private algorithm; no credentials needed for a public one.
+
+    Digest: [name, offset]
     """
     GetAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetAlgorithmRequest, _provider_pb2.GetAlgorithmResponse]  # type: ignore[assignment]
     """Returns an algorithm's public record (not its code). NOT_FOUND when
@@ -278,24 +431,32 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     StartCompute: _aio.UnaryUnaryMultiCallable[_provider_pb2.StartComputeRequest, _provider_pb2.StartComputeResponse]  # type: ignore[assignment]
     """Starts a compute job. Each dataset's policy must trust the algorithm
     (by DID and checksums, or by its publisher), or allow raw code when raw
-    code is sent; PERMISSION_DENIED otherwise, naming the dataset. NOT_FOUND
-    for an unknown dataset or algorithm or environment; INVALID_ARGUMENT for
-    a malformed request, naming the field. A failure while the job runs is
-    not an error of this call: it is the job's final state. Signed;
-    idempotent by `request_id`.
+    code is sent; PERMISSION_DENIED otherwise, naming the dataset, with the
+    reason (ALGORITHM_NOT_TRUSTED, ALGORITHM_CHECKSUM_MISMATCH,
+    RAW_ALGORITHM_NOT_ALLOWED, NETWORK_NOT_ALLOWED). NOT_FOUND for an unknown
+    dataset or algorithm or environment. INVALID_ARGUMENT for a malformed
+    request, a parameter that the algorithm's declaration or a dataset's
+    bound refuses, or resources above the environment's limits, naming the
+    field (for example `parameters.min_group_size`). RESOURCE_EXHAUSTED when
+    the environment's queue is full. A failure while the job runs is not an
+    error of this call: it is the job's final state. Every decision is
+    written to the audit log. Signed; idempotent by `request_id`.
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-             when no raw code), raw_algorithm.entrypoint, parameters, environment]
+             when no raw code), raw_algorithm.entrypoint, parameters, environment,
+             [viewers...], [resources.cpus, resources.memory_bytes,
+             resources.disk_bytes, resources.max_duration.seconds],
+             require_network]
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]  # type: ignore[assignment]
-    """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
-    not the caller's. Signed or token.
+    """Returns a job the caller owns or views. NOT_FOUND for a job that is
+    unknown, or that the caller neither owns nor views. Signed or token.
 
     Digest: [name]
     """
     ListJobs: _aio.UnaryUnaryMultiCallable[_provider_pb2.ListJobsRequest, _provider_pb2.ListJobsResponse]  # type: ignore[assignment]
-    """Lists the caller's jobs, newest first. Signed or token.
+    """Lists the jobs the caller owns or views, newest first. Signed or token.
 
     Digest: [page_size, page_token]
     """
@@ -315,23 +476,96 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """
     StopJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.StopJobRequest, _provider_pb2.StopJobResponse]  # type: ignore[assignment]
     """Stops a running or queued job; it ends CANCELLED and its logs are kept.
-    A final job is returned unchanged. NOT_FOUND as for GetJob. Signed.
+    A final job is returned unchanged. Only the job's owner may: NOT_FOUND
+    for anyone else, viewers included. Signed.
 
     Digest: [name]
     """
     DeleteJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.DeleteJobRequest, _provider_pb2.DeleteJobResponse]  # type: ignore[assignment]
-    """Deletes a final job and its results. FAILED_PRECONDITION while it is not
-    final (stop it first); NOT_FOUND as for GetJob. Signed.
+    """Deletes a final job and its results; its provenance record is kept.
+    FAILED_PRECONDITION while it is not final (stop it first); NOT_FOUND as
+    for StopJob. Signed.
 
     Digest: [name]
     """
     DownloadResult: _aio.UnaryStreamMultiCallable[_provider_pb2.DownloadResultRequest, _provider_pb2.DownloadResultResponse]  # type: ignore[assignment]
     """Streams one result of a job from `offset`; ends after its last byte.
-    NOT_FOUND for an unknown result or a job that is not the caller's;
-    DATA_LOSS when the stored bytes no longer match the recorded sha256.
-    Signed or token.
+    NOT_FOUND for an unknown result or a job the caller neither owns nor
+    views; DATA_LOSS when the stored bytes no longer match the recorded
+    sha256. Signed or token.
 
     Digest: [name, offset]
+    """
+    GetProvenance: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]  # type: ignore[assignment]
+    """Returns a final job's provenance record, signed by the provider's key:
+    what ran on what, under which policy version, and what it produced.
+    FAILED_PRECONDITION while the job is not final; NOT_FOUND as for GetJob.
+    The record stays after the job is deleted. Signed or token.
+
+    Digest: [name]
+    """
+    CreateApprovalRequest: _aio.UnaryUnaryMultiCallable[_provider_pb2.CreateApprovalRequestRequest, _provider_pb2.CreateApprovalRequestResponse]  # type: ignore[assignment]
+    """Asks the owners of a dataset to trust an algorithm that its policy does
+    not trust yet. The request pins the algorithm's checksums as they are
+    now. FAILED_PRECONDITION when the dataset already trusts the algorithm;
+    a pending request of the caller's for the same dataset and algorithm is
+    returned instead of a new one. Anyone signed in may. Signed; idempotent
+    by `request_id`.
+
+    Digest: [request_id, dataset, algorithm, message, parameters]
+    """
+    ListApprovalRequests: _aio.UnaryUnaryMultiCallable[_provider_pb2.ListApprovalRequestsRequest, _provider_pb2.ListApprovalRequestsResponse]  # type: ignore[assignment]
+    """Lists approval requests, newest first: every request for the node's
+    data owners, the caller's own for anyone else. Signed or token.
+
+    Digest: [dataset, state, page_size, page_token]
+    """
+    GetApprovalRequest: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetApprovalRequestRequest, _provider_pb2.GetApprovalRequestResponse]  # type: ignore[assignment]
+    """Returns one approval request. NOT_FOUND unless the caller made it or is
+    one of the node's data owners. Signed or token.
+
+    Digest: [name]
+    """
+    ApproveApprovalRequest: _aio.UnaryUnaryMultiCallable[_provider_pb2.ApproveApprovalRequestRequest, _provider_pb2.ApproveApprovalRequestResponse]  # type: ignore[assignment]
+    """Approves a pending request: the algorithm, pinned by the checksums the
+    owner reviewed, joins the dataset's trusted algorithms (a new policy
+    version). The checksums in this request must be the request's, and the
+    algorithm must still have them: FAILED_PRECONDITION otherwise (it
+    changed since; the consumer must ask again). FAILED_PRECONDITION when
+    the request is no longer pending. Only the node's data owners may.
+    Signed.
+
+    Digest: [name, files_checksum, container_section_checksum, note]
+    """
+    RejectApprovalRequest: _aio.UnaryUnaryMultiCallable[_provider_pb2.RejectApprovalRequestRequest, _provider_pb2.RejectApprovalRequestResponse]  # type: ignore[assignment]
+    """Rejects a pending request with a reason the consumer can read.
+    FAILED_PRECONDITION when it is no longer pending. Only the node's data
+    owners may. Signed.
+
+    Digest: [name, reason]
+    """
+    RunApprovalSample: _aio.UnaryUnaryMultiCallable[_provider_pb2.RunApprovalSampleRequest, _provider_pb2.RunApprovalSampleResponse]  # type: ignore[assignment]
+    """Runs a pending request's algorithm, with the parameters the consumer
+    gave, on the sample dataset registered beside the request's dataset.
+    The job belongs to the calling owner, who reads its logs and results as
+    with any job; the sample's own policy is not consulted. FAILED_PRECONDITION
+    when the dataset has no sample, the request is not pending, or the
+    algorithm's checksums are no longer the request's. Only the node's data
+    owners may. Signed; idempotent by `request_id`.
+
+    Digest: [name, request_id, environment]
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_provider_pb2.ListAuditEventsRequest, _provider_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists the audit log, oldest first: every decision the Provider took
+    (publish, policy change, approval, start allowed or refused and why,
+    stop, delete, downloads). Only the node's data owners may;
+    PERMISSION_DENIED for anyone else. Signed or token.
+
+    Digest: [action, resource, page_size, page_token]
+    """
+    GetProviderInfo: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetProviderInfoRequest, _provider_pb2.GetProviderInfoResponse]  # type: ignore[assignment]
+    """Returns who this provider is: the address whose key signs provenance
+    records. Pin it before you trust a record. Open to anyone.
     """
 
 class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -418,8 +652,27 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         Digest: [request_id, [title, description, author, license, [tags...]],
                  [file_paths...], [allow_raw_algorithm, allow_network_access,
                  timeout_seconds, [[did, files_checksum, container_section_checksum]...],
-                 [publisher_trusted_algorithm_publishers...]]]
-        where `timeout_seconds` is the policy's `timeout` in whole seconds.
+                 [publisher_trusted_algorithm_publishers...],
+                 [[name, algorithm_did, minimum, maximum]...]],
+                 sample_of]
+        where `timeout_seconds` is the policy's `timeout` in whole seconds and an
+        unset `minimum` or `maximum` is JSON null.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateDatasetPolicy(
+        self,
+        request: _provider_pb2.UpdateDatasetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.UpdateDatasetPolicyResponse, _abc.Awaitable[_provider_pb2.UpdateDatasetPolicyResponse]]:
+        """Replaces a dataset's compute policy. Only the node's data owners may;
+        PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+        running job keeps the policy version it was allowed under (recorded in
+        its provenance). Each change adds one to `policy_version`. ABORTED when
+        `expected_policy_version` is set and the dataset is at another version.
+        INVALID_ARGUMENT for a malformed policy, naming the field. Signed.
+
+        Digest: [name, <policy as in PublishDataset>, expected_policy_version]
         """
 
     @_abc_1.abstractmethod
@@ -447,11 +700,46 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.PublishAlgorithmResponse, _abc.Awaitable[_provider_pb2.PublishAlgorithmResponse]]:
         """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-        code, code over 16 MiB, or an entrypoint without `$ALGO`. Signed;
-        idempotent by `request_id`.
+        code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
+        parameter declaration (naming it). Private unless `access` says public.
+        Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-                 sha256 of code (lowercase hex; "" for empty code), entrypoint]
+                 sha256 of code (lowercase hex; "" for empty code), entrypoint,
+                 access, [<parameter>...]]
+        where `access` is the enum's number and each <parameter> is
+        [name, type, required, default_value, [options...], minimum, maximum,
+        description]: `type` the enum's number, `default_value` and `options` as
+        JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateAlgorithm(
+        self,
+        request: _provider_pb2.UpdateAlgorithmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.UpdateAlgorithmResponse, _abc.Awaitable[_provider_pb2.UpdateAlgorithmResponse]]:
+        """Replaces an algorithm's code, entrypoint and parameter declaration; its
+        DID stays, its checksums change, so datasets that trusted it by checksum
+        refuse it until their owner trusts the new checksums. Only its publisher
+        may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
+
+        Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadAlgorithm(
+        self,
+        request: _provider_pb2.DownloadAlgorithmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_provider_pb2.DownloadAlgorithmResponse], _abc.AsyncIterator[_provider_pb2.DownloadAlgorithmResponse]]:
+        """Streams an algorithm's code from `offset`. A public algorithm's code is
+        open to anyone. A private one's is readable only by its publisher and by
+        the node's data owners while an approval request for it is pending;
+        PERMISSION_DENIED (reason ALGORITHM_PRIVATE) for anyone else. Signed or
+        token for a private algorithm; no credentials needed for a public one.
+
+        Digest: [name, offset]
         """
 
     @_abc_1.abstractmethod
@@ -488,15 +776,23 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_provider_pb2.StartComputeResponse, _abc.Awaitable[_provider_pb2.StartComputeResponse]]:
         """Starts a compute job. Each dataset's policy must trust the algorithm
         (by DID and checksums, or by its publisher), or allow raw code when raw
-        code is sent; PERMISSION_DENIED otherwise, naming the dataset. NOT_FOUND
-        for an unknown dataset or algorithm or environment; INVALID_ARGUMENT for
-        a malformed request, naming the field. A failure while the job runs is
-        not an error of this call: it is the job's final state. Signed;
-        idempotent by `request_id`.
+        code is sent; PERMISSION_DENIED otherwise, naming the dataset, with the
+        reason (ALGORITHM_NOT_TRUSTED, ALGORITHM_CHECKSUM_MISMATCH,
+        RAW_ALGORITHM_NOT_ALLOWED, NETWORK_NOT_ALLOWED). NOT_FOUND for an unknown
+        dataset or algorithm or environment. INVALID_ARGUMENT for a malformed
+        request, a parameter that the algorithm's declaration or a dataset's
+        bound refuses, or resources above the environment's limits, naming the
+        field (for example `parameters.min_group_size`). RESOURCE_EXHAUSTED when
+        the environment's queue is full. A failure while the job runs is not an
+        error of this call: it is the job's final state. Every decision is
+        written to the audit log. Signed; idempotent by `request_id`.
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
                  sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-                 when no raw code), raw_algorithm.entrypoint, parameters, environment]
+                 when no raw code), raw_algorithm.entrypoint, parameters, environment,
+                 [viewers...], [resources.cpus, resources.memory_bytes,
+                 resources.disk_bytes, resources.max_duration.seconds],
+                 require_network]
         """
 
     @_abc_1.abstractmethod
@@ -505,8 +801,8 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _provider_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.GetJobResponse, _abc.Awaitable[_provider_pb2.GetJobResponse]]:
-        """Returns one of the caller's jobs. NOT_FOUND for a job that is unknown or
-        not the caller's. Signed or token.
+        """Returns a job the caller owns or views. NOT_FOUND for a job that is
+        unknown, or that the caller neither owns nor views. Signed or token.
 
         Digest: [name]
         """
@@ -517,7 +813,7 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _provider_pb2.ListJobsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.ListJobsResponse, _abc.Awaitable[_provider_pb2.ListJobsResponse]]:
-        """Lists the caller's jobs, newest first. Signed or token.
+        """Lists the jobs the caller owns or views, newest first. Signed or token.
 
         Digest: [page_size, page_token]
         """
@@ -555,7 +851,8 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.StopJobResponse, _abc.Awaitable[_provider_pb2.StopJobResponse]]:
         """Stops a running or queued job; it ends CANCELLED and its logs are kept.
-        A final job is returned unchanged. NOT_FOUND as for GetJob. Signed.
+        A final job is returned unchanged. Only the job's owner may: NOT_FOUND
+        for anyone else, viewers included. Signed.
 
         Digest: [name]
         """
@@ -566,8 +863,9 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _provider_pb2.DeleteJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.DeleteJobResponse, _abc.Awaitable[_provider_pb2.DeleteJobResponse]]:
-        """Deletes a final job and its results. FAILED_PRECONDITION while it is not
-        final (stop it first); NOT_FOUND as for GetJob. Signed.
+        """Deletes a final job and its results; its provenance record is kept.
+        FAILED_PRECONDITION while it is not final (stop it first); NOT_FOUND as
+        for StopJob. Signed.
 
         Digest: [name]
         """
@@ -579,11 +877,136 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_provider_pb2.DownloadResultResponse], _abc.AsyncIterator[_provider_pb2.DownloadResultResponse]]:
         """Streams one result of a job from `offset`; ends after its last byte.
-        NOT_FOUND for an unknown result or a job that is not the caller's;
-        DATA_LOSS when the stored bytes no longer match the recorded sha256.
-        Signed or token.
+        NOT_FOUND for an unknown result or a job the caller neither owns nor
+        views; DATA_LOSS when the stored bytes no longer match the recorded
+        sha256. Signed or token.
 
         Digest: [name, offset]
+        """
+
+    @_abc_1.abstractmethod
+    def GetProvenance(
+        self,
+        request: _provider_pb2.GetProvenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.GetProvenanceResponse, _abc.Awaitable[_provider_pb2.GetProvenanceResponse]]:
+        """Returns a final job's provenance record, signed by the provider's key:
+        what ran on what, under which policy version, and what it produced.
+        FAILED_PRECONDITION while the job is not final; NOT_FOUND as for GetJob.
+        The record stays after the job is deleted. Signed or token.
+
+        Digest: [name]
+        """
+
+    @_abc_1.abstractmethod
+    def CreateApprovalRequest(
+        self,
+        request: _provider_pb2.CreateApprovalRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.CreateApprovalRequestResponse, _abc.Awaitable[_provider_pb2.CreateApprovalRequestResponse]]:
+        """Asks the owners of a dataset to trust an algorithm that its policy does
+        not trust yet. The request pins the algorithm's checksums as they are
+        now. FAILED_PRECONDITION when the dataset already trusts the algorithm;
+        a pending request of the caller's for the same dataset and algorithm is
+        returned instead of a new one. Anyone signed in may. Signed; idempotent
+        by `request_id`.
+
+        Digest: [request_id, dataset, algorithm, message, parameters]
+        """
+
+    @_abc_1.abstractmethod
+    def ListApprovalRequests(
+        self,
+        request: _provider_pb2.ListApprovalRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.ListApprovalRequestsResponse, _abc.Awaitable[_provider_pb2.ListApprovalRequestsResponse]]:
+        """Lists approval requests, newest first: every request for the node's
+        data owners, the caller's own for anyone else. Signed or token.
+
+        Digest: [dataset, state, page_size, page_token]
+        """
+
+    @_abc_1.abstractmethod
+    def GetApprovalRequest(
+        self,
+        request: _provider_pb2.GetApprovalRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.GetApprovalRequestResponse, _abc.Awaitable[_provider_pb2.GetApprovalRequestResponse]]:
+        """Returns one approval request. NOT_FOUND unless the caller made it or is
+        one of the node's data owners. Signed or token.
+
+        Digest: [name]
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveApprovalRequest(
+        self,
+        request: _provider_pb2.ApproveApprovalRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.ApproveApprovalRequestResponse, _abc.Awaitable[_provider_pb2.ApproveApprovalRequestResponse]]:
+        """Approves a pending request: the algorithm, pinned by the checksums the
+        owner reviewed, joins the dataset's trusted algorithms (a new policy
+        version). The checksums in this request must be the request's, and the
+        algorithm must still have them: FAILED_PRECONDITION otherwise (it
+        changed since; the consumer must ask again). FAILED_PRECONDITION when
+        the request is no longer pending. Only the node's data owners may.
+        Signed.
+
+        Digest: [name, files_checksum, container_section_checksum, note]
+        """
+
+    @_abc_1.abstractmethod
+    def RejectApprovalRequest(
+        self,
+        request: _provider_pb2.RejectApprovalRequestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.RejectApprovalRequestResponse, _abc.Awaitable[_provider_pb2.RejectApprovalRequestResponse]]:
+        """Rejects a pending request with a reason the consumer can read.
+        FAILED_PRECONDITION when it is no longer pending. Only the node's data
+        owners may. Signed.
+
+        Digest: [name, reason]
+        """
+
+    @_abc_1.abstractmethod
+    def RunApprovalSample(
+        self,
+        request: _provider_pb2.RunApprovalSampleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.RunApprovalSampleResponse, _abc.Awaitable[_provider_pb2.RunApprovalSampleResponse]]:
+        """Runs a pending request's algorithm, with the parameters the consumer
+        gave, on the sample dataset registered beside the request's dataset.
+        The job belongs to the calling owner, who reads its logs and results as
+        with any job; the sample's own policy is not consulted. FAILED_PRECONDITION
+        when the dataset has no sample, the request is not pending, or the
+        algorithm's checksums are no longer the request's. Only the node's data
+        owners may. Signed; idempotent by `request_id`.
+
+        Digest: [name, request_id, environment]
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _provider_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.ListAuditEventsResponse, _abc.Awaitable[_provider_pb2.ListAuditEventsResponse]]:
+        """Lists the audit log, oldest first: every decision the Provider took
+        (publish, policy change, approval, start allowed or refused and why,
+        stop, delete, downloads). Only the node's data owners may;
+        PERMISSION_DENIED for anyone else. Signed or token.
+
+        Digest: [action, resource, page_size, page_token]
+        """
+
+    @_abc_1.abstractmethod
+    def GetProviderInfo(
+        self,
+        request: _provider_pb2.GetProviderInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.GetProviderInfoResponse, _abc.Awaitable[_provider_pb2.GetProviderInfoResponse]]:
+        """Returns who this provider is: the address whose key signs provenance
+        records. Pin it before you trust a record. Open to anyone.
         """
 
 def add_ProviderServiceServicer_to_server(servicer: ProviderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
