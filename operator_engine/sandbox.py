@@ -10,7 +10,7 @@ that execs its way down, all argument lists, fixed when it is parked:
 2. ``setpriv`` again: drops to the slot's dedicated uid and gid, no groups, no capabilities,
    no-new-privs, and PR_SET_PDEATHSIG once more (the uid change cleared it), then execs
 3. bwrap, unprivileged: a fresh user namespace mapping the job uid to itself, every other
-   namespace new (no network unless allowed), nested user namespaces disabled, a read-only
+   namespace new (the network's too: see below), nested user namespaces disabled, a read-only
    runtime (``/usr``), and ``/etc/passwd`` and ``/etc/group`` naming the job uid. Its ``/data``,
    ``/tmp`` and ``/dev/shm`` are bound from the slot's staging directories, empty root-owned
    directories for now, on a tmpfs with *shared* mount propagation (``<stage_root>/slots``), so
@@ -29,6 +29,18 @@ algorithm's argument list with stderr merged into stdout. Every value in it is s
 messages keep the original stderr, a separate pipe, so they never reach the algorithm's log.
 After the job, its mounts are detached and the slot is parked again.
 
+A job allowed the network (``Limits.network``) still has its own network namespace, which the
+engine, as root, connects to the outside with user-mode networking before the job's script is
+sent: ``slirp4netns`` (in the job's cgroups, so its limits and its end are the job's; sandboxed
+and seccomp-filtered) gives it ``tap0`` at 10.0.2.100, a default route via 10.0.2.2 and a DNS
+relay at 10.0.2.3, which its ``/etc/resolv.conf`` names. slirp4netns opens the job's
+connections as host sockets, so it must not lead back to the node: ``--disable-host-loopback``
+refuses 10.0.2.2 (the host's loopback), and every address of the host's own interfaces at the
+job's start, IPv4 and IPv6, gets an ``unreachable`` route inside the job's namespace (``nsenter``
+and ``ip``), which the job, without CAP_NET_ADMIN there, cannot remove; a service bound on
+0.0.0.0 is out of reach too. slirp4netns ends with the job's cgroups, and with the engine (its
+``--exit-fd`` is a pipe only the engine holds).
+
 If the engine dies, the kernel kills the sandbox: bwrap's monitor dies by PR_SET_PDEATHSIG, its
 init by --die-with-parent, and every process in the pid namespace with it. A crashed engine's
 staging mounts stay on the host until the next engine's check() detaches them.
@@ -41,15 +53,19 @@ every process left in the job's cgroup is killed, and gone, before the result is
 Known limits:
 - RLIMIT_FSIZE caps each file, not the total written to the outputs: the sum is capped when the
   outputs are published, not while the job writes.
-- ``Limits.network=True`` shares the host's network namespace, loopback included, so it does not
-  keep the job away from the node's own services; the engine must not pass it until a filtered
-  network namespace exists.
+- A job's network is IPv4 only, and keeps it away from the host's own addresses, not from what
+  the host can route to: its LAN, containers on its bridges, a cloud's metadata address are
+  reached like any outside address. The host's addresses are read as the job starts: one added
+  while it runs is not blocked for it.
+- DNS queries to 10.0.2.3 are relayed to the host's resolver, which may be a local one
+  (127.0.0.53): the one loopback service a network job reaches, and only by DNS.
 - bwrap reports a death by signal N as exit status 128 + N: an algorithm that exits with 137
   reads as killed by SIGKILL.
 - A full ``/tmp`` (ENOSPC) leaves no trace outside the job; DISK_FULL is then inferred from the
   algorithm's last output, which only the algorithm itself can mislabel.
 - Inputs are bound without what is mounted below their source on the host.
-- A job with ``Limits.network=True`` gets no parked sandbox: its own is built as it starts.
+- A job with ``Limits.network=True`` gets no parked sandbox: its own is built as it starts, and
+  its network attached (a few milliseconds more).
 - An engine killed within a moment of parking a sandbox can leave that sandbox's bwrap child
   waiting (it had not yet asked for PR_SET_PDEATHSIG): it runs nothing, and the next engine's
   sweep kills it with its cgroup.
@@ -62,6 +78,7 @@ import contextlib
 import enum
 import errno
 import functools
+import ipaddress
 import itertools
 import json
 import os
@@ -74,7 +91,14 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +150,10 @@ _LAUNCHER_SCRIPT = (
 # Inside the sandbox, as the job uid: reads the job's script (see _job_script) from stdin to its
 # end, lets go of the pipe and runs it. Without a script (the engine closed the pipe), it ends.
 _WAITER_SCRIPT = 's=; while IFS= read -r line; do s="$s$line\n"; done; exec </dev/null; eval "$s"'
+# A network job's shell first says it is up, one byte on its stdout that the engine reads before
+# the job's: bwrap has set the namespaces up (its loopback too), and slirp4netns, which touches
+# the loopback as it configures the network, cannot race it.
+_NETWORK_WAITER_SCRIPT = "printf .; " + _WAITER_SCRIPT
 _DISK_SCAN_LIMIT = 10_000
 _SMOKE_TIMEOUT_S = 30.0
 _CHAIN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -138,8 +166,25 @@ _DEFAULT_ENV = {
 # Texts of the errno values a full disk or the file-size limit produce (strerror and Python's
 # OSError both print them); the algorithm's own output is only a hint, see _classify.
 _DISK_FULL_MARKERS = (b"No space left on device", b"File too large", b"Disk quota exceeded")
-# /etc files a Python runtime uses when the job may reach the network.
-_NETWORK_ETC = ("resolv.conf", "hosts", "nsswitch.conf", "host.conf", "gai.conf", "ssl")
+# /etc files a Python runtime uses when the job may reach the network; its resolv.conf is its
+# own (the host's may name a resolver on the host's loopback, out of the job's reach).
+_NETWORK_ETC = ("hosts", "nsswitch.conf", "host.conf", "gai.conf", "ssl")
+# slirp4netns' network, as the job sees it: its defaults (10.0.2.100 the job, 10.0.2.2 the
+# gateway, 10.0.2.3 the DNS relay).
+_SLIRP_NETWORK = ipaddress.ip_network("10.0.2.0/24")
+_RESOLV_CONF = b"nameserver 10.0.2.3\n"
+_SLIRP_OPTIONS = (
+    "--configure",
+    "--mtu=65520",
+    "--disable-host-loopback",
+    "--enable-sandbox",
+    "--enable-seccomp",
+)
+# slirp4netns counts against the job's process limit like the chain: itself, and the child it
+# configures the namespace with, until it is ready.
+_NETWORK_PROCESSES = 2
+_NETWORK_SETUP_TIMEOUT_S = 10.0
+_NETWORK_STDERR_CAP = 4096
 
 
 class SandboxUnavailable(Exception):
@@ -167,8 +212,9 @@ class Limits:
     """Per-job limits. `max_processes` counts the algorithm's processes and threads;
     `disk_bytes` caps each file's size (RLIMIT_FSIZE, in 512-byte steps), `/tmp` and
     `/dev/shm` (tmpfs, RAM-backed, so they also count against `memory_bytes`).
-    `network=True` shares the host's network namespace: the engine passes it only when the
-    dataset and the environment both allow network access."""
+    `network=True` connects the job's network namespace to the outside, never to the host's
+    own addresses (see the module docstring): the engine passes it only when the dataset and
+    the environment both allow network access."""
 
     cpus: float
     memory_bytes: int
@@ -220,6 +266,7 @@ class SandboxConfig:
     cgroup_name: str = "c2d"
     bwrap: str = "bwrap"
     runtime_python: str = "/usr/bin/python3"
+    slirp4netns: str = "slirp4netns"
 
 
 # -- cgroups ---------------------------------------------------------------------------------
@@ -359,6 +406,8 @@ class _Cgroups:
     def limit(self, group: str, limits: Limits) -> None:
         quota = max(_MIN_CPU_QUOTA_US, int(limits.cpus * _CPU_PERIOD_US))
         pids = limits.max_processes + _CHAIN_PROCESSES
+        if limits.network:
+            pids += _NETWORK_PROCESSES
         if self._swap_file is None:
             # memory+swap: without its limit a job could spill past its memory into swap.
             name = "memory.swap.max" if self.v2 else "memory.memsw.limit_in_bytes"
@@ -379,6 +428,9 @@ class _Cgroups:
             _write(f"{cpu}/cpu.cfs_period_us", _CPU_PERIOD_US)
             _write(f"{cpu}/cpu.cfs_quota_us", quota)
         self._weigh(group, parked=False)
+
+    def limit_processes(self, group: str, pids: int) -> None:
+        _write(f"{self.dirs(group)[0 if self.v2 else 1]}/pids.max", pids)
 
     def counters(self, group: str) -> _Counters:
         if self.v2:
@@ -750,6 +802,13 @@ class _Tools:
     setpriv: str
 
 
+@dataclass(frozen=True)
+class _NetworkTools:
+    slirp4netns: str
+    nsenter: str
+    ip: str
+
+
 def _launcher_argv(
     tools: _Tools,
     *,
@@ -809,7 +868,10 @@ def _launcher_argv(
         "/etc/group",
     ]
     if network:
-        chain += ["--share-net", *_network_options()]
+        # The network namespace stays the job's own (--unshare-all): the engine attaches
+        # slirp4netns to it before the job's script is sent.
+        chain += [*_network_options(), "--perms", "0444"]
+        chain += ["--ro-bind-data", str(fds["resolv"]), "/etc/resolv.conf"]
     chain += _runtime_options()
     chain += ["--proc", "/proc", "--dev", "/dev"]
     for name, sandbox_path in _SLOT_BINDS:
@@ -817,7 +879,7 @@ def _launcher_argv(
     # /dev itself is a tmpfs without size: read-only, with /dev/shm the job's capped tmpfs.
     chain += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/", "--"]
     # Step 4: the shell that waits for the job's script.
-    chain += ["/bin/sh", "-c", _WAITER_SCRIPT, "sh"]
+    chain += ["/bin/sh", "-c", _NETWORK_WAITER_SCRIPT if network else _WAITER_SCRIPT, "sh"]
     return chain
 
 
@@ -857,6 +919,17 @@ def _network_options() -> tuple[str, ...]:
     return tuple(options)
 
 
+def _find_programs(*names: str) -> list[str]:
+    found = []
+    for name in names:
+        # A fixed search path: the engine's own PATH must not choose what runs as root.
+        path = shutil.which(name, path=_CHAIN_PATH)
+        if path is None:
+            raise SandboxUnavailable(f"{name} is not installed (or not executable)")
+        found.append(os.path.abspath(path))
+    return found
+
+
 def _check_spec(spec: SandboxSpec) -> None:
     if not _JOB_ID_RE.fullmatch(spec.job_id):
         raise ValueError("job_id must be 1-128 letters, digits, '.', '_' or '-'")
@@ -889,6 +962,102 @@ def _check_spec(spec: SandboxSpec) -> None:
         # Its mount point would have to be made inside another mount's host directory.
         if any(path.startswith(other + "/") for other in seen):
             raise ValueError(f"a mount inside another mount: {path}")
+
+
+# -- the job's network -----------------------------------------------------------------------
+
+
+def _host_addresses(ip_json: bytes) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of the host's own interfaces (and their broadcast addresses) in `ip -j
+    addr` output, but loopback, which inside the job is its own, and slirp4netns' network."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for link in json.loads(ip_json):
+        for info in link.get("addr_info", []):
+            for key in ("local", "broadcast"):
+                with contextlib.suppress(TypeError, ValueError):
+                    address = ipaddress.ip_address(info.get(key))
+                    if not (address.is_loopback or address in _SLIRP_NETWORK):
+                        found.add(address)
+    return sorted(found, key=lambda a: (a.version, a))
+
+
+async def _ip_addresses(tools: _NetworkTools) -> bytes:
+    code, out, err = await _run_tool([tools.ip, "-j", "address", "show"])
+    if code != 0:
+        raise OSError(f"ip address show failed: {err.decode(errors='replace').strip()[:300]}")
+    return out
+
+
+def _unreachable_routes(
+    addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> bytes:
+    """`ip -batch` lines that make each address unreachable from the namespace they run in."""
+    return "".join(f"route add unreachable {a}/{a.max_prefixlen}\n" for a in addresses).encode()
+
+
+async def _run_tool(
+    argv: Sequence[str], stdin: bytes = b"", pass_fds: Sequence[int] = ()
+) -> tuple[int, bytes, bytes]:
+    """Runs a short root tool (ip, nsenter) to its end off the event loop's back: its status,
+    stdout and stderr. Cancelled, it kills the tool."""
+    pipes = [os.pipe() for _ in range(3)]
+    (in_read, in_write), (out_read, out_write), (err_read, err_write) = pipes
+    try:
+        # A fork and exec, well under a millisecond; the tool's end is awaited on its pipes.
+        popen = subprocess.Popen(  # noqa: ASYNC220
+            argv,
+            stdin=in_read,
+            stdout=out_write,
+            stderr=err_write,
+            pass_fds=pass_fds,
+            env={"PATH": _CHAIN_PATH},
+            start_new_session=True,
+        )
+    except BaseException:
+        for fd in itertools.chain(*pipes):
+            os.close(fd)
+        raise
+    for fd in (in_read, out_write, err_write):
+        os.close(fd)
+
+    async def send() -> None:
+        nonlocal in_write
+        loop = asyncio.get_running_loop()
+        data = memoryview(stdin)
+        while data := _send_some(in_write, data):
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(in_write, _settle, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(in_write)
+        os.close(in_write)  # the tool reads its input to its end
+        in_write = -1
+
+    async def collect(fd: int) -> bytes:
+        data = bytearray()
+        async for chunk in _read_chunks(fd):
+            data += chunk
+        return bytes(data)
+
+    sending = asyncio.ensure_future(send())
+    reading = [asyncio.ensure_future(collect(fd)) for fd in (out_read, err_read)]
+    try:
+        await sending
+        out, err = await asyncio.gather(*reading)
+        # Both pipes at their end: the tool has let go of them, as it exits.
+        return popen.wait(), out, err
+    finally:
+        # The tasks must have let go of the pipes (remove_reader) before they close.
+        for task in (sending, *reading):
+            task.cancel()
+        await asyncio.gather(sending, *reading, return_exceptions=True)
+        for fd in (in_write, out_read, err_read):
+            if fd >= 0:
+                os.close(fd)
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
 
 
 # -- the result ------------------------------------------------------------------------------
@@ -950,6 +1119,7 @@ class Sandbox:
         self.config = config
         self._cgroups = _Cgroups(config.cgroup_root, config.cgroup_name)
         self._tools: _Tools | None = None
+        self._network_tools: _NetworkTools | None = None  # found by check_network()
         # A uid slot is free, parked (a launcher waits on it), running, or quarantined.
         self._free_slots = list(range(config.uid_count))
         self._parked: list[_Launcher] = []
@@ -996,14 +1166,57 @@ class Sandbox:
         self._tools = tools
 
     def _find_tools(self) -> _Tools:
-        found = []
-        for name in ("/bin/sh", self.config.bwrap, "setpriv"):
-            # A fixed search path: the engine's own PATH must not choose what runs as root.
-            path = shutil.which(name, path=_CHAIN_PATH)
-            if path is None:
-                raise SandboxUnavailable(f"{name} is not installed (or not executable)")
-            found.append(os.path.abspath(path))
-        return _Tools(*found)
+        return _Tools(*_find_programs("/bin/sh", self.config.bwrap, "setpriv"))
+
+    async def check_network(self) -> None:
+        """Verifies, after check(), that a job allowed the network gets it filtered: finds
+        slirp4netns, nsenter and ip, then runs a job that must see its tap device and find
+        every address of the host unreachable. Raises SandboxUnavailable otherwise."""
+        tools = _NetworkTools(*_find_programs(self.config.slirp4netns, "nsenter", "ip"))
+        self._network_tools = tools
+        addresses = [
+            str(a) for a in _host_addresses(await _ip_addresses(tools)) if not a.is_link_local
+        ]
+        code = (
+            "import json, socket, sys\n"
+            "def reach(address):\n"
+            "    family = socket.AF_INET6 if ':' in address else socket.AF_INET\n"
+            "    with socket.socket(family) as s:\n"
+            "        s.settimeout(5)\n"
+            "        try:\n            s.connect((address, 9)); return 0\n"
+            "        except OSError as e:\n            return e.errno\n"
+            "print(json.dumps([[n for _, n in socket.if_nameindex()], "
+            "[reach(a) for a in sys.argv[1:]]]))"
+        )
+        output = bytearray()
+
+        async def collect(chunk: bytes) -> None:
+            output.extend(chunk)
+
+        limits = Limits(1.0, 64 << 20, 1 << 20, 8, _SMOKE_TIMEOUT_S, network=True)
+        spec = SandboxSpec(
+            job_id=f"network-check-{os.getpid()}",
+            mounts=[],
+            argv=[self.config.runtime_python, "-I", "-c", code, *addresses],
+            env={},
+            limits=limits,
+        )
+        result = await self.run(spec, collect)
+        message = output.decode(errors="replace").strip()
+        try:
+            interfaces, errors = json.loads(output)
+        except ValueError:
+            interfaces, errors = [], []
+        if result.outcome is not Outcome.OK or "tap0" not in interfaces:
+            detail = result.detail or message[:500]
+            raise SandboxUnavailable(f"a job's filtered network does not start: {detail}")
+        if len(errors) != len(addresses):
+            raise SandboxUnavailable(f"the network check's job printed {message[:500]!r}")
+        reached = [a for a, e in zip(addresses, errors, strict=True) if e != errno.EHOSTUNREACH]
+        if reached:
+            raise SandboxUnavailable(
+                f"a job's network reaches the host's own addresses: {', '.join(reached[:5])}"
+            )
 
     def _check_uid_range(self) -> None:
         base, count = self.config.uid_base, self.config.uid_count
@@ -1124,8 +1337,9 @@ class Sandbox:
 
     async def sweep(self) -> None:
         """Kills and removes what a crashed engine left: job cgroups (its parked sandboxes'
-        too), staging mounts, and any process still running as a job uid but our own parked
-        sandboxes. Then parks sandboxes for the next jobs."""
+        too, and network jobs' slirp4netns, which runs in them), staging mounts, and any
+        process still running as a job uid but our own parked sandboxes. Then parks sandboxes
+        for the next jobs."""
         log = _log
         ours = {launcher.group for launcher in self._parked} | set(self._groups.values())
         for group in sorted(self._cgroups.leftovers()):
@@ -1310,7 +1524,8 @@ class Sandbox:
             raise ValueError(f"job {job_id} is already running")
         if self._tools is None:
             self._tools = self._find_tools()
-        # A network job's sandbox shares the host's network: none is parked for it.
+        # A network job's sandbox is built for it (its resolv.conf, its network attached as it
+        # starts): none is parked for it.
         launcher = None if spec.limits.network else self._take_parked()
         if launcher is not None:
             slot = launcher.slot
@@ -1443,6 +1658,9 @@ class _Job:
         self.proc: _Child | None = None
         self.readers: list[asyncio.Future[None]] = []
         self.writers: list[asyncio.Future[None]] = []
+        self.network: _Network | None = None
+        # What bwrap's status pipe said before the job's start (a network job's child-pid).
+        self.status_head = b""
 
     async def start(self) -> None:
         """Everything up to "go", without a pause but for a crashed engine's leftovers: the
@@ -1455,11 +1673,21 @@ class _Job:
                 await self.sandbox._kill_job(self.spec.job_id)
                 self.cgroups.remove(self.spec.job_id)
             self.steps.mark("leftover_checks")
-            self.result = self._launch()
+            script = self._prepare()
+            if isinstance(script, SandboxResult):
+                self.result = script
+                return
+            if self.spec.limits.network:
+                self.result = await self._attach_network()
+                self.steps.mark("network")
+            if self.result is None:
+                self.result = self._go(script)
         except BaseException as error:  # re-raised by run(), once cleaned up
             self.failure = error
 
-    def _launch(self) -> SandboxResult | None:
+    def _prepare(self) -> bytes | SandboxResult:
+        """The sandbox, its limits and its mounts; returns the job's script, or the result
+        when the job cannot start."""
         spec, limits = self.spec, self.spec.limits
         try:
             if self.launcher is None:
@@ -1489,10 +1717,96 @@ class _Job:
             self.log.error("sandbox.setup_failed", error=self._scrub(str(error)))
             code = errno.errorcode.get(getattr(error, "errno", None) or 0, "error")
             return self._result(Outcome.SANDBOX_FAILED, -1, f"sandbox setup failed: {code}")
+        return script
 
+    async def _attach_network(self) -> SandboxResult | None:
+        """Connects the job's network namespace to the outside, away from the host's own
+        addresses (see the module docstring), while the job's shell still waits for its
+        script. Fails closed: a job whose network cannot be filtered does not run."""
+        assert self.launcher is not None and self.sandbox._tools is not None
+        network = self.network = _Network()
+        blocked: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        try:
+            tools = self.sandbox._network_tools
+            if tools is None:
+                tools = _NetworkTools(
+                    *_find_programs(self.sandbox.config.slirp4netns, "nsenter", "ip")
+                )
+                self.sandbox._network_tools = tools
+            # The host's addresses are read while bwrap clones, slirp4netns starts while the
+            # routes are added: none of them needs the others.
+            listing = asyncio.ensure_future(_ip_addresses(tools))
+            try:
+                async with asyncio.timeout(_NETWORK_SETUP_TIMEOUT_S):
+                    network.netns = await self._open_netns()
+                    sh = self.sandbox._tools.sh
+                    network.start(sh, tools, self.cgroups.procs_files(self.group))
+                    blocked = _host_addresses(await listing)
+                    await network.block(tools, blocked)
+                    await network.ready()
+            finally:
+                listing.cancel()
+                await asyncio.gather(listing, return_exceptions=True)
+            # slirp4netns' child has ended: from now on, slirp4netns itself counts beside the
+            # chain.
+            limits = self.spec.limits
+            self.cgroups.limit_processes(self.group, limits.max_processes + _CHAIN_PROCESSES + 1)
+        except (
+            OSError,
+            ValueError,  # ip's output, not what it should be
+            SandboxUnavailable,
+            TimeoutError,
+            subprocess.SubprocessError,
+        ) as error:
+            self.log.error(
+                "sandbox.network_failed",
+                error=str(error) or type(error).__name__,
+                slirp4netns=network.stderr.decode(errors="replace").strip()[-500:],
+            )
+            return self._result(
+                Outcome.SANDBOX_FAILED, -1, "sandbox setup failed: the job's network"
+            )
+        self.log.debug("sandbox.network_attached", blocked=[str(a) for a in blocked])
+        return None
+
+    async def _open_netns(self) -> int:
+        """Waits for the sandbox's shell to be up, then opens the network namespace of its init
+        (bwrap's first status line names its pid and namespaces), checked to be the one bwrap
+        made, never the host's."""
+        assert self.launcher is not None
+        async with contextlib.aclosing(_read_chunks(self.launcher.fds["out"])) as chunks:
+            # Nothing else is in the pipe: the job's script has not been sent.
+            if await anext(chunks, b"") != b".":
+                raise OSError("the sandbox ended before its network was attached")
+        data = bytearray()
+        async with contextlib.aclosing(_read_chunks(self.launcher.fds["status"])) as chunks:
+            async for chunk in chunks:
+                data += chunk
+                if b"\n" in data:
+                    break
+        self.status_head = bytes(data)  # for _classify, with the rest of the status
+        line, newline, _ = self.status_head.partition(b"\n")
+        try:
+            record = json.loads(line) if newline else None
+        except ValueError:
+            record = None
+        pid = record.get("child-pid") if isinstance(record, dict) else None
+        if not isinstance(pid, int) or not isinstance(record, dict):
+            raise OSError("the sandbox ended before its network was attached")
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        inode = os.fstat(netns).st_ino
+        expected = record.get("net-namespace", inode)
+        if inode != expected or inode == os.stat("/proc/self/ns/net").st_ino:
+            os.close(netns)
+            raise OSError("the sandbox's init is not in a network namespace of its own")
+        return netns
+
+    def _go(self, script: bytes) -> SandboxResult | None:
+        """Hands the job's script to the waiting shell: the job starts."""
         if any(c.is_set() for c in self.cancels):
             return self._result(Outcome.CANCELLED, -1, "cancelled")
         launcher = self.launcher
+        assert launcher is not None
         try:
             pending = launcher.start(script)
         except OSError as error:
@@ -1540,7 +1854,7 @@ class _Job:
             _, still = await asyncio.wait(self.readers, timeout=_DRAIN_TIMEOUT_S)
             for reader in still:
                 reader.cancel()
-            status = _read_all(launcher.fds["status"])
+            status = self.status_head + _read_all(launcher.fds["status"])
         finally:
             proc.close()
             tasks = [*self.readers, *self.writers]
@@ -1696,6 +2010,9 @@ class _Job:
         empty = await self.sandbox._kill_job(self.group)
         if self.launcher is not None:
             self.launcher.close()  # reaps one never started, killed just now
+        if self.network is not None and not await self.network.close():
+            self.log.error("sandbox.slirp4netns_left", pid=self.network.pid)
+            empty = False
         if not self.stage.unmount_job(self.slot):
             self.log.error("sandbox.stage_left")
             empty = False
@@ -1718,6 +2035,104 @@ class _Steps:
         now = time.perf_counter()
         self.ms[step] = round((now - self.last) * 1000, 3)
         self.last = now
+
+
+class _Network:
+    """A network job's slirp4netns and what the engine holds of it: the job's network
+    namespace, slirp4netns' readiness pipe, its exit pipe (it ends when that pipe closes: when
+    the engine closes it, or dies) and its stderr."""
+
+    def __init__(self) -> None:
+        self.netns = -1
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.fds: dict[str, int] = {}  # ready, err (read ends); exit (write end)
+        self.stderr = bytearray()
+        self.reader: asyncio.Future[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.popen is None else self.popen.pid
+
+    def start(self, sh: str, tools: _NetworkTools, procs_files: Sequence[str]) -> None:
+        """Starts slirp4netns in the job's cgroups (it joins them before its exec, like the
+        launcher)."""
+        theirs: list[int] = []
+        for name in ("ready", "exit", "err"):
+            read_end, write_end = os.pipe()
+            self.fds[name] = write_end if name == "exit" else read_end
+            theirs.append(read_end if name == "exit" else write_end)
+        ready, exit_fd, err = theirs
+        argv = [sh, "-c", _LAUNCHER_SCRIPT, "c2d-network", str(len(procs_files)), *procs_files]
+        argv += [tools.slirp4netns, *_SLIRP_OPTIONS, f"--ready-fd={ready}", f"--exit-fd={exit_fd}"]
+        argv += ["--netns-type=path", f"/proc/self/fd/{self.netns}", "tap0"]
+        try:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # its progress report
+                stderr=err,
+                pass_fds=[ready, exit_fd, self.netns],
+                env={"PATH": _CHAIN_PATH},
+                start_new_session=True,
+            )
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.reader = asyncio.ensure_future(self._pump_stderr(self.fds["err"]))
+
+    async def block(
+        self,
+        tools: _NetworkTools,
+        addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    ) -> None:
+        """Makes each address unreachable inside the job's namespace (as root: the job has no
+        CAP_NET_ADMIN there to undo it)."""
+        netns = f"/proc/self/fd/{self.netns}"
+        argv = [tools.nsenter, f"--net={netns}", "--", tools.ip, "-force", "-batch", "-"]
+        code, _, err = await _run_tool(argv, _unreachable_routes(addresses), [self.netns])
+        if code != 0:
+            message = err.decode(errors="replace").strip()[:300]
+            raise OSError(f"the host's addresses stay reachable: {message}")
+
+    async def ready(self) -> None:
+        """Waits until slirp4netns has configured tap0 (it writes "1" to its ready pipe)."""
+        async with contextlib.aclosing(_read_chunks(self.fds["ready"])) as chunks:
+            async for chunk in chunks:
+                if b"1" in chunk:
+                    return
+        raise OSError("slirp4netns ended before the job's network was up")
+
+    async def _pump_stderr(self, fd: int) -> None:
+        async for chunk in _read_chunks(fd):
+            room = _NETWORK_STDERR_CAP - len(self.stderr)
+            self.stderr += chunk[: max(0, room)]
+
+    async def close(self) -> bool:
+        """Ends slirp4netns, unless the job's cgroups took it along, and lets go of the rest;
+        False when it could not be killed."""
+        gone = True
+        if self.popen is not None and self.popen.returncode is None:
+            # Not reaped yet: the pid is still slirp4netns', a zombie at worst.
+            pidfd = os.pidfd_open(self.popen.pid)
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await _exits([pidfd], within=_KILL_TIMEOUT_S)
+            finally:
+                os.close(pidfd)
+            gone = self.popen.poll() is not None
+        if self.reader is not None:
+            self.reader.cancel()
+            # It must have let go of its pipe (remove_reader) before that closes.
+            await asyncio.gather(self.reader, return_exceptions=True)
+        for name, fd in self.fds.items():
+            if fd >= 0:
+                os.close(fd)
+                self.fds[name] = -1
+        if self.netns >= 0:
+            os.close(self.netns)
+            self.netns = -1
+        return gone
 
 
 class _Child:
@@ -1774,16 +2189,19 @@ class _Launcher:
     ) -> _Launcher:
         ours: dict[str, int] = {}
         theirs: dict[str, int] = {}
+        # Files bwrap copies from pipes, the same for every job of the slot (they fit in a
+        # pipe).
+        passwd, group_file = _identity_files(uid, uid)
+        files = {"passwd": passwd, "group": group_file}
+        if network:
+            files["resolv"] = _RESOLV_CONF
         try:
-            for name in _LAUNCHER_PIPES:
+            for name in (*_LAUNCHER_PIPES, *(("resolv",) if network else ())):
                 read_end, write_end = os.pipe()
                 writes = name not in ("out", "err", "status")
                 ours[name] = write_end if writes else read_end
                 theirs[name] = read_end if writes else write_end
-            # Files bwrap copies from pipes, the same for every job of the slot (they fit in a
-            # pipe).
-            passwd, group_file = _identity_files(uid, uid)
-            for name, data in (("passwd", passwd), ("group", group_file)):
+            for name, data in files.items():
                 fd = ours.pop(name)
                 try:
                     os.write(fd, data)
@@ -1917,7 +2335,7 @@ def _read_all(fd: int) -> bytes:
     return bytes(data)
 
 
-async def _read_chunks(fd: int) -> AsyncIterator[bytes]:
+async def _read_chunks(fd: int) -> AsyncGenerator[bytes, None]:
     """Yields what arrives on a pipe as it arrives, no line buffering, until end of file."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)

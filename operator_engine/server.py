@@ -29,17 +29,19 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
             cgroup_name=config.sandbox_cgroup_name,
         )
     )
-    networked = [env.name for env in config.environments if env.network_allowed]
-    if networked:
-        # A job with network must still never reach loopback or the node's own services; the
-        # local sandbox has no filtered network to give it yet, only the host's or none.
-        raise SandboxUnavailable(
-            f"environment {', '.join(networked)} allows the network, which the local sandbox "
-            "cannot yet give a job without also giving it the node's own loopback"
-        )
     sandbox.check()
     try:
         await sandbox.sweep()
+        networked = [env.name for env in config.environments if env.network_allowed]
+        if networked:
+            # Their jobs may get the network, only ever filtered (never the node's loopback or
+            # its own addresses): without the filter the engine does not start.
+            try:
+                await sandbox.check_network()
+            except SandboxUnavailable as error:
+                raise SandboxUnavailable(
+                    f"environment {', '.join(networked)} allows the network: {error}"
+                ) from None
         disks = JobDisks(config.workspace_root.parent / "disks")
         try:
             disks.check()
