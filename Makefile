@@ -14,12 +14,12 @@ setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
 
 # Debian packages the sandbox needs (root, or sudo when available).
 .stamp-system:
-	@missing=""; for tool in bwrap setpriv prlimit mkfs.ext4 mount /usr/bin/python3; do \
+	@missing=""; for tool in bwrap slirp4netns nsenter ip setpriv prlimit mkfs.ext4 mount /usr/bin/python3; do \
 	  command -v $$tool >/dev/null || PATH=$$PATH:/usr/sbin:/sbin command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && \
-	  $$sudo apt-get install -y -qq bubblewrap util-linux mount e2fsprogs python3 >/dev/null; \
+	  $$sudo apt-get install -y -qq bubblewrap slirp4netns iproute2 util-linux mount e2fsprogs python3 >/dev/null; \
 	fi
 	@touch $@
 
