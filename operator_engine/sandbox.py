@@ -36,10 +36,11 @@ and seccomp-filtered) gives it ``tap0`` at 10.0.2.100, a default route via 10.0.
 relay at 10.0.2.3, which its ``/etc/resolv.conf`` names. slirp4netns opens the job's
 connections as host sockets, so it must not lead back to the node: ``--disable-host-loopback``
 refuses 10.0.2.2 (the host's loopback), and every address of the host's own interfaces at the
-job's start, IPv4 and IPv6, gets an ``unreachable`` route inside the job's namespace (``nsenter``
-and ``ip``), which the job, without CAP_NET_ADMIN there, cannot remove; a service bound on
-0.0.0.0 is out of reach too. slirp4netns ends with the job's cgroups, and with the engine (its
-``--exit-fd`` is a pipe only the engine holds).
+job's start, IPv4 and IPv6, and the link-local range (a cloud's metadata service) get an
+``unreachable`` route inside the job's namespace (``nsenter`` and ``ip``), which the job,
+without CAP_NET_ADMIN there, cannot remove; a service bound on 0.0.0.0 is out of reach too.
+slirp4netns ends with the job's cgroups, and with the engine (its ``--exit-fd`` is a pipe only
+the engine holds).
 
 If the engine dies, the kernel kills the sandbox: bwrap's monitor dies by PR_SET_PDEATHSIG, its
 init by --die-with-parent, and every process in the pid namespace with it. A crashed engine's
@@ -53,10 +54,10 @@ every process left in the job's cgroup is killed, and gone, before the result is
 Known limits:
 - RLIMIT_FSIZE caps each file, not the total written to the outputs: the sum is capped when the
   outputs are published, not while the job writes.
-- A job's network is IPv4 only, and keeps it away from the host's own addresses, not from what
-  the host can route to: its LAN, containers on its bridges, a cloud's metadata address are
-  reached like any outside address. The host's addresses are read as the job starts: one added
-  while it runs is not blocked for it.
+- A job's network is IPv4 only, and keeps it away from the host's own addresses and the
+  link-local range, not from what else the host can route to: its LAN and containers on its
+  bridges are reached like any outside address. The host's addresses are read as the job
+  starts: one added while it runs is not blocked for it.
 - DNS queries to 10.0.2.3 are relayed to the host's resolver, which may be a local one
   (127.0.0.53): the one loopback service a network job reaches, and only by DNS.
 - bwrap reports a death by signal N as exit status 128 + N: an algorithm that exits with 137
@@ -967,6 +968,9 @@ def _check_spec(spec: SandboxSpec) -> None:
 # -- the job's network -----------------------------------------------------------------------
 
 
+_LINK_LOCAL = ipaddress.ip_network("169.254.0.0/16")
+
+
 def _host_addresses(ip_json: bytes) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """The addresses of the host's own interfaces (and their broadcast addresses) in `ip -j
     addr` output, but loopback, which inside the job is its own, and slirp4netns' network."""
@@ -991,8 +995,12 @@ async def _ip_addresses(tools: _NetworkTools) -> bytes:
 def _unreachable_routes(
     addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
 ) -> bytes:
-    """`ip -batch` lines that make each address unreachable from the namespace they run in."""
-    return "".join(f"route add unreachable {a}/{a.max_prefixlen}\n" for a in addresses).encode()
+    """`ip -batch` lines that make each address, and the link-local range, unreachable from
+    the namespace they run in."""
+    lines = [f"route add unreachable {a}/{a.max_prefixlen}\n" for a in addresses]
+    # A cloud's metadata service (169.254.169.254) hands out the machine's credentials.
+    lines.append(f"route add unreachable {_LINK_LOCAL}\n")
+    return "".join(lines).encode()
 
 
 async def _run_tool(

@@ -281,6 +281,8 @@ async def test_a_network_job_has_tap0_a_default_route_via_slirp_and_its_dns(
     assert {"dst": "default", "gateway": "10.0.2.2", "dev": "tap0"}.items() <= routes[0].items()
     unreachable = {r["dst"] for r in routes if r.get("type") == "unreachable"}
     assert host in unreachable
+    # A cloud's metadata service lives at 169.254.169.254.
+    assert "169.254.0.0/16" in unreachable
     assert seen["resolv"] == "nameserver 10.0.2.3\n"
 
 
