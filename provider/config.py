@@ -19,6 +19,14 @@ class ProviderConfig:
     data_root: Path
     # The addresses allowed to publish datasets (the node's data owners), EIP-55 form.
     owners: frozenset[str]
+    # The key that signs provenance records (C2D_PROVIDER_KEY_FILE, JSON as the CLI's key
+    # file), which must then exist. None: `signing-key.json` beside the database (so
+    # $C2D_HOME/provider/ by default), created at first start.
+    provider_key_file: Path | None = None
+
+    @property
+    def provider_key_path(self) -> Path:
+        return self.provider_key_file or self.database.parent / "signing-key.json"
 
     @classmethod
     def from_env(cls) -> ProviderConfig:
@@ -30,6 +38,7 @@ class ProviderConfig:
             key_file = home / "key.json"
             if key_file.exists():
                 owners = {checksum(json.loads(key_file.read_text())["address"])}
+        provider_key = os.environ.get("C2D_PROVIDER_KEY_FILE", "")
         return cls(
             listen=os.environ.get("C2D_PROVIDER_LISTEN", mesh_config.PROVIDER_LISTEN),
             operator_address=mesh_config.operator_address(),
@@ -38,4 +47,5 @@ class ProviderConfig:
             ),
             data_root=mesh_config.data_root(),
             owners=frozenset(owners),
+            provider_key_file=Path(provider_key).expanduser().absolute() if provider_key else None,
         )
