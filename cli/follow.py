@@ -18,7 +18,9 @@ _SPINNER = "|/-\\"
 async def follow(
     client: Client, job_ref: str, *, logs: bool = True, quiet_status: bool = False
 ) -> job_pb2.Job:
-    """Prints every state change and log line until the job is final; returns it."""
+    """Prints every state change and log line until the job is final; returns it. With
+    `quiet_status` (for --json) no state changes are printed, and log lines go to standard
+    error, so that standard output stays one JSON document."""
     started = time.monotonic()
     final: job_pb2.Job | None = None
     tty = sys.stderr.isatty()
@@ -47,14 +49,15 @@ async def follow(
                 final = job
 
     async def tail() -> None:
+        stream = sys.stderr if quiet_status else sys.stdout
         pending = ""
         async for chunk in client.stream_logs(job_ref):
             pending += chunk.text
             *complete, pending = pending.split("\n")
             for text in complete:
-                line(f"  | {text}")
+                line(f"  | {text}", stream)
         if pending:
-            line(f"  | {pending}")
+            line(f"  | {pending}", stream)
 
     async def spin() -> None:
         while True:

@@ -4,39 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
+from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
+from cli import owner
+from cli.common import client as _client
+from cli.common import emit as _emit
+from cli.common import key as _key
+from cli.common import parse_parameters
 from cli.follow import follow
 from cli.output import describe, kind_name, print_json, state_name, to_dict
 from mesh import config as mesh_config
 from mesh import jobs as job_facts
-from sdk.client import Client
-from sdk.keys import Key
-
-
-def _key(args: argparse.Namespace) -> Key:
-    path = args.key_file or os.environ.get("C2D_KEY_FILE") or str(mesh_config.home() / "key.json")
-    return Key.load_or_create(Path(path))
-
-
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.provider or mesh_config.provider_address(), _key(args))
-
-
-def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
-    if args.json:
-        print_json(document)
-    else:
-        print(text)
-
 
 # -- node ----------------------------------------------------------------------------------
 
@@ -106,14 +92,13 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
 async def cmd_dataset_publish(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        policy = pb.ComputePolicy(allow_raw_algorithm=args.allow_raw)
-        for ref in args.trust:
-            policy.publisher_trusted_algorithms.append(await client.trust(ref))
-        policy.publisher_trusted_algorithm_publishers.extend(args.trust_publisher)
+        policy = pb.ComputePolicy()
+        await owner.apply_policy_flags(client, policy, args)
         dataset = await client.publish_dataset(
             args.files,
             metadata=pb.AssetMetadata(title=args.title or Path(args.files[0]).name),
             policy=policy,
+            sample_of=args.sample_of or "",
         )
     _emit(args, to_dict(dataset), dataset.did)
     return 0
@@ -123,7 +108,11 @@ async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
     code = Path(args.file).read_bytes()
     async with _client(args) as client:
         algorithm = await client.publish_algorithm(
-            code, args.entrypoint, metadata=pb.AssetMetadata(title=args.title or args.file)
+            code,
+            args.entrypoint,
+            metadata=pb.AssetMetadata(title=args.title or args.file),
+            access=pb.ALGORITHM_ACCESS_PUBLIC if args.public else pb.ALGORITHM_ACCESS_PRIVATE,
+            parameters=owner.read_parameter_specs(args.parameters),
         )
     _emit(args, to_dict(algorithm), algorithm.did)
     return 0
@@ -148,7 +137,8 @@ async def cmd_environments(args: argparse.Namespace) -> int:
                 f"{e.disk_bytes >> 20} MiB disk, {e.max_processes} processes, "
                 f"{e.max_duration.seconds} s, {e.max_concurrent_jobs} at once, "
                 f"network {'allowed' if e.network_allowed else 'off'}, "
-                f"{'free' if e.free else 'paid'}"
+                f"{'free' if e.free else 'paid'}; queue up to {e.max_queued_jobs} jobs "
+                f"for {e.max_queue_wait.seconds} s"
             )
     return 0
 
@@ -156,17 +146,27 @@ async def cmd_environments(args: argparse.Namespace) -> int:
 # -- compute -------------------------------------------------------------------------------
 
 
-def _parameters(pairs: list[str]) -> dict[str, Any]:
-    parameters: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"c2d: --param takes NAME=VALUE, not {pair!r}")
-        try:
-            parameters[name] = json.loads(value)
-        except json.JSONDecodeError:
-            parameters[name] = value
-    return parameters
+_SIZE = re.compile(r"([0-9]+)\s*([kmgt]i?b?)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `512M`, `2GiB`, `1048576` (binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)")
+    return int(match[1]) * _UNITS[(match[2] or "")[:1].lower()]
+
+
+def _resources(args: argparse.Namespace) -> job_pb2.Resources | None:
+    if not (args.cpus or args.memory or args.disk or args.max_duration):
+        return None
+    resources = job_pb2.Resources(
+        cpus=args.cpus or 0, memory_bytes=args.memory or 0, disk_bytes=args.disk or 0
+    )
+    if args.max_duration:
+        resources.max_duration.seconds = args.max_duration
+    return resources
 
 
 async def cmd_compute_start(args: argparse.Namespace) -> int:
@@ -178,8 +178,11 @@ async def cmd_compute_start(args: argparse.Namespace) -> int:
             algorithm=args.algorithm or "",
             raw_code=Path(args.raw).read_text() if args.raw else "",
             raw_entrypoint=args.entrypoint,
-            parameters=_parameters(args.param),
+            parameters=parse_parameters(args.param),
             environment=args.environment,
+            viewers=args.viewer,
+            resources=_resources(args),
+            require_network=args.require_network,
         )
         job_id = job.name.removeprefix("jobs/")
         if not args.follow:
@@ -331,24 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("files", nargs="+")
     publish.add_argument("--title")
     publish.add_argument(
-        "--allow-raw",
-        action="store_true",
-        help="let consumers send raw code (most prone to data escape)",
+        "--sample-of", metavar="DID", help="register this dataset as that dataset's sample"
     )
-    publish.add_argument(
-        "--trust",
-        action="append",
-        default=[],
-        metavar="ALGORITHM_DID",
-        help="trust this algorithm, pinned to its current checksums",
-    )
-    publish.add_argument(
-        "--trust-publisher",
-        action="append",
-        default=[],
-        metavar="ADDRESS",
-        help="trust every algorithm of this publisher ('*': of everyone)",
-    )
+    owner.add_policy_flags(publish, editing=False)
     publish.set_defaults(run=cmd_dataset_publish)
     show = dataset.add_parser("show", parents=[common], help="a dataset's public record")
     show.add_argument("did")
@@ -365,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command, with $ALGO for the code, e.g. 'python3 $ALGO'",
     )
     apublish.add_argument("--title")
+    apublish.add_argument(
+        "--public",
+        action="store_true",
+        help="let anyone download the code (default: private, usable only inside jobs)",
+    )
+    apublish.add_argument(
+        "--parameters",
+        metavar="FILE",
+        help='JSON list of declarations, e.g. [{"name": "k", "type": "integer", "minimum": 1}]',
+    )
     apublish.set_defaults(run=cmd_algorithm_publish)
 
     compute = commands.add_parser("compute", help="compute jobs").add_subparsers(
@@ -377,6 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--entrypoint", default="python3 $ALGO")
     start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     start.add_argument("--environment", default="")
+    start.add_argument(
+        "--viewer",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="let this address read the job's status, logs, results and provenance",
+    )
+    start.add_argument("--cpus", type=float, help="fewer CPUs than the environment's")
+    start.add_argument("--memory", type=parse_size, help="less memory, e.g. 512M")
+    start.add_argument("--disk", type=parse_size, help="less disk, e.g. 256M")
+    start.add_argument("--max-duration", type=int, metavar="SECONDS", help="a shorter deadline")
+    start.add_argument(
+        "--require-network",
+        action="store_true",
+        help="refuse up front unless the job will have the network",
+    )
     start.add_argument(
         "--follow",
         "-f",
@@ -400,8 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("job")
     results.add_argument("--out", default=".", help="folder to save them in")
     results.set_defaults(run=cmd_compute_results)
-    listing = compute.add_parser("list", parents=[common], help="your jobs")
+    listing = compute.add_parser("list", parents=[common], help="your jobs and those you view")
     listing.set_defaults(run=cmd_compute_list)
+
+    owner.register(commands, dataset, algorithm, common)
     return parser
 
 

@@ -1,0 +1,638 @@
+"""The owner's control from the command line: dataset policies, approval requests, the audit
+log, and provenance records with the provider's identity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from c2d.provider.v1 import provider_pb2 as pb
+from google.protobuf import duration_pb2, json_format
+
+from cli.common import client as _client
+from cli.common import emit as _emit
+from cli.common import parse_parameters
+from cli.output import print_json, to_dict
+from mesh.provenance import ProvenanceError, verify_document
+
+_BOUND = re.compile(
+    r"(?P<name>[A-Za-z][A-Za-z0-9_]{0,63})(?:@(?P<did>did:c2d:[0-9a-f]{64}))?"
+    r"=(?P<min>.*?)\.\.(?P<max>.*)"
+)
+
+
+# -- policies ------------------------------------------------------------------------------
+
+
+def parse_bound(text: str) -> pb.ParameterBound:
+    """`NAME[@ALGORITHM_DID]=MIN..MAX`, either end may be empty: `min_group=10..`."""
+    match = _BOUND.fullmatch(text)
+    if match is None:
+        raise SystemExit(f"c2d: --bound takes NAME[@ALGORITHM_DID]=MIN..MAX, not {text!r}")
+    bound = pb.ParameterBound(name=match["name"], algorithm_did=match["did"] or "")
+    try:
+        if match["min"]:
+            bound.minimum = float(match["min"])
+        if match["max"]:
+            bound.maximum = float(match["max"])
+    except ValueError:
+        raise SystemExit(f"c2d: the ends of --bound {text!r} must be numbers") from None
+    if not (bound.HasField("minimum") or bound.HasField("maximum")):
+        raise SystemExit(f"c2d: --bound {text!r} bounds nothing")
+    return bound
+
+
+def _describe_bound(bound: pb.ParameterBound) -> str:
+    low = f"{bound.minimum:g}" if bound.HasField("minimum") else ""
+    high = f"{bound.maximum:g}" if bound.HasField("maximum") else ""
+    scope = f"@{bound.algorithm_did}" if bound.algorithm_did else ""
+    return f"{bound.name}{scope}={low}..{high}"
+
+
+def describe_policy(dataset: pb.Dataset) -> str:
+    policy = dataset.policy
+    lines = [f"{dataset.did}  policy version {dataset.policy_version}"]
+    for trusted in policy.publisher_trusted_algorithms:
+        lines.append(
+            f"  trusts {trusted.did}  files {trusted.files_checksum[:12]}…  "
+            f"container {trusted.container_section_checksum[:12]}…"
+        )
+    for publisher in policy.publisher_trusted_algorithm_publishers:
+        lines.append(
+            "  trusts every algorithm published here"
+            if publisher == "*"
+            else f"  trusts publisher {publisher}"
+        )
+    if len(lines) == 1:
+        lines.append("  trusts no algorithm")
+    lines.append(f"  raw code {'allowed' if policy.allow_raw_algorithm else 'refused'}")
+    lines.append(f"  network {'allowed' if policy.allow_network_access else 'refused'}")
+    for bound in policy.parameter_bounds:
+        lines.append(f"  bound {_describe_bound(bound)}")
+    if policy.timeout.seconds:
+        lines.append(f"  order valid for {policy.timeout.seconds} s")
+    if dataset.sample:
+        lines.append(f"  sample {dataset.sample}")
+    if dataset.sample_of:
+        lines.append(f"  sample of {dataset.sample_of}")
+    return "\n".join(lines)
+
+
+def add_policy_flags(parser: argparse.ArgumentParser, *, editing: bool) -> None:
+    """The policy flags shared by `dataset publish` and `dataset policy`."""
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="ALGORITHM_DID",
+        help="trust this algorithm, pinned to its current checksums",
+    )
+    parser.add_argument(
+        "--trust-publisher",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="trust every algorithm of this publisher ('*': of everyone)",
+    )
+    parser.add_argument(
+        "--bound",
+        action="append",
+        default=[],
+        metavar="NAME[@ALGORITHM_DID]=MIN..MAX",
+        help="bound a numeric algorithm parameter, e.g. min_group_size=10..",
+    )
+    parser.add_argument(
+        "--timeout", type=int, metavar="SECONDS", help="how long a paid order grants access"
+    )
+    if not editing:
+        parser.add_argument(
+            "--allow-raw",
+            action="store_true",
+            help="let consumers send raw code (most prone to data escape)",
+        )
+        parser.add_argument(
+            "--allow-network",
+            action="store_true",
+            help="let jobs use the network (the environment must permit it too)",
+        )
+        return
+    for flag, what in (("raw", "raw code"), ("network", "the network")):
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(
+            f"--allow-{flag}", dest=f"allow_{flag}", action="store_const", const=True
+        )
+        group.add_argument(
+            f"--forbid-{flag}",
+            dest=f"allow_{flag}",
+            action="store_const",
+            const=False,
+            help=f"allow or forbid {what}",
+        )
+    parser.add_argument("--untrust", action="append", default=[], metavar="ALGORITHM_DID")
+    parser.add_argument("--untrust-publisher", action="append", default=[], metavar="ADDRESS")
+    parser.add_argument(
+        "--unbound", action="append", default=[], metavar="NAME", help="drop a parameter bound"
+    )
+
+
+async def apply_policy_flags(
+    client: Any, policy: pb.ComputePolicy, args: argparse.Namespace
+) -> None:
+    """Changes `policy` in place as the flags say."""
+    untrust = {await _did(client, ref) for ref in getattr(args, "untrust", [])}
+    new = [await client.trust(ref) for ref in args.trust]
+    replaced = untrust | {t.did for t in new}
+    kept = [t for t in policy.publisher_trusted_algorithms if t.did not in replaced]
+    del policy.publisher_trusted_algorithms[:]
+    policy.publisher_trusted_algorithms.extend([*kept, *new])
+
+    drop = {p.lower() for p in getattr(args, "untrust_publisher", [])}
+    publishers = [p for p in policy.publisher_trusted_algorithm_publishers if p.lower() not in drop]
+    publishers += [p for p in args.trust_publisher if p not in publishers]
+    del policy.publisher_trusted_algorithm_publishers[:]
+    policy.publisher_trusted_algorithm_publishers.extend(publishers)
+
+    bounds = [parse_bound(text) for text in args.bound]
+    unbound = set(getattr(args, "unbound", [])) | {b.name for b in bounds}
+    kept_bounds = [b for b in policy.parameter_bounds if b.name not in unbound]
+    del policy.parameter_bounds[:]
+    policy.parameter_bounds.extend([*kept_bounds, *bounds])
+
+    if args.allow_raw is not None:
+        policy.allow_raw_algorithm = args.allow_raw
+    if args.allow_network is not None:
+        policy.allow_network_access = args.allow_network
+    if args.timeout is not None:
+        policy.timeout.CopyFrom(duration_pb2.Duration(seconds=args.timeout))
+
+
+async def _did(client: Any, ref: str) -> str:
+    return str((await client.get_algorithm(ref)).did)
+
+
+def _edits_policy(args: argparse.Namespace) -> bool:
+    return bool(
+        args.trust
+        or args.untrust
+        or args.trust_publisher
+        or args.untrust_publisher
+        or args.bound
+        or args.unbound
+        or args.allow_raw is not None
+        or args.allow_network is not None
+        or args.timeout is not None
+    )
+
+
+async def cmd_dataset_policy(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        dataset = await client.get_dataset(args.did)
+        if _edits_policy(args):
+            policy = pb.ComputePolicy()
+            policy.CopyFrom(dataset.policy)
+            await apply_policy_flags(client, policy, args)
+            # Only over the version just read: an edit by another owner in between is not lost.
+            dataset = await client.update_policy(
+                args.did, policy, expected_version=dataset.policy_version
+            )
+    _emit(args, to_dict(dataset), describe_policy(dataset))
+    return 0
+
+
+# -- algorithms ----------------------------------------------------------------------------
+
+_TYPE_NAMES = {
+    "string": "PARAMETER_TYPE_STRING",
+    "integer": "PARAMETER_TYPE_INTEGER",
+    "number": "PARAMETER_TYPE_NUMBER",
+    "boolean": "PARAMETER_TYPE_BOOLEAN",
+}
+
+
+def read_parameter_specs(path: str | None) -> list[pb.ParameterSpec]:
+    """A JSON list of parameter declarations, for example
+    `[{"name": "min_group_size", "type": "integer", "default": 10, "minimum": 5}]`."""
+    if not path:
+        return []
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"c2d: cannot read the parameters file: {error}") from None
+    if not isinstance(items, list):
+        raise SystemExit("c2d: the parameters file must hold a JSON list")
+    specs = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise SystemExit(f"c2d: parameters[{index}] must be an object")
+        item = dict(item)
+        if "default" in item:
+            item["defaultValue"] = item.pop("default")
+        kind = str(item.get("type", ""))
+        item["type"] = _TYPE_NAMES.get(kind.lower(), kind)
+        try:
+            specs.append(json_format.ParseDict(item, pb.ParameterSpec()))
+        except json_format.ParseError as error:
+            raise SystemExit(f"c2d: parameters[{index}]: {error}") from None
+    return specs
+
+
+async def cmd_algorithm_update(args: argparse.Namespace) -> int:
+    code = Path(args.file).read_bytes()
+    async with _client(args) as client:
+        algorithm = await client.update_algorithm(
+            args.did, code, args.entrypoint, parameters=read_parameter_specs(args.parameters)
+        )
+    _emit(
+        args,
+        to_dict(algorithm),
+        f"{algorithm.did} version {algorithm.version}: files {algorithm.files_checksum}",
+    )
+    return 0
+
+
+async def cmd_algorithm_show(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        algorithm = await client.get_algorithm(args.did)
+    print_json(to_dict(algorithm))
+    return 0
+
+
+async def cmd_algorithm_download(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        code = await client.download_algorithm(args.did)
+    _write_private(Path(args.out), code)
+    _emit(args, {"path": args.out, "bytes": len(code)}, f"{args.out}  ({len(code)} bytes)")
+    return 0
+
+
+def _write_private(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(0o600)
+
+
+# -- approval requests ---------------------------------------------------------------------
+
+
+def approval_name(ref: str) -> str:
+    """`approvalRequests/{id}` from the name or its id."""
+    ref = ref.strip()
+    if not ref.startswith("approvalRequests/"):
+        ref = f"approvalRequests/{ref}"
+    return ref
+
+
+def _state(state: int) -> str:
+    return pb.ApprovalState.Name(state).removeprefix("APPROVAL_STATE_").lower()  # type: ignore[arg-type]
+
+
+def describe_approval(request: pb.ApprovalRequest, *, full: bool = False) -> str:
+    line = (
+        f"{request.name.removeprefix('approvalRequests/')}  {_state(request.state):8}  "
+        f"{request.algorithm_did} on {request.dataset}  by {request.requester}"
+    )
+    if not full:
+        return line
+    lines = [
+        line,
+        f"  message: {request.message or '(none)'}",
+        f"  files checksum:             {request.files_checksum}",
+        f"  container section checksum: {request.container_section_checksum}",
+    ]
+    parameters = json_format.MessageToDict(request.parameters)
+    if parameters:
+        lines.append(f"  parameters: {json.dumps(parameters, sort_keys=True)}")
+    if request.decided_by:
+        lines.append(f"  decided by {request.decided_by}: {request.decision_note or '(no note)'}")
+    for job in request.sample_jobs:
+        lines.append(f"  sample run {job.removeprefix('jobs/')}")
+    return "\n".join(lines)
+
+
+async def cmd_approval_request(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        request = await client.create_approval_request(
+            args.dataset,
+            args.algorithm,
+            message=args.message,
+            parameters=parse_parameters(args.param),
+        )
+    _emit(args, to_dict(request), describe_approval(request))
+    return 0
+
+
+async def cmd_approval_list(args: argparse.Namespace) -> int:
+    state = (
+        pb.ApprovalState.Value(f"APPROVAL_STATE_{args.state.upper()}")
+        if args.state
+        else pb.APPROVAL_STATE_UNSPECIFIED
+    )
+    async with _client(args) as client:
+        requests = await client.list_approval_requests(dataset=args.dataset or "", state=state)
+    if args.json:
+        print_json([to_dict(r) for r in requests])
+    else:
+        print("\n".join(describe_approval(r) for r in requests) or "no approval requests")
+    return 0
+
+
+async def cmd_approval_show(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        request = await client.get_approval_request(approval_name(args.id))
+        if args.code:
+            # The code as it is now: the owner compares its checksum with the request's.
+            code = await client.download_algorithm(request.algorithm)
+            _write_private(Path(args.code), code)
+    text = describe_approval(request, full=True)
+    if args.code:
+        text += f"\n  code saved to {args.code}"
+    _emit(args, to_dict(request), text)
+    return 0
+
+
+async def cmd_approval_approve(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        name = approval_name(args.id)
+        request = await client.get_approval_request(name)
+        # Approving pins the checksums shown by `approval show`, and the Provider refuses if
+        # the algorithm has changed since.
+        response = await client.approve(
+            name,
+            args.files_checksum or request.files_checksum,
+            args.container_section_checksum or request.container_section_checksum,
+            note=args.note,
+        )
+    _emit(
+        args,
+        to_dict(response),
+        f"{describe_approval(response.approval_request)}\n"
+        f"{response.dataset.did} is now at policy version {response.dataset.policy_version}",
+    )
+    return 0
+
+
+async def cmd_approval_reject(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        request = await client.reject(approval_name(args.id), args.reason)
+    _emit(args, to_dict(request), describe_approval(request, full=True))
+    return 0
+
+
+async def cmd_approval_sample(args: argparse.Namespace) -> int:
+    from cli.follow import follow
+    from cli.output import describe
+
+    async with _client(args) as client:
+        job = await client.run_approval_sample(approval_name(args.id), environment=args.environment)
+        job_id = job.name.removeprefix("jobs/")
+        if not args.follow:
+            _emit(args, to_dict(job), job_id)
+            return 0
+        if not args.json:
+            print(f"sample job {job_id}", file=sys.stderr)
+        final = await follow(client, job.name, quiet_status=args.json)
+    _emit(args, to_dict(final), f"sample job {job_id}: {describe(final)}")
+    return 0 if final.state == final.STATE_SUCCEEDED else 1
+
+
+# -- audit log -----------------------------------------------------------------------------
+
+
+def _outcome(outcome: int) -> str:
+    return pb.AuditOutcome.Name(outcome).removeprefix("AUDIT_OUTCOME_").lower()  # type: ignore[arg-type]
+
+
+async def cmd_audit_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        events = await client.list_audit_events(action=args.action, resource=args.resource)
+    if args.json:
+        print_json([to_dict(e) for e in events])
+        return 0
+    for e in events:
+        reason = f"  {e.reason}" if e.reason else ""
+        print(
+            f"{e.sequence:6}  {e.time.ToDatetime():%Y-%m-%d %H:%M:%S}  {_outcome(e.outcome):7}  "
+            f"{e.action:22}  {e.resource}  by {e.actor}{reason}"
+        )
+    return 0
+
+
+async def cmd_audit_export(args: argparse.Namespace) -> int:
+    from provider.audit import AuditChainError, verify_chain
+
+    async with _client(args) as client:
+        events = await client.list_audit_events()
+    try:
+        verify_chain(events)
+    except AuditChainError as error:
+        print(f"c2d: the audit log does not verify: {error}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One JSON object per line, as the REST edge shows them: each line's hash can be checked
+    # from the line before it.
+    with out.open("w") as f:
+        for event in events:
+            f.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
+    last = events[-1].hash if events else ""
+    _emit(
+        args,
+        {"path": str(out), "events": len(events), "last_hash": last},
+        f"{len(events)} entries to {out}; the chain verifies; last hash {last}",
+    )
+    return 0
+
+
+# -- provider and provenance ---------------------------------------------------------------
+
+
+async def cmd_provider_info(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        info = await client.get_provider_info()
+    _emit(
+        args,
+        to_dict(info),
+        f"provider address {info.address}\n"
+        f"  owners  {', '.join(info.owners)}\n"
+        f"  version {info.version}\n"
+        "Pin this address: `c2d provenance verify FILE --provider ADDRESS` checks records "
+        "against it.",
+    )
+    return 0
+
+
+async def cmd_provenance_get(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        document = await client.get_provenance(args.job)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(document)
+    _emit(args, {"path": str(out), "bytes": len(document)}, f"{out}  ({len(document)} bytes)")
+    return 0
+
+
+async def cmd_provenance_verify(args: argparse.Namespace) -> int:
+    """Offline: no Provider is asked anything."""
+    try:
+        record = verify_document(Path(args.file).read_bytes(), args.provider)
+    except OSError as error:
+        print(f"c2d: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return 2
+    except ProvenanceError as error:
+        if args.json:
+            print_json({"valid": False, "error": str(error)})
+        else:
+            print(f"c2d: NOT VALID: {error}", file=sys.stderr)
+        return 1
+    algorithm = record.get("algorithm", {})
+    text = (
+        f"valid: signed by {args.provider}\n"
+        f"  job        {record.get('job')}  {record.get('state')}\n"
+        f"  algorithm  {algorithm.get('did') or 'raw code'}  "
+        f"files {algorithm.get('files_checksum')}\n"
+        + "".join(
+            f"  dataset    {d.get('did')}  policy version {d.get('policy_version')}  "
+            f"({d.get('decision')})\n"
+            for d in record.get("datasets", [])
+        )
+        + "".join(
+            f"  result     {r.get('name')}  sha256 {r.get('sha256')}\n"
+            for r in record.get("results", [])
+        )
+    ).rstrip()
+    _emit(args, {"valid": True, "provenance": record}, text)
+    return 0
+
+
+# -- wiring --------------------------------------------------------------------------------
+
+
+def register(
+    commands: Any,
+    dataset: Any,
+    algorithm: Any,
+    common: argparse.ArgumentParser,
+) -> None:
+    """Adds the owner's commands to the `c2d` parser."""
+    policy = dataset.add_parser(
+        "policy",
+        parents=[common],
+        help="show a dataset's compute policy, or change it (owners)",
+        description="With no change flags, shows the policy. Changes apply to jobs started "
+        "afterwards, and only over the version just read.",
+    )
+    policy.add_argument("did")
+    add_policy_flags(policy, editing=True)
+    policy.set_defaults(run=cmd_dataset_policy)
+
+    update = algorithm.add_parser(
+        "update", parents=[common], help="replace an algorithm's code (its publisher)"
+    )
+    update.add_argument("did")
+    update.add_argument("file")
+    update.add_argument("--entrypoint", required=True)
+    update.add_argument("--parameters", metavar="FILE", help="JSON list of declarations")
+    update.set_defaults(run=cmd_algorithm_update)
+    show = algorithm.add_parser("show", parents=[common], help="an algorithm's public record")
+    show.add_argument("did")
+    show.set_defaults(run=cmd_algorithm_show)
+    download = algorithm.add_parser(
+        "download",
+        parents=[common],
+        help="save an algorithm's code (public ones; private ones: their publisher)",
+    )
+    download.add_argument("did")
+    download.add_argument("--out", required=True)
+    download.set_defaults(run=cmd_algorithm_download)
+
+    approval = commands.add_parser(
+        "approval", help="ask an owner to trust an algorithm, and review such requests"
+    ).add_subparsers(dest="action", required=True)
+    request = approval.add_parser(
+        "request", parents=[common], help="ask a dataset's owners to trust an algorithm"
+    )
+    request.add_argument("--dataset", required=True, metavar="DID")
+    request.add_argument("--algorithm", required=True, metavar="DID")
+    request.add_argument("--message", default="")
+    request.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    request.set_defaults(run=cmd_approval_request)
+    listing = approval.add_parser(
+        "list", parents=[common], help="requests (owners: all; others: their own)"
+    )
+    listing.add_argument("--dataset", metavar="DID")
+    listing.add_argument("--state", choices=["pending", "approved", "rejected"])
+    listing.set_defaults(run=cmd_approval_list)
+    show_request = approval.add_parser(
+        "show", parents=[common], help="a request with the checksums to review"
+    )
+    show_request.add_argument("id")
+    show_request.add_argument(
+        "--code", metavar="FILE", help="owners: save the algorithm's code to review it"
+    )
+    show_request.set_defaults(run=cmd_approval_show)
+    sample = approval.add_parser(
+        "sample", parents=[common], help="owners: run the algorithm on the dataset's sample"
+    )
+    sample.add_argument("id")
+    sample.add_argument("--environment", default="")
+    sample.add_argument("--follow", "-f", action="store_true")
+    sample.set_defaults(run=cmd_approval_sample)
+    approve = approval.add_parser(
+        "approve", parents=[common], help="owners: trust the algorithm at the reviewed checksums"
+    )
+    approve.add_argument("id")
+    approve.add_argument("--note", default="")
+    approve.add_argument("--files-checksum", help="default: the request's")
+    approve.add_argument("--container-section-checksum", help="default: the request's")
+    approve.set_defaults(run=cmd_approval_approve)
+    reject = approval.add_parser("reject", parents=[common], help="owners: refuse, with a reason")
+    reject.add_argument("id")
+    reject.add_argument("--reason", required=True)
+    reject.set_defaults(run=cmd_approval_reject)
+
+    audit = commands.add_parser("audit", help="the audit log (owners)").add_subparsers(
+        dest="action", required=True
+    )
+    audit_list = audit.add_parser("list", parents=[common], help="every decision, oldest first")
+    audit_list.add_argument("--action", default="", help="e.g. compute.start")
+    audit_list.add_argument("--resource", default="", help="e.g. datasets/<id>")
+    audit_list.set_defaults(run=cmd_audit_list)
+    export = audit.add_parser(
+        "export", parents=[common], help="save the whole log as JSON lines, after checking it"
+    )
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=cmd_audit_export)
+
+    provider = commands.add_parser("provider", help="the provider").add_subparsers(
+        dest="action", required=True
+    )
+    info = provider.add_parser(
+        "info", parents=[common], help="the address that signs provenance records"
+    )
+    info.set_defaults(run=cmd_provider_info)
+
+    provenance = commands.add_parser(
+        "provenance", help="signed records of what ran"
+    ).add_subparsers(dest="action", required=True)
+    get = provenance.add_parser("get", parents=[common], help="save a finished job's record")
+    get.add_argument("job")
+    get.add_argument("--out", required=True)
+    get.set_defaults(run=cmd_provenance_get)
+    # Offline, so without the common flags: here --provider is the pinned address, not where
+    # a Provider listens.
+    verify = provenance.add_parser(
+        "verify", help="check a record offline against the provider's pinned address"
+    )
+    verify.add_argument("file")
+    verify.add_argument(
+        "--provider",
+        required=True,
+        metavar="ADDRESS",
+        help="the provider's address, as `c2d provider info` showed it beforehand",
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.set_defaults(run=cmd_provenance_verify)
