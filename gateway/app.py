@@ -71,6 +71,16 @@ _HEALTH_TIMEOUT_SECONDS = 3.0
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _RESULT_NAME = re.compile(r"(jobs/[^/]+)/results/(\d+)")
+_ALGORITHM_NAME = re.compile(r"algorithms/[^/]+")
+
+
+@dataclass(frozen=True)
+class _FileFacts:
+    """What a download's headers say about the file."""
+
+    name: str
+    size_bytes: int
+    sha256: str
 
 
 def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -264,11 +274,8 @@ class Gateway:
         request: Request,
     ) -> Response:
         name: str = message.name  # type: ignore[attr-defined]
-        # With a token the gateway reads the result's size, sha256 and name; with a signature
-        # (good for one call only) it cannot.
-        authorized = bool(request.headers.get("authorization"))
-        result = await self._result(name, metadata) if authorized else None
-        filename = (result.name if result is not None else name).rpartition("/")[2]
+        facts = await self._file_facts(name, metadata, request)
+        filename = (facts.name if facts is not None else name).rpartition("/")[2]
         headers = {
             # Results are untrusted bytes written by an algorithm: never render them inline,
             # and name them safely (no path, no quotes).
@@ -277,11 +284,11 @@ class Gateway:
             "Cache-Control": "private, no-store",
         }
         size: int | None = None
-        if result is not None:
-            size = result.size_bytes
+        if facts is not None:
+            size = facts.size_bytes
             headers["Accept-Ranges"] = "bytes"
-            if result.sha256:
-                headers["ETag"] = f'"{result.sha256}"'
+            if facts.sha256:
+                headers["ETag"] = f'"{facts.sha256}"'
         status_code = 200
         start: int = message.offset  # type: ignore[attr-defined]
         end: int | None = None  # inclusive
@@ -360,9 +367,34 @@ class Gateway:
             if item is Signal.SILENCE:
                 raise TimeoutError("the Provider stopped sending the result")
 
+    async def _file_facts(
+        self, name: str, metadata: tuple[tuple[str, str], ...], request: Request
+    ) -> _FileFacts | None:
+        """The size, sha256 and name of what is downloaded, which Range needs and the download
+        stream does not carry; None when the gateway cannot learn them."""
+        if _ALGORITHM_NAME.fullmatch(name):
+            get_algorithm = self.channel.unary_unary(
+                f"/{PROVIDER_SERVICE.full_name}/GetAlgorithm",
+                request_serializer=provider_pb2.GetAlgorithmRequest.SerializeToString,
+                response_deserializer=provider_pb2.GetAlgorithmResponse.FromString,
+            )
+            try:
+                found: provider_pb2.GetAlgorithmResponse = await get_algorithm(
+                    provider_pb2.GetAlgorithmRequest(name=name), timeout=self.call_timeout
+                )
+            except grpc.aio.AioRpcError as error:
+                raise HttpError.from_rpc_error(error) from None
+            # An algorithm is one file, so its files checksum is its content's sha256.
+            algorithm = found.algorithm
+            return _FileFacts("algorithm", algorithm.size_bytes, algorithm.files_checksum)
+        # A result's facts come from GetJob under the caller's own credentials: a token can be
+        # used twice, a signature (good for one call only) cannot.
+        if not request.headers.get("authorization"):
+            return None
+        result = await self._result(name, metadata)
+        return _FileFacts(result.name, result.size_bytes, result.sha256)
+
     async def _result(self, name: str, metadata: tuple[tuple[str, str], ...]) -> job_pb2.ResultFile:
-        """The result's size, sha256 and name, from the Provider's GetJob under the caller's
-        own credentials: the download stream does not carry the total, which Range needs."""
         found = _RESULT_NAME.fullmatch(name)
         if found is None:
             raise HttpError.local(

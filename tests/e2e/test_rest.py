@@ -11,20 +11,18 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from c2d.provider.v1 import provider_pb2 as pb
 from google.api import annotations_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
-from gateway.app import BackgroundServer, create_app, run_in_background
 from sdk.client import Client
-from tests.conftest import LocalMesh, needs_root, new_key
+from tests.conftest import needs_root, new_key
+from tests.e2e.conftest import Rest
 from tests.sse import Event, read_events
 
 pytestmark = needs_root
@@ -46,23 +44,6 @@ with open("/data/outputs/total.json", "w") as f:
 """
 LIVE_ALGORITHM = b"import time\nprint('A', flush=True)\ntime.sleep(3)\nprint('B', flush=True)\n"
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
-
-
-@dataclass
-class Rest:
-    mesh: LocalMesh
-    gateway: BackgroundServer
-    http: httpx.AsyncClient
-
-
-@pytest.fixture
-async def rest(local_mesh: LocalMesh) -> AsyncIterator[Rest]:
-    gateway = await run_in_background(create_app(local_mesh.provider_address), "127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            yield Rest(local_mesh, gateway, http)
-    finally:
-        await gateway.stop()
 
 
 # -- helpers ---------------------------------------------------------------------------------
