@@ -17,16 +17,60 @@ from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
 
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
-from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, from_rpc_error
+from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from mesh.storage import Storage, result_key
-from operator_service.store import JobStore
-from operator_service.tracker import Tracker
+from operator_service.store import JobStore, may_read, owns
+from operator_service.tracker import ENGINE as ENGINE  # the server names the next hop by it
+from operator_service.tracker import Tracker, engine_error, engine_refused
 
 log = structlog.get_logger()
 Context = grpc.aio.ServicerContext[Any, Any]
 State = job_pb2.Job.State
-# The next hop as its errors name it: CreateJob maps them itself, the interceptor the rest.
-ENGINE = "operator engine"
+
+
+MAX_VIEWERS = 20
+
+
+def _check_viewers(spec: engine_pb2.JobSpec) -> None:
+    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address other than the
+    owner, named once, and there are at most MAX_VIEWERS; puts each in its EIP-55 form."""
+    if not spec.viewers:
+        return
+    # Here, not at the top: only jobs with viewers pay for the signature library's import.
+    from mesh.auth import checksum
+
+    if len(spec.viewers) > MAX_VIEWERS:
+        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
+    seen = {spec.owner.lower()}
+    normalised = []
+    for index, viewer in enumerate(spec.viewers):
+        try:
+            address = checksum(viewer)
+        except ValueError:
+            raise InvalidArgument(
+                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
+            ) from None
+        if address.lower() in seen:
+            which = "the job's owner" if address.lower() == spec.owner.lower() else "named twice"
+            raise InvalidArgument(f"viewers[{index}] is {which}", field="viewers")
+        seen.add(address.lower())
+        normalised.append(address)
+    spec.viewers[:] = normalised
+
+
+def _check_resources(resources: job_pb2.Resources) -> None:
+    """What can be checked without the environment (the engine checks the rest): nothing
+    negative."""
+    values = (
+        ("cpus", resources.cpus),
+        ("memory_bytes", resources.memory_bytes),
+        ("disk_bytes", resources.disk_bytes),
+        ("max_duration", min(resources.max_duration.seconds, resources.max_duration.nanos)),
+    )
+    for name, value in values:
+        if not value >= 0:  # NaN too
+            field = f"resources.{name}"
+            raise InvalidArgument(f"{field} must not be negative", field=field)
 
 
 def _page_size(requested: int) -> int:
@@ -48,11 +92,20 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         self.engine = engine
         self.storage = storage
 
-    async def _owned(self, job_id: str, owner: str) -> job_pb2.Job:
+    async def _readable(self, job_id: str, caller: str) -> job_pb2.Job:
+        """The job, when `caller` owns or views it."""
         job_facts.check_job_id(job_id)
         job = await self.store.job(job_id)
-        # Someone else's job does not exist, as far as this caller can tell.
-        if job is None or job.owner != owner:
+        # A job the caller may not read does not exist, as far as this caller can tell.
+        if job is None or not may_read(job, caller):
+            raise NotFound("no such job", reason="JOB_NOT_FOUND")
+        return job
+
+    async def _owned(self, job_id: str, caller: str) -> job_pb2.Job:
+        """The job, when `caller` owns it: to a viewer too, it does not exist."""
+        job_facts.check_job_id(job_id)
+        job = await self.store.job(job_id)
+        if job is None or not owns(job, caller):
             raise NotFound("no such job", reason="JOB_NOT_FOUND")
         return job
 
@@ -63,6 +116,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         job_facts.check_job_id(spec.job_id, "spec.job_id")
         if not spec.owner:
             raise InvalidArgument("spec.owner is required", field="spec.owner")
+        _check_viewers(spec)
+        _check_resources(spec.resources)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id, consumer=spec.owner)
         job = job_pb2.Job(
             name=job_facts.job_name(spec.job_id),
@@ -71,6 +126,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             algorithm_id=spec.algorithm.id,
             environment=spec.environment or "default",
             state=State.STATE_QUEUED,
+            viewers=spec.viewers,
         )
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
@@ -82,8 +138,14 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 engine_pb2.RunJobRequest(spec=spec), timeout=UNARY_TIMEOUT
             )
         except grpc.aio.AioRpcError as error:
-            mapped = from_rpc_error(error, service=ENGINE)
-            # Recorded as failed, never lost: the consumer sees why.
+            mapped = engine_error(error)
+            if engine_refused(error):
+                # The engine said no (a malformed spec, resources above the environment's, a
+                # full queue): nothing runs, so nothing is kept; the caller hears why.
+                await self.store.delete(spec.job_id)
+                log.info("job refused by the engine", code=error.code().name, reason=mapped.reason)
+                raise mapped from None
+            # Not known to have reached the engine: recorded as failed, never lost.
             await self.tracker.end(
                 spec.job_id,
                 State.STATE_FAILED,
@@ -91,7 +153,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 f"the job could not be started: {mapped.message}",
             )
             raise mapped from None
-        # From here the tracker records every change the engine reports.
+        # The engine's form (its limits, its queue position) is the registry's at once; from
+        # here the tracker records every change the engine reports.
+        await self.tracker.record(response.job)
         self.tracker.follow(spec.job_id)
         log.info("job created")
         return operator_pb2.CreateJobResponse(job=response.job)
@@ -99,7 +163,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def GetJob(
         self, request: operator_pb2.GetJobRequest, context: Context
     ) -> operator_pb2.GetJobResponse:
-        return operator_pb2.GetJobResponse(job=await self._owned(request.job_id, request.owner))
+        return operator_pb2.GetJobResponse(job=await self._readable(request.job_id, request.owner))
 
     async def ListJobs(
         self, request: operator_pb2.ListJobsRequest, context: Context
@@ -121,7 +185,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def WatchJob(
         self, request: operator_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[operator_pb2.WatchJobResponse]:
-        await self._owned(request.job_id, request.owner)
+        await self._readable(request.job_id, request.owner)
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
         async for job in self.tracker.watch(request.job_id, request.owner):
             yield operator_pb2.WatchJobResponse(job=job)
@@ -129,7 +193,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def StreamJobLogs(
         self, request: operator_pb2.StreamJobLogsRequest, context: Context
     ) -> AsyncIterator[operator_pb2.StreamJobLogsResponse]:
-        job = await self._owned(request.job_id, request.owner)
+        job = await self._readable(request.job_id, request.owner)
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
@@ -144,7 +208,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise  # the interceptor maps it, naming the engine
         # The engine no longer holds the log: serve the published copy.
-        job = await self._owned(request.job_id, request.owner)
+        job = await self._readable(request.job_id, request.owner)
         logs = [r for r in job.results if r.kind == job_pb2.ResultFile.KIND_ALGORITHM_LOG]
         if not logs:
             return
@@ -203,7 +267,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     async def ReadResult(
         self, request: operator_pb2.ReadResultRequest, context: Context
     ) -> AsyncIterator[operator_pb2.ReadResultResponse]:
-        job = await self._owned(request.job_id, request.owner)
+        job = await self._readable(request.job_id, request.owner)
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
         matches = [r for r in job.results if r.index == request.index]
         if not matches:

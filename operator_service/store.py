@@ -1,5 +1,13 @@
-"""The job registry: every job, its spec, its latest state and every change of state, in
-SQLite (statements inline: see mesh.sqlite)."""
+"""The job registry: every job, its spec, its latest state, every change of state and who may
+read it, in SQLite (statements inline: see mesh.sqlite).
+
+A job may be read by its owner and by its viewers (addresses compare case-insensitively; each is
+kept in its EIP-55 form for display), and only its owner may stop or delete it: `may_read` and
+`owns` decide, from the job as stored (its `viewers` are the spec's, from its creation on).
+
+The schema grows by statements that leave an existing database as it was (IF NOT EXISTS) and by
+numbered migrations (`PRAGMA user_version`), so that a registry written by an earlier version
+still opens."""
 
 from __future__ import annotations
 
@@ -23,7 +31,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     job BLOB NOT NULL,               -- common.v1.Job, as last seen
     lease_until REAL NOT NULL        -- the engine must be heard from before this (unix time)
 );
-CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 -- Each insert takes MAX(seq) + 1: without this it scans every job (4 ms at 100,000 jobs, on
 -- the path of every StartCompute); with it, a lookup.
 CREATE INDEX IF NOT EXISTS jobs_by_seq ON jobs (seq);
@@ -35,7 +42,50 @@ CREATE TABLE IF NOT EXISTS job_events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+-- Who may read each job: its owner (position 0) and its viewers (1, 2, ... in the spec's
+-- order). Listing reads one range of (reader, seq), newest first, whatever the reader's role.
+CREATE TABLE IF NOT EXISTS job_readers (
+    reader TEXT NOT NULL,            -- the address, lowercase
+    seq INTEGER NOT NULL,            -- the job's seq
+    job_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    address TEXT NOT NULL,           -- as given (EIP-55)
+    PRIMARY KEY (reader, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_readers_by_job ON job_readers (job_id);
 """
+
+# Each migration brings a registry from the version before it (its index) to the next.
+_MIGRATIONS = (
+    # 1: readers. The owners of the jobs made before are their only readers; listing no longer
+    # uses the owners' index.
+    (
+        "INSERT OR IGNORE INTO job_readers (reader, seq, job_id, position, address) "
+        "SELECT lower(owner), seq, id, 0, owner FROM jobs",
+        "DROP INDEX IF EXISTS jobs_by_owner",
+    ),
+)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    with transaction(db):
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                db.execute(statement)
+        if version < len(_MIGRATIONS):
+            db.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
+
+
+def owns(job: job_pb2.Job, address: str) -> bool:
+    """Whether `address` owns the job (case-insensitively)."""
+    return bool(address) and job.owner.lower() == address.lower()
+
+
+def may_read(job: job_pb2.Job, address: str) -> bool:
+    """Whether `address` owns or views the job (case-insensitively)."""
+    lowered = address.lower()
+    return owns(job, address) or any(v.lower() == lowered for v in job.viewers)
 
 
 class JobStore:
@@ -44,17 +94,26 @@ class JobStore:
 
     @classmethod
     async def open(cls, path: Path) -> JobStore:
-        return cls(connect(path, _SCHEMA))
+        db = connect(path, _SCHEMA)
+        try:
+            _migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        return cls(db)
 
     async def close(self) -> None:
         self.db.close()
 
     async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job, lease_until: float) -> bool:
-        """Adds a job; False when its id exists already (a retried create)."""
+        """Adds a job, with its owner and viewers as its readers; False when its id exists
+        already (a retried create)."""
         with transaction(self.db):
-            added = self.db.execute(
+            # All rows fetched: the statement is done before the commit.
+            rows = self.db.execute(
                 "INSERT OR IGNORE INTO jobs (id, owner, seq, state, spec, job, lease_until) "
-                "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?, ?)",
+                "VALUES (?, ?, COALESCE((SELECT MAX(seq) FROM jobs), 0) + 1, ?, ?, ?, ?) "
+                "RETURNING seq",
                 (
                     spec.job_id,
                     spec.owner,
@@ -63,10 +122,19 @@ class JobStore:
                     job.SerializeToString(),
                     lease_until,
                 ),
-            ).rowcount
-            if added:
+            ).fetchall()
+            if rows:
+                seq = int(rows[0][0])
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO job_readers (reader, seq, job_id, position, address) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (address.lower(), seq, spec.job_id, position, address)
+                        for position, address in enumerate([spec.owner, *spec.viewers])
+                    ],
+                )
                 self._event(job)
-        return bool(added)
+        return bool(rows)
 
     async def save(self, job: job_pb2.Job, lease_until: float | None = None) -> None:
         """Records the job's latest form (renewing its lease when given), and an event when
@@ -113,15 +181,27 @@ class JobStore:
             return None
         return engine_pb2.JobSpec.FromString(row[0]), job_pb2.Job.FromString(row[1])
 
+    async def viewers(self, job_id: str) -> list[str]:
+        """The job's viewers, as its spec named them (EIP-55)."""
+        rows = self.db.execute(
+            "SELECT address FROM job_readers WHERE job_id = ? AND position > 0 ORDER BY position",
+            (job_id,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
     async def page(
-        self, owner: str, limit: int, before_seq: int | None
+        self, reader: str, limit: int, before_seq: int | None
     ) -> list[tuple[int, job_pb2.Job]]:
-        query = "SELECT seq, job FROM jobs WHERE owner = ?"
-        args: list[object] = [owner]
+        """The jobs `reader` owns or views, newest first, from before `before_seq`."""
+        query = (
+            "SELECT r.seq, j.job FROM job_readers r JOIN jobs j ON j.id = r.job_id "
+            "WHERE r.reader = ?"
+        )
+        args: list[object] = [reader.lower()]
         if before_seq is not None:
-            query += " AND seq < ?"
+            query += " AND r.seq < ?"
             args.append(before_seq)
-        query += " ORDER BY seq DESC LIMIT ?"
+        query += " ORDER BY r.seq DESC LIMIT ?"
         args.append(limit)
         rows = self.db.execute(query, args).fetchall()
         return [(int(r[0]), job_pb2.Job.FromString(r[1])) for r in rows]
@@ -147,3 +227,4 @@ class JobStore:
         with transaction(self.db):
             self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self.db.execute("DELETE FROM job_events WHERE job_id = ?", (job_id,))
+            self.db.execute("DELETE FROM job_readers WHERE job_id = ?", (job_id,))

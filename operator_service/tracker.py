@@ -5,7 +5,7 @@ Each unfinished job holds a lease (in the registry, so it outlives a restart of 
 renewed by every message the engine sends about it, heartbeats included. When the engine has
 been silent or unreachable past the lease, the job ends `failed: engine lost`. A job the engine
 never heard of (the service stopped between registering it and handing it over) is handed over
-again."""
+again, unless the engine now refuses it (then it ends failed, saying why)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,55 @@ import grpc
 import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
-from mesh.errors import NotFound
-from operator_service.store import JobStore
+from mesh.errors import MeshError, NotFound, from_rpc_error
+from operator_service.store import JobStore, may_read
 
 log = structlog.get_logger()
 State = job_pb2.Job.State
+# The next hop as its errors name it: CreateJob and the tracker map them themselves, the
+# interceptor the rest.
+ENGINE = "operator engine"
+# Answers by which the engine refuses a job outright: it was not accepted, and asking again
+# gets the same answer.
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+
+
+def engine_refused(error: grpc.aio.AioRpcError) -> bool:
+    """Whether RunJob's error is the engine's refusal of the job (as opposed to the engine
+    being out of reach, or failing)."""
+    return error.code() in _REFUSALS
+
+
+def engine_error(error: grpc.aio.AioRpcError) -> MeshError:
+    """The engine's error as the same kind of domain error, keeping its reason and field (for
+    example QUEUE_FULL, or `resources.memory_bytes`)."""
+    mapped = from_rpc_error(error, service=ENGINE)
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details that do not match the status: ignored
+        status = None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            mapped.reason = info.reason or mapped.reason
+            mapped.field = info.metadata.get("field") or mapped.field
+            break
+    return mapped
 
 
 class Tracker:
@@ -40,6 +81,9 @@ class Tracker:
         # The latest form of each job being followed: watchers are told from here, before
         # the registry has written it.
         self._latest: dict[str, job_pb2.Job] = {}
+        # The viewers of each job being followed, as registered: every form of the job this
+        # service keeps carries them, whatever the engine sent.
+        self._viewers: dict[str, list[str]] = {}
 
     def condition(self, job_id: str) -> asyncio.Condition:
         return self._changed.setdefault(job_id, asyncio.Condition())
@@ -68,6 +112,11 @@ class Tracker:
 
     async def record(self, job: job_pb2.Job, *, renew: bool = False) -> None:
         job_id = job.name.removeprefix("jobs/")
+        viewers = self._viewers.get(job_id)
+        if viewers is None:
+            viewers = self._viewers[job_id] = await self.store.viewers(job_id)
+        if list(job.viewers) != viewers:
+            job.viewers[:] = viewers
         cond = self.condition(job_id)
         async with cond:
             self._latest[job_id] = job
@@ -81,6 +130,7 @@ class Tracker:
             # Watchers still running read the final state from the registry from now on.
             self._latest.pop(job_id, None)
             self._changed.pop(job_id, None)
+            self._viewers.pop(job_id, None)
 
     async def end(self, job_id: str, state: int, reason: int, message: str) -> None:
         """Ends a job here when the engine cannot: it is never left unfinished."""
@@ -104,17 +154,33 @@ class Tracker:
                         return
                     continue
                 except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        if await self._hand_over_again(job_id):
-                            continue
-                        await self.end(
-                            job_id,
-                            State.STATE_FAILED,
-                            job_pb2.FAILURE_REASON_ENGINE_LOST,
-                            "engine lost: the engine no longer knows this job",
-                        )
-                        return
-                    log.info("engine unreachable; retrying", code=error.code().name)
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        log.info("engine unreachable; retrying", code=error.code().name)
+                    else:
+                        try:
+                            handed_over = await self._hand_over_again(job_id)
+                        except grpc.aio.AioRpcError as refusal:
+                            if engine_refused(refusal):
+                                await self.end(
+                                    job_id,
+                                    State.STATE_FAILED,
+                                    job_pb2.FAILURE_REASON_SANDBOX_FAILED,
+                                    "the job could not be started: "
+                                    f"{engine_error(refusal).message}",
+                                )
+                                return
+                            # Out of reach again: tried anew until the lease runs out.
+                            log.info("engine unreachable; retrying", code=refusal.code().name)
+                        else:
+                            if handed_over:
+                                continue
+                            await self.end(
+                                job_id,
+                                State.STATE_FAILED,
+                                job_pb2.FAILURE_REASON_ENGINE_LOST,
+                                "engine lost: the engine no longer knows this job",
+                            )
+                            return
                 except TimeoutError:
                     log.warning("engine silent past the lease")
                 if time.time() > await self.store.lease_until(job_id):
@@ -156,8 +222,9 @@ class Tracker:
         await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
         return True
 
-    async def watch(self, job_id: str, owner: str) -> AsyncIterator[job_pb2.Job]:
-        """The job now, then after every recorded change; ends after a final state."""
+    async def watch(self, job_id: str, reader: str) -> AsyncIterator[job_pb2.Job]:
+        """The job now, then after every recorded change; ends after a final state. NOT_FOUND
+        unless `reader` owns or views it."""
         cond = self.condition(job_id)
         last: bytes | None = None
         job: job_pb2.Job | None = None
@@ -167,7 +234,7 @@ class Tracker:
                     job = self._latest.get(job_id)
                     if job is None:
                         job = await self.store.job(job_id)
-                    if job is None or job.owner != owner:
+                    if job is None or not may_read(job, reader):
                         raise NotFound("no such job", reason="JOB_NOT_FOUND")
                     snapshot = job.SerializeToString(deterministic=True)
                     if snapshot == last:
