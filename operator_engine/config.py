@@ -27,12 +27,22 @@ class EnvironmentSpec:
     network_allowed: bool = False
     free: bool = True
     max_output_files: int = 1000
+    # The longest a job waits in the queue for a free slot, counted from its creation (so an
+    # engine restart does not start the wait again); after that it ends `queue timeout`.
+    max_queue_wait_s: float = 3600.0
+    # The most jobs that may wait in the queue at once; RunJob refuses more (QUEUE_FULL).
+    max_queued_jobs: int = 1000
 
     def __post_init__(self) -> None:
         if self.cpus <= 0 or self.memory_bytes < 16 << 20 or self.disk_bytes < 1 << 20:
             raise ValueError(f"environment {self.name}: cpus, memory or disk too small")
         if self.max_processes < 1 or self.max_duration_s <= 0 or self.max_concurrent_jobs < 1:
             raise ValueError(f"environment {self.name}: limits must be positive")
+        if not self.max_queue_wait_s > 0 or self.max_queued_jobs < 0:
+            raise ValueError(
+                f"environment {self.name}: max_queue_wait_s must be positive and "
+                "max_queued_jobs not negative"
+            )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,15 @@ jobs cut off while publishing are published again and end as they would have.
 RUNNING is not written to `job.pb`: recovery ends a job cut off while configuring or running
 alike, and the job's `disk` file, written just before, marks that it got as far as running.
 
+A job runs under its environment's limits, lowered where its spec asks for less
+(`JobSpec.resources`; asking for more is INVALID_ARGUMENT): `Job.limits`, set when it is
+accepted and kept in `job.pb`, is what its sandbox, its disk and its publishing use. A job's
+disk is then made for it, at the size it asked for, rather than taken from the pool. RunJob is
+RESOURCE_EXHAUSTED (QUEUE_FULL) when the job would wait beyond the environment's
+`max_queued_jobs`; a job that waits longer than `max_queue_wait_s`, counted from its creation,
+ends `queue timeout` with its logs published. A private algorithm's output passes through
+`private_log` on its way to the log, so that no line of its code reaches it.
+
 Making a file or a folder costs 0.1-0.4 ms on a node's file system (ten to thirty renames), and a
 job would make about twenty: workspaces are made ahead of time (`.spare-*` in the workspace
 root, with files for the stages to fill) and renamed into place, storage prepares job folders
@@ -20,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -36,10 +47,11 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from mesh import jobs as job_facts
-from mesh.errors import FailedPrecondition, InvalidArgument, NotFound
+from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
+from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
 from pods.configure import AlgorithmProvisioningError, ProvisioningError, configure, make_layout
@@ -75,6 +87,12 @@ _PREPARED_RESULTS = 4
 # code or DDOs to hash and write, many dataset files to check) go to a thread.
 _INLINE_CONFIGURE_BYTES = 64 * 1024
 _INLINE_CONFIGURE_FILES = 8
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+MAX_VIEWERS = 20
+# The least a job may ask for: the sandbox's smallest memory limit, and a disk ext4 fits on.
+_MIN_MEMORY_BYTES = 16 << 20
+_MIN_DISK_BYTES = 1 << 20
+_NANOS = 1_000_000_000
 
 
 @dataclass
@@ -129,6 +147,8 @@ class Runner:
             env.name: asyncio.Semaphore(env.max_concurrent_jobs) for env in config.environments
         }
         self._waiting: dict[str, list[str]] = {env.name: [] for env in config.environments}
+        # Jobs holding a slot, per environment: the queue's length is what waits beyond them.
+        self._holding: dict[str, int] = {env.name: 0 for env in config.environments}
         # Set while the engine shuts down: queued jobs stay queued for the next engine, and
         # running ones end `engine lost` rather than `cancelled` (nobody asked to stop them).
         self.stopping = False
@@ -148,10 +168,14 @@ class Runner:
         if existing is not None:
             return existing.job
         env_name = spec.environment or "default"
-        if env_name not in self.environments:
+        env = self.environments.get(env_name)
+        if env is None:
             raise NotFound(f"no environment named {env_name!r}", reason="ENVIRONMENT_NOT_FOUND")
         if not spec.datasets:
             raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
+        check_viewers(spec.owner, spec.viewers)
+        check_resources(env, spec.resources)
+        self._check_queue(env)
         job = job_pb2.Job(
             name=job_facts.job_name(spec.job_id),
             owner=spec.owner,
@@ -160,6 +184,8 @@ class Runner:
             environment=env_name,
             state=State.STATE_QUEUED,
             exit_code=0,
+            viewers=spec.viewers,
+            limits=job_limits(env, spec.resources),
         )
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
@@ -172,6 +198,18 @@ class Runner:
         self._start(entry)
         log.info("job accepted", job_id=spec.job_id, environment=env_name)
         return job
+
+    def _check_queue(self, env: EnvironmentSpec) -> None:
+        """RESOURCE_EXHAUSTED when one more job would wait beyond the environment's bound. Jobs
+        just accepted that a free slot will take at once are in the waiting list too, for a
+        moment: the free slots make up for them."""
+        free = env.max_concurrent_jobs - self._holding[env.name]
+        if len(self._waiting[env.name]) + 1 - free > env.max_queued_jobs:
+            raise ResourceExhausted(
+                f"the queue of environment {env.name!r} is full ({env.max_queued_jobs} jobs "
+                "waiting); try again later",
+                reason="QUEUE_FULL",
+            )
 
     def _start(self, entry: EngineJob, *, resume_publish: bool = False) -> None:
         self.jobs[entry.spec.job_id] = entry
@@ -194,6 +232,10 @@ class Runner:
             with structlog.contextvars.bound_contextvars(job_id=job_id):
                 if entry.job.environment not in self.environments:
                     entry.job.environment = next(iter(self.environments))
+                env = self.environments[entry.job.environment]
+                if not job_facts.is_final(state) or not entry.job.HasField("limits"):
+                    # The environment may have changed since: never above its limits now.
+                    entry.job.limits.CopyFrom(job_limits(env, entry.spec.resources))
                 if job_facts.is_final(state):
                     self.jobs[job_id] = entry
                 elif state == State.STATE_QUEUED:
@@ -324,6 +366,9 @@ class Runner:
                 if not self.stopping:
                     await self._finish(entry, State.STATE_CANCELLED, message="stopped while queued")
                 return
+            except _QueueTimeout:
+                await self._time_out(entry, env)
+                return
             slot = self._slots[env.name]
             started = time.perf_counter()
             try:
@@ -338,6 +383,7 @@ class Runner:
                 )
             finally:
                 slot.release()
+                self._holding[env.name] -= 1
                 self._waiting_changed(env.name)
             # After the slot is given back: the next job does not wait for this cleanup.
             await self._clean_up(entry)
@@ -381,20 +427,32 @@ class Runner:
             log.warning("could not prepare storage ahead of time", error=str(error))
 
     async def _queue(self, entry: EngineJob, env: EnvironmentSpec) -> None:
+        """Waits for a slot in the environment. Raises CancelledError when the job is stopped
+        (or the engine stops) first, _QueueTimeout once it has waited the environment's
+        longest wait, counted from its creation (an engine restart does not start it again)."""
         slot = self._slots[env.name]
         waiting = self._waiting[env.name]
+        created = entry.job.create_time.ToNanoseconds() / 1e9
+        remaining = created + env.max_queue_wait_s - time.time()
+        if remaining <= 0 and not entry.cancel.is_set():
+            waiting.remove(entry.spec.job_id)
+            self._waiting_changed(env.name)
+            raise _QueueTimeout
         if waiting[0] == entry.spec.job_id and not slot.locked() and not entry.cancel.is_set():
             # A free slot and nobody ahead: taken at once, without the race below, which costs
             # a few turns of the event loop and would show the job at queue position 1. (The
             # jobs behind it have not queued yet: each one's own _queue sets its position.)
             await slot.acquire()  # does not wait: the slot is free
             waiting.pop(0)
+            self._holding[env.name] += 1
             return
         self._waiting_changed(env.name)
         acquire = asyncio.ensure_future(slot.acquire())
         cancel = asyncio.ensure_future(entry.cancel.wait())
         try:
-            done, _ = await asyncio.wait({acquire, cancel}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {acquire, cancel}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             cancel.cancel()
             self._waiting[env.name].remove(entry.spec.job_id)
@@ -404,8 +462,30 @@ class Runner:
             if acquire.done() and not acquire.cancelled():
                 slot.release()
             self._waiting_changed(env.name)
-            raise asyncio.CancelledError
+            if entry.cancel.is_set():
+                raise asyncio.CancelledError
+            raise _QueueTimeout
+        self._holding[env.name] += 1
         self._waiting_changed(env.name)
+
+    async def _time_out(self, entry: EngineJob, env: EnvironmentSpec) -> None:
+        """Ends a job that waited too long in the queue: FAILED, `queue timeout`, with its logs
+        published like any failure's. It stays QUEUED while they are (it never ran): an engine
+        cut off meanwhile queues it again, and it times out again at once."""
+        waited = time.time() - entry.job.create_time.ToNanoseconds() / 1e9
+        log.info("job timed out in the queue", waited_s=round(waited, 1))
+        message = (
+            f"queue timeout: the job waited {waited:.0f} s for a free slot in environment "
+            f"{env.name!r}, whose longest wait is {env.max_queue_wait_s:g} s, and never ran"
+        )
+        await self._publish_and_finish(
+            entry,
+            env,
+            State.STATE_FAILED,
+            job_pb2.FAILURE_REASON_QUEUE_TIMEOUT,
+            message,
+            publishing_state=False,
+        )
 
     def _waiting_changed(self, env_name: str) -> None:
         for position, job_id in enumerate(self._waiting[env_name], start=1):
@@ -438,8 +518,9 @@ class Runner:
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
             return
 
+        limits = entry.job.limits
         try:
-            outputs = await self.disks.take(env.disk_bytes)
+            outputs = await self.disks.take(limits.disk_bytes)
             entry.disk = outputs
             _write_atomic(ws / _DISK_FILE, str(outputs).encode())
         except OSError as error:
@@ -453,12 +534,26 @@ class Runner:
             )
             return
         # Not kept on disk: the disk file just written tells recovery as much (see the top).
+        redactor: CodeRedactor | None = None
+        if entry.spec.algorithm.private:
+            # No line of a private algorithm's code may reach its log (see private_log).
+            code = entry.spec.algorithm.code
+            if len(code) <= _INLINE_CONFIGURE_BYTES:
+                redactor = CodeRedactor.for_code(code)
+            else:
+                redactor = await asyncio.to_thread(CodeRedactor.for_code, code)
         await entry.update(state=State.STATE_RUNNING, persist=False)
         log_file = _open_log(entry.workspace)
         try:
 
             async def on_output(data: bytes) -> None:
                 await self._append_log(entry, log_file, data)
+
+            async def on_output_redacted(data: bytes) -> None:
+                assert redactor is not None
+                kept = redactor.feed(data)
+                if kept:
+                    await self._append_log(entry, log_file, kept)
 
             result = await self.sandbox.run(
                 SandboxSpec(
@@ -477,17 +572,22 @@ class Runner:
                     argv=prepared.argv,
                     env=prepared.env,
                     limits=Limits(
-                        cpus=env.cpus,
-                        memory_bytes=env.memory_bytes,
-                        disk_bytes=env.disk_bytes,
+                        cpus=limits.cpus,
+                        memory_bytes=limits.memory_bytes,
+                        disk_bytes=limits.disk_bytes,
                         max_processes=env.max_processes,
-                        max_duration_s=env.max_duration_s,
+                        max_duration_s=limits.max_duration.ToNanoseconds() / 1e9,
                         network=entry.spec.allow_network and env.network_allowed,
                     ),
                 ),
-                on_output,
+                on_output if redactor is None else on_output_redacted,
                 entry.cancel,
             )
+            if redactor is not None:
+                # The last line, when the output did not end with a newline.
+                rest = redactor.finish()
+                if rest:
+                    await self._append_log(entry, log_file, rest)
         finally:
             log_file.close()
         log.info(
@@ -555,21 +655,29 @@ class Runner:
         await self._clean_up(entry)
 
     async def _publish_and_finish(
-        self, entry: EngineJob, env: EnvironmentSpec, state: int, reason: int, message: str
+        self,
+        entry: EngineJob,
+        env: EnvironmentSpec,
+        state: int,
+        reason: int,
+        message: str,
+        *,
+        publishing_state: bool = True,
     ) -> None:
-        # Kept first, so that an engine cut off while publishing knows how the job ended.
-        # Inline, as job.pb is: a few bytes.
-        _write_atomic(
-            entry.workspace / _OUTCOME_FILE, json.dumps([state, reason, message]).encode()
-        )
-        await entry.update(state=State.STATE_PUBLISHING)
+        if publishing_state:
+            # Kept first, so that an engine cut off while publishing knows how the job ended.
+            # Inline, as job.pb is: a few bytes.
+            _write_atomic(
+                entry.workspace / _OUTCOME_FILE, json.dumps([state, reason, message]).encode()
+            )
+            await entry.update(state=State.STATE_PUBLISHING)
         try:
             published = await publish(
                 entry.workspace,
                 self.storage,
                 entry.spec.job_id,
                 max_files=env.max_output_files,
-                max_total_bytes=env.disk_bytes,
+                max_total_bytes=entry.job.limits.disk_bytes,
                 outputs=entry.disk,
             )
         except Exception as error:
@@ -625,6 +733,16 @@ class Runner:
         )
 
 
+class _QueueTimeout(Exception):
+    """A job waited its environment's longest wait in the queue."""
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * _NANOS))
+    return duration
+
+
 def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
     return job_pb2.Environment(
         name=env.name,
@@ -632,11 +750,94 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         memory_bytes=env.memory_bytes,
         disk_bytes=env.disk_bytes,
         max_processes=env.max_processes,
-        max_duration=duration_pb2.Duration(seconds=int(env.max_duration_s)),
+        max_duration=_duration(env.max_duration_s),
         max_concurrent_jobs=env.max_concurrent_jobs,
         network_allowed=env.network_allowed,
         free=env.free,
+        max_queue_wait=_duration(env.max_queue_wait_s),
+        max_queued_jobs=env.max_queued_jobs,
     )
+
+
+def check_viewers(owner: str, viewers: Sequence[str]) -> None:
+    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address, none is the
+    owner or repeated, and there are at most MAX_VIEWERS."""
+    if len(viewers) > MAX_VIEWERS:
+        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
+    seen: set[str] = set()
+    for index, viewer in enumerate(viewers):
+        if not _ADDRESS.fullmatch(viewer):
+            raise InvalidArgument(
+                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
+            )
+        lowered = viewer.lower()
+        if lowered == owner.lower():
+            raise InvalidArgument(
+                f"viewers[{index}] is the job's owner, who may read it anyway", field="viewers"
+            )
+        if lowered in seen:
+            raise InvalidArgument(f"viewers[{index}] is named twice", field="viewers")
+        seen.add(lowered)
+
+
+def _duration_ns(duration: duration_pb2.Duration, field: str) -> int:
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise InvalidArgument(f"{field} must not be negative", field=field)
+    if duration.nanos >= _NANOS:
+        raise InvalidArgument(f"{field}.nanos must be below 1e9", field=field)
+    return duration.seconds * _NANOS + duration.nanos
+
+
+def check_resources(env: EnvironmentSpec, asked: job_pb2.Resources) -> None:
+    """INVALID_ARGUMENT naming the field for a limit the job asks for that is negative,
+    above the environment's, or too small to run anything. Zero means the environment's."""
+    if math.isnan(asked.cpus) or asked.cpus < 0:
+        raise InvalidArgument("resources.cpus must not be negative", field="resources.cpus")
+    if asked.cpus > env.cpus:
+        raise InvalidArgument(
+            f"resources.cpus ({asked.cpus:g}) is above the environment's limit ({env.cpus:g})",
+            field="resources.cpus",
+        )
+    sizes = (
+        ("memory_bytes", asked.memory_bytes, env.memory_bytes, _MIN_MEMORY_BYTES),
+        ("disk_bytes", asked.disk_bytes, env.disk_bytes, _MIN_DISK_BYTES),
+    )
+    for name, value, limit, least in sizes:
+        field = f"resources.{name}"
+        if value < 0:
+            raise InvalidArgument(f"{field} must not be negative", field=field)
+        if value > limit:
+            raise InvalidArgument(
+                f"{field} ({value}) is above the environment's limit ({limit})", field=field
+            )
+        if 0 < value < least:
+            raise InvalidArgument(f"{field} must be at least {least} (or 0)", field=field)
+    asked_ns = _duration_ns(asked.max_duration, "resources.max_duration")
+    if asked_ns > round(env.max_duration_s * _NANOS):
+        raise InvalidArgument(
+            f"resources.max_duration ({asked_ns / _NANOS:g} s) is above the environment's "
+            f"limit ({env.max_duration_s:g} s)",
+            field="resources.max_duration",
+        )
+
+
+def job_limits(env: EnvironmentSpec, asked: job_pb2.Resources) -> job_pb2.Resources:
+    """The limits a job runs under: the environment's, lowered where the job asked for less
+    (a zero field takes the environment's). Never above the environment's, even for a job
+    accepted under an environment that has since changed."""
+    env_ns = round(env.max_duration_s * _NANOS)
+    asked_ns = asked.max_duration.seconds * _NANOS + asked.max_duration.nanos
+    limits = job_pb2.Resources(
+        cpus=min(asked.cpus, env.cpus) if asked.cpus > 0 else env.cpus,
+        memory_bytes=min(asked.memory_bytes, env.memory_bytes)
+        if asked.memory_bytes > 0
+        else env.memory_bytes,
+        disk_bytes=min(asked.disk_bytes, env.disk_bytes)
+        if asked.disk_bytes > 0
+        else env.disk_bytes,
+    )
+    limits.max_duration.FromNanoseconds(min(asked_ns, env_ns) if asked_ns > 0 else env_ns)
+    return limits
 
 
 def _configure_is_small(spec: engine_pb2.JobSpec) -> bool:
