@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "c2d.mesh"
 
@@ -80,10 +81,23 @@ class DataLoss(MeshError):
     default_reason = "DATA_LOSS"
 
 
+def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details that do not match the status: ignored
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
 def from_rpc_error(error: grpc.aio.AioRpcError, *, service: str) -> MeshError:
-    """Re-raises an error from an internal hop as the same kind of domain error, so that a
-    NOT_FOUND from the Operator Service stays NOT_FOUND for the consumer. Transport failures
-    become UNAVAILABLE naming the service, never its address."""
+    """Re-raises an error from an internal hop as the same kind of domain error, keeping its
+    reason and field, so that a NOT_FOUND from the Operator Service stays NOT_FOUND for the
+    consumer and a QUEUE_FULL stays QUEUE_FULL. Transport failures become UNAVAILABLE naming
+    the service, never its address."""
     message = error.details() or ""
     by_code: dict[grpc.StatusCode, type[MeshError]] = {
         grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -96,7 +110,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, service: str) -> MeshError:
     }
     kind = by_code.get(error.code())
     if kind is not None:
-        return kind(message)
+        info = _error_info(error)
+        if info is None:
+            return kind(message)
+        return kind(message, reason=info.reason or None, field=info.metadata.get("field"))
     if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"the {service} is not reachable; try again shortly")
     return MeshError(f"the {service} failed: {error.code().name}")

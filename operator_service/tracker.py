@@ -18,8 +18,6 @@ import grpc
 import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
@@ -53,20 +51,9 @@ def engine_refused(error: grpc.aio.AioRpcError) -> bool:
 
 
 def engine_error(error: grpc.aio.AioRpcError) -> MeshError:
-    """The engine's error as the same kind of domain error, keeping its reason and field (for
+    """The engine's error as the same kind of domain error, with its reason and field (for
     example QUEUE_FULL, or `resources.memory_bytes`)."""
-    mapped = from_rpc_error(error, service=ENGINE)
-    try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    except ValueError:  # details that do not match the status: ignored
-        status = None
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            mapped.reason = info.reason or mapped.reason
-            mapped.field = info.metadata.get("field") or mapped.field
-            break
-    return mapped
+    return from_rpc_error(error, service=ENGINE)
 
 
 class Tracker:
