@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from eth_account import Account
 
+from gateway.app import BackgroundServer, create_app, run_in_background
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.mounts import mounted_under
 from operator_engine.sandbox import Sandbox, SandboxConfig
@@ -200,6 +202,25 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         assert mounted_under(home) == [], "the engine left a job disk mounted"
         # Never removed by force: a mount left there could be a dataset's.
         assert not sandbox.stage_root.exists(), "the engine left its staging root"
+
+
+@dataclass
+class Rest:
+    """The node of `local_mesh` behind the REST edge, and an HTTP client for it."""
+
+    mesh: LocalMesh
+    gateway: BackgroundServer
+    http: httpx.AsyncClient
+
+
+@pytest.fixture
+async def rest(local_mesh: LocalMesh) -> AsyncIterator[Rest]:
+    gateway = await run_in_background(create_app(local_mesh.provider_address), "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            yield Rest(local_mesh, gateway, http)
+    finally:
+        await gateway.stop()
 
 
 def write_key(path: Path, key: Key) -> None:

@@ -18,8 +18,7 @@ from google.protobuf import json_format
 
 from mesh.provenance import ProvenanceError, verify_document
 from sdk.client import Client
-from tests.conftest import needs_root, new_key
-from tests.e2e.conftest import Rest
+from tests.conftest import Rest, needs_root, new_key
 from tests.e2e.test_rest import bearer, error_info, error_of, signed
 
 pytestmark = needs_root

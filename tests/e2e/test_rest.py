@@ -21,8 +21,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from sdk.client import Client
-from tests.conftest import needs_root, new_key
-from tests.e2e.conftest import Rest
+from tests.conftest import Rest, needs_root, new_key
 from tests.sse import Event, read_events
 
 pytestmark = needs_root
