@@ -60,6 +60,8 @@ class JobDisks:
         self._ready: dict[int, list[Path]] = {}
         self._wanted: dict[int, int] = {}
         self._sizes: dict[Path, int] = {}
+        # Mount points of disks being made, which a sweep must leave alone.
+        self._making: set[Path] = set()
         # Per size: disks held by jobs, and disks being wiped on their way back to the pool.
         self._in_use: dict[int, int] = {}
         self._wiping: dict[int, int] = {}
@@ -156,14 +158,24 @@ class JobDisks:
         with contextlib.suppress(OSError):
             disk.rmdir()
 
-    async def sweep(self, keep: set[Path]) -> None:
-        """Removes every disk but those of jobs still to be published (left by a crash)."""
+    async def sweep(self, keep: set[Path], *, leftovers_only: bool = True) -> None:
+        """Removes every disk but those of jobs still to be published (left by a crash). With
+        `leftovers_only`, the disks this pool made or is making are kept too: jobs the engine
+        resumed may already be using them."""
+
+        def spared(point: Path) -> bool:
+            # Asked at each disk, not once: a disk may start being made while the sweep runs.
+            return point in keep or (
+                leftovers_only and (point in self._sizes or point in self._making)
+            )
+
         for point in await asyncio.to_thread(mounted_under, self.mounts):
-            if point not in keep:
+            if not spared(point):
                 await self._destroy(point)
         if self.images.is_dir():
+            # No await in this loop: no disk starts being made between a check and its unlink.
             for image in self.images.glob("*.img"):
-                if self.mounts / image.stem not in keep:
+                if not spared(self.mounts / image.stem):
                     image.unlink(missing_ok=True)
 
     async def close(self, keep: set[Path]) -> None:
@@ -176,7 +188,7 @@ class JobDisks:
         self._ready.clear()
         # A sweep rather than the ready list: a disk being made when the refill was cancelled
         # is mounted but in no list.
-        await self.sweep(keep)
+        await self.sweep(keep, leftovers_only=False)
 
     def _start_refill(self) -> None:
         if self._refill is None or self._refill.done():
@@ -195,18 +207,21 @@ class JobDisks:
     async def _make(self, size: int) -> Path:
         name = f"disk-{uuid.uuid4().hex}"
         image, point = self.images / f"{name}.img", self.mounts / name
-        await asyncio.to_thread(point.mkdir, 0o700)
+        self._making.add(point)
         try:
+            await asyncio.to_thread(point.mkdir, 0o700)
             await asyncio.to_thread(_make_image, image, size)
             await _run(*_mkfs(image))
             await _run(*_mount(image, point))
+            # ext4's lost+found would otherwise sit among the outputs.
+            await asyncio.to_thread(_remove_lost_found, point)
         except OSError:
             image.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 point.rmdir()
             raise
-        # ext4's lost+found would otherwise sit among the outputs.
-        await asyncio.to_thread(_remove_lost_found, point)
+        finally:
+            self._making.discard(point)
         self._sizes[point] = size
         return point
 
