@@ -1,25 +1,93 @@
-"""The dataset's compute policy: does it trust this algorithm? Deny by default."""
+"""The dataset's compute policy: is it well formed, does it trust this algorithm, may the job
+use the network? Deny by default."""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+import grpc
+from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2
 
-from mesh.errors import PermissionDenied
+from mesh.auth import checksum
+from mesh.errors import InvalidArgument, MeshError, PermissionDenied
+from provider import parameters
+
+# Why a dataset let an algorithm run: the audit log and provenance record name it.
+Basis = Literal["trusted_algorithm", "trusted_publisher", "all_publishers", "raw_allowed"]
+
+_DID = re.compile(r"did:c2d:[0-9a-f]{64}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def check_trusted(dataset: provider_pb2.Dataset, algorithm: provider_pb2.Algorithm | None) -> None:
-    """Raises PERMISSION_DENIED naming the dataset unless its policy lets `algorithm` run
-    (None means raw code)."""
+class PolicyVersionMismatch(MeshError):
+    """The dataset's policy changed since the caller read it (UpdateDatasetPolicy's
+    `expected_policy_version`)."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "POLICY_VERSION_MISMATCH"
+
+
+def check_policy(policy: provider_pb2.ComputePolicy) -> None:
+    """INVALID_ARGUMENT naming the field unless `policy` is well formed."""
+    for i, trusted in enumerate(policy.publisher_trusted_algorithms):
+        field = f"policy.publisher_trusted_algorithms[{i}]"
+        if not _DID.fullmatch(trusted.did):
+            raise InvalidArgument(f"{field}.did must be did:c2d:<64 hex>", field=f"{field}.did")
+        for name in ("files_checksum", "container_section_checksum"):
+            if not _HEX64.fullmatch(getattr(trusted, name)):
+                raise InvalidArgument(
+                    f"{field}.{name} must be 64 lowercase hex digits", field=f"{field}.{name}"
+                )
+    for i, publisher in enumerate(policy.publisher_trusted_algorithm_publishers):
+        if publisher == "*":
+            continue
+        try:
+            checksum(publisher)
+        except ValueError:
+            field = f"policy.publisher_trusted_algorithm_publishers[{i}]"
+            raise InvalidArgument(f'{field} must be an address or "*"', field=field) from None
+    if policy.timeout.seconds < 0:
+        raise InvalidArgument("policy.timeout must not be negative", field="policy.timeout")
+    for i, bound in enumerate(policy.parameter_bounds):
+        _check_bound(bound, f"policy.parameter_bounds[{i}]")
+
+
+def _check_bound(bound: provider_pb2.ParameterBound, field: str) -> None:
+    if not parameters.NAME.fullmatch(bound.name):
+        raise InvalidArgument(f"{field}.name {parameters.NAME_RULE}", field=f"{field}.name")
+    if bound.algorithm_did and not _DID.fullmatch(bound.algorithm_did):
+        raise InvalidArgument(
+            f"{field}.algorithm_did must be empty or did:c2d:<64 hex>",
+            field=f"{field}.algorithm_did",
+        )
+    for end in ("minimum", "maximum"):
+        if bound.HasField(end) and not math.isfinite(getattr(bound, end)):
+            raise InvalidArgument(f"{field}.{end} must be a finite number", field=f"{field}.{end}")
+    if bound.HasField("minimum") and bound.HasField("maximum") and bound.minimum > bound.maximum:
+        raise InvalidArgument(
+            f"{field}.minimum must not be above {field}.maximum", field=f"{field}.minimum"
+        )
+
+
+def check_trusted(dataset: provider_pb2.Dataset, algorithm: provider_pb2.Algorithm | None) -> Basis:
+    """The basis on which the dataset's policy lets `algorithm` run (None means raw code);
+    PERMISSION_DENIED naming the dataset when it does not."""
     policy = dataset.policy
     if algorithm is None:
         if not policy.allow_raw_algorithm:
             raise PermissionDenied(
                 f"{dataset.name} does not allow raw algorithms", reason="RAW_ALGORITHM_NOT_ALLOWED"
             )
-        return
+        return "raw_allowed"
     publishers = set(policy.publisher_trusted_algorithm_publishers)
-    if "*" in publishers or algorithm.publisher.lower() in {p.lower() for p in publishers}:
-        return
+    if "*" in publishers:
+        return "all_publishers"
+    if algorithm.publisher.lower() in {p.lower() for p in publishers}:
+        return "trusted_publisher"
     for trusted in policy.publisher_trusted_algorithms:
         if trusted.did != algorithm.did:
             continue
@@ -27,7 +95,7 @@ def check_trusted(dataset: provider_pb2.Dataset, algorithm: provider_pb2.Algorit
             trusted.files_checksum == algorithm.files_checksum
             and trusted.container_section_checksum == algorithm.container_section_checksum
         ):
-            return
+            return "trusted_algorithm"
         raise PermissionDenied(
             f"{dataset.name} trusted {algorithm.did} with other checksums: the algorithm changed",
             reason="ALGORITHM_CHECKSUM_MISMATCH",
@@ -35,3 +103,27 @@ def check_trusted(dataset: provider_pb2.Dataset, algorithm: provider_pb2.Algorit
     raise PermissionDenied(
         f"{dataset.name} does not trust {algorithm.did}", reason="ALGORITHM_NOT_TRUSTED"
     )
+
+
+def network_allowed(
+    datasets: Sequence[provider_pb2.Dataset],
+    environment: job_pb2.Environment,
+    *,
+    required: bool,
+) -> bool:
+    """Whether every dataset lets the job use the network (the engine grants it only where
+    the environment permits it too). With `required`, PERMISSION_DENIED naming the first
+    dataset, or else the environment, that does not allow it."""
+    for dataset in datasets:
+        if not dataset.policy.allow_network_access:
+            if required:
+                raise PermissionDenied(
+                    f"{dataset.name} does not allow network access", reason="NETWORK_NOT_ALLOWED"
+                )
+            return False
+    if required and not environment.network_allowed:
+        raise PermissionDenied(
+            f"environment {environment.name!r} does not permit network access",
+            reason="NETWORK_NOT_ALLOWED",
+        )
+    return True
