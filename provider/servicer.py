@@ -1,20 +1,25 @@
 """The ProviderService API: authentication, the asset registry, the dataset's policy, and
-jobs through the Operator Service."""
+jobs through the Operator Service. Every decision is written to the audit log, and what a job
+was started with to its provenance."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import rfc8785
 import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
@@ -26,13 +31,15 @@ from google.protobuf import json_format, timestamp_pb2
 from mesh import jobs as job_facts
 from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
-from mesh.errors import InvalidArgument, NotFound, PermissionDenied
-from provider import assets
-from provider.audit import AuditLog
-from provider.auth import Authenticator
+from mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from provider import assets, parameters
+from provider.approvals import ApprovalBook, ApprovalsMixin
+from provider.audit import AuditLog, AuditMixin
+from provider.auth import Authenticator, Caller
 from provider.config import ProviderConfig
-from provider.policy import check_trusted
-from provider.provenance import ProvenanceBook
+from provider.policy import check_policy, check_trusted, network_allowed
+from provider.provenance import ProvenanceBook, ProvenanceMixin
+from provider.signing import load_provider_key
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -41,12 +48,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_ALGORITHM_BYTES = 16 << 20
 MAX_RAW_ALGORITHM_BYTES = 1 << 20
 MAX_TOKEN_SECONDS = 24 * 3600
+MAX_VIEWERS = 20
+# Algorithm code streams in chunks of this size, as results do.
+_CHUNK_BYTES = 1 << 20
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 # The engine's environments are read again after this long; until _ENVIRONMENTS_STALE_S the
 # list at hand answers while the new one is fetched.
 _ENVIRONMENTS_FRESH_S = 10.0
 _ENVIRONMENTS_STALE_S = 60.0
 _RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
+_ACCESS_WORDS = {pb.ALGORITHM_ACCESS_PUBLIC: "public", pb.ALGORITHM_ACCESS_PRIVATE: "private"}
 
 
 def _page(size: int) -> int:
@@ -86,10 +97,167 @@ def _check_entrypoint(entrypoint: str, field: str) -> None:
         )
 
 
+def _set_code(
+    algorithm: pb.Algorithm, code: bytes, entrypoint: str, specs: Sequence[pb.ParameterSpec]
+) -> None:
+    """Checks an algorithm's code, entrypoint and parameter declaration (INVALID_ARGUMENT
+    naming the field) and sets them on its record, with the checksums and size they give."""
+    if not code:
+        raise InvalidArgument("code must not be empty", field="code")
+    if len(code) > MAX_ALGORITHM_BYTES:
+        raise InvalidArgument("code must be at most 16 MiB", field="code")
+    _check_entrypoint(entrypoint, "entrypoint")
+    parameters.check_declaration(specs)
+    algorithm.entrypoint = entrypoint
+    algorithm.files_checksum = assets.files_checksum([code])
+    algorithm.container_section_checksum = assets.container_section_checksum(entrypoint)
+    algorithm.size_bytes = len(code)
+    del algorithm.parameters[:]
+    algorithm.parameters.extend(specs)
+
+
+def _check_viewers(viewers: Sequence[str], caller: str) -> list[str]:
+    """The viewers in EIP-55 form, each once; INVALID_ARGUMENT naming the entry that is not an
+    address or is the caller (who owns the job)."""
+    if len(viewers) > MAX_VIEWERS:
+        raise InvalidArgument(f"viewers lists at most {MAX_VIEWERS} addresses", field="viewers")
+    checked: list[str] = []
+    for i, viewer in enumerate(viewers):
+        field = f"viewers[{i}]"
+        try:
+            address = checksum(viewer)
+        except ValueError:
+            raise InvalidArgument(
+                f"{field} must be a 0x-prefixed 20-byte hex address", field=field
+            ) from None
+        if address == caller:
+            raise InvalidArgument(f"{field} is the caller, who owns the job anyway", field=field)
+        if address not in checked:
+            checked.append(address)
+    return checked
+
+
+def _check_resources(asked: job_pb2.Resources, environment: job_pb2.Environment) -> None:
+    """INVALID_ARGUMENT naming `resources.<field>` when a limit asked for is negative or above
+    the environment's."""
+    for name, value, limit, unit in (
+        ("cpus", asked.cpus, environment.cpus, "CPUs"),
+        ("memory_bytes", asked.memory_bytes, environment.memory_bytes, "bytes"),
+        ("disk_bytes", asked.disk_bytes, environment.disk_bytes, "bytes"),
+        (
+            "max_duration",
+            asked.max_duration.ToNanoseconds() / 1e9,
+            environment.max_duration.ToNanoseconds() / 1e9,
+            "s",
+        ),
+    ):
+        field = f"resources.{name}"
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument(f"{field} must not be negative", field=field)
+        if value > limit:
+            raise InvalidArgument(
+                f"{field} is above the limit of environment {environment.name!r} "
+                f"({limit:g} {unit})",
+                field=field,
+            )
+
+
+def _limits(
+    environment: job_pb2.Environment, asked: job_pb2.Resources, network: bool
+) -> dict[str, Any]:
+    """The limits a job runs under (its environment's, lowered where the consumer asked), as
+    its provenance records them."""
+    duration = (
+        asked.max_duration if asked.max_duration.ToNanoseconds() else environment.max_duration
+    )
+    return {
+        "name": environment.name,
+        "cpu_millis": round((asked.cpus or environment.cpus) * 1000),
+        "memory_bytes": asked.memory_bytes or environment.memory_bytes,
+        "disk_bytes": asked.disk_bytes or environment.disk_bytes,
+        "max_processes": environment.max_processes,
+        "max_duration_seconds": math.ceil(duration.ToNanoseconds() / 1e9),
+        "network": network and environment.network_allowed,
+    }
+
+
+def _algorithm_facts(
+    algorithm: pb.Algorithm | None, code: bytes, entrypoint: str
+) -> dict[str, Any]:
+    """The algorithm as a job's provenance records it: digests, never code."""
+    if algorithm is None:
+        return {
+            "name": "",
+            "did": "",
+            "version": 0,
+            "access": "raw",
+            "files_checksum": assets.files_checksum([code]),
+            "container_section_checksum": assets.container_section_checksum(entrypoint),
+            "code_sha256": hashlib.sha256(code).hexdigest(),
+            "entrypoint": entrypoint,
+        }
+    return {
+        "name": algorithm.name,
+        "did": algorithm.did,
+        "version": algorithm.version,
+        "access": _ACCESS_WORDS[algorithm.access],
+        "files_checksum": algorithm.files_checksum,
+        "container_section_checksum": algorithm.container_section_checksum,
+        "code_sha256": hashlib.sha256(code).hexdigest(),
+        "entrypoint": entrypoint,
+    }
+
+
+@dataclass(frozen=True)
+class DecidedDataset:
+    """A dataset a job reads, as it was when its policy was checked."""
+
+    record: pb.Dataset
+    file_paths: list[str]
+    # Why it lets the algorithm run: a provider.policy.Basis, or another (an owner's sample run).
+    basis: str
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a job runs with, once every check has passed."""
+
+    owner: Caller
+    datasets: list[DecidedDataset]
+    # None for raw code.
+    algorithm: pb.Algorithm | None
+    code: bytes
+    entrypoint: str
+    # The values checked and completed with defaults (provider.parameters.job_values).
+    parameters: dict[str, Any]
+    environment: job_pb2.Environment
+    # Whether every dataset lets the job use the network (the engine asks the environment too).
+    allow_network: bool
+    viewers: list[str] = dataclasses.field(default_factory=list)
+    resources: job_pb2.Resources = dataclasses.field(default_factory=job_pb2.Resources)
+
+
+def _start_details(
+    algorithm: pb.Algorithm | None,
+    datasets: Sequence[DecidedDataset],
+    environment: job_pb2.Environment,
+) -> dict[str, Any]:
+    """What the audit log says of a job's start: the algorithm, the datasets decided so far
+    with their policy versions and bases, and the environment."""
+    return {
+        "algorithm": algorithm.did if algorithm else "raw",
+        "datasets": [
+            {"name": d.record.name, "policy_version": d.record.policy_version, "decision": d.basis}
+            for d in datasets
+        ],
+        "environment": environment.name,
+    }
+
+
 @functools.lru_cache(maxsize=64)
 def _ddo_json(record: bytes) -> str:
-    """The dataset's description as its jobs see it. Datasets never change once published, so
-    each is written once, not at every job."""
+    """The dataset's description as its jobs see it. A dataset's record changes only with its
+    policy, so each version is written once, not at every job."""
     return json_format.MessageToJson(pb.Dataset.FromString(record), indent=2)
 
 
@@ -104,7 +272,9 @@ def _whole_numbers(value: Any) -> Any:
     return value
 
 
-class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
+class ProviderServicer(
+    ApprovalsMixin, ProvenanceMixin, AuditMixin, provider_pb2_grpc.ProviderServiceServicer
+):
     def __init__(
         self,
         config: ProviderConfig,
@@ -116,7 +286,8 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         self.operator = operator
         self.auth = Authenticator(store)
         self.audit = AuditLog(store.db)
-        self.provenance = ProvenanceBook(store.db)
+        self.provenance = ProvenanceBook(store.db, load_provider_key(config))
+        self.approvals = ApprovalBook(store.db)
         self._environments: tuple[float, list[job_pb2.Environment]] = (0.0, [])
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -150,10 +321,8 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         self, request: pb.PublishDatasetRequest, context: Context
     ) -> pb.PublishDatasetResponse:
         caller = await self.auth.signed(context, "PublishDataset", request)
-        if caller.address not in self.config.owners:
-            raise PermissionDenied(
-                "only the node's data owners may publish datasets", reason="NOT_A_DATA_OWNER"
-            )
+        async with self.audit.refusals(caller.address, "dataset.publish", "datasets"):
+            self._require_owner(caller, "publish datasets")
         _check_request_id(request.request_id)
         if request.request_id:
             previous = await self.store.request_resource(caller.address, request.request_id)
@@ -161,7 +330,14 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
                 return pb.PublishDatasetResponse(dataset=await self._dataset(previous))
         if not 1 <= len(request.file_paths) <= assets.MAX_DATASET_FILES:
             raise InvalidArgument("file_paths must list 1 to 1000 files", field="file_paths")
-        self._check_policy(request.policy)
+        check_policy(request.policy)
+        if request.sample_of:
+            # Checked before the files are hashed, and again as the dataset is added.
+            refusal = self.store.sample_refusal(
+                job_facts.parse_name(request.sample_of, "datasets", "sample_of")
+            )
+            if refusal is not None:
+                raise refusal
         # One thread for every file: the data root is resolved once, not per file.
         checked = await asyncio.to_thread(
             assets.check_dataset_files, list(request.file_paths), self.config.data_root
@@ -177,34 +353,52 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
                 for i, f in enumerate(checked)
             ],
             policy=request.policy,
+            policy_version=1,
+            sample_of=request.sample_of,
         )
         dataset.create_time.GetCurrentTime()
         await self.store.add_dataset(dataset, [f.path for f in checked])
         if request.request_id:
             await self.store.remember_request(caller.address, request.request_id, dataset.name)
+        await self.audit.record(
+            caller.address,
+            "dataset.publish",
+            dataset.name,
+            allowed=True,
+            details={"policy_version": 1, "files": len(checked), "sample_of": request.sample_of},
+        )
         log.info("dataset published", dataset=dataset.did, files=len(checked))
         return pb.PublishDatasetResponse(dataset=dataset)
 
-    def _check_policy(self, policy: pb.ComputePolicy) -> None:
-        for i, trusted in enumerate(policy.publisher_trusted_algorithms):
-            field = f"policy.publisher_trusted_algorithms[{i}]"
-            if not re.fullmatch(r"did:c2d:[0-9a-f]{64}", trusted.did):
-                raise InvalidArgument(f"{field}.did must be did:c2d:<64 hex>", field=field)
-            for name in ("files_checksum", "container_section_checksum"):
-                if not re.fullmatch(r"[0-9a-f]{64}", getattr(trusted, name)):
-                    raise InvalidArgument(
-                        f"{field}.{name} must be 64 lowercase hex digits", field=f"{field}.{name}"
-                    )
-        for i, publisher in enumerate(policy.publisher_trusted_algorithm_publishers):
-            if publisher == "*":
-                continue
-            try:
-                checksum(publisher)
-            except ValueError:
-                field = f"policy.publisher_trusted_algorithm_publishers[{i}]"
-                raise InvalidArgument(f'{field} must be an address or "*"', field=field) from None
-        if policy.timeout.seconds < 0:
-            raise InvalidArgument("policy.timeout must not be negative", field="policy.timeout")
+    async def UpdateDatasetPolicy(
+        self, request: pb.UpdateDatasetPolicyRequest, context: Context
+    ) -> pb.UpdateDatasetPolicyResponse:
+        caller = await self.auth.signed(context, "UpdateDatasetPolicy", request)
+        dataset_id = job_facts.parse_name(request.name, "datasets")
+        action = "dataset.policy.update"
+        async with self.audit.refusals(caller.address, action, request.name):
+            self._require_owner(caller, "change a dataset's policy")
+            check_policy(request.policy)
+            if request.expected_policy_version < 0:
+                raise InvalidArgument(
+                    "expected_policy_version must not be negative",
+                    field="expected_policy_version",
+                )
+            dataset = await self.store.update_dataset_policy(
+                dataset_id, request.policy, request.expected_policy_version
+            )
+        await self.audit.record(
+            caller.address,
+            action,
+            dataset.name,
+            allowed=True,
+            details={
+                "old_policy_version": dataset.policy_version - 1,
+                "new_policy_version": dataset.policy_version,
+            },
+        )
+        log.info("dataset policy changed", dataset=dataset.did, version=dataset.policy_version)
+        return pb.UpdateDatasetPolicyResponse(dataset=dataset)
 
     async def _dataset(self, name: str, field: str = "name") -> pb.Dataset:
         return (await self._dataset_with_files(name, field))[0]
@@ -234,28 +428,107 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
             previous = await self.store.request_resource(caller.address, request.request_id)
             if previous is not None:
                 return pb.PublishAlgorithmResponse(algorithm=await self._algorithm(previous))
-        if not request.code:
-            raise InvalidArgument("code must not be empty", field="code")
-        if len(request.code) > MAX_ALGORITHM_BYTES:
-            raise InvalidArgument("code must be at most 16 MiB", field="code")
-        _check_entrypoint(request.entrypoint, "entrypoint")
+        access = request.access or pb.ALGORITHM_ACCESS_PRIVATE
+        if access not in _ACCESS_WORDS:
+            raise InvalidArgument("access must be PUBLIC or PRIVATE", field="access")
         algorithm_id = assets.derive_id(caller.address, caller.nonce)
         algorithm = pb.Algorithm(
             name=f"algorithms/{algorithm_id}",
             did=assets.did(algorithm_id),
             publisher=caller.address,
             metadata=request.metadata,
-            entrypoint=request.entrypoint,
-            files_checksum=assets.files_checksum([request.code]),
-            container_section_checksum=assets.container_section_checksum(request.entrypoint),
-            size_bytes=len(request.code),
+            access=access,
+            version=1,
         )
+        _set_code(algorithm, request.code, request.entrypoint, request.parameters)
         algorithm.create_time.GetCurrentTime()
+        algorithm.update_time.CopyFrom(algorithm.create_time)
         await self.store.add_algorithm(algorithm, request.code)
         if request.request_id:
             await self.store.remember_request(caller.address, request.request_id, algorithm.name)
+        await self.audit.record(
+            caller.address,
+            "algorithm.publish",
+            algorithm.name,
+            allowed=True,
+            details={"access": _ACCESS_WORDS[access], "files_checksum": algorithm.files_checksum},
+        )
         log.info("algorithm published", algorithm=algorithm.did)
         return pb.PublishAlgorithmResponse(algorithm=algorithm)
+
+    async def UpdateAlgorithm(
+        self, request: pb.UpdateAlgorithmRequest, context: Context
+    ) -> pb.UpdateAlgorithmResponse:
+        caller = await self.auth.signed(context, "UpdateAlgorithm", request)
+        async with self.audit.refusals(caller.address, "algorithm.update", request.name):
+            algorithm = await self._algorithm(request.name)
+            if algorithm.publisher != caller.address:
+                raise PermissionDenied(
+                    f"only the publisher of {algorithm.name} may update it",
+                    reason="NOT_THE_PUBLISHER",
+                )
+            _set_code(algorithm, request.code, request.entrypoint, request.parameters)
+        algorithm.update_time.GetCurrentTime()
+        algorithm = await self.store.update_algorithm(algorithm, request.code)
+        await self.audit.record(
+            caller.address,
+            "algorithm.update",
+            algorithm.name,
+            allowed=True,
+            details={"version": algorithm.version, "files_checksum": algorithm.files_checksum},
+        )
+        log.info("algorithm updated", algorithm=algorithm.did, version=algorithm.version)
+        return pb.UpdateAlgorithmResponse(algorithm=algorithm)
+
+    async def DownloadAlgorithm(
+        self, request: pb.DownloadAlgorithmRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadAlgorithmResponse]:
+        algorithm, code = await self._algorithm_with_code(request.name)
+        reader = await self._code_reader(algorithm, request, context)
+        if not 0 <= request.offset <= len(code):
+            raise InvalidArgument("offset is outside the code", field="offset")
+        await self.audit.record(
+            reader,
+            "algorithm.download",
+            algorithm.name,
+            allowed=True,
+            details={"offset": request.offset},
+        )
+        for start in range(request.offset, len(code), _CHUNK_BYTES):
+            yield pb.DownloadAlgorithmResponse(
+                offset=start, data=code[start : start + _CHUNK_BYTES]
+            )
+
+    async def _code_reader(
+        self, algorithm: pb.Algorithm, request: pb.DownloadAlgorithmRequest, context: Context
+    ) -> str:
+        """Who reads the algorithm's code ("" for anyone without credentials): anyone for a
+        public algorithm; for a private one its publisher, or a data owner while an approval
+        request for it is pending. PERMISSION_DENIED (audited) for anyone else."""
+        public = algorithm.access == pb.ALGORITHM_ACCESS_PUBLIC
+        try:
+            caller = await self.auth.reader(context, "DownloadAlgorithm", request)
+        except Unauthenticated as error:
+            if public and error.reason == "CREDENTIALS_REQUIRED":
+                return ""
+            raise
+        if public or caller.address == algorithm.publisher:
+            return caller.address
+        if caller.address in self.config.owners and await self.approvals_pending_for(
+            algorithm.name
+        ):
+            return caller.address
+        await self.audit.record(
+            caller.address,
+            "algorithm.download",
+            algorithm.name,
+            allowed=False,
+            reason="ALGORITHM_PRIVATE",
+        )
+        raise PermissionDenied(
+            f"{algorithm.name} is private: its code is usable only inside jobs",
+            reason="ALGORITHM_PRIVATE",
+        )
 
     async def _algorithm(self, name: str, field: str = "name") -> pb.Algorithm:
         return (await self._algorithm_with_code(name, field))[0]
@@ -327,50 +600,133 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         ]
         if len(set(names)) != len(names):
             raise InvalidArgument("a dataset is listed twice", field="additional_datasets")
-        datasets = [
-            await self._dataset_with_files(n, f) for n, f in zip(names, fields, strict=True)
+        dataset_ids = [
+            job_facts.parse_name(n, "datasets", f) for n, f in zip(names, fields, strict=True)
         ]
+        viewers = _check_viewers(request.viewers, caller.address)
         algorithm, code = await self._resolve_algorithm(request)
-        for dataset, _ in datasets:
-            check_trusted(dataset, algorithm)
-        environment = request.environment or "default"
-        environments = {e.name: e for e in await self._environment_list()}
-        if environment not in environments:
-            raise NotFound(f"no environment named {environment!r}", reason="ENVIRONMENT_NOT_FOUND")
-        parameters = _whole_numbers(json_format.MessageToDict(request.parameters))
+        environment = await self._environment(request.environment or "default")
+        _check_resources(request.resources, environment)
+        given = json_format.MessageToDict(request.parameters)
+
+        decided: list[DecidedDataset] = []
+        try:
+            for name, dataset_id in zip(names, dataset_ids, strict=True):
+                found = await self.store.dataset(dataset_id)
+                if found is None:
+                    raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
+                # Decided on this very record, with no await in between: the policy version
+                # the job records is the one that allowed it, whatever changes the policy next.
+                dataset, paths = found
+                decided.append(DecidedDataset(dataset, paths, check_trusted(dataset, algorithm)))
+            records = [d.record for d in decided]
+            allow_network = network_allowed(records, environment, required=request.require_network)
+            values = parameters.job_values(algorithm, given, records)
+        except (PermissionDenied, InvalidArgument) as refusal:
+            await self.audit.record(
+                caller.address,
+                "compute.start",
+                request.dataset,
+                allowed=False,
+                reason=refusal.reason,
+                details={
+                    **_start_details(algorithm, decided, environment),
+                    "message": refusal.message,
+                },
+            )
+            raise
+
+        job = await self._launch(
+            JobPlan(
+                owner=caller,
+                datasets=decided,
+                algorithm=algorithm,
+                code=code,
+                entrypoint=algorithm.entrypoint if algorithm else request.raw_algorithm.entrypoint,
+                parameters=values,
+                environment=environment,
+                allow_network=allow_network,
+                viewers=viewers,
+                resources=request.resources,
+            )
+        )
+        if request.request_id:
+            await self.store.remember_request(caller.address, request.request_id, job.name)
+        await self.audit.record(
+            caller.address,
+            "compute.start",
+            job.name,
+            allowed=True,
+            reason=",".join(d.basis for d in decided),
+            details=_start_details(algorithm, decided, environment),
+        )
+        log.info(
+            "compute started",
+            datasets=len(decided),
+            algorithm=algorithm.did if algorithm else "raw",
+        )
+        return pb.StartComputeResponse(job=job)
+
+    async def _environment(self, name: str) -> job_pb2.Environment:
+        for environment in await self._environment_list():
+            if environment.name == name:
+                return environment
+        raise NotFound(f"no environment named {name!r}", reason="ENVIRONMENT_NOT_FOUND")
+
+    async def _launch(self, plan: JobPlan) -> job_pb2.Job:
+        """Hands a job whose every check has passed to the Operator Service, then keeps what
+        it was started with for its provenance. Binds the job's id to the request's log lines."""
+        algorithm = plan.algorithm
+        values = _whole_numbers(plan.parameters)
         spec = engine_pb2.JobSpec(
             job_id=job_facts.new_job_id(),
-            owner=caller.address,
+            owner=plan.owner.address,
             datasets=[
                 engine_pb2.DatasetInput(
-                    id=dataset.name.removeprefix("datasets/"),
-                    file_paths=paths,
-                    ddo_json=_ddo_json(dataset.SerializeToString(deterministic=True)),
+                    id=d.record.name.removeprefix("datasets/"),
+                    file_paths=d.file_paths,
+                    ddo_json=_ddo_json(d.record.SerializeToString(deterministic=True)),
                 )
-                for dataset, paths in datasets
+                for d in plan.datasets
             ],
             algorithm=engine_pb2.AlgorithmInput(
                 id=algorithm.name.removeprefix("algorithms/") if algorithm else "",
-                code=code,
-                code_sha256=hashlib.sha256(code).hexdigest(),
-                entrypoint=algorithm.entrypoint if algorithm else request.raw_algorithm.entrypoint,
+                code=plan.code,
+                code_sha256=hashlib.sha256(plan.code).hexdigest(),
+                entrypoint=plan.entrypoint,
+                private=algorithm is not None and algorithm.access != pb.ALGORITHM_ACCESS_PUBLIC,
             ),
-            parameters_json=json.dumps(parameters) if parameters else "",
-            environment=environment,
-            allow_network=all(d.policy.allow_network_access for d, _ in datasets),
+            parameters_json=json.dumps(values) if values else "",
+            environment=plan.environment.name,
+            allow_network=plan.allow_network,
+            viewers=plan.viewers,
+            resources=plan.resources,
         )
         structlog.contextvars.bind_contextvars(job_id=spec.job_id)
         response = await self.operator.CreateJob(
             operator_pb2.CreateJobRequest(spec=spec), timeout=UNARY_TIMEOUT
         )
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, response.job.name)
-        log.info(
-            "compute started",
-            datasets=len(datasets),
-            algorithm=algorithm.did if algorithm else "raw",
+        await self.provenance.job_started(
+            response.job.name,
+            {
+                "consumer": plan.owner.address,
+                "viewers": plan.viewers,
+                "algorithm": _algorithm_facts(algorithm, plan.code, plan.entrypoint),
+                "datasets": [
+                    {
+                        "name": d.record.name,
+                        "did": d.record.did,
+                        "files": [f.sha256 for f in d.record.files],
+                        "policy_version": d.record.policy_version,
+                        "decision": d.basis,
+                    }
+                    for d in plan.datasets
+                ],
+                "parameters_sha256": hashlib.sha256(rfc8785.dumps(values)).hexdigest(),
+                "environment": _limits(plan.environment, plan.resources, plan.allow_network),
+            },
         )
-        return pb.StartComputeResponse(job=response.job)
+        return response.job
 
     async def _dataset_with_files(
         self, name: str, field: str = "name"
@@ -461,22 +817,27 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         caller = await self.auth.signed(context, "StopJob", request)
         job_id = job_facts.parse_name(request.name, "jobs")
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        response = await self.operator.StopJob(
-            operator_pb2.StopJobRequest(job_id=job_id, owner=caller.address),
-            timeout=UNARY_TIMEOUT,
-        )
+        async with self.audit.refusals(caller.address, "job.stop", request.name):
+            response = await self.operator.StopJob(
+                operator_pb2.StopJobRequest(job_id=job_id, owner=caller.address),
+                timeout=UNARY_TIMEOUT,
+            )
+        await self.audit.record(caller.address, "job.stop", request.name, allowed=True)
         return pb.StopJobResponse(job=response.job)
 
     async def DeleteJob(
         self, request: pb.DeleteJobRequest, context: Context
     ) -> pb.DeleteJobResponse:
         caller = await self.auth.signed(context, "DeleteJob", request)
+        await self.provenance_before_delete(request.name, caller)
         job_id = job_facts.parse_name(request.name, "jobs")
         structlog.contextvars.bind_contextvars(job_id=job_id)
-        await self.operator.DeleteJob(
-            operator_pb2.DeleteJobRequest(job_id=job_id, owner=caller.address),
-            timeout=UNARY_TIMEOUT,
-        )
+        async with self.audit.refusals(caller.address, "job.delete", request.name):
+            await self.operator.DeleteJob(
+                operator_pb2.DeleteJobRequest(job_id=job_id, owner=caller.address),
+                timeout=UNARY_TIMEOUT,
+            )
+        await self.audit.record(caller.address, "job.delete", request.name, allowed=True)
         return pb.DeleteJobResponse()
 
     async def DownloadResult(
@@ -490,9 +851,30 @@ class ProviderServicer(provider_pb2_grpc.ProviderServiceServicer):
         structlog.contextvars.bind_contextvars(job_id=job_id)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
-        async for response in self.operator.ReadResult(
-            operator_pb2.ReadResultRequest(
-                job_id=job_id, owner=caller.address, index=index, offset=request.offset
-            )
-        ):
-            yield pb.DownloadResultResponse(offset=response.offset, data=response.data)
+        # Audited once per download, at its start (offset 0), not again at each resumption:
+        # allowed once the first bytes come (or the result proves empty), refused otherwise.
+        audited = request.offset != 0
+        try:
+            async for response in self.operator.ReadResult(
+                operator_pb2.ReadResultRequest(
+                    job_id=job_id, owner=caller.address, index=index, offset=request.offset
+                )
+            ):
+                if not audited:
+                    audited = True
+                    await self.audit.record(
+                        caller.address, "result.download", request.name, allowed=True
+                    )
+                yield pb.DownloadResultResponse(offset=response.offset, data=response.data)
+        except grpc.aio.AioRpcError as error:
+            if not audited:
+                await self.audit.record(
+                    caller.address,
+                    "result.download",
+                    request.name,
+                    allowed=False,
+                    reason=error.code().name,
+                )
+            raise
+        if not audited:
+            await self.audit.record(caller.address, "result.download", request.name, allowed=True)

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
@@ -99,14 +99,31 @@ class Client:
         metadata: pb.AssetMetadata | None = None,
         policy: pb.ComputePolicy | None = None,
         request_id: str = "",
+        sample_of: str = "",
     ) -> pb.Dataset:
+        """Publishes a dataset; with `sample_of` (a dataset's DID, name or id), as the sample
+        of that dataset."""
         request = pb.PublishDatasetRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
             file_paths=[str(Path(p).absolute()) for p in paths],
             policy=policy,
+            sample_of=asset_name("datasets", sample_of) if sample_of else "",
         )
         response = await self._signed("PublishDataset", request)
+        return response.dataset  # type: ignore[no-any-return]
+
+    async def update_policy(
+        self, ref: str, policy: pb.ComputePolicy, *, expected_version: int = 0
+    ) -> pb.Dataset:
+        """Replaces a dataset's policy; with `expected_version`, only if it is still at that
+        version (ABORTED otherwise)."""
+        request = pb.UpdateDatasetPolicyRequest(
+            name=asset_name("datasets", ref),
+            policy=policy,
+            expected_policy_version=expected_version,
+        )
+        response = await self._signed("UpdateDatasetPolicy", request)
         return response.dataset  # type: ignore[no-any-return]
 
     async def trust(self, algorithm_ref: str) -> pb.TrustedAlgorithm:
@@ -125,15 +142,58 @@ class Client:
         *,
         metadata: pb.AssetMetadata | None = None,
         request_id: str = "",
+        access: pb.AlgorithmAccess.ValueType = pb.ALGORITHM_ACCESS_UNSPECIFIED,
+        parameters: Sequence[pb.ParameterSpec] = (),
     ) -> pb.Algorithm:
+        """Publishes an algorithm: private unless `access` says public."""
         request = pb.PublishAlgorithmRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
             code=code,
             entrypoint=entrypoint,
+            access=access,
+            parameters=parameters,
         )
         response = await self._signed("PublishAlgorithm", request)
         return response.algorithm  # type: ignore[no-any-return]
+
+    async def update_algorithm(
+        self,
+        ref: str,
+        code: bytes,
+        entrypoint: str,
+        *,
+        parameters: Sequence[pb.ParameterSpec] = (),
+    ) -> pb.Algorithm:
+        """Replaces an algorithm's code, entrypoint and parameter declaration (its checksums
+        change with them)."""
+        request = pb.UpdateAlgorithmRequest(
+            name=asset_name("algorithms", ref),
+            code=code,
+            entrypoint=entrypoint,
+            parameters=parameters,
+        )
+        response = await self._signed("UpdateAlgorithm", request)
+        return response.algorithm  # type: ignore[no-any-return]
+
+    async def download_algorithm(
+        self,
+        ref: str,
+        *,
+        offset: int = 0,
+        credentials: Literal["token", "signature", "none"] = "token",
+    ) -> bytes:
+        """An algorithm's code from `offset`. A public one's needs no credentials; a private
+        one's only its publisher (or an owner reviewing it) may read."""
+        request = pb.DownloadAlgorithmRequest(name=asset_name("algorithms", ref), offset=offset)
+        metadata: list[tuple[str, str]] = []
+        if credentials == "token":
+            metadata = await self.token_metadata()
+        elif credentials == "signature":
+            async with self._signing:
+                metadata = self.signature_metadata("DownloadAlgorithm", request)
+        call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
+        return b"".join([response.data async for response in call])
 
     async def get_dataset(self, ref: str) -> pb.Dataset:
         response = await self.stub.GetDataset(
@@ -163,7 +223,13 @@ class Client:
         parameters: dict[str, Any] | None = None,
         environment: str = "",
         request_id: str = "",
+        viewers: Sequence[str] = (),
+        resources: job_pb2.Resources | None = None,
+        require_network: bool = False,
     ) -> job_pb2.Job:
+        """Starts a job on `datasets` (the main one first). `viewers` may read it too;
+        `resources` lowers the environment's limits; `require_network` refuses up front
+        unless the job will have the network."""
         if not datasets:
             raise ValueError("at least one dataset")
         params = struct_pb2.Struct()
@@ -179,6 +245,9 @@ class Client:
             else None,
             parameters=params,
             environment=environment,
+            viewers=viewers,
+            resources=resources,
+            require_network=require_network,
         )
         response = await self._signed("StartCompute", request)
         return response.job  # type: ignore[no-any-return]
@@ -250,3 +319,115 @@ class Client:
             raise ValueError(f"result {result.index} failed its sha256 check; download again")
         partial.replace(dest)
         return dest
+
+    # -- owner's control: approval requests, audit log, provenance ---------------------------
+
+    async def get_provider_info(self) -> pb.GetProviderInfoResponse:
+        """Who the provider is: pin its `address` before trusting a provenance record."""
+        return await self.stub.GetProviderInfo(pb.GetProviderInfoRequest(), timeout=TIMEOUT)
+
+    async def get_provenance(self, ref: str) -> bytes:
+        """A final job's signed provenance document, as bytes to save or to check with
+        mesh.provenance.verify_document."""
+        response = await self.stub.GetProvenance(
+            pb.GetProvenanceRequest(name=job_ref(ref)),
+            metadata=await self.token_metadata(),
+            timeout=TIMEOUT,
+        )
+        return response.document.encode()
+
+    async def create_approval_request(
+        self,
+        dataset: str,
+        algorithm: str,
+        *,
+        message: str = "",
+        parameters: dict[str, Any] | None = None,
+        request_id: str = "",
+    ) -> pb.ApprovalRequest:
+        params = struct_pb2.Struct()
+        if parameters:
+            params.update(parameters)
+        request = pb.CreateApprovalRequestRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            dataset=asset_name("datasets", dataset),
+            algorithm=asset_name("algorithms", algorithm),
+            message=message,
+            parameters=params,
+        )
+        response = await self._signed("CreateApprovalRequest", request)
+        return response.approval_request  # type: ignore[no-any-return]
+
+    async def _every_page(self, method: str, request: Any, field: str) -> list[Any]:
+        """Every item of a paginated read, following `next_page_token` to the last page."""
+        items: list[Any] = []
+        while True:
+            response = await getattr(self.stub, method)(
+                request, metadata=await self.token_metadata(), timeout=TIMEOUT
+            )
+            items.extend(getattr(response, field))
+            if not response.next_page_token:
+                return items
+            request.page_token = response.next_page_token
+
+    async def list_approval_requests(
+        self,
+        *,
+        dataset: str = "",
+        state: pb.ApprovalState.ValueType = pb.APPROVAL_STATE_UNSPECIFIED,
+        page_size: int = 50,
+    ) -> list[pb.ApprovalRequest]:
+        """All requests for an owner, the caller's own for anyone else; newest first."""
+        request = pb.ListApprovalRequestsRequest(
+            dataset=asset_name("datasets", dataset) if dataset else "",
+            state=state,
+            page_size=page_size,
+        )
+        return await self._every_page("ListApprovalRequests", request, "approval_requests")
+
+    async def get_approval_request(self, name: str) -> pb.ApprovalRequest:
+        response = await self.stub.GetApprovalRequest(
+            pb.GetApprovalRequestRequest(name=name),
+            metadata=await self.token_metadata(),
+            timeout=TIMEOUT,
+        )
+        return response.approval_request
+
+    async def approve(
+        self, name: str, files_checksum: str, container_section_checksum: str, *, note: str = ""
+    ) -> pb.ApproveApprovalRequestResponse:
+        """Approves a request at the checksums the owner reviewed (they must be the request's)."""
+        response = await self._signed(
+            "ApproveApprovalRequest",
+            pb.ApproveApprovalRequestRequest(
+                name=name,
+                files_checksum=files_checksum,
+                container_section_checksum=container_section_checksum,
+                note=note,
+            ),
+        )
+        return response  # type: ignore[no-any-return]
+
+    async def reject(self, name: str, reason: str) -> pb.ApprovalRequest:
+        response = await self._signed(
+            "RejectApprovalRequest", pb.RejectApprovalRequestRequest(name=name, reason=reason)
+        )
+        return response.approval_request  # type: ignore[no-any-return]
+
+    async def run_approval_sample(
+        self, name: str, *, environment: str = "", request_id: str = ""
+    ) -> job_pb2.Job:
+        response = await self._signed(
+            "RunApprovalSample",
+            pb.RunApprovalSampleRequest(
+                name=name, request_id=request_id or uuid.uuid4().hex, environment=environment
+            ),
+        )
+        return response.job  # type: ignore[no-any-return]
+
+    async def list_audit_events(
+        self, *, action: str = "", resource: str = "", page_size: int = 100
+    ) -> list[pb.AuditEvent]:
+        """The audit log, oldest first (owners only)."""
+        request = pb.ListAuditEventsRequest(action=action, resource=resource, page_size=page_size)
+        return await self._every_page("ListAuditEvents", request, "events")
