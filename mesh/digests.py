@@ -9,11 +9,13 @@ import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import rfc8785
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mesh.auth import request_digest
+from mesh.errors import InvalidArgument
 
 
 def _metadata(m: pb.AssetMetadata) -> list[Any]:
@@ -141,5 +143,12 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
 
 
 def digest_for(command: str, request: Message) -> str:
-    """The request digest of `request` for the RPC named `command`."""
-    return request_digest(_FIELDS[command](request))
+    """The request digest of `request` for the RPC named `command`. INVALID_ARGUMENT for a
+    request JSON cannot carry, such as a NaN or an infinity in a number field."""
+    try:
+        return request_digest(_FIELDS[command](request))
+    except rfc8785.CanonicalizationError as error:
+        raise InvalidArgument(
+            f"the request holds a value that has no canonical JSON form: {error}",
+            reason="NOT_CANONICAL_JSON",
+        ) from None

@@ -66,6 +66,13 @@ class FailedPrecondition(MeshError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class Aborted(MeshError):
+    """A conflict with a concurrent change: read again and retry."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
 class Unavailable(MeshError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
@@ -105,6 +112,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, service: str) -> MeshError:
         grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
         grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
         grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+        grpc.StatusCode.ABORTED: Aborted,
         grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
         grpc.StatusCode.DATA_LOSS: DataLoss,
     }

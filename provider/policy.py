@@ -8,12 +8,11 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-import grpc
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2
 
 from mesh.auth import checksum
-from mesh.errors import InvalidArgument, MeshError, PermissionDenied
+from mesh.errors import Aborted, InvalidArgument, PermissionDenied
 from provider import parameters
 
 # Why a dataset let an algorithm run: the audit log and provenance record name it.
@@ -23,11 +22,10 @@ _DID = re.compile(r"did:c2d:[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class PolicyVersionMismatch(MeshError):
+class PolicyVersionMismatch(Aborted):
     """The dataset's policy changed since the caller read it (UpdateDatasetPolicy's
     `expected_policy_version`)."""
 
-    code = grpc.StatusCode.ABORTED
     default_reason = "POLICY_VERSION_MISMATCH"
 
 

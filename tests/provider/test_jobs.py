@@ -309,3 +309,24 @@ async def test_an_unknown_environment_is_not_found(local_mesh: LocalMesh) -> Non
         )
         assert error.code() == grpc.StatusCode.NOT_FOUND
         assert error_info(error).reason == "ENVIRONMENT_NOT_FOUND"
+
+
+@needs_root
+async def test_a_number_json_cannot_carry_is_an_invalid_argument(local_mesh: LocalMesh) -> None:
+    """A NaN cannot be digested (RFC 8785 has no form for it): the request is refused as
+    malformed before its signature is checked, never an internal error."""
+    consumer = new_key()
+    async with local_mesh.client(consumer) as client:
+        request = pb.StartComputeRequest(
+            dataset="datasets/" + "a" * 64,
+            algorithm="algorithms/" + "b" * 64,
+            resources=job_pb2.Resources(cpus=float("nan")),
+        )
+        metadata = [
+            ("x-c2d-address", consumer.address),
+            ("x-c2d-nonce", "1"),
+            ("x-c2d-signature", "0x" + "11" * 65),
+        ]
+        error = await refused(client.stub.StartCompute(request, metadata=metadata))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error_info(error).reason == "NOT_CANONICAL_JSON"
