@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from mesh import jobs as job_facts
 from mesh.channels import open_channel
@@ -30,6 +27,7 @@ from operator_service.config import OperatorConfig
 from operator_service.server import OperatorService
 from operator_service.server import build as build_operator
 from tests.conftest import SandboxIdentity, engine_config
+from tests.e2e.test_job import error_info as error_info  # re-exported for these suites
 
 HELLO = b"print('hello', flush=True)\n"
 
@@ -154,11 +152,3 @@ async def running_node(
         runner.sandbox.close()
         assert mounted_under(home) == [], "the engine left a job disk mounted"
         assert not sandbox.stage_root.exists(), "the engine left its staging root"
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "the error carries no google.rpc.Status details"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
