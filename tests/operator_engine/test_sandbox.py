@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -495,7 +494,8 @@ async def test_a_cancelled_job_ends_cancelled(sandbox: Sandbox, tmp_path: Path) 
     started = time.monotonic()
     cancel.set()
     run = await job
-    assert time.monotonic() - started < 1.0
+    # Ended by the cancel, not by its 60 s sleep (a loose bound: this is no speed test).
+    assert time.monotonic() - started < 10
     assert run.result.outcome is Outcome.CANCELLED
     assert run.output == b"started\n"
 
@@ -510,7 +510,7 @@ async def test_a_caller_that_gives_up_still_gets_the_job_killed(
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 10  # killed, not left to its 60 s sleep
     assert_cleaned_up(sandbox, "abandoned")
 
 
@@ -986,28 +986,17 @@ def test_check_refuses_a_missing_runtime() -> None:
         Sandbox(SandboxConfig(runtime_python="/usr/bin/python2.2", cgroup_name="c2d-test")).check()
 
 
-async def test_overhead_of_a_trivial_run(sandbox: Sandbox) -> None:
-    """Median of 20 runs of `python3 -c pass`, bare and sandboxed, alternated."""
+async def test_trivial_runs_one_after_another_leak_no_descriptor(sandbox: Sandbox) -> None:
+    """20 runs in a row, each from a parked sandbox: every one succeeds and none leaves a pipe
+    or pidfd open. (What a run costs against a bare one is measured by `python -m bench`,
+    not here: timing assertions do not belong in unit tests.)"""
 
     async def ignore(chunk: bytes) -> None:
         pass
 
     fds_before = len(os.listdir("/proc/self/fd"))
-    bare, sandboxed = [], []
     for i in range(20):
-        started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(PYTHON, "-c", "pass")
-        await proc.wait()
-        bare.append(time.perf_counter() - started)
-        spec = SandboxSpec(f"overhead-{i}", [], [PYTHON, "-c", "pass"], {}, LIMITS)
-        started = time.perf_counter()
+        spec = SandboxSpec(f"trivial-{i}", [], [PYTHON, "-c", "pass"], {}, LIMITS)
         result = await sandbox.run(spec, ignore)
-        sandboxed.append(time.perf_counter() - started)
         assert result.outcome is Outcome.OK
-    overhead_ms = (statistics.median(sandboxed) - statistics.median(bare)) * 1000
-    print(
-        f"bare {statistics.median(bare) * 1000:.1f} ms, "
-        f"sandboxed {statistics.median(sandboxed) * 1000:.1f} ms, overhead {overhead_ms:.1f} ms"
-    )
-    assert overhead_ms < 60
     assert len(os.listdir("/proc/self/fd")) == fds_before  # no pipe or pidfd leaked
