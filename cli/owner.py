@@ -18,6 +18,7 @@ from cli.common import emit as _emit
 from cli.common import parse_parameters
 from cli.output import print_json, to_dict
 from mesh.provenance import ProvenanceError, verify_document
+from sdk.client import asset_did
 
 _BOUND = re.compile(
     r"(?P<name>[A-Za-z][A-Za-z0-9_]{0,63})(?:@(?P<did>did:c2d:[0-9a-f]{64}))?"
@@ -143,7 +144,7 @@ async def apply_policy_flags(
     client: Any, policy: pb.ComputePolicy, args: argparse.Namespace
 ) -> None:
     """Changes `policy` in place as the flags say."""
-    untrust = {await _did(client, ref) for ref in getattr(args, "untrust", [])}
+    untrust = {asset_did("algorithms", ref) for ref in getattr(args, "untrust", [])}
     new = [await client.trust(ref) for ref in args.trust]
     replaced = untrust | {t.did for t in new}
     kept = [t for t in policy.publisher_trusted_algorithms if t.did not in replaced]
@@ -170,31 +171,14 @@ async def apply_policy_flags(
         policy.timeout.CopyFrom(duration_pb2.Duration(seconds=args.timeout))
 
 
-async def _did(client: Any, ref: str) -> str:
-    return str((await client.get_algorithm(ref)).did)
-
-
-def _edits_policy(args: argparse.Namespace) -> bool:
-    return bool(
-        args.trust
-        or args.untrust
-        or args.trust_publisher
-        or args.untrust_publisher
-        or args.bound
-        or args.unbound
-        or args.allow_raw is not None
-        or args.allow_network is not None
-        or args.timeout is not None
-    )
-
-
 async def cmd_dataset_policy(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         dataset = await client.get_dataset(args.did)
-        if _edits_policy(args):
-            policy = pb.ComputePolicy()
-            policy.CopyFrom(dataset.policy)
-            await apply_policy_flags(client, policy, args)
+        policy = pb.ComputePolicy()
+        policy.CopyFrom(dataset.policy)
+        await apply_policy_flags(client, policy, args)
+        # Without change flags (or with flags that change nothing) the policy is only shown.
+        if policy != dataset.policy:
             # Only over the version just read: an edit by another owner in between is not lost.
             dataset = await client.update_policy(
                 args.did, policy, expected_version=dataset.policy_version
@@ -278,14 +262,6 @@ def _write_private(path: Path, content: bytes) -> None:
 # -- approval requests ---------------------------------------------------------------------
 
 
-def approval_name(ref: str) -> str:
-    """`approvalRequests/{id}` from the name or its id."""
-    ref = ref.strip()
-    if not ref.startswith("approvalRequests/"):
-        ref = f"approvalRequests/{ref}"
-    return ref
-
-
 def _state(state: int) -> str:
     return pb.ApprovalState.Name(state).removeprefix("APPROVAL_STATE_").lower()  # type: ignore[arg-type]
 
@@ -342,7 +318,7 @@ async def cmd_approval_list(args: argparse.Namespace) -> int:
 
 async def cmd_approval_show(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        request = await client.get_approval_request(approval_name(args.id))
+        request = await client.get_approval_request(args.id)
         if args.code:
             # The code as it is now: the owner compares its checksum with the request's.
             code = await client.download_algorithm(request.algorithm)
@@ -356,12 +332,11 @@ async def cmd_approval_show(args: argparse.Namespace) -> int:
 
 async def cmd_approval_approve(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        name = approval_name(args.id)
-        request = await client.get_approval_request(name)
+        request = await client.get_approval_request(args.id)
         # Approving pins the checksums shown by `approval show`, and the Provider refuses if
         # the algorithm has changed since.
         response = await client.approve(
-            name,
+            request.name,
             args.files_checksum or request.files_checksum,
             args.container_section_checksum or request.container_section_checksum,
             note=args.note,
@@ -377,7 +352,7 @@ async def cmd_approval_approve(args: argparse.Namespace) -> int:
 
 async def cmd_approval_reject(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        request = await client.reject(approval_name(args.id), args.reason)
+        request = await client.reject(args.id, args.reason)
     _emit(args, to_dict(request), describe_approval(request, full=True))
     return 0
 
@@ -387,7 +362,7 @@ async def cmd_approval_sample(args: argparse.Namespace) -> int:
     from cli.output import describe
 
     async with _client(args) as client:
-        job = await client.run_approval_sample(approval_name(args.id), environment=args.environment)
+        job = await client.run_approval_sample(args.id, environment=args.environment)
         job_id = job.name.removeprefix("jobs/")
         if not args.follow:
             _emit(args, to_dict(job), job_id)
@@ -424,25 +399,33 @@ async def cmd_audit_list(args: argparse.Namespace) -> int:
 async def cmd_audit_export(args: argparse.Namespace) -> int:
     from provider.audit import AuditChainError, verify_chain
 
-    async with _client(args) as client:
-        events = await client.list_audit_events()
-    try:
-        verify_chain(events)
-    except AuditChainError as error:
-        print(f"c2d: the audit log does not verify: {error}", file=sys.stderr)
-        return 1
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # One JSON object per line, as the REST edge shows them: each line's hash can be checked
-    # from the line before it.
-    with out.open("w") as f:
-        for event in events:
-            f.write(json.dumps(to_dict(event), sort_keys=True) + "\n")
-    last = events[-1].hash if events else ""
+    partial = out.with_name(out.name + ".partial")
+    count, last = 0, ""
+    async with _client(args) as client:
+        pages = client.pages("ListAuditEvents", pb.ListAuditEventsRequest(page_size=1000), "events")
+        # One JSON object per line, as the REST edge shows them: each line's hash can be
+        # checked from the line before it. Page by page, so a long log never sits in memory.
+        with partial.open("w") as f:
+            async for page in pages:
+                try:
+                    count += verify_chain(page, last)
+                except AuditChainError as error:
+                    partial.unlink()
+                    print(f"c2d: the audit log does not verify: {error}", file=sys.stderr)
+                    return 1
+                last = page[-1].hash if page else last
+                f.writelines(json.dumps(to_dict(e), sort_keys=True) + "\n" for e in page)
+                if not args.json and sys.stderr.isatty():
+                    print(f"\r{count} entries checked", end="", file=sys.stderr, flush=True)
+    partial.replace(out)
+    if not args.json and sys.stderr.isatty():
+        print(file=sys.stderr)
     _emit(
         args,
-        {"path": str(out), "events": len(events), "last_hash": last},
-        f"{len(events)} entries to {out}; the chain verifies; last hash {last}",
+        {"path": str(out), "events": count, "last_hash": last},
+        f"{count} entries to {out}; the chain verifies; last hash {last}",
     )
     return 0
 

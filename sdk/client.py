@@ -32,6 +32,16 @@ def asset_name(collection: str, ref: str) -> str:
     return f"{collection}/{ident}"
 
 
+def asset_did(collection: str, ref: str) -> str:
+    """`did:c2d:{id}` from a DID, a resource name or a bare id."""
+    return DID_PREFIX + asset_name(collection, ref).removeprefix(f"{collection}/")
+
+
+def approval_ref(ref: str) -> str:
+    """`approvalRequests/{id}` from the name or its id."""
+    return asset_name("approvalRequests", ref.strip())
+
+
 def job_ref(ref: str) -> str:
     """`jobs/{id}` from a job name or a bare id."""
     return ref if ref.startswith("jobs/") else f"jobs/{ref}"
@@ -261,18 +271,9 @@ class Client:
         return response.job
 
     async def list_jobs(self, page_size: int = 50) -> list[job_pb2.Job]:
-        jobs: list[job_pb2.Job] = []
-        token = ""
-        while True:
-            response = await self.stub.ListJobs(
-                pb.ListJobsRequest(page_size=page_size, page_token=token),
-                metadata=await self.token_metadata(),
-                timeout=TIMEOUT,
-            )
-            jobs.extend(response.jobs)
-            token = response.next_page_token
-            if not token:
-                return jobs
+        """The jobs the caller owns or views, newest first."""
+        request = pb.ListJobsRequest(page_size=page_size)
+        return [job async for page in self.pages("ListJobs", request, "jobs") for job in page]
 
     async def watch_job(self, ref: str) -> AsyncIterator[job_pb2.Job]:
         call = self.stub.WatchJob(
@@ -358,16 +359,17 @@ class Client:
         response = await self._signed("CreateApprovalRequest", request)
         return response.approval_request  # type: ignore[no-any-return]
 
-    async def _every_page(self, method: str, request: Any, field: str) -> list[Any]:
-        """Every item of a paginated read, following `next_page_token` to the last page."""
-        items: list[Any] = []
+    async def pages(self, method: str, request: Any, field: str) -> AsyncIterator[list[Any]]:
+        """The items of a paginated read, a page at a time, following `next_page_token` to the
+        last page."""
         while True:
             response = await getattr(self.stub, method)(
                 request, metadata=await self.token_metadata(), timeout=TIMEOUT
             )
-            items.extend(getattr(response, field))
+            yield list(getattr(response, field))
             if not response.next_page_token:
-                return items
+                return
+            request.page_token = response.next_page_token
             request.page_token = response.next_page_token
 
     async def list_approval_requests(
@@ -383,11 +385,12 @@ class Client:
             state=state,
             page_size=page_size,
         )
-        return await self._every_page("ListApprovalRequests", request, "approval_requests")
+        pages = self.pages("ListApprovalRequests", request, "approval_requests")
+        return [item async for page in pages for item in page]
 
     async def get_approval_request(self, name: str) -> pb.ApprovalRequest:
         response = await self.stub.GetApprovalRequest(
-            pb.GetApprovalRequestRequest(name=name),
+            pb.GetApprovalRequestRequest(name=approval_ref(name)),
             metadata=await self.token_metadata(),
             timeout=TIMEOUT,
         )
@@ -400,7 +403,7 @@ class Client:
         response = await self._signed(
             "ApproveApprovalRequest",
             pb.ApproveApprovalRequestRequest(
-                name=name,
+                name=approval_ref(name),
                 files_checksum=files_checksum,
                 container_section_checksum=container_section_checksum,
                 note=note,
@@ -410,7 +413,8 @@ class Client:
 
     async def reject(self, name: str, reason: str) -> pb.ApprovalRequest:
         response = await self._signed(
-            "RejectApprovalRequest", pb.RejectApprovalRequestRequest(name=name, reason=reason)
+            "RejectApprovalRequest",
+            pb.RejectApprovalRequestRequest(name=approval_ref(name), reason=reason),
         )
         return response.approval_request  # type: ignore[no-any-return]
 
@@ -420,7 +424,9 @@ class Client:
         response = await self._signed(
             "RunApprovalSample",
             pb.RunApprovalSampleRequest(
-                name=name, request_id=request_id or uuid.uuid4().hex, environment=environment
+                name=approval_ref(name),
+                request_id=request_id or uuid.uuid4().hex,
+                environment=environment,
             ),
         )
         return response.job  # type: ignore[no-any-return]
@@ -430,4 +436,8 @@ class Client:
     ) -> list[pb.AuditEvent]:
         """The audit log, oldest first (owners only)."""
         request = pb.ListAuditEventsRequest(action=action, resource=resource, page_size=page_size)
-        return await self._every_page("ListAuditEvents", request, "events")
+        return [
+            event
+            async for page in self.pages("ListAuditEvents", request, "events")
+            for event in page
+        ]
