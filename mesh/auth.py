@@ -54,7 +54,7 @@ def _signable(address: str, nonce: str, command: str, digest: str) -> Any:
 _PERSONAL_PREFIX = b"\x19Ethereum Signed Message:\n32"
 
 
-def _recover(text_hash: bytes, signature: bytes) -> str:
+def recover_signer(text_hash: bytes, signature: bytes) -> str:
     """The address that signed `text_hash` as a personal message, as Account.recover_message
     finds it. For the usual v of 27 or 28 it asks libsecp256k1 directly, a third of the cost of
     eth_account's layers (which call the same library); other forms of v take the long way."""
@@ -106,7 +106,7 @@ class SignedRequest:
         command, or a forged signature all end here)."""
         text_hash = _text_hash(self.address, self.nonce, command, digest)
         try:
-            signer = _recover(text_hash, bytes.fromhex(self.signature[2:]))
+            signer = recover_signer(text_hash, bytes.fromhex(self.signature[2:]))
         except Exception as error:
             raise Unauthenticated("the signature is not valid") from error
         if signer.lower() != self.address.lower():

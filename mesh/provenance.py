@@ -18,7 +18,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_hash.auto import keccak
 
-from mesh.auth import _recover, checksum
+from mesh.auth import checksum, recover_signer
 
 RECORD_VERSION = 1
 _SIGNATURE = re.compile(r"0x[0-9a-f]{130}")
@@ -98,7 +98,7 @@ def verify_document(document: bytes, provider_address: str) -> dict[str, Any]:
     if canonical != document:
         raise ProvenanceError("the document is not in canonical form: it was changed")
     try:
-        signer = _recover(_record_hash(record), bytes.fromhex(signature[2:]))
+        signer = recover_signer(_record_hash(record), bytes.fromhex(signature[2:]))
     except Exception:
         raise ProvenanceError("the signature is not valid") from None
     if signer.lower() != expected:

@@ -11,7 +11,7 @@ import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from mesh.auth import SignedRequest, _recover, request_digest, sign
+from mesh.auth import SignedRequest, recover_signer, request_digest, sign
 from mesh.errors import Unauthenticated
 
 # secp256k1's group order: r and s must lie below it.
@@ -29,7 +29,7 @@ def _reference(text_hash: bytes, signature: bytes) -> str | None:
 
 def _ours(text_hash: bytes, signature: bytes) -> str | None:
     try:
-        return _recover(text_hash, signature)
+        return recover_signer(text_hash, signature)
     except Exception:
         return None
 
