@@ -60,8 +60,6 @@ class JobDisks:
         self._ready: dict[int, list[Path]] = {}
         self._wanted: dict[int, int] = {}
         self._sizes: dict[Path, int] = {}
-        # Mount points of disks being made, which a sweep must leave alone.
-        self._making: set[Path] = set()
         # Per size: disks held by jobs, and disks being wiped on their way back to the pool.
         self._in_use: dict[int, int] = {}
         self._wiping: dict[int, int] = {}
@@ -158,24 +156,15 @@ class JobDisks:
         with contextlib.suppress(OSError):
             disk.rmdir()
 
-    async def sweep(self, keep: set[Path], *, leftovers_only: bool = True) -> None:
-        """Removes every disk but those of jobs still to be published (left by a crash). With
-        `leftovers_only`, the disks this pool made or is making are kept too: jobs the engine
-        resumed may already be using them."""
-
-        def spared(point: Path) -> bool:
-            # Asked at each disk, not once: a disk may start being made while the sweep runs.
-            return point in keep or (
-                leftovers_only and (point in self._sizes or point in self._making)
-            )
-
+    async def sweep(self, keep: set[Path]) -> None:
+        """Removes every disk but those in `keep` (jobs still to be published, left by a crash).
+        Made for before any job takes a disk, or for the end: a disk being made is not spared."""
         for point in await asyncio.to_thread(mounted_under, self.mounts):
-            if not spared(point):
+            if point not in keep:
                 await self._destroy(point)
         if self.images.is_dir():
-            # No await in this loop: no disk starts being made between a check and its unlink.
             for image in self.images.glob("*.img"):
-                if not spared(self.mounts / image.stem):
+                if self.mounts / image.stem not in keep:
                     image.unlink(missing_ok=True)
 
     async def close(self, keep: set[Path]) -> None:
@@ -188,7 +177,7 @@ class JobDisks:
         self._ready.clear()
         # A sweep rather than the ready list: a disk being made when the refill was cancelled
         # is mounted but in no list.
-        await self.sweep(keep, leftovers_only=False)
+        await self.sweep(keep)
 
     def _start_refill(self) -> None:
         if self._refill is None or self._refill.done():
@@ -207,21 +196,18 @@ class JobDisks:
     async def _make(self, size: int) -> Path:
         name = f"disk-{uuid.uuid4().hex}"
         image, point = self.images / f"{name}.img", self.mounts / name
-        self._making.add(point)
+        await asyncio.to_thread(point.mkdir, 0o700)
         try:
-            await asyncio.to_thread(point.mkdir, 0o700)
             await asyncio.to_thread(_make_image, image, size)
             await _run(*_mkfs(image))
             await _run(*_mount(image, point))
-            # ext4's lost+found would otherwise sit among the outputs.
-            await asyncio.to_thread(_remove_lost_found, point)
         except OSError:
             image.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 point.rmdir()
             raise
-        finally:
-            self._making.discard(point)
+        # ext4's lost+found would otherwise sit among the outputs.
+        await asyncio.to_thread(_remove_lost_found, point)
         self._sizes[point] = size
         return point
 

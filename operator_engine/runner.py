@@ -220,12 +220,16 @@ class Runner:
         )
 
     async def recover(self) -> None:
-        """Picks up the jobs a previous engine left in the workspace root."""
+        """Picks up the jobs a previous engine left in the workspace root, once the job disks
+        it left but theirs are removed."""
         root = self.config.workspace_root
         entries = sorted(
             await asyncio.to_thread(_saved_jobs, root),
             key=lambda e: e.job.create_time.ToNanoseconds(),
         )
+        # Before any job starts: a job resumed now may be making its disk while a later sweep
+        # runs, and that disk is in no list yet.
+        await self.disks.sweep(keep={e.disk for e in entries if e.disk is not None})
         for entry in entries:
             job_id = entry.spec.job_id
             state = entry.job.state

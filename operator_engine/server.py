@@ -50,9 +50,8 @@ async def build(config: EngineConfig) -> tuple[Server, Runner]:
         config.workspace_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         runner = Runner(config, sandbox, storage_from_url(config.storage_url), disks)
         # Jobs a previous engine left: queued ones queue again, interrupted ones end with a
-        # reason.
+        # reason; the other disks it left are removed.
         await runner.recover()
-        await disks.sweep(keep={e.disk for e in runner.jobs.values() if e.disk is not None})
     except BaseException:
         sandbox.close()  # its parked sandboxes and staging mounts, when no job started
         raise
