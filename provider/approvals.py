@@ -331,7 +331,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
         caller = await self.auth.reader(context, "ListApprovalRequests", request)
         if request.dataset:
             job_facts.parse_name(request.dataset, "datasets", "dataset")
-        size = request_fields.page_size(request.page_size, default=50, most=500)
+        size = request_fields.page_size(request.page_size)
         rows = await self.approvals.page(
             dataset=request.dataset,
             state=request.state,
@@ -339,11 +339,9 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
             before=request_fields.page_position(request.page_token),
             limit=size + 1,
         )
+        approval_requests, token = request_fields.one_page(rows, size)
         return pb.ListApprovalRequestsResponse(
-            approval_requests=[r for _, r in rows[:size]],
-            next_page_token=request_fields.page_token(rows[size - 1][0])
-            if len(rows) > size
-            else "",
+            approval_requests=approval_requests, next_page_token=token
         )
 
     async def GetApprovalRequest(

@@ -232,9 +232,5 @@ class AuditMixin(provider_pb2_grpc.ProviderServiceServicer):
             after=request_fields.page_position(request.page_token) or 0,
             limit=size + 1,
         )
-        return pb.ListAuditEventsResponse(
-            events=events[:size],
-            next_page_token=request_fields.page_token(events[size - 1].sequence)
-            if len(events) > size
-            else "",
-        )
+        page, token = request_fields.one_page([(e.sequence, e) for e in events], size)
+        return pb.ListAuditEventsResponse(events=page, next_page_token=token)

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
+from typing import TypeVar
 
 from mesh.errors import InvalidArgument
+
+T = TypeVar("T")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 
@@ -20,7 +24,7 @@ def check_request_id(request_id: str) -> None:
         )
 
 
-def page_size(size: int, *, default: int, most: int) -> int:
+def page_size(size: int, *, default: int = 50, most: int = 500) -> int:
     """`size`, or `default` for 0, at most `most`; INVALID_ARGUMENT when negative."""
     if size < 0:
         raise InvalidArgument("page_size must not be negative", field="page_size")
@@ -39,3 +43,10 @@ def page_position(token: str) -> int | None:
 
 def page_token(position: int) -> str:
     return base64.urlsafe_b64encode(str(position).encode()).decode()
+
+
+def one_page(rows: Sequence[tuple[int, T]], size: int) -> tuple[list[T], str]:
+    """The first `size` items of `rows`, (position, item) pairs read `size + 1` at most (one
+    more tells that a next page exists), and the token of the next page, empty when none."""
+    token = page_token(rows[size - 1][0]) if len(rows) > size else ""
+    return [item for _, item in rows[:size]], token

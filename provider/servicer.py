@@ -5,7 +5,6 @@ was started with to its provenance."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import functools
 import hashlib
@@ -32,7 +31,7 @@ from mesh import jobs as job_facts
 from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from provider import assets, parameters
+from provider import assets, parameters, request_fields
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
 from provider.auth import Authenticator, Caller
@@ -51,43 +50,12 @@ MAX_TOKEN_SECONDS = 24 * 3600
 MAX_VIEWERS = 20
 # Algorithm code streams in chunks of this size, as results do.
 _CHUNK_BYTES = 1 << 20
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 # The engine's environments are read again after this long; until _ENVIRONMENTS_STALE_S the
 # list at hand answers while the new one is fetched.
 _ENVIRONMENTS_FRESH_S = 10.0
 _ENVIRONMENTS_STALE_S = 60.0
 _RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
 _ACCESS_WORDS = {pb.ALGORITHM_ACCESS_PUBLIC: "public", pb.ALGORITHM_ACCESS_PRIVATE: "private"}
-
-
-def _page(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument("page_size must not be negative", field="page_size")
-    return min(size or 50, 500)
-
-
-def _cursor(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
-    except ValueError:
-        raise InvalidArgument("page_token is not valid", field="page_token") from None
-
-
-def _next_token(rows: list[Any], size: int) -> str:
-    return (
-        base64.urlsafe_b64encode(str(rows[size - 1][0]).encode()).decode()
-        if len(rows) > size
-        else ""
-    )
-
-
-def _check_request_id(request_id: str) -> None:
-    if not _REQUEST_ID.fullmatch(request_id):
-        raise InvalidArgument(
-            "request_id must be at most 64 letters, digits or ._:-", field="request_id"
-        )
 
 
 def _check_entrypoint(entrypoint: str, field: str) -> None:
@@ -323,7 +291,7 @@ class ProviderServicer(
         caller = await self.auth.signed(context, "PublishDataset", request)
         async with self.audit.refusals(caller.address, "dataset.publish", "datasets"):
             self._require_owner(caller, "publish datasets")
-        _check_request_id(request.request_id)
+        request_fields.check_request_id(request.request_id)
         if request.request_id:
             previous = await self.store.request_resource(caller.address, request.request_id)
             if previous is not None:
@@ -411,11 +379,12 @@ class ProviderServicer(
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: Context
     ) -> pb.ListDatasetsResponse:
-        size = _page(request.page_size)
-        rows = await self.store.datasets(size + 1, _cursor(request.page_token))
-        return pb.ListDatasetsResponse(
-            datasets=[d for _, d in rows[:size]], next_page_token=_next_token(rows, size)
+        size = request_fields.page_size(request.page_size)
+        rows = await self.store.datasets(
+            size + 1, request_fields.page_position(request.page_token) or 0
         )
+        datasets, token = request_fields.one_page(rows, size)
+        return pb.ListDatasetsResponse(datasets=datasets, next_page_token=token)
 
     # -- algorithms ----------------------------------------------------------------------
 
@@ -423,7 +392,7 @@ class ProviderServicer(
         self, request: pb.PublishAlgorithmRequest, context: Context
     ) -> pb.PublishAlgorithmResponse:
         caller = await self.auth.signed(context, "PublishAlgorithm", request)
-        _check_request_id(request.request_id)
+        request_fields.check_request_id(request.request_id)
         if request.request_id:
             previous = await self.store.request_resource(caller.address, request.request_id)
             if previous is not None:
@@ -541,11 +510,12 @@ class ProviderServicer(
     async def ListAlgorithms(
         self, request: pb.ListAlgorithmsRequest, context: Context
     ) -> pb.ListAlgorithmsResponse:
-        size = _page(request.page_size)
-        rows = await self.store.algorithms(size + 1, _cursor(request.page_token))
-        return pb.ListAlgorithmsResponse(
-            algorithms=[a for _, a in rows[:size]], next_page_token=_next_token(rows, size)
+        size = request_fields.page_size(request.page_size)
+        rows = await self.store.algorithms(
+            size + 1, request_fields.page_position(request.page_token) or 0
         )
+        algorithms, token = request_fields.one_page(rows, size)
+        return pb.ListAlgorithmsResponse(algorithms=algorithms, next_page_token=token)
 
     async def ListEnvironments(
         self, request: pb.ListEnvironmentsRequest, context: Context
@@ -586,7 +556,7 @@ class ProviderServicer(
         self, request: pb.StartComputeRequest, context: Context
     ) -> pb.StartComputeResponse:
         caller = await self.auth.signed(context, "StartCompute", request)
-        _check_request_id(request.request_id)
+        request_fields.check_request_id(request.request_id)
         if request.request_id:
             previous = await self.store.request_resource(caller.address, request.request_id)
             if previous is not None:
