@@ -1,10 +1,11 @@
-"""Facts about jobs that every hop shares: ids, names, final states, and the reference
+"""Facts about jobs that every hop shares: ids, names, viewers, final states, and the reference
 system's numeric status codes that market integrations read."""
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 
 from c2d.common.v1 import job_pb2
 
@@ -17,6 +18,8 @@ FINAL_STATES = frozenset({State.STATE_SUCCEEDED, State.STATE_FAILED, State.STATE
 # (fullmatch: not even a trailing newline).
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _ASSET_ID = re.compile(r"[0-9a-f]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+MAX_VIEWERS = 20
 
 
 def is_job_id(value: str) -> bool:
@@ -64,6 +67,27 @@ def check_job_id(job_id: str, field: str = "job_id") -> str:
     if not is_job_id(job_id):
         raise InvalidArgument(f"{field} must be 32 lowercase hex digits", field=field)
     return job_id
+
+
+def check_viewers(owner: str, viewers: Sequence[str]) -> None:
+    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address, none is the
+    owner or named twice (case-insensitively), and there are at most MAX_VIEWERS."""
+    if len(viewers) > MAX_VIEWERS:
+        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
+    seen: set[str] = set()
+    for index, viewer in enumerate(viewers):
+        if not _ADDRESS.fullmatch(viewer):
+            raise InvalidArgument(
+                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
+            )
+        lowered = viewer.lower()
+        if lowered == owner.lower():
+            raise InvalidArgument(
+                f"viewers[{index}] is the job's owner, who may read it anyway", field="viewers"
+            )
+        if lowered in seen:
+            raise InvalidArgument(f"viewers[{index}] is named twice", field="viewers")
+        seen.add(lowered)
 
 
 def parse_name(name: str, collection: str, field: str = "name") -> str:

@@ -31,11 +31,10 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -87,8 +86,6 @@ _PREPARED_RESULTS = 4
 # code or DDOs to hash and write, many dataset files to check) go to a thread.
 _INLINE_CONFIGURE_BYTES = 64 * 1024
 _INLINE_CONFIGURE_FILES = 8
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
-MAX_VIEWERS = 20
 # The least a job may ask for: the sandbox's smallest memory limit, and a disk ext4 fits on.
 _MIN_MEMORY_BYTES = 16 << 20
 _MIN_DISK_BYTES = 1 << 20
@@ -173,7 +170,7 @@ class Runner:
             raise NotFound(f"no environment named {env_name!r}", reason="ENVIRONMENT_NOT_FOUND")
         if not spec.datasets:
             raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
-        check_viewers(spec.owner, spec.viewers)
+        job_facts.check_viewers(spec.owner, spec.viewers)
         check_resources(env, spec.resources)
         self._check_queue(env)
         job = job_pb2.Job(
@@ -761,27 +758,6 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         max_queue_wait=_duration(env.max_queue_wait_s),
         max_queued_jobs=env.max_queued_jobs,
     )
-
-
-def check_viewers(owner: str, viewers: Sequence[str]) -> None:
-    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address, none is the
-    owner or repeated, and there are at most MAX_VIEWERS."""
-    if len(viewers) > MAX_VIEWERS:
-        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
-    seen: set[str] = set()
-    for index, viewer in enumerate(viewers):
-        if not _ADDRESS.fullmatch(viewer):
-            raise InvalidArgument(
-                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
-            )
-        lowered = viewer.lower()
-        if lowered == owner.lower():
-            raise InvalidArgument(
-                f"viewers[{index}] is the job's owner, who may read it anyway", field="viewers"
-            )
-        if lowered in seen:
-            raise InvalidArgument(f"viewers[{index}] is named twice", field="viewers")
-        seen.add(lowered)
 
 
 def _duration_ns(duration: duration_pb2.Duration, field: str) -> int:

@@ -28,36 +28,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 State = job_pb2.Job.State
 
 
-MAX_VIEWERS = 20
-
-
-def _check_viewers(spec: engine_pb2.JobSpec) -> None:
-    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address other than the
-    owner, named once, and there are at most MAX_VIEWERS; puts each in its EIP-55 form."""
-    if not spec.viewers:
-        return
-    # Here, not at the top: only jobs with viewers pay for the signature library's import.
-    from mesh.auth import checksum
-
-    if len(spec.viewers) > MAX_VIEWERS:
-        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
-    seen = {spec.owner.lower()}
-    normalised = []
-    for index, viewer in enumerate(spec.viewers):
-        try:
-            address = checksum(viewer)
-        except ValueError:
-            raise InvalidArgument(
-                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
-            ) from None
-        if address.lower() in seen:
-            which = "the job's owner" if address.lower() == spec.owner.lower() else "named twice"
-            raise InvalidArgument(f"viewers[{index}] is {which}", field="viewers")
-        seen.add(address.lower())
-        normalised.append(address)
-    spec.viewers[:] = normalised
-
-
 def _check_resources(resources: job_pb2.Resources) -> None:
     """What can be checked without the environment (the engine checks the rest): nothing
     negative."""
@@ -116,7 +86,13 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         job_facts.check_job_id(spec.job_id, "spec.job_id")
         if not spec.owner:
             raise InvalidArgument("spec.owner is required", field="spec.owner")
-        _check_viewers(spec)
+        job_facts.check_viewers(spec.owner, spec.viewers)
+        if spec.viewers:
+            # Here, not at the top: only jobs with viewers pay for the signature library's
+            # import. Each is kept, and shown, in its EIP-55 form.
+            from mesh.auth import checksum
+
+            spec.viewers[:] = [checksum(viewer) for viewer in spec.viewers]
         _check_resources(spec.resources)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id, consumer=spec.owner)
         job = job_pb2.Job(
