@@ -28,21 +28,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 State = job_pb2.Job.State
 
 
-def _check_resources(resources: job_pb2.Resources) -> None:
-    """What can be checked without the environment (the engine checks the rest): nothing
-    negative."""
-    values = (
-        ("cpus", resources.cpus),
-        ("memory_bytes", resources.memory_bytes),
-        ("disk_bytes", resources.disk_bytes),
-        ("max_duration", min(resources.max_duration.seconds, resources.max_duration.nanos)),
-    )
-    for name, value in values:
-        if not value >= 0:  # NaN too
-            field = f"resources.{name}"
-            raise InvalidArgument(f"{field} must not be negative", field=field)
-
-
 def _page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument("page_size must not be negative", field="page_size")
@@ -93,7 +78,6 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             from mesh.auth import checksum
 
             spec.viewers[:] = [checksum(viewer) for viewer in spec.viewers]
-        _check_resources(spec.resources)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id, consumer=spec.owner)
         job = job_pb2.Job(
             name=job_facts.job_name(spec.job_id),
