@@ -24,11 +24,9 @@ from provider import parameters, request_fields
 from provider.audit import AuditLog
 from provider.auth import Authenticator, Caller
 from provider.config import ProviderConfig
+from provider.launch import DecidedDataset, JobPlan
 from provider.policy import PolicyVersionMismatch, check_trusted
 from provider.store import ProviderStore
-
-if TYPE_CHECKING:
-    from provider.servicer import JobPlan
 
 log = structlog.get_logger()
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -484,9 +482,6 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
         parameters the consumer asked for checked against the declaration. The sample's policy
         is not consulted, and the job gets no network: it is a look at the algorithm, not a
         run the dataset's policy allowed."""
-        # StartCompute's module imports this one: its plan is imported when first needed.
-        from provider.servicer import DecidedDataset, JobPlan
-
         environment = await self._environment(request.environment or "default")
         given = json_format.MessageToDict(approval.parameters)
         return await self._launch(

@@ -7,12 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from c2d.provider.v1 import provider_pb2 as pb
+
 from mesh.errors import InvalidArgument
 from pods import configure
 from pods.configure import DataProvisioningError
 
 DID_PREFIX = "did:c2d:"
 MAX_DATASET_FILES = 1000
+# An algorithm's access as the audit log and provenance records name it.
+ACCESS_WORDS = {pb.ALGORITHM_ACCESS_PUBLIC: "public", pb.ALGORITHM_ACCESS_PRIVATE: "private"}
 
 
 def derive_id(publisher: str, creation_nonce: str) -> str:

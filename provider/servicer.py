@@ -5,23 +5,16 @@ was started with to its provenance."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
-import hashlib
-import json
 import math
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import rfc8785
 import structlog
 from c2d.common.v1 import job_pb2
-from c2d.engine.v1 import engine_pb2
 from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
 from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
@@ -31,11 +24,12 @@ from mesh import jobs as job_facts
 from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from provider import assets, parameters, request_fields
+from provider import assets, launch, parameters, request_fields
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
-from provider.auth import Authenticator, Caller
+from provider.auth import Authenticator
 from provider.config import ProviderConfig
+from provider.launch import DecidedDataset, JobPlan
 from provider.policy import check_policy, check_trusted, network_allowed
 from provider.provenance import ProvenanceBook, ProvenanceMixin
 from provider.signing import load_provider_key
@@ -55,7 +49,6 @@ _CHUNK_BYTES = 1 << 20
 _ENVIRONMENTS_FRESH_S = 10.0
 _ENVIRONMENTS_STALE_S = 60.0
 _RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
-_ACCESS_WORDS = {pb.ALGORITHM_ACCESS_PUBLIC: "public", pb.ALGORITHM_ACCESS_PRIVATE: "private"}
 
 
 def _check_entrypoint(entrypoint: str, field: str) -> None:
@@ -130,81 +123,6 @@ def _check_resources(asked: job_pb2.Resources, environment: job_pb2.Environment)
             )
 
 
-def _limits(
-    environment: job_pb2.Environment, asked: job_pb2.Resources, network: bool
-) -> dict[str, Any]:
-    """The limits a job runs under (its environment's, lowered where the consumer asked), as
-    its provenance records them."""
-    duration = (
-        asked.max_duration if asked.max_duration.ToNanoseconds() else environment.max_duration
-    )
-    return {
-        "name": environment.name,
-        "cpu_millis": round((asked.cpus or environment.cpus) * 1000),
-        "memory_bytes": asked.memory_bytes or environment.memory_bytes,
-        "disk_bytes": asked.disk_bytes or environment.disk_bytes,
-        "max_processes": environment.max_processes,
-        "max_duration_seconds": math.ceil(duration.ToNanoseconds() / 1e9),
-        "network": network and environment.network_allowed,
-    }
-
-
-def _algorithm_facts(
-    algorithm: pb.Algorithm | None, code: bytes, entrypoint: str
-) -> dict[str, Any]:
-    """The algorithm as a job's provenance records it: digests, never code."""
-    if algorithm is None:
-        return {
-            "name": "",
-            "did": "",
-            "version": 0,
-            "access": "raw",
-            "files_checksum": assets.files_checksum([code]),
-            "container_section_checksum": assets.container_section_checksum(entrypoint),
-            "code_sha256": hashlib.sha256(code).hexdigest(),
-            "entrypoint": entrypoint,
-        }
-    return {
-        "name": algorithm.name,
-        "did": algorithm.did,
-        "version": algorithm.version,
-        "access": _ACCESS_WORDS[algorithm.access],
-        "files_checksum": algorithm.files_checksum,
-        "container_section_checksum": algorithm.container_section_checksum,
-        "code_sha256": hashlib.sha256(code).hexdigest(),
-        "entrypoint": entrypoint,
-    }
-
-
-@dataclass(frozen=True)
-class DecidedDataset:
-    """A dataset a job reads, as it was when its policy was checked."""
-
-    record: pb.Dataset
-    file_paths: list[str]
-    # Why it lets the algorithm run: a provider.policy.Basis, or another (an owner's sample run).
-    basis: str
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """Everything a job runs with, once every check has passed."""
-
-    owner: Caller
-    datasets: list[DecidedDataset]
-    # None for raw code.
-    algorithm: pb.Algorithm | None
-    code: bytes
-    entrypoint: str
-    # The values checked and completed with defaults (provider.parameters.job_values).
-    parameters: dict[str, Any]
-    environment: job_pb2.Environment
-    # Whether every dataset lets the job use the network (the engine asks the environment too).
-    allow_network: bool
-    viewers: list[str] = dataclasses.field(default_factory=list)
-    resources: job_pb2.Resources = dataclasses.field(default_factory=job_pb2.Resources)
-
-
 def _start_details(
     algorithm: pb.Algorithm | None,
     datasets: Sequence[DecidedDataset],
@@ -220,24 +138,6 @@ def _start_details(
         ],
         "environment": environment.name,
     }
-
-
-@functools.lru_cache(maxsize=64)
-def _ddo_json(record: bytes) -> str:
-    """The dataset's description as its jobs see it. A dataset's record changes only with its
-    policy, so each version is written once, not at every job."""
-    return json_format.MessageToJson(pb.Dataset.FromString(record), indent=2)
-
-
-def _whole_numbers(value: Any) -> Any:
-    """Struct numbers are doubles; an algorithm given {"x": 1} expects 1, not 1.0."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
-    return value
 
 
 class ProviderServicer(
@@ -398,7 +298,7 @@ class ProviderServicer(
             if previous is not None:
                 return pb.PublishAlgorithmResponse(algorithm=await self._algorithm(previous))
         access = request.access or pb.ALGORITHM_ACCESS_PRIVATE
-        if access not in _ACCESS_WORDS:
+        if access not in assets.ACCESS_WORDS:
             raise InvalidArgument("access must be PUBLIC or PRIVATE", field="access")
         algorithm_id = assets.derive_id(caller.address, caller.nonce)
         algorithm = pb.Algorithm(
@@ -420,7 +320,10 @@ class ProviderServicer(
             "algorithm.publish",
             algorithm.name,
             allowed=True,
-            details={"access": _ACCESS_WORDS[access], "files_checksum": algorithm.files_checksum},
+            details={
+                "access": assets.ACCESS_WORDS[access],
+                "files_checksum": algorithm.files_checksum,
+            },
         )
         log.info("algorithm published", algorithm=algorithm.did)
         return pb.PublishAlgorithmResponse(algorithm=algorithm)
@@ -646,56 +549,12 @@ class ProviderServicer(
     async def _launch(self, plan: JobPlan) -> job_pb2.Job:
         """Hands a job whose every check has passed to the Operator Service, then keeps what
         it was started with for its provenance. Binds the job's id to the request's log lines."""
-        algorithm = plan.algorithm
-        values = _whole_numbers(plan.parameters)
-        spec = engine_pb2.JobSpec(
-            job_id=job_facts.new_job_id(),
-            owner=plan.owner.address,
-            datasets=[
-                engine_pb2.DatasetInput(
-                    id=d.record.name.removeprefix("datasets/"),
-                    file_paths=d.file_paths,
-                    ddo_json=_ddo_json(d.record.SerializeToString(deterministic=True)),
-                )
-                for d in plan.datasets
-            ],
-            algorithm=engine_pb2.AlgorithmInput(
-                id=algorithm.name.removeprefix("algorithms/") if algorithm else "",
-                code=plan.code,
-                code_sha256=hashlib.sha256(plan.code).hexdigest(),
-                entrypoint=plan.entrypoint,
-                private=algorithm is not None and algorithm.access != pb.ALGORITHM_ACCESS_PUBLIC,
-            ),
-            parameters_json=json.dumps(values) if values else "",
-            environment=plan.environment.name,
-            allow_network=plan.allow_network,
-            viewers=plan.viewers,
-            resources=plan.resources,
-        )
+        spec = launch.job_spec(plan)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id)
         response = await self.operator.CreateJob(
             operator_pb2.CreateJobRequest(spec=spec), timeout=UNARY_TIMEOUT
         )
-        await self.provenance.job_started(
-            response.job.name,
-            {
-                "consumer": plan.owner.address,
-                "viewers": plan.viewers,
-                "algorithm": _algorithm_facts(algorithm, plan.code, plan.entrypoint),
-                "datasets": [
-                    {
-                        "name": d.record.name,
-                        "did": d.record.did,
-                        "files": [f.sha256 for f in d.record.files],
-                        "policy_version": d.record.policy_version,
-                        "decision": d.basis,
-                    }
-                    for d in plan.datasets
-                ],
-                "parameters_sha256": hashlib.sha256(rfc8785.dumps(values)).hexdigest(),
-                "environment": _limits(plan.environment, plan.resources, plan.allow_network),
-            },
-        )
+        await self.provenance.job_started(response.job.name, launch.provenance_facts(plan))
         return response.job
 
     async def _dataset_with_files(

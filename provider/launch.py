@@ -1,0 +1,173 @@
+"""What a job is started with: the plan StartCompute (or an owner's sample run) decided, the
+job spec the engine gets from it, and the facts its provenance keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import rfc8785
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+from c2d.provider.v1 import provider_pb2 as pb
+from google.protobuf import json_format
+
+from mesh import jobs as job_facts
+from provider import assets
+from provider.auth import Caller
+
+
+@dataclass(frozen=True)
+class DecidedDataset:
+    """A dataset a job reads, as it was when its policy was checked."""
+
+    record: pb.Dataset
+    file_paths: list[str]
+    # Why it lets the algorithm run: a provider.policy.Basis, or another (an owner's sample run).
+    basis: str
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a job runs with, once every check has passed."""
+
+    owner: Caller
+    datasets: list[DecidedDataset]
+    # None for raw code.
+    algorithm: pb.Algorithm | None
+    code: bytes
+    entrypoint: str
+    # The values checked and completed with defaults (provider.parameters.job_values).
+    parameters: dict[str, Any]
+    environment: job_pb2.Environment
+    # Whether every dataset lets the job use the network (the engine asks the environment too).
+    allow_network: bool
+    viewers: list[str] = dataclasses.field(default_factory=list)
+    resources: job_pb2.Resources = dataclasses.field(default_factory=job_pb2.Resources)
+
+    @functools.cached_property
+    def values(self) -> Any:
+        """The parameters as the algorithm reads them and the provenance hashes them."""
+        return _whole_numbers(self.parameters)
+
+    @functools.cached_property
+    def code_sha256(self) -> str:
+        return hashlib.sha256(self.code).hexdigest()
+
+
+def job_spec(plan: JobPlan) -> engine_pb2.JobSpec:
+    """The job as the Operator Service hands it to the engine, under a new id."""
+    algorithm = plan.algorithm
+    return engine_pb2.JobSpec(
+        job_id=job_facts.new_job_id(),
+        owner=plan.owner.address,
+        datasets=[
+            engine_pb2.DatasetInput(
+                id=d.record.name.removeprefix("datasets/"),
+                file_paths=d.file_paths,
+                ddo_json=_ddo_json(d.record.SerializeToString(deterministic=True)),
+            )
+            for d in plan.datasets
+        ],
+        algorithm=engine_pb2.AlgorithmInput(
+            id=algorithm.name.removeprefix("algorithms/") if algorithm else "",
+            code=plan.code,
+            code_sha256=plan.code_sha256,
+            entrypoint=plan.entrypoint,
+            private=algorithm is not None and algorithm.access != pb.ALGORITHM_ACCESS_PUBLIC,
+        ),
+        parameters_json=json.dumps(plan.values) if plan.values else "",
+        environment=plan.environment.name,
+        allow_network=plan.allow_network,
+        viewers=plan.viewers,
+        resources=plan.resources,
+    )
+
+
+def provenance_facts(plan: JobPlan) -> dict[str, Any]:
+    """What the job's provenance record says it was started with (ProvenanceBook.job_started)."""
+    return {
+        "consumer": plan.owner.address,
+        "viewers": plan.viewers,
+        "algorithm": _algorithm_facts(plan),
+        "datasets": [
+            {
+                "name": d.record.name,
+                "did": d.record.did,
+                "files": [f.sha256 for f in d.record.files],
+                "policy_version": d.record.policy_version,
+                "decision": d.basis,
+            }
+            for d in plan.datasets
+        ],
+        "parameters_sha256": hashlib.sha256(rfc8785.dumps(plan.values)).hexdigest(),
+        "environment": _limits(plan.environment, plan.resources, plan.allow_network),
+    }
+
+
+def _limits(
+    environment: job_pb2.Environment, asked: job_pb2.Resources, network: bool
+) -> dict[str, Any]:
+    """The limits a job runs under (its environment's, lowered where the consumer asked), as
+    its provenance records them."""
+    duration = (
+        asked.max_duration if asked.max_duration.ToNanoseconds() else environment.max_duration
+    )
+    return {
+        "name": environment.name,
+        "cpu_millis": round((asked.cpus or environment.cpus) * 1000),
+        "memory_bytes": asked.memory_bytes or environment.memory_bytes,
+        "disk_bytes": asked.disk_bytes or environment.disk_bytes,
+        "max_processes": environment.max_processes,
+        "max_duration_seconds": math.ceil(duration.ToNanoseconds() / 1e9),
+        "network": network and environment.network_allowed,
+    }
+
+
+def _algorithm_facts(plan: JobPlan) -> dict[str, Any]:
+    """The algorithm as a job's provenance records it: digests, never code."""
+    algorithm = plan.algorithm
+    if algorithm is None:
+        return {
+            "name": "",
+            "did": "",
+            "version": 0,
+            "access": "raw",
+            "files_checksum": assets.files_checksum([plan.code]),
+            "container_section_checksum": assets.container_section_checksum(plan.entrypoint),
+            "code_sha256": plan.code_sha256,
+            "entrypoint": plan.entrypoint,
+        }
+    return {
+        "name": algorithm.name,
+        "did": algorithm.did,
+        "version": algorithm.version,
+        "access": assets.ACCESS_WORDS[algorithm.access],
+        "files_checksum": algorithm.files_checksum,
+        "container_section_checksum": algorithm.container_section_checksum,
+        "code_sha256": plan.code_sha256,
+        "entrypoint": plan.entrypoint,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _ddo_json(record: bytes) -> str:
+    """The dataset's description as its jobs see it. A dataset's record changes only with its
+    policy (or when it gets a sample), so each version is written once, not at every job."""
+    return json_format.MessageToJson(pb.Dataset.FromString(record), indent=2)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles; an algorithm given {"x": 1} expects 1, not 1.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
