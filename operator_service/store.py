@@ -3,7 +3,8 @@ read it, in SQLite (statements inline: see mesh.sqlite).
 
 A job may be read by its owner and by its viewers (addresses compare case-insensitively; each is
 kept in its EIP-55 form for display), and only its owner may stop or delete it: `may_read` and
-`owns` decide, from the job as stored (its `viewers` are the spec's, from its creation on).
+`owns` decide, from the job as stored (its `viewers` are the spec's, from its creation on: the
+engine copies them into every form of the job it reports).
 
 The schema grows by statements that leave an existing database as it was (IF NOT EXISTS) and by
 numbered migrations (`PRAGMA user_version`), so that a registry written by an earlier version
@@ -180,14 +181,6 @@ class JobStore:
         if row is None:
             return None
         return engine_pb2.JobSpec.FromString(row[0]), job_pb2.Job.FromString(row[1])
-
-    async def viewers(self, job_id: str) -> list[str]:
-        """The job's viewers, as its spec named them (EIP-55)."""
-        rows = self.db.execute(
-            "SELECT address FROM job_readers WHERE job_id = ? AND position > 0 ORDER BY position",
-            (job_id,),
-        ).fetchall()
-        return [str(r[0]) for r in rows]
 
     async def page(
         self, reader: str, limit: int, before_seq: int | None

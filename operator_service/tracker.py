@@ -68,9 +68,6 @@ class Tracker:
         # The latest form of each job being followed: watchers are told from here, before
         # the registry has written it.
         self._latest: dict[str, job_pb2.Job] = {}
-        # The viewers of each job being followed, as registered: every form of the job this
-        # service keeps carries them, whatever the engine sent.
-        self._viewers: dict[str, list[str]] = {}
 
     def condition(self, job_id: str) -> asyncio.Condition:
         return self._changed.setdefault(job_id, asyncio.Condition())
@@ -99,11 +96,6 @@ class Tracker:
 
     async def record(self, job: job_pb2.Job, *, renew: bool = False) -> None:
         job_id = job.name.removeprefix("jobs/")
-        viewers = self._viewers.get(job_id)
-        if viewers is None:
-            viewers = self._viewers[job_id] = await self.store.viewers(job_id)
-        if list(job.viewers) != viewers:
-            job.viewers[:] = viewers
         cond = self.condition(job_id)
         async with cond:
             self._latest[job_id] = job
@@ -117,7 +109,6 @@ class Tracker:
             # Watchers still running read the final state from the registry from now on.
             self._latest.pop(job_id, None)
             self._changed.pop(job_id, None)
-            self._viewers.pop(job_id, None)
 
     async def end(self, job_id: str, state: int, reason: int, message: str) -> None:
         """Ends a job here when the engine cannot: it is never left unfinished."""
