@@ -1030,17 +1030,9 @@ async def _run_tool(
 
     async def send() -> None:
         nonlocal in_write
-        loop = asyncio.get_running_loop()
-        data = memoryview(stdin)
-        while data := _send_some(in_write, data):
-            writable: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(in_write, _settle, writable)
-            try:
-                await writable
-            finally:
-                loop.remove_writer(in_write)
-        os.close(in_write)  # the tool reads its input to its end
-        in_write = -1
+        # _send_rest closes the pipe, whatever happens: the tool reads its input to its end.
+        fd, in_write = in_write, -1
+        await _send_rest(fd, memoryview(stdin))
 
     async def collect(fd: int) -> bytes:
         data = bytearray()
