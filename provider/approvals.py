@@ -22,7 +22,7 @@ from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from provider import parameters, request_fields
 from provider.audit import AuditLog
-from provider.auth import Authenticator, Caller
+from provider.auth import Authenticator, Caller, require_owner
 from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
 from provider.policy import PolicyVersionMismatch, check_trusted
@@ -229,17 +229,6 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
 
         async def _launch(self, plan: JobPlan) -> job_pb2.Job: ...
 
-    async def approvals_pending_for(self, algorithm_name: str) -> bool:
-        """Whether an owner may read this private algorithm's code: while a pending approval
-        request names it."""
-        return await self.approvals.pending_for(algorithm_name)
-
-    def _require_owner(self, caller: Caller, what: str) -> None:
-        if caller.address not in self.config.owners:
-            raise PermissionDenied(
-                f"only the node's data owners may {what}", reason="NOT_A_DATA_OWNER"
-            )
-
     async def _approval_request(self, name: str, caller: Caller) -> pb.ApprovalRequest:
         """The request, if the caller made it or is an owner; NOT_FOUND otherwise, as for an
         unknown one, so that nobody learns what others asked for."""
@@ -355,7 +344,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
     ) -> pb.ApproveApprovalRequestResponse:
         caller = await self.auth.signed(context, "ApproveApprovalRequest", request)
         async with self.audit.refusals(caller.address, "approval.approve", request.name):
-            self._require_owner(caller, "approve approval requests")
+            require_owner(caller, self.config.owners, "approve approval requests")
             _check_text(request.note, "note")
             approval = await self._pending_request(request.name, caller)
             if _checksums(request) != _checksums(approval):
@@ -416,7 +405,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
     ) -> pb.RejectApprovalRequestResponse:
         caller = await self.auth.signed(context, "RejectApprovalRequest", request)
         async with self.audit.refusals(caller.address, "approval.reject", request.name):
-            self._require_owner(caller, "reject approval requests")
+            require_owner(caller, self.config.owners, "reject approval requests")
             _check_text(request.reason, "reason", required=True)
             approval = await self._pending_request(request.name, caller)
             decided = await self.approvals.decide(
@@ -441,7 +430,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
         caller = await self.auth.signed(context, "RunApprovalSample", request)
         request_fields.check_request_id(request.request_id)
         async with self.audit.refusals(caller.address, "approval.sample", request.name):
-            self._require_owner(caller, "run approval samples")
+            require_owner(caller, self.config.owners, "run approval samples")
             if request.request_id:
                 previous = await self.store.request_resource(caller.address, request.request_id)
                 if previous is not None:

@@ -24,9 +24,9 @@ from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
 from google.protobuf import json_format, struct_pb2
 
-from mesh.errors import MeshError, PermissionDenied
+from mesh.errors import MeshError
 from provider import request_fields
-from provider.auth import Authenticator
+from provider.auth import Authenticator, require_owner
 from provider.config import ProviderConfig
 
 log = structlog.get_logger()
@@ -221,10 +221,7 @@ class AuditMixin(provider_pb2_grpc.ProviderServiceServicer):
         self, request: pb.ListAuditEventsRequest, context: Context
     ) -> pb.ListAuditEventsResponse:
         caller = await self.auth.reader(context, "ListAuditEvents", request)
-        if caller.address not in self.config.owners:
-            raise PermissionDenied(
-                "only the node's data owners may read the audit log", reason="NOT_A_DATA_OWNER"
-            )
+        require_owner(caller, self.config.owners, "read the audit log")
         size = request_fields.page_size(request.page_size, default=DEFAULT_PAGE, most=MOST_PAGE)
         events = await self.audit.events(
             action=request.action,

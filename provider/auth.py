@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from mesh.auth import AUTHORIZATION_HEADER, SignedRequest
 from mesh.digests import digest_for
-from mesh.errors import Unauthenticated
+from mesh.errors import PermissionDenied, Unauthenticated
 from provider.store import ProviderStore
 
 
@@ -20,6 +20,12 @@ class Caller:
     address: str
     # The nonce of a signed call; empty for a token call.
     nonce: str = ""
+
+
+def require_owner(caller: Caller, owners: frozenset[str], what: str) -> None:
+    """PERMISSION_DENIED unless the caller is one of the node's data owners."""
+    if caller.address not in owners:
+        raise PermissionDenied(f"only the node's data owners may {what}", reason="NOT_A_DATA_OWNER")
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:

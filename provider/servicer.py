@@ -27,7 +27,7 @@ from mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthentic
 from provider import assets, launch, parameters, request_fields
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
-from provider.auth import Authenticator
+from provider.auth import Authenticator, require_owner
 from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
 from provider.policy import check_policy, check_trusted, network_allowed
@@ -190,7 +190,7 @@ class ProviderServicer(
     ) -> pb.PublishDatasetResponse:
         caller = await self.auth.signed(context, "PublishDataset", request)
         async with self.audit.refusals(caller.address, "dataset.publish", "datasets"):
-            self._require_owner(caller, "publish datasets")
+            require_owner(caller, self.config.owners, "publish datasets")
         request_fields.check_request_id(request.request_id)
         if request.request_id:
             previous = await self.store.request_resource(caller.address, request.request_id)
@@ -245,7 +245,7 @@ class ProviderServicer(
         dataset_id = job_facts.parse_name(request.name, "datasets")
         action = "dataset.policy.update"
         async with self.audit.refusals(caller.address, action, request.name):
-            self._require_owner(caller, "change a dataset's policy")
+            require_owner(caller, self.config.owners, "change a dataset's policy")
             check_policy(request.policy)
             if request.expected_policy_version < 0:
                 raise InvalidArgument(
@@ -386,7 +386,7 @@ class ProviderServicer(
             raise
         if public or caller.address == algorithm.publisher:
             return caller.address
-        if caller.address in self.config.owners and await self.approvals_pending_for(
+        if caller.address in self.config.owners and await self.approvals.pending_for(
             algorithm.name
         ):
             return caller.address
