@@ -1168,12 +1168,14 @@ class Sandbox:
     def _find_tools(self) -> _Tools:
         return _Tools(*_find_programs("/bin/sh", self.config.bwrap, "setpriv"))
 
+    def _find_network_tools(self) -> _NetworkTools:
+        return _NetworkTools(*_find_programs(self.config.slirp4netns, "nsenter", "ip"))
+
     async def check_network(self) -> None:
         """Verifies, after check(), that a job allowed the network gets it filtered: finds
         slirp4netns, nsenter and ip, then runs a job that must see its tap device and find
         every address of the host unreachable. Raises SandboxUnavailable otherwise."""
-        tools = _NetworkTools(*_find_programs(self.config.slirp4netns, "nsenter", "ip"))
-        self._network_tools = tools
+        tools = self._network_tools = self._find_network_tools()
         addresses = [
             str(a) for a in _host_addresses(await _ip_addresses(tools)) if not a.is_link_local
         ]
@@ -1729,10 +1731,7 @@ class _Job:
         try:
             tools = self.sandbox._network_tools
             if tools is None:
-                tools = _NetworkTools(
-                    *_find_programs(self.sandbox.config.slirp4netns, "nsenter", "ip")
-                )
-                self.sandbox._network_tools = tools
+                tools = self.sandbox._network_tools = self.sandbox._find_network_tools()
             # The host's addresses are read while bwrap clones, slirp4netns starts while the
             # routes are added: none of them needs the others.
             listing = asyncio.ensure_future(_ip_addresses(tools))
