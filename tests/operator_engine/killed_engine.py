@@ -38,7 +38,8 @@ def leave_configuring_job(config: EngineConfig, log_name: str, log_text: str) ->
 
 @contextlib.asynccontextmanager
 async def restarted_engine(config: EngineConfig) -> AsyncIterator[Runner]:
-    """The next engine on the same workspace root, closed again afterwards."""
+    """An engine on `config` (the next one, after a killed engine, on the same workspace root),
+    closed again afterwards."""
     server, runner = await build(config)
     try:
         yield runner

@@ -25,6 +25,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,8 @@ from operator_engine.sandbox import (
     SandboxSpec,
     SandboxUnavailable,
 )
-from operator_engine.server import build
 from tests.conftest import SandboxIdentity, engine_config
+from tests.operator_engine.killed_engine import restarted_engine
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("bwrap") is None or shutil.which("slirp4netns") is None,
@@ -567,19 +568,12 @@ print(json.dumps({
 """
 
 
-@contextlib.asynccontextmanager
-async def engine(tmp_path: Path, identity: SandboxIdentity) -> AsyncIterator[Runner]:
+def engine(tmp_path: Path, identity: SandboxIdentity) -> AbstractAsyncContextManager[Runner]:
     environments = (
         EnvironmentSpec(name="online", network_allowed=True),
         EnvironmentSpec(name="offline"),
     )
-    server, runner = await build(engine_config(tmp_path, identity, environments))
-    try:
-        yield runner
-    finally:
-        await runner.close()
-        await server.stop(0)
-        runner.sandbox.close()
+    return restarted_engine(engine_config(tmp_path, identity, environments))
 
 
 async def run_through(
