@@ -82,6 +82,17 @@ def _audit_details(request: pb.ApprovalRequest) -> dict[str, Any]:
     }
 
 
+def _check_unchanged(algorithm: pb.Algorithm, request: pb.ApprovalRequest) -> None:
+    """FAILED_PRECONDITION when the algorithm's checksums are no longer the ones the request
+    pinned."""
+    if _checksums(algorithm) != _checksums(request):
+        raise FailedPrecondition(
+            f"{algorithm.did} changed since {request.name} was made; "
+            "the consumer must ask again for its new version",
+            reason="ALGORITHM_CHANGED",
+        )
+
+
 def _check_text(text: str, field: str, *, required: bool = False) -> None:
     if len(text) > MAX_TEXT or (required and not text):
         least = 1 if required else 0
@@ -219,6 +230,8 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
             self, name: str, field: str = "name"
         ) -> tuple[pb.Dataset, list[str]]: ...
 
+        async def _algorithm(self, name: str, field: str = "name") -> pb.Algorithm: ...
+
         async def _algorithm_with_code(
             self, name: str, field: str = "name"
         ) -> tuple[pb.Algorithm, bytes]: ...
@@ -248,18 +261,6 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
             )
         return request
 
-    async def _unchanged_algorithm(self, request: pb.ApprovalRequest) -> tuple[pb.Algorithm, bytes]:
-        """The request's algorithm with its code; FAILED_PRECONDITION when its checksums are no
-        longer the ones the request pinned."""
-        algorithm, code = await self._algorithm_with_code(request.algorithm, "algorithm")
-        if _checksums(algorithm) != _checksums(request):
-            raise FailedPrecondition(
-                f"{algorithm.did} changed since {request.name} was made; "
-                "the consumer must ask again for its new version",
-                reason="ALGORITHM_CHANGED",
-            )
-        return algorithm, code
-
     async def CreateApprovalRequest(
         self, request: pb.CreateApprovalRequestRequest, context: Context
     ) -> pb.CreateApprovalRequestResponse:
@@ -274,7 +275,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
         async with self.audit.refusals(caller.address, "approval.create", request.dataset):
             _check_text(request.message, "message")
             dataset = await self._dataset(request.dataset, "dataset")
-            algorithm, _ = await self._algorithm_with_code(request.algorithm, "algorithm")
+            algorithm = await self._algorithm(request.algorithm, "algorithm")
             try:
                 check_trusted(dataset, algorithm)
             except PermissionDenied:
@@ -353,7 +354,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
                     "algorithm as the request names it",
                     reason="CHECKSUMS_NOT_THE_REQUESTS",
                 )
-            await self._unchanged_algorithm(approval)
+            _check_unchanged(await self._algorithm(approval.algorithm, "algorithm"), approval)
             dataset = await self._trust(approval)
             decided = await self.approvals.decide(
                 _request_id(approval.name),
@@ -443,7 +444,8 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
                 raise FailedPrecondition(
                     f"{dataset.name} has no sample dataset", reason="NO_SAMPLE_DATASET"
                 )
-            algorithm, code = await self._unchanged_algorithm(approval)
+            algorithm, code = await self._algorithm_with_code(approval.algorithm, "algorithm")
+            _check_unchanged(algorithm, approval)
             sample = await self._dataset_with_files(dataset.sample)
             job = await self._start_sample_job(caller, sample, algorithm, code, approval, request)
             await self.approvals.add_sample_job(_request_id(approval.name), job.name)

@@ -51,6 +51,10 @@ _ENVIRONMENTS_STALE_S = 60.0
 _RESULT_NAME = re.compile(r"jobs/([0-9a-f]{32})/results/([0-9]{1,6})")
 
 
+def _no_algorithm(name: str) -> NotFound:
+    return NotFound(f"no algorithm {name}", reason="ALGORITHM_NOT_FOUND")
+
+
 def _check_entrypoint(entrypoint: str, field: str) -> None:
     if "$ALGO" not in entrypoint or "\x00" in entrypoint or len(entrypoint) > 1024:
         raise InvalidArgument(
@@ -403,7 +407,10 @@ class ProviderServicer(
         )
 
     async def _algorithm(self, name: str, field: str = "name") -> pb.Algorithm:
-        return (await self._algorithm_with_code(name, field))[0]
+        found = await self.store.algorithm(job_facts.parse_name(name, "algorithms", field))
+        if found is None:
+            raise _no_algorithm(name)
+        return found
 
     async def GetAlgorithm(
         self, request: pb.GetAlgorithmRequest, context: Context
@@ -569,10 +576,12 @@ class ProviderServicer(
     async def _algorithm_with_code(
         self, name: str, field: str = "name"
     ) -> tuple[pb.Algorithm, bytes]:
-        """The algorithm with its code (for the engine only)."""
-        found = await self.store.algorithm(job_facts.parse_name(name, "algorithms", field))
+        """The algorithm with its code (for jobs, and for those who may read it)."""
+        found = await self.store.algorithm_with_code(
+            job_facts.parse_name(name, "algorithms", field)
+        )
         if found is None:
-            raise NotFound(f"no algorithm {name}", reason="ALGORITHM_NOT_FOUND")
+            raise _no_algorithm(name)
         return found
 
     async def _resolve_algorithm(

@@ -304,7 +304,16 @@ class ProviderStore:
         )
         return algorithm
 
-    async def algorithm(self, algorithm_id: str) -> tuple[provider_pb2.Algorithm, bytes] | None:
+    async def algorithm(self, algorithm_id: str) -> provider_pb2.Algorithm | None:
+        """The algorithm's record, without its code (up to 16 MiB)."""
+        row = self.db.execute(
+            "SELECT record FROM algorithms WHERE id = ?", (algorithm_id,)
+        ).fetchone()
+        return None if row is None else provider_pb2.Algorithm.FromString(row[0])
+
+    async def algorithm_with_code(
+        self, algorithm_id: str
+    ) -> tuple[provider_pb2.Algorithm, bytes] | None:
         row = self.db.execute(
             "SELECT record, code FROM algorithms WHERE id = ?", (algorithm_id,)
         ).fetchone()
