@@ -3,6 +3,7 @@ server on its own socket, talking to the others only over gRPC), and keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,11 +17,14 @@ import pytest
 from eth_account import Account
 
 from gateway.app import BackgroundServer, create_app, run_in_background
+from mesh.server import Server
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.mounts import mounted_under
+from operator_engine.runner import Runner
 from operator_engine.sandbox import Sandbox, SandboxConfig
 from operator_engine.server import build as build_engine
 from operator_service.config import OperatorConfig
+from operator_service.server import OperatorService
 from operator_service.server import build as build_operator
 from provider.config import ProviderConfig
 from provider.server import build as build_provider
@@ -146,53 +150,28 @@ def engine_config(
     )
 
 
-@pytest.fixture
-async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
-    """Engine, Operator Service and Provider, started in order on fresh state."""
-    home = tmp_path / "home"
-    run = home / "run"
-    data_root = tmp_path / "data"
-    data_root.mkdir(parents=True)
-    owner = new_key()
-    sandbox = SandboxIdentity.new()
-    engine = await build_engine(
-        engine_config(home, sandbox, TEST_ENVIRONMENTS, data_root=data_root)
-    )
-    engine_server, runner = engine
+@contextlib.asynccontextmanager
+async def engine_and_operator(
+    home: Path, config: EngineConfig, sandbox: SandboxIdentity, *, lease_s: float
+) -> AsyncIterator[tuple[Server, Runner, OperatorService]]:
+    """An engine on `config` and an Operator Service in front of it (its socket in `home/run`,
+    its registry in `home/operator`), started in order and stopped again afterwards; the
+    engine must then have left no job disk mounted under `home` and no staging root."""
+    engine_server, runner = await build_engine(config)
     await engine_server.start()
     operator = await build_operator(
         OperatorConfig(
-            listen=f"unix:{run / 'operator.sock'}",
+            listen=f"unix:{home / 'run' / 'operator.sock'}",
             engine_address=engine_server.address,
             database=home / "operator" / "operator.db",
-            storage_url=str(home / "results"),
-            engine_lease_s=5,
+            storage_url=config.storage_url,
+            engine_lease_s=lease_s,
         )
     )
     await operator.start()
-    provider = await build_provider(
-        ProviderConfig(
-            listen="127.0.0.1:0",
-            operator_address=operator.server.address,
-            database=home / "provider" / "provider.db",
-            data_root=data_root,
-            owners=frozenset({owner.address}),
-        )
-    )
-    await provider.server.start()
     try:
-        yield LocalMesh(
-            home=home,
-            data_root=data_root,
-            provider_address=provider.server.address,
-            operator_address=operator.server.address,
-            engine_address=engine_server.address,
-            owner=owner,
-            stray_processes=runner.sandbox.stray_processes,
-        )
+        yield engine_server, runner, operator
     finally:
-        await provider.server.stop(0.5)
-        await provider.close()
         await operator.tracker.close()
         await operator.server.stop(0.5)
         await operator.close()
@@ -202,6 +181,42 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
         assert mounted_under(home) == [], "the engine left a job disk mounted"
         # Never removed by force: a mount left there could be a dataset's.
         assert not sandbox.stage_root.exists(), "the engine left its staging root"
+
+
+@pytest.fixture
+async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
+    """Engine, Operator Service and Provider, started in order on fresh state."""
+    home = tmp_path / "home"
+    data_root = tmp_path / "data"
+    data_root.mkdir(parents=True)
+    owner = new_key()
+    sandbox = SandboxIdentity.new()
+    config = engine_config(home, sandbox, TEST_ENVIRONMENTS, data_root=data_root)
+    async with engine_and_operator(home, config, sandbox, lease_s=5) as started:
+        engine_server, runner, operator = started
+        provider = await build_provider(
+            ProviderConfig(
+                listen="127.0.0.1:0",
+                operator_address=operator.server.address,
+                database=home / "provider" / "provider.db",
+                data_root=data_root,
+                owners=frozenset({owner.address}),
+            )
+        )
+        await provider.server.start()
+        try:
+            yield LocalMesh(
+                home=home,
+                data_root=data_root,
+                provider_address=provider.server.address,
+                operator_address=operator.server.address,
+                engine_address=engine_server.address,
+                owner=owner,
+                stray_processes=runner.sandbox.stray_processes,
+            )
+        finally:
+            await provider.server.stop(0.5)
+            await provider.close()
 
 
 @dataclass

@@ -20,13 +20,9 @@ from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
 from mesh import jobs as job_facts
 from mesh.channels import open_channel
 from operator_engine.config import EngineConfig, EnvironmentSpec
-from operator_engine.mounts import mounted_under
 from operator_engine.runner import Runner
-from operator_engine.server import build as build_engine
-from operator_service.config import OperatorConfig
 from operator_service.server import OperatorService
-from operator_service.server import build as build_operator
-from tests.conftest import SandboxIdentity, engine_config
+from tests.conftest import SandboxIdentity, engine_and_operator, engine_config
 from tests.e2e.test_job import error_info as error_info  # re-exported for these suites
 
 HELLO = b"print('hello', flush=True)\n"
@@ -118,37 +114,19 @@ async def running_node(
     sandbox = SandboxIdentity.new()
     config = dataclasses.replace(engine_config(home, sandbox, environments), **engine_settings)
     config.data_root.mkdir(parents=True, exist_ok=True)
-    engine_server, runner = await build_engine(config)
-    await engine_server.start()
-    service = await build_operator(
-        OperatorConfig(
-            listen=f"unix:{home / 'run' / 'operator.sock'}",
-            engine_address=engine_server.address,
-            database=home / "operator" / "operator.db",
-            storage_url=config.storage_url,
-            engine_lease_s=10,
-        )
-    )
-    await service.start()
-    engine_channel = open_channel(engine_server.address)
-    operator_channel = open_channel(service.server.address)
-    try:
-        yield Node(
-            home=home,
-            config=config,
-            runner=runner,
-            engine=engine_pb2_grpc.EngineServiceStub(engine_channel),
-            operator=operator_pb2_grpc.OperatorServiceStub(operator_channel),
-            service=service,
-        )
-    finally:
-        await operator_channel.close()
-        await engine_channel.close()
-        await service.tracker.close()
-        await service.server.stop(0.5)
-        await service.close()
-        await runner.close()
-        await engine_server.stop(0.5)
-        runner.sandbox.close()
-        assert mounted_under(home) == [], "the engine left a job disk mounted"
-        assert not sandbox.stage_root.exists(), "the engine left its staging root"
+    async with engine_and_operator(home, config, sandbox, lease_s=10) as started:
+        engine_server, runner, service = started
+        engine_channel = open_channel(engine_server.address)
+        operator_channel = open_channel(service.server.address)
+        try:
+            yield Node(
+                home=home,
+                config=config,
+                runner=runner,
+                engine=engine_pb2_grpc.EngineServiceStub(engine_channel),
+                operator=operator_pb2_grpc.OperatorServiceStub(operator_channel),
+                service=service,
+            )
+        finally:
+            await operator_channel.close()
+            await engine_channel.close()
