@@ -25,7 +25,7 @@ from provider.audit import AuditLog
 from provider.auth import Authenticator, Caller, require_owner
 from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
-from provider.policy import PolicyVersionMismatch, check_trusted
+from provider.policy import check_trusted
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -50,9 +50,6 @@ MAX_TEXT = 4096
 PENDING = pb.APPROVAL_STATE_PENDING
 # The basis on which a sample run reads its dataset, as its audit entry and provenance say.
 SAMPLE_BASIS = "approval_sample"
-# Attempts at adding the approved algorithm when another change of the policy comes between
-# reading it and writing the new version.
-_POLICY_ATTEMPTS = 3
 
 
 def _request_id(name: str) -> str:
@@ -376,30 +373,22 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
     async def _trust(self, approval: pb.ApprovalRequest) -> pb.Dataset:
         """Adds the request's algorithm, pinned by its checksums, to the dataset's trusted
         algorithms as a new policy version, in place of an entry for an older version of it
-        (which would refuse the new one)."""
-        dataset_id = job_facts.parse_name(approval.dataset, "datasets")
-        for attempt in range(1, _POLICY_ATTEMPTS + 1):
-            dataset = await self._dataset(approval.dataset)
-            policy = pb.ComputePolicy()
-            policy.CopyFrom(dataset.policy)
-            kept = [
-                t for t in policy.publisher_trusted_algorithms if t.did != approval.algorithm_did
-            ]
-            del policy.publisher_trusted_algorithms[:]
-            policy.publisher_trusted_algorithms.extend(kept)
-            policy.publisher_trusted_algorithms.add(
-                did=approval.algorithm_did,
-                files_checksum=approval.files_checksum,
-                container_section_checksum=approval.container_section_checksum,
-            )
-            try:
-                return await self.store.update_dataset_policy(
-                    dataset_id, policy, dataset.policy_version
-                )
-            except PolicyVersionMismatch:
-                if attempt == _POLICY_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        (which would refuse the new one). No await suspends between the read and the write
+        (mesh.sqlite), so no other change of the policy comes between them."""
+        dataset = await self._dataset(approval.dataset)
+        policy = pb.ComputePolicy()
+        policy.CopyFrom(dataset.policy)
+        kept = [t for t in policy.publisher_trusted_algorithms if t.did != approval.algorithm_did]
+        del policy.publisher_trusted_algorithms[:]
+        policy.publisher_trusted_algorithms.extend(kept)
+        policy.publisher_trusted_algorithms.add(
+            did=approval.algorithm_did,
+            files_checksum=approval.files_checksum,
+            container_section_checksum=approval.container_section_checksum,
+        )
+        return await self.store.update_dataset_policy(
+            job_facts.parse_name(approval.dataset, "datasets"), policy, dataset.policy_version
+        )
 
     async def RejectApprovalRequest(
         self, request: pb.RejectApprovalRequestRequest, context: Context
