@@ -11,6 +11,10 @@ from pathlib import Path
 from mesh import config as mesh_config
 
 GIB = 1 << 30
+# The least an environment, or a job within it, may have: the sandbox's smallest memory limit,
+# and a disk ext4 fits on.
+MIN_MEMORY_BYTES = 16 << 20
+MIN_DISK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,11 @@ class EnvironmentSpec:
     max_queued_jobs: int = 1000
 
     def __post_init__(self) -> None:
-        if self.cpus <= 0 or self.memory_bytes < 16 << 20 or self.disk_bytes < 1 << 20:
+        if (
+            self.cpus <= 0
+            or self.memory_bytes < MIN_MEMORY_BYTES
+            or self.disk_bytes < MIN_DISK_BYTES
+        ):
             raise ValueError(f"environment {self.name}: cpus, memory or disk too small")
         if self.max_processes < 1 or self.max_duration_s <= 0 or self.max_concurrent_jobs < 1:
             raise ValueError(f"environment {self.name}: limits must be positive")

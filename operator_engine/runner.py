@@ -48,7 +48,12 @@ from google.protobuf.message import DecodeError
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mesh.storage import Storage
-from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.config import (
+    MIN_DISK_BYTES,
+    MIN_MEMORY_BYTES,
+    EngineConfig,
+    EnvironmentSpec,
+)
 from operator_engine.disks import JobDisks, is_full
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
@@ -86,9 +91,6 @@ _PREPARED_RESULTS = 4
 # code or DDOs to hash and write, many dataset files to check) go to a thread.
 _INLINE_CONFIGURE_BYTES = 64 * 1024
 _INLINE_CONFIGURE_FILES = 8
-# The least a job may ask for: the sandbox's smallest memory limit, and a disk ext4 fits on.
-_MIN_MEMORY_BYTES = 16 << 20
-_MIN_DISK_BYTES = 1 << 20
 _NANOS = 1_000_000_000
 
 
@@ -779,8 +781,8 @@ def check_resources(env: EnvironmentSpec, asked: job_pb2.Resources) -> None:
             field="resources.cpus",
         )
     sizes = (
-        ("memory_bytes", asked.memory_bytes, env.memory_bytes, _MIN_MEMORY_BYTES),
-        ("disk_bytes", asked.disk_bytes, env.disk_bytes, _MIN_DISK_BYTES),
+        ("memory_bytes", asked.memory_bytes, env.memory_bytes, MIN_MEMORY_BYTES),
+        ("disk_bytes", asked.disk_bytes, env.disk_bytes, MIN_DISK_BYTES),
     )
     for name, value, limit, least in sizes:
         field = f"resources.{name}"
