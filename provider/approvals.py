@@ -263,12 +263,11 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
     ) -> pb.CreateApprovalRequestResponse:
         caller = await self.auth.signed(context, "CreateApprovalRequest", request)
         request_fields.check_request_id(request.request_id)
-        if request.request_id:
-            previous = await self.store.request_resource(caller.address, request.request_id)
-            if previous is not None:
-                return pb.CreateApprovalRequestResponse(
-                    approval_request=await self._approval_request(previous, caller)
-                )
+        previous = await self.store.request_resource(caller.address, request.request_id)
+        if previous is not None:
+            return pb.CreateApprovalRequestResponse(
+                approval_request=await self._approval_request(previous, caller)
+            )
         async with self.audit.refusals(caller.address, "approval.create", request.dataset):
             _check_text(request.message, "message")
             dataset = await self._dataset(request.dataset, "dataset")
@@ -297,8 +296,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
             )
             approval.create_time.GetCurrentTime()
             created = await self.approvals.create(approval)
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, created.name)
+        await self.store.remember_request(caller.address, request.request_id, created.name)
         if created.name == approval.name:
             await self.audit.record(
                 caller.address,
@@ -421,12 +419,9 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
         request_fields.check_request_id(request.request_id)
         async with self.audit.refusals(caller.address, "approval.sample", request.name):
             require_owner(caller, self.config.owners, "run approval samples")
-            if request.request_id:
-                previous = await self.store.request_resource(caller.address, request.request_id)
-                if previous is not None:
-                    return pb.RunApprovalSampleResponse(
-                        job=await self._job(previous, caller.address)
-                    )
+            previous = await self.store.request_resource(caller.address, request.request_id)
+            if previous is not None:
+                return pb.RunApprovalSampleResponse(job=await self._job(previous, caller.address))
             approval = await self._pending_request(request.name, caller)
             dataset = await self._dataset(approval.dataset)
             if not dataset.sample:
@@ -438,8 +433,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
             sample = await self._dataset_with_files(dataset.sample)
             job = await self._start_sample_job(caller, sample, algorithm, code, approval, request)
             await self.approvals.add_sample_job(_request_id(approval.name), job.name)
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, job.name)
+        await self.store.remember_request(caller.address, request.request_id, job.name)
         await self.audit.record(
             caller.address,
             "approval.sample",

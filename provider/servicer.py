@@ -196,10 +196,9 @@ class ProviderServicer(
         async with self.audit.refusals(caller.address, "dataset.publish", "datasets"):
             require_owner(caller, self.config.owners, "publish datasets")
         request_fields.check_request_id(request.request_id)
-        if request.request_id:
-            previous = await self.store.request_resource(caller.address, request.request_id)
-            if previous is not None:
-                return pb.PublishDatasetResponse(dataset=await self._dataset(previous))
+        previous = await self.store.request_resource(caller.address, request.request_id)
+        if previous is not None:
+            return pb.PublishDatasetResponse(dataset=await self._dataset(previous))
         if not 1 <= len(request.file_paths) <= assets.MAX_DATASET_FILES:
             raise InvalidArgument("file_paths must list 1 to 1000 files", field="file_paths")
         check_policy(request.policy)
@@ -230,8 +229,7 @@ class ProviderServicer(
         )
         dataset.create_time.GetCurrentTime()
         await self.store.add_dataset(dataset, [f.path for f in checked])
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, dataset.name)
+        await self.store.remember_request(caller.address, request.request_id, dataset.name)
         await self.audit.record(
             caller.address,
             "dataset.publish",
@@ -297,10 +295,9 @@ class ProviderServicer(
     ) -> pb.PublishAlgorithmResponse:
         caller = await self.auth.signed(context, "PublishAlgorithm", request)
         request_fields.check_request_id(request.request_id)
-        if request.request_id:
-            previous = await self.store.request_resource(caller.address, request.request_id)
-            if previous is not None:
-                return pb.PublishAlgorithmResponse(algorithm=await self._algorithm(previous))
+        previous = await self.store.request_resource(caller.address, request.request_id)
+        if previous is not None:
+            return pb.PublishAlgorithmResponse(algorithm=await self._algorithm(previous))
         access = request.access or pb.ALGORITHM_ACCESS_PRIVATE
         if access not in assets.ACCESS_WORDS:
             raise InvalidArgument("access must be PUBLIC or PRIVATE", field="access")
@@ -317,8 +314,7 @@ class ProviderServicer(
         algorithm.create_time.GetCurrentTime()
         algorithm.update_time.CopyFrom(algorithm.create_time)
         await self.store.add_algorithm(algorithm, request.code)
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, algorithm.name)
+        await self.store.remember_request(caller.address, request.request_id, algorithm.name)
         await self.audit.record(
             caller.address,
             "algorithm.publish",
@@ -467,10 +463,9 @@ class ProviderServicer(
     ) -> pb.StartComputeResponse:
         caller = await self.auth.signed(context, "StartCompute", request)
         request_fields.check_request_id(request.request_id)
-        if request.request_id:
-            previous = await self.store.request_resource(caller.address, request.request_id)
-            if previous is not None:
-                return pb.StartComputeResponse(job=await self._job(previous, caller.address))
+        previous = await self.store.request_resource(caller.address, request.request_id)
+        if previous is not None:
+            return pb.StartComputeResponse(job=await self._job(previous, caller.address))
         if not request.dataset:
             raise InvalidArgument("dataset is required", field="dataset")
         names = [request.dataset, *request.additional_datasets]
@@ -530,8 +525,7 @@ class ProviderServicer(
                 resources=request.resources,
             )
         )
-        if request.request_id:
-            await self.store.remember_request(caller.address, request.request_id, job.name)
+        await self.store.remember_request(caller.address, request.request_id, job.name)
         await self.audit.record(
             caller.address,
             "compute.start",

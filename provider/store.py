@@ -157,6 +157,10 @@ class ProviderStore:
     # -- idempotency ---------------------------------------------------------------------
 
     async def request_resource(self, address: str, request_id: str) -> str | None:
+        """What the address's earlier create with this request id made; None for none (and for
+        no request id: a create without one is not idempotent)."""
+        if not request_id:
+            return None
         row = self.db.execute(
             "SELECT resource FROM requests WHERE address = ? AND request_id = ?",
             (address, request_id),
@@ -164,6 +168,8 @@ class ProviderStore:
         return None if row is None else str(row[0])
 
     async def remember_request(self, address: str, request_id: str, resource: str) -> None:
+        if not request_id:
+            return
         self.db.execute(
             "INSERT OR IGNORE INTO requests (address, request_id, resource) VALUES (?, ?, ?)",
             (address, request_id, resource),
