@@ -132,33 +132,16 @@ class Tracker:
                         return
                     continue
                 except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.NOT_FOUND:
-                        log.info("engine unreachable; retrying", code=error.code().name)
-                    else:
+                    code = error.code()
+                    if code == grpc.StatusCode.NOT_FOUND:
                         try:
-                            handed_over = await self._hand_over_again(job_id)
-                        except grpc.aio.AioRpcError as refusal:
-                            if engine_refused(refusal):
-                                await self.end(
-                                    job_id,
-                                    State.STATE_FAILED,
-                                    job_pb2.FAILURE_REASON_SANDBOX_FAILED,
-                                    "the job could not be started: "
-                                    f"{engine_error(refusal).message}",
-                                )
+                            if not await self._hand_over_again(job_id):
                                 return
+                            continue
+                        except grpc.aio.AioRpcError as again:
                             # Out of reach again: tried anew until the lease runs out.
-                            log.info("engine unreachable; retrying", code=refusal.code().name)
-                        else:
-                            if handed_over:
-                                continue
-                            await self.end(
-                                job_id,
-                                State.STATE_FAILED,
-                                job_pb2.FAILURE_REASON_ENGINE_LOST,
-                                "engine lost: the engine no longer knows this job",
-                            )
-                            return
+                            code = again.code()
+                    log.info("engine unreachable; retrying", code=code.name)
                 except TimeoutError:
                     log.warning("engine silent past the lease")
                 if time.time() > await self.store.lease_until(job_id):
@@ -191,13 +174,31 @@ class Tracker:
             stream.cancel()
 
     async def _hand_over_again(self, job_id: str) -> bool:
-        """Hands a registered job that never reached the engine over again; False when the
-        job had started (then the engine lost it)."""
+        """Hands a registered job that never reached the engine over again. False when the job
+        is ended here instead, saying why: it had started (then the engine lost it), or the
+        engine now refuses it. Raises RunJob's other errors (the engine out of reach)."""
         found = await self.store.get(job_id)
         if found is None or found[1].state != State.STATE_QUEUED:
+            await self.end(
+                job_id,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_ENGINE_LOST,
+                "engine lost: the engine no longer knows this job",
+            )
             return False
         log.info("handing the job to the engine again")
-        await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
+        try:
+            await self.engine.RunJob(engine_pb2.RunJobRequest(spec=found[0]), timeout=UNARY_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            if not engine_refused(error):
+                raise
+            await self.end(
+                job_id,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_SANDBOX_FAILED,
+                f"the job could not be started: {engine_error(error).message}",
+            )
+            return False
         return True
 
     async def watch(self, job_id: str, reader: str) -> AsyncIterator[job_pb2.Job]:
