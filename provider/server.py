@@ -10,8 +10,12 @@ from grpc.aio import Channel
 
 from mesh.channels import open_channel
 from mesh.server import Server
+from provider.approvals import ApprovalBook
+from provider.audit import AuditLog
 from provider.config import ProviderConfig
+from provider.provenance import ProvenanceBook
 from provider.servicer import ProviderServicer
+from provider.signing import load_provider_key
 from provider.store import ProviderStore
 
 SERVICE_NAME = provider_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name
@@ -31,7 +35,14 @@ class Provider:
 async def build(config: ProviderConfig) -> Provider:
     store = await ProviderStore.open(config.database)
     channel = open_channel(config.operator_address)
-    servicer = ProviderServicer(config, store, operator_pb2_grpc.OperatorServiceStub(channel))
+    servicer = ProviderServicer(
+        config,
+        store,
+        operator_pb2_grpc.OperatorServiceStub(channel),
+        audit=AuditLog(store.db),
+        provenance=ProvenanceBook(store.db, load_provider_key(config)),
+        approvals=ApprovalBook(store.db),
+    )
     server = Server(
         "provider",
         lambda s: provider_pb2_grpc.add_ProviderServiceServicer_to_server(servicer, s),

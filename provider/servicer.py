@@ -32,7 +32,6 @@ from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
 from provider.policy import check_policy, check_trusted, network_allowed
 from provider.provenance import ProvenanceBook, ProvenanceMixin
-from provider.signing import load_provider_key
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -152,14 +151,18 @@ class ProviderServicer(
         config: ProviderConfig,
         store: ProviderStore,
         operator: operator_pb2_grpc.OperatorServiceAsyncStub,
+        *,
+        audit: AuditLog,
+        provenance: ProvenanceBook,
+        approvals: ApprovalBook,
     ) -> None:
         self.config = config
         self.store = store
         self.operator = operator
         self.auth = Authenticator(store)
-        self.audit = AuditLog(store.db)
-        self.provenance = ProvenanceBook(store.db, load_provider_key(config))
-        self.approvals = ApprovalBook(store.db)
+        self.audit = audit
+        self.provenance = provenance
+        self.approvals = approvals
         self._environments: tuple[float, list[job_pb2.Environment]] = (0.0, [])
         self._refreshing: asyncio.Task[None] | None = None
 
