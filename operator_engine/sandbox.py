@@ -1814,7 +1814,9 @@ class _Job:
         self.proc = _Child(launcher.popen, launcher.take("pidfd"))
         self.readers = [
             asyncio.ensure_future(self._pump_output(launcher.fds["out"])),
-            asyncio.ensure_future(self._pump_chain_stderr(launcher.fds["err"])),
+            asyncio.ensure_future(
+                _read_capped(launcher.fds["err"], self.chain_stderr, _CHAIN_STDERR_CAP)
+            ),
         ]
         self.writers = [asyncio.ensure_future(_send_rest(fd, rest)) for fd, rest in pending]
         # Parking another launcher costs CPU the job would compete for on a small machine: it
@@ -1902,11 +1904,6 @@ class _Job:
                     # The job goes on (and its pipe is still drained); its log is incomplete.
                     self.log.exception("sandbox.on_output_failed")
                     delivering = False
-
-    async def _pump_chain_stderr(self, fd: int) -> None:
-        async for chunk in _read_chunks(fd):
-            room = _CHAIN_STDERR_CAP - len(self.chain_stderr)
-            self.chain_stderr += chunk[: max(0, room)]
 
     def _classify(self, ended: str, returncode: int | None, status: bytes) -> SandboxResult:
         limits = self.spec.limits
@@ -2077,7 +2074,9 @@ class _Network:
         finally:
             for fd in theirs:
                 os.close(fd)
-        self.reader = asyncio.ensure_future(self._pump_stderr(self.fds["err"]))
+        self.reader = asyncio.ensure_future(
+            _read_capped(self.fds["err"], self.stderr, _NETWORK_STDERR_CAP)
+        )
 
     async def block(
         self,
@@ -2100,11 +2099,6 @@ class _Network:
                 if b"1" in chunk:
                     return
         raise OSError("slirp4netns ended before the job's network was up")
-
-    async def _pump_stderr(self, fd: int) -> None:
-        async for chunk in _read_chunks(fd):
-            room = _NETWORK_STDERR_CAP - len(self.stderr)
-            self.stderr += chunk[: max(0, room)]
 
     async def close(self) -> bool:
         """Ends slirp4netns, unless the job's cgroups took it along, and lets go of the rest;
@@ -2332,6 +2326,13 @@ def _read_all(fd: int) -> bytes:
             break
         data += chunk
     return bytes(data)
+
+
+async def _read_capped(fd: int, into: bytearray, cap: int) -> None:
+    """Reads a pipe to its end, keeping its first `cap` bytes in `into` (the rest is dropped:
+    the writer never blocks on it)."""
+    async for chunk in _read_chunks(fd):
+        into += chunk[: max(0, cap - len(into))]
 
 
 async def _read_chunks(fd: int) -> AsyncGenerator[bytes, None]:
