@@ -40,7 +40,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_ALGORITHM_BYTES = 16 << 20
 MAX_RAW_ALGORITHM_BYTES = 1 << 20
 MAX_TOKEN_SECONDS = 24 * 3600
-MAX_VIEWERS = 20
 # Algorithm code streams in chunks of this size, as results do.
 _CHUNK_BYTES = 1 << 20
 # The engine's environments are read again after this long; until _ENVIRONMENTS_STALE_S the
@@ -83,8 +82,10 @@ def _set_code(
 def _check_viewers(viewers: Sequence[str], caller: str) -> list[str]:
     """The viewers in EIP-55 form, each once; INVALID_ARGUMENT naming the entry that is not an
     address or is the caller (who owns the job)."""
-    if len(viewers) > MAX_VIEWERS:
-        raise InvalidArgument(f"viewers lists at most {MAX_VIEWERS} addresses", field="viewers")
+    if len(viewers) > job_facts.MAX_VIEWERS:
+        raise InvalidArgument(
+            f"viewers lists at most {job_facts.MAX_VIEWERS} addresses", field="viewers"
+        )
     checked: list[str] = []
     for i, viewer in enumerate(viewers):
         field = f"viewers[{i}]"
