@@ -46,10 +46,6 @@ def _text_hash(address: str, nonce: str, command: str, digest: str) -> bytes:
     return bytes(_keccak(signed_text(address, nonce, command, digest).encode()))
 
 
-def _signable(address: str, nonce: str, command: str, digest: str) -> Any:
-    return encode_defunct(primitive=_text_hash(address, nonce, command, digest))
-
-
 # What EIP-191 puts before a 32-byte personal message (encode_defunct's version E).
 _PERSONAL_PREFIX = b"\x19Ethereum Signed Message:\n32"
 
@@ -69,11 +65,16 @@ def recover_signer(text_hash: bytes, signature: bytes) -> str:
     return "0x" + bytes(_keccak(public.format(compressed=False)[1:])[-20:]).hex()
 
 
+def sign_hash(text_hash: bytes, private_key: bytes | str) -> str:
+    """Signs a 32-byte hash as a personal message; returns the 0x-prefixed 65-byte signature
+    (recover_signer finds the signer again)."""
+    signed = Account.sign_message(encode_defunct(primitive=text_hash), private_key=private_key)
+    return "0x" + bytes(signed.signature).hex()
+
+
 def sign(private_key: bytes | str, address: str, nonce: int, command: str, digest: str) -> str:
     """Signs a request as a client; returns the 0x-prefixed 65-byte signature."""
-    message = _signable(address, str(nonce), command, digest)
-    signed = Account.sign_message(message, private_key=private_key)
-    return "0x" + bytes(signed.signature).hex()
+    return sign_hash(_text_hash(address, str(nonce), command, digest), private_key)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,9 @@ import re
 from typing import Any
 
 import rfc8785
-from eth_account import Account
-from eth_account.messages import encode_defunct
 from eth_hash.auto import keccak
 
-from mesh.auth import checksum, recover_signer
+from mesh.auth import checksum, recover_signer, sign_hash
 
 RECORD_VERSION = 1
 _SIGNATURE = re.compile(r"0x[0-9a-f]{130}")
@@ -50,8 +48,7 @@ def _record_hash(record: dict[str, Any]) -> bytes:
 def sign_document(record: dict[str, Any], private_key: bytes) -> bytes:
     """The canonical document of `record`, signed with `private_key`."""
     check_record_values(record)
-    signed = Account.sign_message(encode_defunct(primitive=_record_hash(record)), private_key)
-    signature = "0x" + bytes(signed.signature).hex()
+    signature = sign_hash(_record_hash(record), private_key)
     return rfc8785.dumps({"provenance": record, "signature": signature})
 
 
