@@ -3,11 +3,13 @@ system's numeric status codes that market integrations read."""
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Sequence
 
 from c2d.common.v1 import job_pb2
+from google.protobuf import duration_pb2
 
 from mesh.errors import InvalidArgument
 
@@ -20,6 +22,10 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _ASSET_ID = re.compile(r"[0-9a-f]{64}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 MAX_VIEWERS = 20
+# The least memory and disk a job can run with (a sandboxed Python needs about 10 MiB).
+MIN_MEMORY_BYTES = 16 << 20
+MIN_DISK_BYTES = 1 << 20
+_NANOS = 1_000_000_000
 
 
 def is_job_id(value: str) -> bool:
@@ -114,3 +120,47 @@ def format_reason(reason: int) -> str:
     """`FAILURE_REASON_OUT_OF_MEMORY` -> `out of memory`."""
     name = job_pb2.FailureReason.Name(reason)  # type: ignore[arg-type]
     return name.removeprefix("FAILURE_REASON_").replace("_", " ").lower()
+
+
+def _duration_ns(duration: duration_pb2.Duration, field: str) -> int:
+    if duration.seconds < 0 or duration.nanos < 0:
+        raise InvalidArgument(f"{field} must not be negative", field=field)
+    if duration.nanos >= _NANOS:
+        raise InvalidArgument(f"{field}.nanos must be below 1e9", field=field)
+    return duration.seconds * _NANOS + duration.nanos
+
+
+def check_resources(asked: job_pb2.Resources, environment: job_pb2.Environment) -> None:
+    """INVALID_ARGUMENT naming `resources.<field>` for a limit a job asks for that is negative,
+    above its environment's, or too small to run anything. Zero means the environment's. The
+    Provider checks it up front, the engine (which knows the environments for sure) again."""
+    where = f"the limit of environment {environment.name!r}"
+    if math.isnan(asked.cpus) or asked.cpus < 0:
+        raise InvalidArgument("resources.cpus must not be negative", field="resources.cpus")
+    if asked.cpus > environment.cpus:
+        raise InvalidArgument(
+            f"resources.cpus ({asked.cpus:g}) is above {where} ({environment.cpus:g})",
+            field="resources.cpus",
+        )
+    sizes = (
+        ("memory_bytes", asked.memory_bytes, environment.memory_bytes, MIN_MEMORY_BYTES),
+        ("disk_bytes", asked.disk_bytes, environment.disk_bytes, MIN_DISK_BYTES),
+    )
+    for name, value, limit, least in sizes:
+        field = f"resources.{name}"
+        if value < 0:
+            raise InvalidArgument(f"{field} must not be negative", field=field)
+        if value > limit:
+            raise InvalidArgument(
+                f"{field} ({value} bytes) is above {where} ({limit} bytes)", field=field
+            )
+        if 0 < value < least:
+            raise InvalidArgument(f"{field} must be at least {least} (or 0)", field=field)
+    asked_ns = _duration_ns(asked.max_duration, "resources.max_duration")
+    limit_ns = _duration_ns(environment.max_duration, "max_duration")
+    if asked_ns > limit_ns:
+        raise InvalidArgument(
+            f"resources.max_duration ({asked_ns / _NANOS:g} s) is above {where} "
+            f"({limit_ns / _NANOS:g} s)",
+            field="resources.max_duration",
+        )

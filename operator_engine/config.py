@@ -10,11 +10,10 @@ from pathlib import Path
 
 from mesh import config as mesh_config
 
+# The least an environment, or a job within it, may have.
+from mesh.jobs import MIN_DISK_BYTES, MIN_MEMORY_BYTES
+
 GIB = 1 << 30
-# The least an environment, or a job within it, may have: the sandbox's smallest memory limit,
-# and a disk ext4 fits on.
-MIN_MEMORY_BYTES = 16 << 20
-MIN_DISK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

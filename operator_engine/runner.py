@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import shutil
 import time
@@ -48,12 +47,7 @@ from google.protobuf.message import DecodeError
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mesh.storage import Storage
-from operator_engine.config import (
-    MIN_DISK_BYTES,
-    MIN_MEMORY_BYTES,
-    EngineConfig,
-    EnvironmentSpec,
-)
+from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
@@ -173,7 +167,7 @@ class Runner:
         if not spec.datasets:
             raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
         job_facts.check_viewers(spec.owner, spec.viewers)
-        check_resources(env, spec.resources)
+        job_facts.check_resources(spec.resources, _environment_message(env))
         self._check_queue(env)
         job = job_pb2.Job(
             name=job_facts.job_name(spec.job_id),
@@ -760,47 +754,6 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         max_queue_wait=_duration(env.max_queue_wait_s),
         max_queued_jobs=env.max_queued_jobs,
     )
-
-
-def _duration_ns(duration: duration_pb2.Duration, field: str) -> int:
-    if duration.seconds < 0 or duration.nanos < 0:
-        raise InvalidArgument(f"{field} must not be negative", field=field)
-    if duration.nanos >= _NANOS:
-        raise InvalidArgument(f"{field}.nanos must be below 1e9", field=field)
-    return duration.seconds * _NANOS + duration.nanos
-
-
-def check_resources(env: EnvironmentSpec, asked: job_pb2.Resources) -> None:
-    """INVALID_ARGUMENT naming the field for a limit the job asks for that is negative,
-    above the environment's, or too small to run anything. Zero means the environment's."""
-    if math.isnan(asked.cpus) or asked.cpus < 0:
-        raise InvalidArgument("resources.cpus must not be negative", field="resources.cpus")
-    if asked.cpus > env.cpus:
-        raise InvalidArgument(
-            f"resources.cpus ({asked.cpus:g}) is above the environment's limit ({env.cpus:g})",
-            field="resources.cpus",
-        )
-    sizes = (
-        ("memory_bytes", asked.memory_bytes, env.memory_bytes, MIN_MEMORY_BYTES),
-        ("disk_bytes", asked.disk_bytes, env.disk_bytes, MIN_DISK_BYTES),
-    )
-    for name, value, limit, least in sizes:
-        field = f"resources.{name}"
-        if value < 0:
-            raise InvalidArgument(f"{field} must not be negative", field=field)
-        if value > limit:
-            raise InvalidArgument(
-                f"{field} ({value}) is above the environment's limit ({limit})", field=field
-            )
-        if 0 < value < least:
-            raise InvalidArgument(f"{field} must be at least {least} (or 0)", field=field)
-    asked_ns = _duration_ns(asked.max_duration, "resources.max_duration")
-    if asked_ns > round(env.max_duration_s * _NANOS):
-        raise InvalidArgument(
-            f"resources.max_duration ({asked_ns / _NANOS:g} s) is above the environment's "
-            f"limit ({env.max_duration_s:g} s)",
-            field="resources.max_duration",
-        )
 
 
 def job_limits(env: EnvironmentSpec, asked: job_pb2.Resources) -> job_pb2.Resources:

@@ -106,6 +106,7 @@ from typing import Any
 
 import structlog
 
+from mesh.jobs import MIN_MEMORY_BYTES
 from operator_engine import mounts
 
 _log = structlog.get_logger(__name__)
@@ -120,7 +121,6 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHAIN_PROCESSES = 2
 _CPU_PERIOD_US = 100_000
 _MIN_CPU_QUOTA_US = 1_000
-_MIN_MEMORY_BYTES = 16 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
 _TAIL_BYTES = 4096
 _CHAIN_STDERR_CAP = 16 * 1024
@@ -942,8 +942,8 @@ def _check_spec(spec: SandboxSpec) -> None:
         and limits.max_duration_s > 0
     ):
         raise ValueError("limits must be positive")
-    if limits.memory_bytes < _MIN_MEMORY_BYTES:
-        raise ValueError(f"memory_bytes must be at least {_MIN_MEMORY_BYTES}")
+    if limits.memory_bytes < MIN_MEMORY_BYTES:
+        raise ValueError(f"memory_bytes must be at least {MIN_MEMORY_BYTES}")
     if not spec.argv:
         raise ValueError("argv is empty")
     if any("\0" in arg for arg in spec.argv):

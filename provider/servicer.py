@@ -5,7 +5,6 @@ was started with to its provenance."""
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import secrets
 import time
@@ -100,31 +99,6 @@ def _check_viewers(viewers: Sequence[str], caller: str) -> list[str]:
         if address not in checked:
             checked.append(address)
     return checked
-
-
-def _check_resources(asked: job_pb2.Resources, environment: job_pb2.Environment) -> None:
-    """INVALID_ARGUMENT naming `resources.<field>` when a limit asked for is negative or above
-    the environment's."""
-    for name, value, limit, unit in (
-        ("cpus", asked.cpus, environment.cpus, "CPUs"),
-        ("memory_bytes", asked.memory_bytes, environment.memory_bytes, "bytes"),
-        ("disk_bytes", asked.disk_bytes, environment.disk_bytes, "bytes"),
-        (
-            "max_duration",
-            asked.max_duration.ToNanoseconds() / 1e9,
-            environment.max_duration.ToNanoseconds() / 1e9,
-            "s",
-        ),
-    ):
-        field = f"resources.{name}"
-        if not math.isfinite(value) or value < 0:
-            raise InvalidArgument(f"{field} must not be negative", field=field)
-        if value > limit:
-            raise InvalidArgument(
-                f"{field} is above the limit of environment {environment.name!r} "
-                f"({limit:g} {unit})",
-                field=field,
-            )
 
 
 def _start_details(
@@ -485,11 +459,11 @@ class ProviderServicer(
         viewers = _check_viewers(request.viewers, caller.address)
         algorithm, code = await self._resolve_algorithm(request)
         environment = await self._environment(request.environment or "default")
-        _check_resources(request.resources, environment)
         given = json_format.MessageToDict(request.parameters)
 
         decided: list[DecidedDataset] = []
         try:
+            job_facts.check_resources(request.resources, environment)
             for name, dataset_id in zip(names, dataset_ids, strict=True):
                 found = await self.store.dataset(dataset_id)
                 if found is None:

@@ -219,6 +219,9 @@ async def test_resources_above_the_environment_are_refused_up_front(
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert error_info(error).metadata["field"] == field
             assert field in (error.details() or "")
+        # Each refusal is a decision the audit log keeps, with its reason.
+        events = await owner.list_audit_events(action="compute.start")
+        assert [e.outcome for e in events] == [pb.AUDIT_OUTCOME_REFUSED] * 4
 
         # Within the limits (the small environment's memory cap is 128 MiB): accepted, and
         # recorded as the limits the job runs under.
