@@ -61,10 +61,12 @@ class EngineConfig:
     environments: tuple[EnvironmentSpec, ...] = field(default=(EnvironmentSpec(),))
     # The algorithm log is capped so that a chatty algorithm cannot fill the node's disk.
     log_cap_bytes: int = 64 << 20
+    # Two engines on one machine need their own uid range (an engine that finds its range in
+    # use refuses to start), stage root and cgroup folder.
     sandbox_uid_base: int = 1_600_000_000
     sandbox_uid_count: int = 64
     sandbox_stage_root: Path = Path("/run/c2d-sandbox")
-    # The cgroup folder of this engine's jobs; two engines on one machine need two names.
+    # The cgroup folder of this engine's jobs.
     sandbox_cgroup_name: str = "c2d"
 
     @classmethod

@@ -78,6 +78,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import fcntl
 import functools
 import ipaddress
 import itertools
@@ -90,6 +91,7 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import (
@@ -119,6 +121,9 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # and its init. They are added to the job's process limit so that `max_processes` counts the
 # algorithm's processes (and threads) only.
 _CHAIN_PROCESSES = 2
+# Where engines lock their job uid ranges (see Sandbox._claim_uid_range), and struct flock.
+_UID_LOCK_FILE = "/run/c2d-sandbox-uids.lock"
+_FLOCK = "hhxxxxqqixxxx"
 _CPU_PERIOD_US = 100_000
 _MIN_CPU_QUOTA_US = 1_000
 _READ_CHUNK = 64 * 1024
@@ -1130,6 +1135,7 @@ class Sandbox:
         self._removing: set[str] = set()  # cgroups of retired launchers, being removed
         self._closed = False  # by close(): no launcher is parked until sweep()
         self._stage = _Stage(config.stage_root)
+        self._uid_lock = -1  # see _claim_uid_range
 
     @property
     def uids(self) -> range:
@@ -1243,6 +1249,32 @@ class Sandbox:
             raise SandboxUnavailable(
                 f"job uid range {base}..{base + count - 1} collides with " + ", ".join(clashes[:5])
             )
+        self._claim_uid_range()
+
+    def _claim_uid_range(self) -> None:
+        """Holds a lock on this engine's uids for as long as it lives: two engines sharing a
+        uid would each take the other's processes for strays to kill (a sweep kills every
+        process of its uids but its own parked sandboxes). An open-file-description lock on
+        the byte range [uid_base, uid_base + uid_count) of one file, so that ranges that
+        merely overlap clash too, and the kernel drops it when the engine dies."""
+        if self._uid_lock >= 0:
+            return
+        fd = os.open(_UID_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = struct.pack(
+            _FLOCK, fcntl.F_WRLCK, os.SEEK_SET, self.config.uid_base, self.config.uid_count, 0
+        )
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise SandboxUnavailable(f"cannot lock the job uid range: {error}") from None
+            base, count = self.config.uid_base, self.config.uid_count
+            raise SandboxUnavailable(
+                f"job uid range {base}..{base + count - 1} is in use by another engine on this "
+                "machine; give each engine its own C2D_SANDBOX_UID_BASE"
+            ) from None
+        self._uid_lock = fd
 
     def _check_stage_root(self) -> None:
         root = self.config.stage_root
@@ -1380,6 +1412,9 @@ class Sandbox:
         self._closed = True
         while self._parked:
             self._retire(self._parked.pop(), wait=True)
+        if self._uid_lock >= 0:
+            os.close(self._uid_lock)  # the lock goes with it
+            self._uid_lock = -1
         for group in list(self._removing):
             self._remove_groups_now(group)
         if not self._running:

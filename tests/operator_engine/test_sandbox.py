@@ -6,6 +6,7 @@ job could see and do, how it ended, and that nothing of it is left afterwards.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -974,6 +975,26 @@ def test_check_refuses_a_uid_range_that_collides_with_users() -> None:
         Sandbox(SandboxConfig(uid_base=0, cgroup_name="c2d-test")).check()
     with pytest.raises(SandboxUnavailable, match="not a valid uid range"):
         Sandbox(SandboxConfig(uid_base=2**32 - 10, uid_count=64)).check()
+
+
+def test_check_refuses_a_uid_range_another_engine_holds(checked: Sandbox) -> None:
+    """Two engines sharing uids would kill each other's processes as strays: the second one
+    does not start, whether its range is the same or merely overlaps; once the first one is
+    gone, the range is free."""
+    overlapping = dataclasses.replace(
+        CONFIG,
+        uid_base=CONFIG.uid_base + CONFIG.uid_count - 1,
+        stage_root=Path("/run/c2d-sandbox-test-second"),
+        cgroup_name="c2d-test-second",
+    )
+    for config in (dataclasses.replace(overlapping, uid_base=CONFIG.uid_base), overlapping):
+        second = Sandbox(config)
+        with pytest.raises(SandboxUnavailable, match="in use by another engine"):
+            second.check()
+        second.close()
+    apart = Sandbox(dataclasses.replace(overlapping, uid_base=CONFIG.uid_base + CONFIG.uid_count))
+    apart._claim_uid_range()  # the range just past this engine's is free
+    apart.close()
 
 
 def test_check_refuses_a_missing_bwrap() -> None:
