@@ -17,6 +17,7 @@ from cli.common import client as _client
 from cli.common import emit as _emit
 from cli.common import parse_parameters
 from cli.output import print_json, to_dict
+from mesh import jobs as job_facts
 from mesh.provenance import ProvenanceError, verify_document
 from sdk.client import asset_did
 
@@ -279,7 +280,7 @@ def describe_approval(request: pb.ApprovalRequest, *, full: bool = False) -> str
         f"  files checksum:             {request.files_checksum}",
         f"  container section checksum: {request.container_section_checksum}",
     ]
-    parameters = json_format.MessageToDict(request.parameters)
+    parameters = job_facts.whole_numbers(json_format.MessageToDict(request.parameters))
     if parameters:
         lines.append(f"  parameters: {json.dumps(parameters, sort_keys=True)}")
     if request.decided_by:

@@ -7,6 +7,7 @@ import math
 import re
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from c2d.common.v1 import job_pb2
 from google.protobuf import duration_pb2
@@ -164,3 +165,15 @@ def check_resources(asked: job_pb2.Resources, environment: job_pb2.Environment) 
             f"({limit_ns / _NANOS:g} s)",
             field="resources.max_duration",
         )
+
+
+def whole_numbers(value: Any) -> Any:
+    """JSON from a google.protobuf.Struct with whole numbers as integers: Struct numbers are
+    doubles, and an algorithm given {"x": 1} expects 1, not 1.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value

@@ -53,7 +53,7 @@ class JobPlan:
     @functools.cached_property
     def values(self) -> Any:
         """The parameters as the algorithm reads them and the provenance hashes them."""
-        return _whole_numbers(self.parameters)
+        return job_facts.whole_numbers(self.parameters)
 
     @functools.cached_property
     def code_sha256(self) -> str:
@@ -160,14 +160,3 @@ def _ddo_json(record: bytes) -> str:
     """The dataset's description as its jobs see it. A dataset's record changes only with its
     policy (or when it gets a sample), so each version is written once, not at every job."""
     return json_format.MessageToJson(pb.Dataset.FromString(record), indent=2)
-
-
-def _whole_numbers(value: Any) -> Any:
-    """Struct numbers are doubles; an algorithm given {"x": 1} expects 1, not 1.0."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_numbers(v) for v in value]
-    return value
