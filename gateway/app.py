@@ -21,7 +21,7 @@ import grpc
 import structlog
 import uvicorn
 from c2d.common.v1 import job_pb2
-from c2d.provider.v1 import provider_pb2
+from c2d.provider.v1 import provider_pb2, provider_pb2_grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
@@ -117,6 +117,8 @@ class Gateway:
         self.keepalive = keepalive_seconds
         self._channel = channel
         self._owns_channel = channel is None
+        self._provider: provider_pb2_grpc.ProviderServiceAsyncStub | None = None
+        self._provider_channel: Any = None
         self._stopping: asyncio.Future[None] | None = None
         self._own_endpoints: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/healthz": self.healthz,
@@ -131,6 +133,15 @@ class Gateway:
                 self.provider_target, options=_CHANNEL_OPTIONS
             )
         return self._channel
+
+    @property
+    def provider(self) -> provider_pb2_grpc.ProviderServiceAsyncStub:
+        """The Provider's own stub, for the reads the gateway makes beside a transcoded call."""
+        if self._provider is None or self._provider_channel is not self.channel:
+            channel: grpc.aio.Channel = self.channel
+            self._provider = provider_pb2_grpc.ProviderServiceStub(channel)
+            self._provider_channel = self.channel
+        return self._provider
 
     @property
     def stopping(self) -> asyncio.Future[None]:
@@ -373,13 +384,8 @@ class Gateway:
         """The size, sha256 and name of what is downloaded, which Range needs and the download
         stream does not carry; None when the gateway cannot learn them."""
         if _ALGORITHM_NAME.fullmatch(name):
-            get_algorithm = self.channel.unary_unary(
-                f"/{PROVIDER_SERVICE.full_name}/GetAlgorithm",
-                request_serializer=provider_pb2.GetAlgorithmRequest.SerializeToString,
-                response_deserializer=provider_pb2.GetAlgorithmResponse.FromString,
-            )
             try:
-                found: provider_pb2.GetAlgorithmResponse = await get_algorithm(
+                found = await self.provider.GetAlgorithm(
                     provider_pb2.GetAlgorithmRequest(name=name), timeout=self.call_timeout
                 )
             except grpc.aio.AioRpcError as error:
@@ -403,13 +409,8 @@ class Gateway:
                 reason="INVALID_FIELD",
                 field="name",
             )
-        get_job = self.channel.unary_unary(
-            f"/{PROVIDER_SERVICE.full_name}/GetJob",
-            request_serializer=provider_pb2.GetJobRequest.SerializeToString,
-            response_deserializer=provider_pb2.GetJobResponse.FromString,
-        )
         try:
-            response: provider_pb2.GetJobResponse = await get_job(
+            response = await self.provider.GetJob(
                 provider_pb2.GetJobRequest(name=found.group(1)),
                 metadata=metadata,
                 timeout=self.call_timeout,
