@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import rfc8785
+from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -65,6 +66,14 @@ def _parameters(specs: Iterable[pb.ParameterSpec]) -> list[Any]:
     ]
 
 
+def _pricing(p: pb.Pricing) -> list[Any]:
+    return [p.datatoken, p.service_index, p.exchange_id]
+
+
+def _resources(r: job_pb2.Resources) -> list[Any]:
+    return [r.cpus, r.memory_bytes, r.disk_bytes, r.max_duration.seconds]
+
+
 def _sha256(data: bytes | str) -> str:
     raw = data.encode() if isinstance(data, str) else data
     return hashlib.sha256(raw).hexdigest() if raw else ""
@@ -81,13 +90,23 @@ def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
         json_format.MessageToDict(r.parameters),
         r.environment,
         list(r.viewers),
-        [
-            r.resources.cpus,
-            r.resources.memory_bytes,
-            r.resources.disk_bytes,
-            r.resources.max_duration.seconds,
-        ],
+        _resources(r.resources),
         r.require_network,
+        list(r.orders),
+    ]
+
+
+def _initialize_compute(r: pb.InitializeComputeRequest) -> list[Any]:
+    return [
+        r.dataset,
+        list(r.additional_datasets),
+        r.algorithm,
+        _sha256(r.raw_algorithm.code),
+        r.raw_algorithm.entrypoint,
+        json_format.MessageToDict(r.parameters),
+        r.environment,
+        _resources(r.resources),
+        r.valid_for.seconds,
     ]
 
 
@@ -100,6 +119,7 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
         list(r.file_paths),
         _policy(r.policy),
         r.sample_of,
+        _pricing(r.pricing),
     ],
     "UpdateDatasetPolicy": lambda r: [r.name, _policy(r.policy), r.expected_policy_version],
     "PublishAlgorithm": lambda r: [
@@ -109,10 +129,12 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
         r.entrypoint,
         r.access,
         _parameters(r.parameters),
+        _pricing(r.pricing),
     ],
     "UpdateAlgorithm": lambda r: [r.name, _sha256(r.code), r.entrypoint, _parameters(r.parameters)],
     "DownloadAlgorithm": lambda r: [r.name, r.offset],
     "StartCompute": _start_compute,
+    "InitializeCompute": _initialize_compute,
     "GetJob": lambda r: [r.name],
     "WatchJob": lambda r: [r.name],
     "StopJob": lambda r: [r.name],

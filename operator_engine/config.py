@@ -28,7 +28,10 @@ class EnvironmentSpec:
     max_duration_s: float = 600.0
     max_concurrent_jobs: int = 2
     network_allowed: bool = False
-    free: bool = True
+    # A priced environment: a provider fee of `fee_per_minute` (smallest units of the ERC-20
+    # token at `fee_token`) per started minute of the fee's validity; 0 is free.
+    fee_token: str = ""
+    fee_per_minute: int = 0
     max_output_files: int = 1000
     # The longest a job waits in the queue for a free slot, counted from its creation (so an
     # engine restart does not start the wait again); after that it ends `queue timeout`.
@@ -36,7 +39,16 @@ class EnvironmentSpec:
     # The most jobs that may wait in the queue at once; RunJob refuses more (QUEUE_FULL).
     max_queued_jobs: int = 1000
 
+    @property
+    def free(self) -> bool:
+        return self.fee_per_minute == 0
+
     def __post_init__(self) -> None:
+        if self.fee_per_minute < 0 or (self.fee_per_minute > 0) != bool(self.fee_token):
+            raise ValueError(
+                f"environment {self.name}: a priced environment needs both fee_token and a "
+                "positive fee_per_minute"
+            )
         if (
             self.cpus <= 0
             or self.memory_bytes < MIN_MEMORY_BYTES

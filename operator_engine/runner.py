@@ -753,6 +753,11 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         free=env.free,
         max_queue_wait=_duration(env.max_queue_wait_s),
         max_queued_jobs=env.max_queued_jobs,
+        price=None
+        if env.free
+        else job_pb2.EnvironmentPrice(
+            token=env.fee_token, amount_per_minute=str(env.fee_per_minute)
+        ),
     )
 
 

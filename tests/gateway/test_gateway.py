@@ -640,6 +640,7 @@ async def test_openapi_lists_every_annotated_path(edge: Edge) -> None:
         ("get", "/v1/algorithms"),
         ("get", "/v1/environments"),
         ("post", "/v1/jobs"),
+        ("post", "/v1/jobs:initialize"),
         ("get", "/v1/jobs/{job}"),
         ("get", "/v1/jobs"),
         ("get", "/v1/jobs/{job}:watch"),

@@ -113,6 +113,8 @@ const metadataFields = (m = {}) => [
   [...(m.tags ?? [])],
 ];
 
+const pricing = (p = {}) => [p.datatoken ?? "", p.service_index ?? 0, p.exchange_id ?? ""];
+
 const DIGESTS = {
   CreateAuthToken: (r) => [Number(r.valid_for?.seconds ?? 0)],
   PublishAlgorithm: (r) => [
@@ -124,6 +126,7 @@ const DIGESTS = {
     0,
     // No parameter declaration.
     [],
+    pricing(r.pricing),
   ],
   PublishDataset: (r) => {
     const p = r.policy ?? {};
@@ -149,6 +152,7 @@ const DIGESTS = {
         ]),
       ],
       r.sample_of ?? "",
+      pricing(r.pricing),
     ];
   },
   StartCompute: (r) => [
@@ -168,6 +172,7 @@ const DIGESTS = {
       Number(r.resources?.max_duration?.seconds ?? 0),
     ],
     r.require_network ?? false,
+    [...(r.orders ?? [])],
   ],
   GetJob: (r) => [r.name ?? ""],
   StreamJobLogs: (r) => [r.name ?? "", Number(r.offset ?? 0)],

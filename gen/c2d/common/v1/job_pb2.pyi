@@ -381,6 +381,7 @@ class Environment(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_WAIT_FIELD_NUMBER: _builtins.int
     MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The environment's name, for example "default"."""
     cpus: _builtins.float
@@ -396,7 +397,7 @@ class Environment(_message.Message):
     network_allowed: _builtins.bool
     """Whether jobs in this environment may ever use the network."""
     free: _builtins.bool
-    """Whether jobs in this environment cost nothing."""
+    """Whether jobs in this environment cost nothing: no `price`."""
     max_queued_jobs: _builtins.int
     """The most jobs that may wait in the queue at once; StartCompute is
     RESOURCE_EXHAUSTED beyond it.
@@ -409,6 +410,12 @@ class Environment(_message.Message):
     def max_queue_wait(self) -> _duration_pb2.Duration:
         """The longest a job waits in the queue for a free slot; after that it ends
         FAILED with FAILURE_REASON_QUEUE_TIMEOUT.
+        """
+
+    @_builtins.property
+    def price(self) -> Global___EnvironmentPrice:
+        """What a job here costs, paid as the provider fee of its orders; unset in
+        a free environment.
         """
 
     def __init__(
@@ -425,14 +432,43 @@ class Environment(_message.Message):
         free: _builtins.bool = ...,
         max_queue_wait: _duration_pb2.Duration | None = ...,
         max_queued_jobs: _builtins.int = ...,
+        price: Global___EnvironmentPrice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "max_queue_wait", b"max_queue_wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "max_queue_wait", b"max_queue_wait", "price", b"price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "max_queue_wait", b"max_queue_wait", "max_queued_jobs", b"max_queued_jobs", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "max_queue_wait", b"max_queue_wait", "max_queued_jobs", b"max_queued_jobs", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed", "price", b"price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Environment: _TypeAlias = Environment  # noqa: Y015
+
+@_typing.final
+class EnvironmentPrice(_message.Message):
+    """The price of a priced environment: a provider fee per minute of access."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    AMOUNT_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The ERC-20 token the fee is paid in, EIP-55."""
+    amount_per_minute: _builtins.str
+    """The fee per started minute of the fee's validity, in the token's
+    smallest unit, as a decimal string.
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        amount_per_minute: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_per_minute", b"amount_per_minute", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnvironmentPrice: _TypeAlias = EnvironmentPrice  # noqa: Y015
 
 @_typing.final
 class LogChunk(_message.Message):

@@ -293,6 +293,65 @@ class TrustedAlgorithm(_message.Message):
 Global___TrustedAlgorithm: _TypeAlias = TrustedAlgorithm  # noqa: Y015
 
 @_typing.final
+class Pricing(_message.Message):
+    """How a paid asset is sold: a datatoken (Ocean's ERC20Template) on the
+    provider's chain. A job on the asset needs an order: the datatoken's
+    `startOrder` for this service, paying `amount`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    DATATOKEN_FIELD_NUMBER: _builtins.int
+    NFT_FIELD_NUMBER: _builtins.int
+    SERVICE_INDEX_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    EXCHANGE_ID_FIELD_NUMBER: _builtins.int
+    BASE_TOKEN_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.int
+    """The chain's id (EIP-155)."""
+    datatoken: _builtins.str
+    """The datatoken's address, EIP-55."""
+    nft: _builtins.str
+    """The data NFT the datatoken belongs to."""
+    service_index: _builtins.int
+    """The service an order names (`serviceIndex` of startOrder)."""
+    amount: _builtins.str
+    """The datatokens an order pays, in the token's smallest unit, as a decimal
+    string (Ocean's orders pay 1 datatoken: "1000000000000000000").
+    """
+    exchange_id: _builtins.str
+    """Where the datatoken is sold: a FixedRateExchange id (0x and 64 hex
+    digits); empty when it is not sold there.
+    """
+    base_token: _builtins.str
+    """The exchange's base token (for example OCEAN)."""
+    price: _builtins.str
+    """The exchange's price of one datatoken in the base token's smallest unit,
+    as a decimal string.
+    """
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.int = ...,
+        datatoken: _builtins.str = ...,
+        nft: _builtins.str = ...,
+        service_index: _builtins.int = ...,
+        amount: _builtins.str = ...,
+        exchange_id: _builtins.str = ...,
+        base_token: _builtins.str = ...,
+        price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "base_token", b"base_token", "chain_id", b"chain_id", "datatoken", b"datatoken", "exchange_id", b"exchange_id", "nft", b"nft", "price", b"price", "service_index", b"service_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pricing: _TypeAlias = Pricing  # noqa: Y015
+
+@_typing.final
 class ComputePolicy(_message.Message):
     """Which algorithms may run on a dataset, and how. Private by default: a new
     dataset trusts no algorithm.
@@ -443,6 +502,7 @@ class Dataset(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     SAMPLE_OF_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `datasets/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
@@ -473,6 +533,10 @@ class Dataset(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was published."""
 
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """How the dataset is sold; unset for a free dataset."""
+
     def __init__(
         self,
         *,
@@ -486,10 +550,11 @@ class Dataset(_message.Message):
         policy_version: _builtins.int = ...,
         sample_of: _builtins.str = ...,
         sample: _builtins.str = ...,
+        pricing: Global___Pricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "policy_version", b"policy_version", "publisher", b"publisher", "sample", b"sample", "sample_of", b"sample_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "policy_version", b"policy_version", "pricing", b"pricing", "publisher", b"publisher", "sample", b"sample", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -579,6 +644,7 @@ class Algorithm(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `algorithms/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
@@ -615,6 +681,10 @@ class Algorithm(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last changed."""
 
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """How the algorithm is sold; unset for a free algorithm."""
+
     def __init__(
         self,
         *,
@@ -631,10 +701,11 @@ class Algorithm(_message.Message):
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
         version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        pricing: Global___Pricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "pricing", b"pricing", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "parameters", b"parameters", "publisher", b"publisher", "size_bytes", b"size_bytes", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "parameters", b"parameters", "pricing", b"pricing", "publisher", b"publisher", "size_bytes", b"size_bytes", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -651,6 +722,7 @@ class PublishDatasetRequest(_message.Message):
     FILE_PATHS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     SAMPLE_OF_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's dataset. Up to 64 characters.
@@ -672,6 +744,12 @@ class PublishDatasetRequest(_message.Message):
     def policy(self) -> Global___ComputePolicy:
         """The compute policy; unset trusts nothing."""
 
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """Sells the dataset: only `datatoken`, `service_index` and `exchange_id`
+        are read, the Provider reads the rest from the chain. Unset: free.
+        """
+
     def __init__(
         self,
         *,
@@ -680,10 +758,11 @@ class PublishDatasetRequest(_message.Message):
         file_paths: _abc.Iterable[_builtins.str] | None = ...,
         policy: Global___ComputePolicy | None = ...,
         sample_of: _builtins.str = ...,
+        pricing: Global___Pricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "policy", b"policy", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "metadata", b"metadata", "policy", b"policy", "request_id", b"request_id", "sample_of", b"sample_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "request_id", b"request_id", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -881,6 +960,7 @@ class PublishAlgorithmRequest(_message.Message):
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
     ACCESS_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe, as in PublishDatasetRequest."""
     code: _builtins.bytes
@@ -899,6 +979,10 @@ class PublishAlgorithmRequest(_message.Message):
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The parameters it takes; a job's parameters are checked against them."""
 
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """Sells the algorithm, as PublishDatasetRequest.pricing. Unset: free."""
+
     def __init__(
         self,
         *,
@@ -908,10 +992,11 @@ class PublishAlgorithmRequest(_message.Message):
         entrypoint: _builtins.str = ...,
         access: Global___AlgorithmAccess.ValueType = ...,
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
+        pricing: Global___Pricing | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "code", b"code", "entrypoint", b"entrypoint", "metadata", b"metadata", "parameters", b"parameters", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "code", b"code", "entrypoint", b"entrypoint", "metadata", b"metadata", "parameters", b"parameters", "pricing", b"pricing", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1238,6 +1323,7 @@ class StartComputeRequest(_message.Message):
     VIEWERS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
     REQUIRE_NETWORK_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's job. Up to 64 characters.
@@ -1280,6 +1366,13 @@ class StartComputeRequest(_message.Message):
         INVALID_ARGUMENT when a field is above the environment's limit.
         """
 
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The order transactions paying for the job's paid assets, each 0x and 64
+        hex digits; one transaction may hold the orders of several assets. At
+        most 20.
+        """
+
     def __init__(
         self,
         *,
@@ -1293,10 +1386,11 @@ class StartComputeRequest(_message.Message):
         viewers: _abc.Iterable[_builtins.str] | None = ...,
         resources: _job_pb2.Resources | None = ...,
         require_network: _builtins.bool = ...,
+        orders: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id", "require_network", b"require_network", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "orders", b"orders", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id", "require_network", b"require_network", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1325,6 +1419,197 @@ class StartComputeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartComputeResponse: _TypeAlias = StartComputeResponse  # noqa: Y015
+
+@_typing.final
+class InitializeComputeRequest(_message.Message):
+    """The request of InitializeCompute: the job as StartCompute would start it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    ADDITIONAL_DATASETS_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    RAW_ALGORITHM_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    VALID_FOR_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """The main dataset: `datasets/{id}`."""
+    algorithm: _builtins.str
+    """The published algorithm, `algorithms/{id}`; empty for raw code."""
+    environment: _builtins.str
+    """The compute environment; empty means "default"."""
+    @_builtins.property
+    def additional_datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More datasets, each `datasets/{id}`."""
+
+    @_builtins.property
+    def raw_algorithm(self) -> Global___RawAlgorithm:
+        """Raw code; only when `algorithm` is empty."""
+
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """Parameters for the algorithm."""
+
+    @_builtins.property
+    def resources(self) -> _job_pb2.Resources:
+        """Lower limits than the environment's, as in StartComputeRequest."""
+
+    @_builtins.property
+    def valid_for(self) -> _duration_pb2.Duration:
+        """How long the provider fee covers starting jobs; unset means the
+        environment's `max_duration`. At most 30 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        additional_datasets: _abc.Iterable[_builtins.str] | None = ...,
+        algorithm: _builtins.str = ...,
+        raw_algorithm: Global___RawAlgorithm | None = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        environment: _builtins.str = ...,
+        resources: _job_pb2.Resources | None = ...,
+        valid_for: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources", "valid_for", b"valid_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources", "valid_for", b"valid_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitializeComputeRequest: _TypeAlias = InitializeComputeRequest  # noqa: Y015
+
+@_typing.final
+class OrderQuote(_message.Message):
+    """What one paid asset of a job costs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSET_FIELD_NUMBER: _builtins.int
+    PRICING_FIELD_NUMBER: _builtins.int
+    VALID_ORDER_FIELD_NUMBER: _builtins.int
+    asset: _builtins.str
+    """The asset: `datasets/{id}` or `algorithms/{id}`."""
+    valid_order: _builtins.str
+    """An order of the caller's on this asset that is still valid (a
+    transaction hash); empty when there is none and a new order is needed.
+    """
+    @_builtins.property
+    def pricing(self) -> Global___Pricing:
+        """Its datatoken, service and price."""
+
+    def __init__(
+        self,
+        *,
+        asset: _builtins.str = ...,
+        pricing: Global___Pricing | None = ...,
+        valid_order: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pricing", b"pricing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["asset", b"asset", "pricing", b"pricing", "valid_order", b"valid_order"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderQuote: _TypeAlias = OrderQuote  # noqa: Y015
+
+@_typing.final
+class ProviderFee(_message.Message):
+    """A provider fee as the datatoken's `startOrder` takes it, signed by the
+    provider: (v, r, s) sign keccak256(abi.encodePacked(provider_data,
+    provider_fee_address, provider_fee_token, uint256 provider_fee_amount,
+    uint256 valid_until)) as an EIP-191 personal message, which is what
+    Ocean's ERC20Template checks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FEE_ADDRESS_FIELD_NUMBER: _builtins.int
+    PROVIDER_FEE_TOKEN_FIELD_NUMBER: _builtins.int
+    PROVIDER_FEE_AMOUNT_FIELD_NUMBER: _builtins.int
+    PROVIDER_DATA_FIELD_NUMBER: _builtins.int
+    V_FIELD_NUMBER: _builtins.int
+    R_FIELD_NUMBER: _builtins.int
+    S_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    provider_fee_address: _builtins.str
+    """The provider's address (GetProviderInfo.address), EIP-55."""
+    provider_fee_token: _builtins.str
+    """The token the fee is paid in; the zero address when the fee is 0."""
+    provider_fee_amount: _builtins.str
+    """The fee in the token's smallest unit, as a decimal string."""
+    provider_data: _builtins.str
+    """The fee's terms as UTF-8 JSON, hex-encoded with 0x: environment, the
+    datatoken and asset of each order, and when it was made.
+    """
+    v: _builtins.int
+    """The signature's recovery id (27 or 28)."""
+    r: _builtins.str
+    """The signature's r, 0x and 64 hex digits."""
+    s: _builtins.str
+    """The signature's s, 0x and 64 hex digits."""
+    valid_until: _builtins.int
+    """Until when (Unix seconds) the fee lets jobs start."""
+    def __init__(
+        self,
+        *,
+        provider_fee_address: _builtins.str = ...,
+        provider_fee_token: _builtins.str = ...,
+        provider_fee_amount: _builtins.str = ...,
+        provider_data: _builtins.str = ...,
+        v: _builtins.int = ...,
+        r: _builtins.str = ...,
+        s: _builtins.str = ...,
+        valid_until: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_data", b"provider_data", "provider_fee_address", b"provider_fee_address", "provider_fee_amount", b"provider_fee_amount", "provider_fee_token", b"provider_fee_token", "r", b"r", "s", b"s", "v", b"v", "valid_until", b"valid_until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderFee: _TypeAlias = ProviderFee  # noqa: Y015
+
+@_typing.final
+class InitializeComputeResponse(_message.Message):
+    """The response of InitializeCompute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    ORDERS_FIELD_NUMBER: _builtins.int
+    PROVIDER_FEE_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.int
+    """The chain the orders go to; 0 when nothing is to be paid."""
+    @_builtins.property
+    def orders(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderQuote]:
+        """The paid assets, each to be ordered (unless `valid_order` is set); empty
+        when the job is free.
+        """
+
+    @_builtins.property
+    def provider_fee(self) -> Global___ProviderFee:
+        """The provider fee every order of this job carries; unset when no order is
+        needed.
+        """
+
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.int = ...,
+        orders: _abc.Iterable[Global___OrderQuote] | None = ...,
+        provider_fee: Global___ProviderFee | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_fee", b"provider_fee"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "orders", b"orders", "provider_fee", b"provider_fee"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InitializeComputeResponse: _TypeAlias = InitializeComputeResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

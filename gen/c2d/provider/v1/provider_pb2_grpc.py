@@ -136,6 +136,11 @@ class ProviderServiceStub:
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsResponse.FromString,
                 _registered_method=True)
+        self.InitializeCompute = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/InitializeCompute',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeResponse.FromString,
+                _registered_method=True)
         self.StartCompute = channel.unary_unary(
                 '/c2d.provider.v1.ProviderService/StartCompute',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.StartComputeRequest.SerializeToString,
@@ -300,9 +305,19 @@ class ProviderServiceServicer:
         timeout_seconds, [[did, files_checksum, container_section_checksum]...],
         [publisher_trusted_algorithm_publishers...],
         [[name, algorithm_did, minimum, maximum]...]],
-        sample_of]
+        sample_of, [pricing.datatoken, pricing.service_index,
+        pricing.exchange_id]]
         where `timeout_seconds` is the policy's `timeout` in whole seconds and an
         unset `minimum` or `maximum` is JSON null.
+
+        A paid dataset names its datatoken in `pricing`: the Provider checks on
+        its chain that the datatoken was made by Ocean's factory there
+        (FAILED_PRECONDITION, DATATOKEN_UNKNOWN) and that the caller owns its data
+        NFT (PERMISSION_DENIED, DATATOKEN_NOT_YOURS); ALREADY_EXISTS
+        (DATATOKEN_IN_USE) when another asset sells the same datatoken and
+        service index; FAILED_PRECONDITION (CHAIN_NOT_CONFIGURED) on a node
+        without a chain; UNAVAILABLE (CHAIN_UNAVAILABLE) when the chain does not
+        answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -345,11 +360,14 @@ class ProviderServiceServicer:
 
         Digest: [request_id, [title, description, author, license, [tags...]],
         sha256 of code (lowercase hex; "" for empty code), entrypoint,
-        access, [<parameter>...]]
+        access, [<parameter>...], [pricing.datatoken,
+        pricing.service_index, pricing.exchange_id]]
         where `access` is the enum's number and each <parameter> is
         [name, type, required, default_value, [options...], minimum, maximum,
         description]: `type` the enum's number, `default_value` and `options` as
         JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+        A priced algorithm names its datatoken in `pricing`, checked as in
+        PublishDataset; a job on it then needs an order for it too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -402,6 +420,26 @@ class ProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitializeCompute(self, request, context):
+        """Says what a job costs before the consumer orders, as the reference
+        system's initializeCompute: for each paid asset its datatoken and the
+        amount an order pays (with an order of the caller's that is still valid,
+        when there is one), and the provider fee that every order of this job
+        carries, signed by this provider (amount 0 in a free environment). The
+        request is checked as StartCompute checks it (policy, parameters,
+        resources, with the same errors) so that nobody pays for a job that would
+        be refused. Signed or token.
+
+        Digest: [dataset, [additional_datasets...], algorithm, sha256 of
+        raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+        environment, [resources.cpus, resources.memory_bytes,
+        resources.disk_bytes, resources.max_duration.seconds],
+        valid_for.seconds]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartCompute(self, request, context):
         """Starts a compute job. Each dataset's policy must trust the algorithm
         (by DID and checksums, or by its publisher), or allow raw code when raw
@@ -416,12 +454,29 @@ class ProviderServiceServicer:
         error of this call: it is the job's final state. Every decision is
         written to the audit log. Signed; idempotent by `request_id`.
 
+        Paid assets (a dataset or the algorithm with `pricing`) need an order
+        each, given in `orders`, verified on the chain before any job starts;
+        FAILED_PRECONDITION otherwise, with the reason and the asset or
+        `orders[i]` named: ORDER_REQUIRED, ORDER_NOT_FOUND (not on the chain, or
+        no longer: a reorganisation removed it), ORDER_FAILED (reverted),
+        ORDER_NOT_AN_ORDER (no OrderStarted), ORDER_WRONG_DATATOKEN,
+        ORDER_WRONG_SERVICE, ORDER_WRONG_CONSUMER (neither its payer nor its
+        named consumer is the caller), ORDER_AMOUNT_TOO_SMALL, ORDER_EXPIRED
+        (older than the dataset's policy `timeout`), ORDER_REUSED (already used
+        for another asset or service), ORDER_NOT_CONFIRMED (fewer blocks on top
+        than the node requires, after waiting for them a bounded time), and for a
+        priced environment PROVIDER_FEE_MISSING, PROVIDER_FEE_WRONG_SIGNER,
+        PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED. UNAVAILABLE
+        (CHAIN_UNAVAILABLE) when the chain does not answer in time; no job is
+        started then. Within its validity an order starts any number of jobs of
+        its consumer (same or another trusted algorithm).
+
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
         sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
         when no raw code), raw_algorithm.entrypoint, parameters, environment,
         [viewers...], [resources.cpus, resources.memory_bytes,
         resources.disk_bytes, resources.max_duration.seconds],
-        require_network]
+        require_network, [orders...]]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -671,6 +726,11 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     servicer.ListEnvironments,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsResponse.SerializeToString,
+            ),
+            'InitializeCompute': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitializeCompute,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeResponse.SerializeToString,
             ),
             'StartCompute': grpc.unary_unary_rpc_method_handler(
                     servicer.StartCompute,
@@ -1124,6 +1184,33 @@ class ProviderService:
             '/c2d.provider.v1.ProviderService/ListEnvironments',
             c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsRequest.SerializeToString,
             c2d_dot_provider_dot_v1_dot_provider__pb2.ListEnvironmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitializeCompute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/InitializeCompute',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.InitializeComputeResponse.FromString,
             options,
             channel_credentials,
             insecure,

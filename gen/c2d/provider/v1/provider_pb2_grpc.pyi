@@ -99,9 +99,19 @@ class ProviderServiceStub:
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
              [[name, algorithm_did, minimum, maximum]...]],
-             sample_of]
+             sample_of, [pricing.datatoken, pricing.service_index,
+             pricing.exchange_id]]
     where `timeout_seconds` is the policy's `timeout` in whole seconds and an
     unset `minimum` or `maximum` is JSON null.
+
+    A paid dataset names its datatoken in `pricing`: the Provider checks on
+    its chain that the datatoken was made by Ocean's factory there
+    (FAILED_PRECONDITION, DATATOKEN_UNKNOWN) and that the caller owns its data
+    NFT (PERMISSION_DENIED, DATATOKEN_NOT_YOURS); ALREADY_EXISTS
+    (DATATOKEN_IN_USE) when another asset sells the same datatoken and
+    service index; FAILED_PRECONDITION (CHAIN_NOT_CONFIGURED) on a node
+    without a chain; UNAVAILABLE (CHAIN_UNAVAILABLE) when the chain does not
+    answer.
     """
     UpdateDatasetPolicy: _grpc.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]
     """Replaces a dataset's compute policy. Only the node's data owners may;
@@ -127,11 +137,14 @@ class ProviderServiceStub:
 
     Digest: [request_id, [title, description, author, license, [tags...]],
              sha256 of code (lowercase hex; "" for empty code), entrypoint,
-             access, [<parameter>...]]
+             access, [<parameter>...], [pricing.datatoken,
+             pricing.service_index, pricing.exchange_id]]
     where `access` is the enum's number and each <parameter> is
     [name, type, required, default_value, [options...], minimum, maximum,
     description]: `type` the enum's number, `default_value` and `options` as
     JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+    A priced algorithm names its datatoken in `pricing`, checked as in
+    PublishDataset; a job on it then needs an order for it too.
     """
     UpdateAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.UpdateAlgorithmRequest, _provider_pb2.UpdateAlgorithmResponse]
     """Replaces an algorithm's code, entrypoint and parameter declaration; its
@@ -158,6 +171,22 @@ class ProviderServiceStub:
     """Lists algorithms, oldest first. Open to anyone."""
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_provider_pb2.ListEnvironmentsRequest, _provider_pb2.ListEnvironmentsResponse]
     """Lists the compute environments and their limits. Open to anyone."""
+    InitializeCompute: _grpc.UnaryUnaryMultiCallable[_provider_pb2.InitializeComputeRequest, _provider_pb2.InitializeComputeResponse]
+    """Says what a job costs before the consumer orders, as the reference
+    system's initializeCompute: for each paid asset its datatoken and the
+    amount an order pays (with an order of the caller's that is still valid,
+    when there is one), and the provider fee that every order of this job
+    carries, signed by this provider (amount 0 in a free environment). The
+    request is checked as StartCompute checks it (policy, parameters,
+    resources, with the same errors) so that nobody pays for a job that would
+    be refused. Signed or token.
+
+    Digest: [dataset, [additional_datasets...], algorithm, sha256 of
+             raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+             environment, [resources.cpus, resources.memory_bytes,
+             resources.disk_bytes, resources.max_duration.seconds],
+             valid_for.seconds]
+    """
     StartCompute: _grpc.UnaryUnaryMultiCallable[_provider_pb2.StartComputeRequest, _provider_pb2.StartComputeResponse]
     """Starts a compute job. Each dataset's policy must trust the algorithm
     (by DID and checksums, or by its publisher), or allow raw code when raw
@@ -172,12 +201,29 @@ class ProviderServiceStub:
     error of this call: it is the job's final state. Every decision is
     written to the audit log. Signed; idempotent by `request_id`.
 
+    Paid assets (a dataset or the algorithm with `pricing`) need an order
+    each, given in `orders`, verified on the chain before any job starts;
+    FAILED_PRECONDITION otherwise, with the reason and the asset or
+    `orders[i]` named: ORDER_REQUIRED, ORDER_NOT_FOUND (not on the chain, or
+    no longer: a reorganisation removed it), ORDER_FAILED (reverted),
+    ORDER_NOT_AN_ORDER (no OrderStarted), ORDER_WRONG_DATATOKEN,
+    ORDER_WRONG_SERVICE, ORDER_WRONG_CONSUMER (neither its payer nor its
+    named consumer is the caller), ORDER_AMOUNT_TOO_SMALL, ORDER_EXPIRED
+    (older than the dataset's policy `timeout`), ORDER_REUSED (already used
+    for another asset or service), ORDER_NOT_CONFIRMED (fewer blocks on top
+    than the node requires, after waiting for them a bounded time), and for a
+    priced environment PROVIDER_FEE_MISSING, PROVIDER_FEE_WRONG_SIGNER,
+    PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED. UNAVAILABLE
+    (CHAIN_UNAVAILABLE) when the chain does not answer in time; no job is
+    started then. Within its validity an order starts any number of jobs of
+    its consumer (same or another trusted algorithm).
+
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
              when no raw code), raw_algorithm.entrypoint, parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
-             require_network]
+             require_network, [orders...]]
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]
     """Returns a job the caller owns or views. NOT_FOUND for a job that is
@@ -369,9 +415,19 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
              [[name, algorithm_did, minimum, maximum]...]],
-             sample_of]
+             sample_of, [pricing.datatoken, pricing.service_index,
+             pricing.exchange_id]]
     where `timeout_seconds` is the policy's `timeout` in whole seconds and an
     unset `minimum` or `maximum` is JSON null.
+
+    A paid dataset names its datatoken in `pricing`: the Provider checks on
+    its chain that the datatoken was made by Ocean's factory there
+    (FAILED_PRECONDITION, DATATOKEN_UNKNOWN) and that the caller owns its data
+    NFT (PERMISSION_DENIED, DATATOKEN_NOT_YOURS); ALREADY_EXISTS
+    (DATATOKEN_IN_USE) when another asset sells the same datatoken and
+    service index; FAILED_PRECONDITION (CHAIN_NOT_CONFIGURED) on a node
+    without a chain; UNAVAILABLE (CHAIN_UNAVAILABLE) when the chain does not
+    answer.
     """
     UpdateDatasetPolicy: _aio.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]  # type: ignore[assignment]
     """Replaces a dataset's compute policy. Only the node's data owners may;
@@ -397,11 +453,14 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
 
     Digest: [request_id, [title, description, author, license, [tags...]],
              sha256 of code (lowercase hex; "" for empty code), entrypoint,
-             access, [<parameter>...]]
+             access, [<parameter>...], [pricing.datatoken,
+             pricing.service_index, pricing.exchange_id]]
     where `access` is the enum's number and each <parameter> is
     [name, type, required, default_value, [options...], minimum, maximum,
     description]: `type` the enum's number, `default_value` and `options` as
     JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+    A priced algorithm names its datatoken in `pricing`, checked as in
+    PublishDataset; a job on it then needs an order for it too.
     """
     UpdateAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.UpdateAlgorithmRequest, _provider_pb2.UpdateAlgorithmResponse]  # type: ignore[assignment]
     """Replaces an algorithm's code, entrypoint and parameter declaration; its
@@ -428,6 +487,22 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """Lists algorithms, oldest first. Open to anyone."""
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_provider_pb2.ListEnvironmentsRequest, _provider_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the compute environments and their limits. Open to anyone."""
+    InitializeCompute: _aio.UnaryUnaryMultiCallable[_provider_pb2.InitializeComputeRequest, _provider_pb2.InitializeComputeResponse]  # type: ignore[assignment]
+    """Says what a job costs before the consumer orders, as the reference
+    system's initializeCompute: for each paid asset its datatoken and the
+    amount an order pays (with an order of the caller's that is still valid,
+    when there is one), and the provider fee that every order of this job
+    carries, signed by this provider (amount 0 in a free environment). The
+    request is checked as StartCompute checks it (policy, parameters,
+    resources, with the same errors) so that nobody pays for a job that would
+    be refused. Signed or token.
+
+    Digest: [dataset, [additional_datasets...], algorithm, sha256 of
+             raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+             environment, [resources.cpus, resources.memory_bytes,
+             resources.disk_bytes, resources.max_duration.seconds],
+             valid_for.seconds]
+    """
     StartCompute: _aio.UnaryUnaryMultiCallable[_provider_pb2.StartComputeRequest, _provider_pb2.StartComputeResponse]  # type: ignore[assignment]
     """Starts a compute job. Each dataset's policy must trust the algorithm
     (by DID and checksums, or by its publisher), or allow raw code when raw
@@ -442,12 +517,29 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     error of this call: it is the job's final state. Every decision is
     written to the audit log. Signed; idempotent by `request_id`.
 
+    Paid assets (a dataset or the algorithm with `pricing`) need an order
+    each, given in `orders`, verified on the chain before any job starts;
+    FAILED_PRECONDITION otherwise, with the reason and the asset or
+    `orders[i]` named: ORDER_REQUIRED, ORDER_NOT_FOUND (not on the chain, or
+    no longer: a reorganisation removed it), ORDER_FAILED (reverted),
+    ORDER_NOT_AN_ORDER (no OrderStarted), ORDER_WRONG_DATATOKEN,
+    ORDER_WRONG_SERVICE, ORDER_WRONG_CONSUMER (neither its payer nor its
+    named consumer is the caller), ORDER_AMOUNT_TOO_SMALL, ORDER_EXPIRED
+    (older than the dataset's policy `timeout`), ORDER_REUSED (already used
+    for another asset or service), ORDER_NOT_CONFIRMED (fewer blocks on top
+    than the node requires, after waiting for them a bounded time), and for a
+    priced environment PROVIDER_FEE_MISSING, PROVIDER_FEE_WRONG_SIGNER,
+    PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED. UNAVAILABLE
+    (CHAIN_UNAVAILABLE) when the chain does not answer in time; no job is
+    started then. Within its validity an order starts any number of jobs of
+    its consumer (same or another trusted algorithm).
+
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
              when no raw code), raw_algorithm.entrypoint, parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
-             require_network]
+             require_network, [orders...]]
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns a job the caller owns or views. NOT_FOUND for a job that is
@@ -654,9 +746,19 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
                  timeout_seconds, [[did, files_checksum, container_section_checksum]...],
                  [publisher_trusted_algorithm_publishers...],
                  [[name, algorithm_did, minimum, maximum]...]],
-                 sample_of]
+                 sample_of, [pricing.datatoken, pricing.service_index,
+                 pricing.exchange_id]]
         where `timeout_seconds` is the policy's `timeout` in whole seconds and an
         unset `minimum` or `maximum` is JSON null.
+
+        A paid dataset names its datatoken in `pricing`: the Provider checks on
+        its chain that the datatoken was made by Ocean's factory there
+        (FAILED_PRECONDITION, DATATOKEN_UNKNOWN) and that the caller owns its data
+        NFT (PERMISSION_DENIED, DATATOKEN_NOT_YOURS); ALREADY_EXISTS
+        (DATATOKEN_IN_USE) when another asset sells the same datatoken and
+        service index; FAILED_PRECONDITION (CHAIN_NOT_CONFIGURED) on a node
+        without a chain; UNAVAILABLE (CHAIN_UNAVAILABLE) when the chain does not
+        answer.
         """
 
     @_abc_1.abstractmethod
@@ -706,11 +808,14 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Digest: [request_id, [title, description, author, license, [tags...]],
                  sha256 of code (lowercase hex; "" for empty code), entrypoint,
-                 access, [<parameter>...]]
+                 access, [<parameter>...], [pricing.datatoken,
+                 pricing.service_index, pricing.exchange_id]]
         where `access` is the enum's number and each <parameter> is
         [name, type, required, default_value, [options...], minimum, maximum,
         description]: `type` the enum's number, `default_value` and `options` as
         JSON values (null when unset), `minimum` and `maximum` JSON null when unset.
+        A priced algorithm names its datatoken in `pricing`, checked as in
+        PublishDataset; a job on it then needs an order for it too.
         """
 
     @_abc_1.abstractmethod
@@ -769,6 +874,28 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the compute environments and their limits. Open to anyone."""
 
     @_abc_1.abstractmethod
+    def InitializeCompute(
+        self,
+        request: _provider_pb2.InitializeComputeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.InitializeComputeResponse, _abc.Awaitable[_provider_pb2.InitializeComputeResponse]]:
+        """Says what a job costs before the consumer orders, as the reference
+        system's initializeCompute: for each paid asset its datatoken and the
+        amount an order pays (with an order of the caller's that is still valid,
+        when there is one), and the provider fee that every order of this job
+        carries, signed by this provider (amount 0 in a free environment). The
+        request is checked as StartCompute checks it (policy, parameters,
+        resources, with the same errors) so that nobody pays for a job that would
+        be refused. Signed or token.
+
+        Digest: [dataset, [additional_datasets...], algorithm, sha256 of
+                 raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+                 environment, [resources.cpus, resources.memory_bytes,
+                 resources.disk_bytes, resources.max_duration.seconds],
+                 valid_for.seconds]
+        """
+
+    @_abc_1.abstractmethod
     def StartCompute(
         self,
         request: _provider_pb2.StartComputeRequest,
@@ -787,12 +914,29 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         error of this call: it is the job's final state. Every decision is
         written to the audit log. Signed; idempotent by `request_id`.
 
+        Paid assets (a dataset or the algorithm with `pricing`) need an order
+        each, given in `orders`, verified on the chain before any job starts;
+        FAILED_PRECONDITION otherwise, with the reason and the asset or
+        `orders[i]` named: ORDER_REQUIRED, ORDER_NOT_FOUND (not on the chain, or
+        no longer: a reorganisation removed it), ORDER_FAILED (reverted),
+        ORDER_NOT_AN_ORDER (no OrderStarted), ORDER_WRONG_DATATOKEN,
+        ORDER_WRONG_SERVICE, ORDER_WRONG_CONSUMER (neither its payer nor its
+        named consumer is the caller), ORDER_AMOUNT_TOO_SMALL, ORDER_EXPIRED
+        (older than the dataset's policy `timeout`), ORDER_REUSED (already used
+        for another asset or service), ORDER_NOT_CONFIRMED (fewer blocks on top
+        than the node requires, after waiting for them a bounded time), and for a
+        priced environment PROVIDER_FEE_MISSING, PROVIDER_FEE_WRONG_SIGNER,
+        PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED. UNAVAILABLE
+        (CHAIN_UNAVAILABLE) when the chain does not answer in time; no job is
+        started then. Within its validity an order starts any number of jobs of
+        its consumer (same or another trusted algorithm).
+
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
                  sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
                  when no raw code), raw_algorithm.entrypoint, parameters, environment,
                  [viewers...], [resources.cpus, resources.memory_bytes,
                  resources.disk_bytes, resources.max_duration.seconds],
-                 require_network]
+                 require_network, [orders...]]
         """
 
     @_abc_1.abstractmethod
