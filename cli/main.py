@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import grpc
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
+from cli import chain as paid
 from cli import owner
 from cli.common import client as _client
 from cli.common import emit as _emit
@@ -33,6 +36,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
     home = mesh_config.home()
     owner = _key(args)
     mesh = Mesh.defaults(home, owner.address)
+    # The chain `c2d chain up` runs, unless the environment names one: paid assets sell there.
+    local_chain = paid.current_chain()
+    if local_chain is not None and "C2D_CHAIN_URL" not in os.environ:
+        mesh.env.update(local_chain.env())
     supervisor = Supervisor(mesh)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,6 +55,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         "gateway": f"http://{mesh.gateway}",
         "home": str(home),
         "owner": owner.address,
+        "chain": local_chain.url if local_chain else "",
     }
     _emit(
         args,
@@ -57,6 +65,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f"  provider gRPC  {mesh.provider}\n"
             f"  REST edge      http://{mesh.gateway}  (OpenAPI at /openapi.json)\n"
             f"  state          {home}\n"
+            f"  chain          {local_chain.url if local_chain else 'none: everything is free'}\n"
             "Ctrl-C stops everything."
         ),
     )
@@ -94,12 +103,16 @@ async def cmd_dataset_publish(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         policy = pb.ComputePolicy()
         await owner.apply_policy_flags(client, policy, args)
+        title = args.title or Path(args.files[0]).name
         dataset = await client.publish_dataset(
             args.files,
-            metadata=pb.AssetMetadata(title=args.title or Path(args.files[0]).name),
+            metadata=pb.AssetMetadata(title=title),
             policy=policy,
             sample_of=args.sample_of or "",
+            pricing=await paid.pricing_for(args, title),
         )
+    if dataset.HasField("pricing") and not args.json:
+        print(paid.describe_pricing(dataset.pricing), file=sys.stderr)
     _emit(args, to_dict(dataset), dataset.did)
     return 0
 
@@ -107,13 +120,17 @@ async def cmd_dataset_publish(args: argparse.Namespace) -> int:
 async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
     code = Path(args.file).read_bytes()
     async with _client(args) as client:
+        title = args.title or args.file
         algorithm = await client.publish_algorithm(
             code,
             args.entrypoint,
-            metadata=pb.AssetMetadata(title=args.title or args.file),
+            metadata=pb.AssetMetadata(title=title),
             access=pb.ALGORITHM_ACCESS_PUBLIC if args.public else pb.ALGORITHM_ACCESS_PRIVATE,
             parameters=owner.read_parameter_specs(args.parameters),
+            pricing=await paid.pricing_for(args, title),
         )
+    if algorithm.HasField("pricing") and not args.json:
+        print(paid.describe_pricing(algorithm.pricing), file=sys.stderr)
     _emit(args, to_dict(algorithm), algorithm.did)
     return 0
 
@@ -137,10 +154,17 @@ async def cmd_environments(args: argparse.Namespace) -> int:
                 f"{e.disk_bytes >> 20} MiB disk, {e.max_processes} processes, "
                 f"{e.max_duration.seconds} s, {e.max_concurrent_jobs} at once, "
                 f"network {'allowed' if e.network_allowed else 'off'}, "
-                f"{'free' if e.free else 'paid'}; queue up to {e.max_queued_jobs} jobs "
+                f"{_price(e)}; queue up to {e.max_queued_jobs} jobs "
                 f"for {e.max_queue_wait.seconds} s"
             )
     return 0
+
+
+def _price(environment: job_pb2.Environment) -> str:
+    if environment.free:
+        return "free"
+    price = environment.price
+    return f"paid: {paid.tokens(price.amount_per_minute)} of token {price.token} a minute"
 
 
 # -- compute -------------------------------------------------------------------------------
@@ -169,6 +193,36 @@ def _resources(args: argparse.Namespace) -> job_pb2.Resources | None:
     return resources
 
 
+async def cmd_compute_order(args: argparse.Namespace) -> int:
+    """Asks the Provider what the job costs, then makes the orders on the chain."""
+    async with _client(args) as client:
+        quote = await client.initialize_compute(
+            args.datasets,
+            algorithm=args.algorithm or "",
+            environment=args.environment,
+            valid_for_s=args.valid_for or 0,
+        )
+        if not quote.orders:
+            _emit(args, {"orders": []}, "nothing to pay: the job is free")
+            return 0
+        if not args.json:
+            fee = quote.provider_fee
+            print(
+                f"provider fee: {paid.tokens(fee.provider_fee_amount)} of token "
+                f"{fee.provider_fee_token}, valid until "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(fee.valid_until))}",
+                file=sys.stderr,
+            )
+        transactions = await paid.order(client, paid.account(args), quote)
+    flags = " ".join(f"--order {tx}" for tx in transactions)
+    _emit(
+        args,
+        {"orders": transactions},
+        "\n".join(transactions) + f"\nstart the job with: c2d compute start ... {flags}",
+    )
+    return 0
+
+
 async def cmd_compute_start(args: argparse.Namespace) -> int:
     if bool(args.algorithm) == bool(args.raw):
         raise SystemExit("c2d: give exactly one of --algorithm DID or --raw FILE")
@@ -183,6 +237,7 @@ async def cmd_compute_start(args: argparse.Namespace) -> int:
             viewers=args.viewer,
             resources=_resources(args),
             require_network=args.require_network,
+            orders=args.order,
         )
         job_id = job.name.removeprefix("jobs/")
         if not args.follow:
@@ -337,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-of", metavar="DID", help="register this dataset as that dataset's sample"
     )
     owner.add_policy_flags(publish, editing=False)
+    paid.add_pricing_flags(publish)
     publish.set_defaults(run=cmd_dataset_publish)
     show = dataset.add_parser("show", parents=[common], help="a dataset's public record")
     show.add_argument("did")
@@ -363,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='JSON list of declarations, e.g. [{"name": "k", "type": "integer", "minimum": 1}]',
     )
+    paid.add_pricing_flags(apublish)
     apublish.set_defaults(run=cmd_algorithm_publish)
 
     compute = commands.add_parser("compute", help="compute jobs").add_subparsers(
@@ -392,12 +449,60 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse up front unless the job will have the network",
     )
     start.add_argument(
+        "--order",
+        action="append",
+        default=[],
+        metavar="TX",
+        help="an order transaction paying for a paid asset (see `c2d compute order`)",
+    )
+    start.add_argument(
         "--follow",
         "-f",
         action="store_true",
         help="show status changes and log lines live until the job ends",
     )
     start.set_defaults(run=cmd_compute_start)
+    order = compute.add_parser(
+        "order",
+        parents=[common],
+        help="pay for a job on paid assets: order each one on the chain",
+    )
+    order.add_argument("datasets", nargs="+", metavar="DID")
+    order.add_argument("--algorithm", metavar="DID", help="the algorithm the job will run")
+    order.add_argument("--environment", default="")
+    order.add_argument(
+        "--valid-for",
+        type=int,
+        metavar="SECONDS",
+        help="how long the provider fee lets jobs start (default: the environment's duration)",
+    )
+    order.set_defaults(run=cmd_compute_order)
+
+    chain_commands = commands.add_parser(
+        "chain", help="a local EVM chain with Ocean's contracts, for paid compute"
+    ).add_subparsers(dest="action", required=True)
+    chain_up = chain_commands.add_parser(
+        "up",
+        parents=[common],
+        help="run ganache on 127.0.0.1 with Ocean's contracts deployed, until Ctrl-C",
+    )
+    chain_up.add_argument("--port", type=int, default=paid.DEFAULT_PORT)
+    chain_up.add_argument("--chain-id", type=int, default=paid.DEFAULT_CHAIN_ID)
+    chain_up.add_argument(
+        "--fund",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="give this address ETH and OCEAN too (your own key's address always gets some)",
+    )
+    chain_up.set_defaults(run=paid.cmd_chain_up)
+    fund = chain_commands.add_parser(
+        "fund", parents=[common], help="give an address ETH and OCEAN on the local chain"
+    )
+    fund.add_argument("address")
+    fund.add_argument("--ether", type=paid.parse_tokens, default=10 * 10**18, metavar="ETH")
+    fund.add_argument("--ocean", type=paid.parse_tokens, default=1000 * 10**18, metavar="OCEAN")
+    fund.set_defaults(run=paid.cmd_chain_fund)
     for name, run, text in [
         ("status", cmd_compute_status, "a job's state and results"),
         ("stop", cmd_compute_stop, "stop a job"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mesh import config as mesh_config
 from mesh.auth import checksum
+from mesh.chain_config import ChainConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ProviderConfig:
     # file), which must then exist. None: `signing-key.json` beside the database (so
     # $C2D_HOME/provider/ by default), created at first start.
     provider_key_file: Path | None = None
+    # The chain paid assets are sold on (C2D_CHAIN_URL and friends); None: everything is free.
+    chain: ChainConfig | None = None
 
     @property
     def provider_key_path(self) -> Path:
@@ -48,4 +51,5 @@ class ProviderConfig:
             data_root=mesh_config.data_root(),
             owners=frozenset(owners),
             provider_key_file=Path(provider_key).expanduser().absolute() if provider_key else None,
+            chain=ChainConfig.from_env(),
         )

@@ -49,6 +49,8 @@ class JobPlan:
     allow_network: bool
     viewers: list[str] = dataclasses.field(default_factory=list)
     resources: job_pb2.Resources = dataclasses.field(default_factory=job_pb2.Resources)
+    # The order transaction that paid for each paid asset, by asset name.
+    orders: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def values(self) -> Any:
@@ -107,6 +109,8 @@ def provenance_facts(plan: JobPlan) -> dict[str, Any]:
         ],
         "parameters_sha256": hashlib.sha256(rfc8785.dumps(plan.values)).hexdigest(),
         "environment": _limits(plan.environment, plan.resources, plan.allow_network),
+        # The order transaction that paid for each paid asset (none for a free job).
+        "orders": plan.orders,
     }
 
 

@@ -13,6 +13,7 @@ from mesh.server import Server
 from provider.approvals import ApprovalBook
 from provider.audit import AuditLog
 from provider.config import ProviderConfig
+from provider.orders import ChainAccess, Payments
 from provider.provenance import ProvenanceBook
 from provider.servicer import ProviderServicer
 from provider.signing import load_provider_key
@@ -32,16 +33,22 @@ class Provider:
         await self.store.close()
 
 
-async def build(config: ProviderConfig) -> Provider:
+async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Provider:
+    """The Provider on `config`; its chain is `chain` when given (the tests' in-process one),
+    else the one `config.chain` names, else none (a node that sells nothing)."""
     store = await ProviderStore.open(config.database)
     channel = open_channel(config.operator_address)
+    if chain is None and config.chain is not None:
+        chain = ChainAccess.from_config(config.chain)
+    key = load_provider_key(config)
     servicer = ProviderServicer(
         config,
         store,
         operator_pb2_grpc.OperatorServiceStub(channel),
         audit=AuditLog(store.db),
-        provenance=ProvenanceBook(store.db, load_provider_key(config)),
+        provenance=ProvenanceBook(store.db, key),
         approvals=ApprovalBook(store.db),
+        payments=Payments(store.db, chain, key),
     )
     server = Server(
         "provider",

@@ -5,6 +5,7 @@ was started with to its provenance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
@@ -22,8 +23,14 @@ from google.protobuf import json_format, timestamp_pb2
 from mesh import jobs as job_facts
 from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
-from mesh.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
-from provider import assets, launch, parameters, request_fields
+from mesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from provider import assets, launch, orders, parameters, request_fields
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
 from provider.auth import Authenticator, require_owner
@@ -101,6 +108,21 @@ def _check_viewers(viewers: Sequence[str], caller: str) -> list[str]:
     return checked
 
 
+def _dataset_ids(request: pb.StartComputeRequest | pb.InitializeComputeRequest) -> list[str]:
+    """The ids of the job's datasets, main one first; INVALID_ARGUMENT naming a malformed or
+    repeated one."""
+    if not request.dataset:
+        raise InvalidArgument("dataset is required", field="dataset")
+    names = [request.dataset, *request.additional_datasets]
+    fields = [
+        "dataset",
+        *(f"additional_datasets[{i}]" for i in range(len(request.additional_datasets))),
+    ]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("a dataset is listed twice", field="additional_datasets")
+    return [job_facts.parse_name(n, "datasets", f) for n, f in zip(names, fields, strict=True)]
+
+
 def _start_details(
     algorithm: pb.Algorithm | None,
     datasets: Sequence[DecidedDataset],
@@ -130,6 +152,7 @@ class ProviderServicer(
         audit: AuditLog,
         provenance: ProvenanceBook,
         approvals: ApprovalBook,
+        payments: orders.Payments,
     ) -> None:
         self.config = config
         self.store = store
@@ -138,6 +161,7 @@ class ProviderServicer(
         self.audit = audit
         self.provenance = provenance
         self.approvals = approvals
+        self.payments = payments
         self._environments: tuple[float, list[job_pb2.Environment]] = (0.0, [])
         self._refreshing: asyncio.Task[None] | None = None
 
@@ -191,6 +215,7 @@ class ProviderServicer(
         checked = await asyncio.to_thread(
             assets.check_dataset_files, list(request.file_paths), self.config.data_root
         )
+        pricing = await self.payments.pricing(request.pricing, caller.address)
         dataset_id = assets.derive_id(caller.address, caller.nonce)
         dataset = pb.Dataset(
             name=f"datasets/{dataset_id}",
@@ -204,19 +229,40 @@ class ProviderServicer(
             policy=request.policy,
             policy_version=1,
             sample_of=request.sample_of,
+            pricing=pricing,
         )
         dataset.create_time.GetCurrentTime()
-        await self.store.add_dataset(dataset, [f.path for f in checked])
+        async with self._selling(dataset.name, pricing):
+            await self.store.add_dataset(dataset, [f.path for f in checked])
         await self.store.remember_request(caller.address, request.request_id, dataset.name)
         await self.audit.record(
             caller.address,
             "dataset.publish",
             dataset.name,
             allowed=True,
-            details={"policy_version": 1, "files": len(checked), "sample_of": request.sample_of},
+            details={
+                "policy_version": 1,
+                "files": len(checked),
+                "sample_of": request.sample_of,
+                "datatoken": pricing.datatoken if pricing else "",
+            },
         )
         log.info("dataset published", dataset=dataset.did, files=len(checked))
         return pb.PublishDatasetResponse(dataset=dataset)
+
+    @contextlib.asynccontextmanager
+    async def _selling(self, asset: str, pricing: pb.Pricing | None) -> AsyncIterator[None]:
+        """Binds the datatoken's service to the asset being added, and frees it again when
+        the asset is not added after all."""
+        if pricing is None:
+            yield
+            return
+        self.payments.claim_service(asset, pricing)
+        try:
+            yield
+        except BaseException:
+            self.payments.release_service(pricing)
+            raise
 
     async def UpdateDatasetPolicy(
         self, request: pb.UpdateDatasetPolicyRequest, context: Context
@@ -279,6 +325,8 @@ class ProviderServicer(
         access = request.access or pb.ALGORITHM_ACCESS_PRIVATE
         if access not in assets.ACCESS_WORDS:
             raise InvalidArgument("access must be PUBLIC or PRIVATE", field="access")
+        _set_code(pb.Algorithm(), request.code, request.entrypoint, request.parameters)
+        pricing = await self.payments.pricing(request.pricing, caller.address)
         algorithm_id = assets.derive_id(caller.address, caller.nonce)
         algorithm = pb.Algorithm(
             name=f"algorithms/{algorithm_id}",
@@ -287,11 +335,13 @@ class ProviderServicer(
             metadata=request.metadata,
             access=access,
             version=1,
+            pricing=pricing,
         )
         _set_code(algorithm, request.code, request.entrypoint, request.parameters)
         algorithm.create_time.GetCurrentTime()
         algorithm.update_time.CopyFrom(algorithm.create_time)
-        await self.store.add_algorithm(algorithm, request.code)
+        async with self._selling(algorithm.name, pricing):
+            await self.store.add_algorithm(algorithm, request.code)
         await self.store.remember_request(caller.address, request.request_id, algorithm.name)
         await self.audit.record(
             caller.address,
@@ -444,38 +494,20 @@ class ProviderServicer(
         previous = await self.store.request_resource(caller.address, request.request_id)
         if previous is not None:
             return pb.StartComputeResponse(job=await self._job(previous, caller.address))
-        if not request.dataset:
-            raise InvalidArgument("dataset is required", field="dataset")
-        names = [request.dataset, *request.additional_datasets]
-        fields = [
-            "dataset",
-            *(f"additional_datasets[{i}]" for i in range(len(request.additional_datasets))),
-        ]
-        if len(set(names)) != len(names):
-            raise InvalidArgument("a dataset is listed twice", field="additional_datasets")
-        dataset_ids = [
-            job_facts.parse_name(n, "datasets", f) for n, f in zip(names, fields, strict=True)
-        ]
         viewers = _check_viewers(request.viewers, caller.address)
+        dataset_ids = _dataset_ids(request)
         algorithm, code = await self._resolve_algorithm(request)
         environment = await self._environment(request.environment or "default")
-        given = json_format.MessageToDict(request.parameters)
-
         decided: list[DecidedDataset] = []
         try:
-            job_facts.check_resources(request.resources, environment)
-            for name, dataset_id in zip(names, dataset_ids, strict=True):
-                found = await self.store.dataset(dataset_id)
-                if found is None:
-                    raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
-                # Decided on this very record, with no await in between: the policy version
-                # the job records is the one that allowed it, whatever changes the policy next.
-                dataset, paths = found
-                decided.append(DecidedDataset(dataset, paths, check_trusted(dataset, algorithm)))
-            records = [d.record for d in decided]
-            allow_network = network_allowed(records, environment, required=request.require_network)
-            values = parameters.job_values(algorithm, given, records)
-        except (PermissionDenied, InvalidArgument) as refusal:
+            allow_network, values = await self._decide(
+                request, dataset_ids, algorithm, environment, decided, request.require_network
+            )
+            paid = orders.paid_assets([d.record for d in decided], algorithm)
+            paid_by = await self.payments.verify(
+                caller.address, paid, environment, list(request.orders)
+            )
+        except (PermissionDenied, InvalidArgument, FailedPrecondition) as refusal:
             await self.audit.record(
                 caller.address,
                 "compute.start",
@@ -501,6 +533,7 @@ class ProviderServicer(
                 allow_network=allow_network,
                 viewers=viewers,
                 resources=request.resources,
+                orders=paid_by,
             )
         )
         await self.store.remember_request(caller.address, request.request_id, job.name)
@@ -510,7 +543,7 @@ class ProviderServicer(
             job.name,
             allowed=True,
             reason=",".join(d.basis for d in decided),
-            details=_start_details(algorithm, decided, environment),
+            details={**_start_details(algorithm, decided, environment), "orders": paid_by},
         )
         log.info(
             "compute started",
@@ -518,6 +551,46 @@ class ProviderServicer(
             algorithm=algorithm.did if algorithm else "raw",
         )
         return pb.StartComputeResponse(job=job)
+
+    async def _decide(
+        self,
+        request: pb.StartComputeRequest | pb.InitializeComputeRequest,
+        dataset_ids: list[str],
+        algorithm: pb.Algorithm | None,
+        environment: job_pb2.Environment,
+        decided: list[DecidedDataset],
+        require_network: bool,
+    ) -> tuple[bool, dict[str, Any]]:
+        """Checks the job against every dataset's policy, the parameters and the resources,
+        adding each dataset to `decided` as its policy allows it. Returns whether the job gets
+        the network and the parameters it runs with."""
+        job_facts.check_resources(request.resources, environment)
+        names = [request.dataset, *request.additional_datasets]
+        for name, dataset_id in zip(names, dataset_ids, strict=True):
+            found = await self.store.dataset(dataset_id)
+            if found is None:
+                raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
+            # Decided on this very record, with no await in between: the policy version the
+            # job records is the one that allowed it, whatever changes the policy next.
+            dataset, paths = found
+            decided.append(DecidedDataset(dataset, paths, check_trusted(dataset, algorithm)))
+        records = [d.record for d in decided]
+        allow_network = network_allowed(records, environment, required=require_network)
+        given = json_format.MessageToDict(request.parameters)
+        return allow_network, parameters.job_values(algorithm, given, records)
+
+    async def InitializeCompute(
+        self, request: pb.InitializeComputeRequest, context: Context
+    ) -> pb.InitializeComputeResponse:
+        caller = await self.auth.reader(context, "InitializeCompute", request)
+        dataset_ids = _dataset_ids(request)
+        algorithm, _ = await self._resolve_algorithm(request)
+        environment = await self._environment(request.environment or "default")
+        valid_for = orders.check_valid_for(request.valid_for.seconds, environment)
+        decided: list[DecidedDataset] = []
+        await self._decide(request, dataset_ids, algorithm, environment, decided, False)
+        paid = orders.paid_assets([d.record for d in decided], algorithm)
+        return await self.payments.quote(caller.address, paid, environment, valid_for)
 
     async def _environment(self, name: str) -> job_pb2.Environment:
         for environment in await self._environment_list():
@@ -557,7 +630,7 @@ class ProviderServicer(
         return found
 
     async def _resolve_algorithm(
-        self, request: pb.StartComputeRequest
+        self, request: pb.StartComputeRequest | pb.InitializeComputeRequest
     ) -> tuple[pb.Algorithm | None, bytes]:
         raw = request.raw_algorithm
         if request.algorithm:

@@ -47,6 +47,13 @@ def job_ref(ref: str) -> str:
     return ref if ref.startswith("jobs/") else f"jobs/{ref}"
 
 
+def _struct(values: dict[str, Any] | None) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    if values:
+        struct.update(values)
+    return struct
+
+
 class Client:
     def __init__(self, target: str, key: Key) -> None:
         self.key = key
@@ -110,15 +117,17 @@ class Client:
         policy: pb.ComputePolicy | None = None,
         request_id: str = "",
         sample_of: str = "",
+        pricing: pb.Pricing | None = None,
     ) -> pb.Dataset:
         """Publishes a dataset; with `sample_of` (a dataset's DID, name or id), as the sample
-        of that dataset."""
+        of that dataset; with `pricing` (its datatoken), for sale."""
         request = pb.PublishDatasetRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
             file_paths=[str(Path(p).absolute()) for p in paths],
             policy=policy,
             sample_of=asset_name("datasets", sample_of) if sample_of else "",
+            pricing=pricing,
         )
         response = await self._signed("PublishDataset", request)
         return response.dataset  # type: ignore[no-any-return]
@@ -154,8 +163,10 @@ class Client:
         request_id: str = "",
         access: pb.AlgorithmAccess.ValueType = pb.ALGORITHM_ACCESS_UNSPECIFIED,
         parameters: Sequence[pb.ParameterSpec] = (),
+        pricing: pb.Pricing | None = None,
     ) -> pb.Algorithm:
-        """Publishes an algorithm: private unless `access` says public."""
+        """Publishes an algorithm: private unless `access` says public; with `pricing` (its
+        datatoken), for sale."""
         request = pb.PublishAlgorithmRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
@@ -163,6 +174,7 @@ class Client:
             entrypoint=entrypoint,
             access=access,
             parameters=parameters,
+            pricing=pricing,
         )
         response = await self._signed("PublishAlgorithm", request)
         return response.algorithm  # type: ignore[no-any-return]
@@ -236,15 +248,14 @@ class Client:
         viewers: Sequence[str] = (),
         resources: job_pb2.Resources | None = None,
         require_network: bool = False,
+        orders: Sequence[str] = (),
     ) -> job_pb2.Job:
         """Starts a job on `datasets` (the main one first). `viewers` may read it too;
         `resources` lowers the environment's limits; `require_network` refuses up front
-        unless the job will have the network."""
+        unless the job will have the network; `orders` are the transactions that paid for its
+        paid assets."""
         if not datasets:
             raise ValueError("at least one dataset")
-        params = struct_pb2.Struct()
-        if parameters:
-            params.update(parameters)
         request = pb.StartComputeRequest(
             request_id=request_id or uuid.uuid4().hex,
             dataset=asset_name("datasets", datasets[0]),
@@ -253,14 +264,48 @@ class Client:
             raw_algorithm=pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
             if raw_code
             else None,
-            parameters=params,
+            parameters=_struct(parameters),
             environment=environment,
             viewers=viewers,
             resources=resources,
             require_network=require_network,
+            orders=orders,
         )
         response = await self._signed("StartCompute", request)
         return response.job  # type: ignore[no-any-return]
+
+    async def initialize_compute(
+        self,
+        datasets: Sequence[str],
+        *,
+        algorithm: str = "",
+        raw_code: str = "",
+        raw_entrypoint: str = "python3 $ALGO",
+        parameters: dict[str, Any] | None = None,
+        environment: str = "",
+        resources: job_pb2.Resources | None = None,
+        valid_for_s: int = 0,
+    ) -> pb.InitializeComputeResponse:
+        """What the job would cost: the orders to make (datatoken and amount of each paid
+        asset) and the provider fee they carry. Refused as StartCompute would refuse it."""
+        if not datasets:
+            raise ValueError("at least one dataset")
+        request = pb.InitializeComputeRequest(
+            dataset=asset_name("datasets", datasets[0]),
+            additional_datasets=[asset_name("datasets", d) for d in datasets[1:]],
+            algorithm=asset_name("algorithms", algorithm) if algorithm else "",
+            raw_algorithm=pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
+            if raw_code
+            else None,
+            parameters=_struct(parameters),
+            environment=environment,
+            resources=resources,
+            valid_for=duration_pb2.Duration(seconds=valid_for_s) if valid_for_s else None,
+        )
+        response: pb.InitializeComputeResponse = await self.stub.InitializeCompute(
+            request, metadata=await self.token_metadata(), timeout=TIMEOUT
+        )
+        return response
 
     async def get_job(self, ref: str) -> job_pb2.Job:
         response = await self.stub.GetJob(
@@ -346,15 +391,12 @@ class Client:
         parameters: dict[str, Any] | None = None,
         request_id: str = "",
     ) -> pb.ApprovalRequest:
-        params = struct_pb2.Struct()
-        if parameters:
-            params.update(parameters)
         request = pb.CreateApprovalRequestRequest(
             request_id=request_id or uuid.uuid4().hex,
             dataset=asset_name("datasets", dataset),
             algorithm=asset_name("algorithms", algorithm),
             message=message,
-            parameters=params,
+            parameters=_struct(parameters),
         )
         response = await self._signed("CreateApprovalRequest", request)
         return response.approval_request  # type: ignore[no-any-return]

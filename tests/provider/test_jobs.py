@@ -119,6 +119,7 @@ async def test_every_dataset_is_checked_and_laid_out_in_order(local_mesh: LocalM
                 "max_duration_seconds": 600,
                 "network": False,
             },
+            "orders": {},
         }
         starts = await owner.list_audit_events(action="compute.start")
         assert [(e.outcome, e.resource) for e in starts] == [
