@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HAND_WRITTEN := mesh provider operator_service operator_engine pods gateway sdk cli
 
-.PHONY: setup demo test gen check-gen lint fmt bench clean-state
+.PHONY: setup demo demo-paid test gen check-gen lint fmt bench clean-state
 
 setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
 
@@ -37,6 +37,10 @@ node_modules/.stamp: package.json package-lock.json
 
 demo: setup
 	$(VENV)/bin/c2d demo
+
+# The paid flow on a local ganache chain with Ocean's contracts.
+demo-paid: setup
+	$(VENV)/bin/c2d demo --paid
 
 test: setup
 	$(PY) -m pytest

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -25,7 +27,7 @@ from eth_utils.address import to_checksum_address
 
 from cli.common import emit, key
 from mesh import config as mesh_config
-from sdk.client import Client
+from mesh.errors import MeshError
 
 if TYPE_CHECKING:
     from web3 import AsyncWeb3
@@ -43,6 +45,19 @@ DEFAULT_PORT = 8545
 _UNIT = Decimal(10**18)
 
 
+@contextlib.contextmanager
+def chain_errors() -> Iterator[None]:
+    """A refused transaction, a chain that does not answer, or a ganache that will not start
+    ends the command with its message, not a traceback."""
+    from mesh.ganache import GanacheError
+    from mesh.ocean import OceanError
+
+    try:
+        yield
+    except (OceanError, GanacheError, MeshError, ValueError) as error:
+        raise SystemExit(f"c2d: {error}") from None
+
+
 def chain_dir() -> Path:
     return mesh_config.home() / "chain"
 
@@ -56,10 +71,15 @@ class LocalChain:
     contracts: ocean.Contracts
     contracts_file: Path
 
-    def connect(self) -> AsyncWeb3[Any]:
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncWeb3[Any]]:
         from mesh import chain
 
-        return chain.connect(self.url, 30.0)
+        w3 = chain.connect(self.url, 30.0)
+        try:
+            yield w3
+        finally:
+            await chain.disconnect(w3)
 
     def env(self) -> dict[str, str]:
         """What a Provider needs to verify orders on this chain."""
@@ -129,6 +149,11 @@ def tokens(wei: int | str) -> str:
 
 
 async def cmd_chain_up(args: argparse.Namespace) -> int:
+    with chain_errors():
+        return await _chain_up(args)
+
+
+async def _chain_up(args: argparse.Namespace) -> int:
     """Runs ganache on 127.0.0.1 with Ocean's contracts until Ctrl-C. Its state is kept in
     $C2D_HOME/chain, so the next `c2d chain up` has the same contracts, datatokens and
     orders."""
@@ -145,8 +170,8 @@ async def cmd_chain_up(args: argparse.Namespace) -> int:
         log_file=folder / "ganache.log",
     )
     contracts_file = folder / "contracts.json"
+    w3 = chain.connect(node.url, 30.0)
     try:
-        w3 = chain.connect(node.url, 30.0)
         contracts = await _deployed(w3, contracts_file)
         if contracts is None:
             print("deploying Ocean's contracts ...", file=sys.stderr, flush=True)
@@ -185,6 +210,7 @@ async def cmd_chain_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         (folder / "chain.json").unlink(missing_ok=True)
+        await chain.disconnect(w3)
         await node.stop()
 
 
@@ -212,7 +238,9 @@ async def _deployed(w3: AsyncWeb3[Any], contracts_file: Path) -> ocean.Contracts
     if not contracts_file.exists():
         return None
     contracts = ocean.Contracts.load(contracts_file)
-    code = await chain.rpc(w3.eth.get_code(to_checksum_address(contracts.factory)), timeout_s=10, what="eth_getCode")
+    code = await chain.rpc(
+        w3.eth.get_code(to_checksum_address(contracts.factory)), timeout_s=10, what="eth_getCode"
+    )
     return contracts if len(code) > 0 else None
 
 
@@ -235,14 +263,19 @@ async def _top_up(
 
 async def cmd_chain_fund(args: argparse.Namespace) -> int:
     """Gives an address ETH and OCEAN on the local chain (from its deployer)."""
+    with chain_errors():
+        return await _chain_fund(args)
+
+
+async def _chain_fund(args: argparse.Namespace) -> int:
     from mesh import ocean
 
     local = require_chain()
     deployer = Account.from_key(_deployer_key(chain_dir()))
-    w3 = local.connect()
-    await ocean.fund(
-        w3, local.contracts, deployer, args.address, ether=args.ether, ocean=args.ocean
-    )
+    async with local.connect() as w3:
+        await ocean.fund(
+            w3, local.contracts, deployer, args.address, ether=args.ether, ocean=args.ocean
+        )
     emit(
         args,
         {"address": args.address, "ether": str(args.ether), "ocean": str(args.ocean)},
@@ -273,14 +306,15 @@ async def pricing_for(args: argparse.Namespace, title: str) -> pb.Pricing | None
         file=sys.stderr,
         flush=True,
     )
-    made = await ocean.create_datatoken(
-        local.connect(),
-        local.contracts,
-        account(args),
-        name=(title or "c2d asset")[:60],
-        symbol="C2D",
-        price=args.price,
-    )
+    async with local.connect() as w3:
+        made = await ocean.create_datatoken(
+            w3,
+            local.contracts,
+            account(args),
+            name=(title or "c2d asset")[:60],
+            symbol="C2D",
+            price=args.price,
+        )
     return pb.Pricing(
         datatoken=made.datatoken, service_index=args.service_index, exchange_id=made.exchange_id
     )
@@ -316,20 +350,28 @@ def describe_pricing(pricing: pb.Pricing) -> str:
 
 
 async def order(
-    client: Client, payer: LocalAccount, quote: pb.InitializeComputeResponse
+    local: LocalChain, payer: LocalAccount, quote: pb.InitializeComputeResponse
 ) -> list[str]:
     """Orders every asset of `quote` that has no valid order yet, buying a datatoken first
     when the payer has none; returns the order transactions for `compute start --order`
     (the valid orders reused included)."""
-    from mesh import ocean
-    from provider.orders import fee_of
-
-    local = require_chain()
     if quote.chain_id != local.chain_id:
         raise SystemExit(
             f"c2d: the provider sells on chain {quote.chain_id}, this chain is {local.chain_id}"
         )
-    w3 = local.connect()
+    async with local.connect() as w3:
+        return await _order(local, w3, payer, quote)
+
+
+async def _order(
+    local: LocalChain,
+    w3: AsyncWeb3[Any],
+    payer: LocalAccount,
+    quote: pb.InitializeComputeResponse,
+) -> list[str]:
+    from mesh import ocean
+    from provider.orders import fee_of
+
     fee = fee_of(quote.provider_fee)
     transactions: list[str] = []
     for item in quote.orders:

@@ -28,7 +28,7 @@ ROWS = 5000
 COLUMNS = ("age", "glucose", "blood_pressure")
 
 
-def _step(text: str) -> None:
+def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
@@ -89,8 +89,16 @@ async def run_demo(args: argparse.Namespace) -> int:
         gateway=free_address(),
     )
     supervisor = Supervisor(mesh, log_dir=home / "logs")
+    chain_node = None
+    if args.paid:
+        from cli.paid_demo import start_chain
 
-    _step("starting the mesh: operator engine, operator service, provider, REST edge")
+        step("starting a local chain (ganache) with Ocean's contracts")
+        chain_node, local = await start_chain(home, [owner.address, consumer.address])
+        mesh.env.update(local.env())
+        mesh.env["C2D_ENVIRONMENTS_FILE"] = str(home / "environments.json")
+
+    step("starting the mesh: operator engine, operator service, provider, REST edge")
     started = time.monotonic()
     try:
         await supervisor.start()
@@ -99,17 +107,25 @@ async def run_demo(args: argparse.Namespace) -> int:
         for log_file in sorted((home / "logs").glob("*.log")):
             print(f"--- {log_file.name} (last lines)", file=sys.stderr)
             print("\n".join(log_file.read_text().splitlines()[-15:]), file=sys.stderr)
+        if chain_node is not None:
+            await chain_node.stop()
         return 1
     print(
         f"up in {time.monotonic() - started:.2f}s: provider {mesh.provider}, "
         f"REST http://{mesh.gateway}, state in {home}"
     )
     try:
+        if args.paid:
+            from cli.paid_demo import paid_scenario
+
+            return await paid_scenario(mesh, home, owner, consumer, local)
         return await _scenario(mesh, home, owner, consumer)
     finally:
-        _step("stopping the mesh")
+        step("stopping the mesh")
         stopping = time.monotonic()
         await supervisor.stop()
+        if chain_node is not None:
+            await chain_node.stop()
         print(f"stopped in {time.monotonic() - stopping:.2f}s")
 
 
@@ -119,7 +135,7 @@ async def _scenario(mesh: Mesh, home: Path, owner: Key, consumer: Key) -> int:
     code = resources.files("cli").joinpath("demo_algorithm.py").read_bytes()
 
     async with Client(mesh.provider, owner) as as_owner:
-        _step(f"data owner {owner.address} publishes an algorithm and a dataset")
+        step(f"data owner {owner.address} publishes an algorithm and a dataset")
         algorithm = await as_owner.publish_algorithm(
             code,
             "python3 $ALGO",
@@ -139,27 +155,33 @@ async def _scenario(mesh: Mesh, home: Path, owner: Key, consumer: Key) -> int:
         )
 
     async with Client(mesh.provider, consumer) as as_consumer:
-        _step(f"consumer {consumer.address} runs the algorithm on the dataset")
+        step(f"consumer {consumer.address} runs the algorithm on the dataset")
         job = await as_consumer.start_compute([dataset.did], algorithm=algorithm.did)
-        print(f"job {job.name.removeprefix('jobs/')}")
-        final = await follow(as_consumer, job.name)
-        if final.state != final.STATE_SUCCEEDED:
-            print(f"c2d demo: the job did not succeed: {final.message}", file=sys.stderr)
-            return 1
+        return await finish(as_consumer, job.name, home, data_file)
 
-        _step("consumer downloads the results (each checked against its sha256)")
-        out = home / "downloads"
-        out.mkdir()
-        summary: dict[str, Any] = {}
-        for result in final.results:
-            dest = out / f"{result.index}-{Path(result.name).name}"
-            await as_consumer.download_result(final.name, result, dest)
-            print(f"  {result.name:20} {kind_name(result.kind):18} {result.size_bytes:7} bytes")
-            if result.name == "summary.json":
-                summary = json.loads(dest.read_text())
+
+async def finish(client: Client, job_name: str, home: Path, data_file: Path) -> int:
+    """Follows the job to its end, downloads its results, and checks the summary against
+    the same computation on the host."""
+    print(f"job {job_name.removeprefix('jobs/')}")
+    final = await follow(client, job_name)
+    if final.state != final.STATE_SUCCEEDED:
+        print(f"c2d demo: the job did not succeed: {final.message}", file=sys.stderr)
+        return 1
+
+    step("consumer downloads the results (each checked against its sha256)")
+    out = home / "downloads" / job_name.removeprefix("jobs/")
+    out.mkdir(parents=True)
+    summary: dict[str, Any] = {}
+    for result in final.results:
+        dest = out / f"{result.index}-{Path(result.name).name}"
+        await client.download_result(final.name, result, dest)
+        print(f"  {result.name:20} {kind_name(result.kind):18} {result.size_bytes:7} bytes")
+        if result.name == "summary.json":
+            summary = json.loads(dest.read_text())
     print(json.dumps(summary, indent=2, sort_keys=True))
 
-    _step("checking the job's results against the same computation on the host")
+    step("checking the job's results against the same computation on the host")
     problems = matches(summary, expected_summary(data_file))
     if problems:
         print("MISMATCH:\n  " + "\n  ".join(problems), file=sys.stderr)

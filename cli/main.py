@@ -26,6 +26,7 @@ from cli.follow import follow
 from cli.output import describe, kind_name, print_json, state_name, to_dict
 from mesh import config as mesh_config
 from mesh import jobs as job_facts
+from mesh.logging import configure_logging
 
 # -- node ----------------------------------------------------------------------------------
 
@@ -99,6 +100,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 # -- assets --------------------------------------------------------------------------------
 
 
+async def _pricing(args: argparse.Namespace, title: str) -> pb.Pricing | None:
+    with paid.chain_errors():
+        return await paid.pricing_for(args, title)
+
+
 async def cmd_dataset_publish(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         policy = pb.ComputePolicy()
@@ -109,7 +115,7 @@ async def cmd_dataset_publish(args: argparse.Namespace) -> int:
             metadata=pb.AssetMetadata(title=title),
             policy=policy,
             sample_of=args.sample_of or "",
-            pricing=await paid.pricing_for(args, title),
+            pricing=await _pricing(args, title),
         )
     if dataset.HasField("pricing") and not args.json:
         print(paid.describe_pricing(dataset.pricing), file=sys.stderr)
@@ -127,7 +133,7 @@ async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
             metadata=pb.AssetMetadata(title=title),
             access=pb.ALGORITHM_ACCESS_PUBLIC if args.public else pb.ALGORITHM_ACCESS_PRIVATE,
             parameters=owner.read_parameter_specs(args.parameters),
-            pricing=await paid.pricing_for(args, title),
+            pricing=await _pricing(args, title),
         )
     if algorithm.HasField("pricing") and not args.json:
         print(paid.describe_pricing(algorithm.pricing), file=sys.stderr)
@@ -213,7 +219,8 @@ async def cmd_compute_order(args: argparse.Namespace) -> int:
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(fee.valid_until))}",
                 file=sys.stderr,
             )
-        transactions = await paid.order(client, paid.account(args), quote)
+        with paid.chain_errors():
+            transactions = await paid.order(paid.require_chain(), paid.account(args), quote)
     flags = " ".join(f"--order {tx}" for tx in transactions)
     _emit(
         args,
@@ -376,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", parents=[common], help="run a whole job on a fresh local node, then stop it"
     )
+    demo.add_argument(
+        "--paid",
+        action="store_true",
+        help="the paid flow: a local chain, a dataset sold for OCEAN, an order, a priced "
+        "environment",
+    )
     demo.set_defaults(run=cmd_demo)
     envs = commands.add_parser(
         "environments", parents=[common], help="list the compute environments"
@@ -528,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # The CLI's own log lines are for trouble only: its output is the command's answer.
+    configure_logging("cli", level=os.environ.get("C2D_LOG_LEVEL", "warning"))
     try:
         code = asyncio.run(args.run(args))
     except grpc.aio.AioRpcError as error:

@@ -53,6 +53,13 @@ def connect(url: str, timeout_s: float) -> AsyncWeb3[Any]:
     return AsyncWeb3(provider)
 
 
+async def disconnect(w3: AsyncWeb3[Any]) -> None:
+    """Closes the HTTP sessions of a connection made by `connect` (the in-process chain has
+    none)."""
+    if isinstance(w3.provider, AsyncHTTPProvider):
+        await w3.provider.disconnect()
+
+
 def in_process() -> tuple[AsyncWeb3[Any], eth_tester.EthereumTester]:
     """A fresh py-evm chain in this process (for tests), and its tester for snapshots and
     time travel. Its accounts are unlocked and funded; fund LocalAccounts from them."""

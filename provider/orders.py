@@ -229,6 +229,7 @@ class Payments:
         self.db = db
         self.chain = chain
         self.key = key
+        self._chain_id_checked = False
         db.executescript(_SCHEMA)
 
     def _chain(self) -> ChainAccess:
@@ -238,6 +239,21 @@ class Payments:
                 "CHAIN_NOT_CONFIGURED",
             )
         return self.chain
+
+    async def _ready_chain(self) -> ChainAccess:
+        """The chain, once it has said it is the configured one: orders read from another
+        chain would prove nothing."""
+        chain = self._chain()
+        if not self._chain_id_checked:
+            actual = await self._call(chain.w3.eth.chain_id, "eth_chainId")
+            if actual != chain.chain_id:
+                raise _refused(
+                    f"the node's chain answers as chain {actual}, not the configured "
+                    f"{chain.chain_id}",
+                    "CHAIN_MISMATCH",
+                )
+            self._chain_id_checked = True
+        return chain
 
     async def _call(self, awaitable: Any, what: str) -> Any:
         from mesh.chain import rpc
@@ -258,7 +274,7 @@ class Payments:
                     "pricing.datatoken is required to sell an asset", field="pricing.datatoken"
                 )
             return None
-        chain = self._chain()
+        chain = await self._ready_chain()
         try:
             datatoken = to_checksum_address(requested.datatoken)
         except ValueError:
@@ -440,7 +456,7 @@ class Payments:
                     "orders[0]",
                 )
             return {}
-        chain = self._chain()
+        chain = await self._ready_chain()
         if not hashes:
             raise _refused(
                 f"{assets[0].name} is paid: order it first (InitializeCompute says what to "

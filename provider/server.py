@@ -27,10 +27,16 @@ class Provider:
     server: Server
     store: ProviderStore
     operator_channel: Channel
+    # The chain connection the Provider made itself (not one it was given), closed with it.
+    own_chain: ChainAccess | None = None
 
     async def close(self) -> None:
         await self.operator_channel.close()
         await self.store.close()
+        if self.own_chain is not None:
+            from mesh.chain import disconnect
+
+            await disconnect(self.own_chain.w3)
 
 
 async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Provider:
@@ -38,8 +44,9 @@ async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Pro
     else the one `config.chain` names, else none (a node that sells nothing)."""
     store = await ProviderStore.open(config.database)
     channel = open_channel(config.operator_address)
+    own_chain = None
     if chain is None and config.chain is not None:
-        chain = ChainAccess.from_config(config.chain)
+        chain = own_chain = ChainAccess.from_config(config.chain)
     key = load_provider_key(config)
     servicer = ProviderServicer(
         config,
@@ -57,4 +64,4 @@ async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Pro
         downstream="operator service",
     )
     server.bind(config.listen)
-    return Provider(server, store, channel)
+    return Provider(server, store, channel, own_chain)
