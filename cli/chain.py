@@ -159,6 +159,11 @@ async def _chain_up(args: argparse.Namespace) -> int:
     orders."""
     from mesh import chain, ganache, ocean
 
+    # Before anything starts: a ^C at any moment stops the node in order.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     folder = mesh_config.ensure_private_dir(chain_dir())
     deployer = Account.from_key(_deployer_key(folder))
     funded = {key(args).address, *args.fund}
@@ -195,10 +200,6 @@ async def _chain_up(args: argparse.Namespace) -> int:
             f"`c2d up` and the other commands use it while it runs. Ctrl-C stops it.",
         )
         sys.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         waiting = asyncio.ensure_future(node.wait())
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
