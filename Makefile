@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HAND_WRITTEN := mesh provider operator_service operator_engine pods gateway sdk cli
 
-.PHONY: setup demo demo-paid test gen check-gen lint fmt bench clean-state
+.PHONY: setup demo demo-paid test gen check-gen lint fmt bench bench-paid clean-state
 
 setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
 
@@ -65,3 +65,7 @@ fmt: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Paid-order verification per job on a real ganache, beside a chain round trip.
+bench-paid: setup
+	$(PY) -m bench.paid
