@@ -401,6 +401,7 @@ class Payments:
         valid_for_s: int,
     ) -> pb.InitializeComputeResponse:
         if not assets:
+            _check_free_job(environment)
             return pb.InitializeComputeResponse()
         chain = self._chain()
         response = pb.InitializeComputeResponse(chain_id=chain.chain_id)
@@ -449,6 +450,7 @@ class Payments:
         chain does not answer. Returns the order transaction of each paid asset."""
         hashes = _check_hashes(orders)
         if not assets:
+            _check_free_job(environment)
             if hashes:
                 raise _refused(
                     "the job is free: orders[0] pays for none of its assets",
@@ -609,6 +611,8 @@ class Payments:
     async def _confirmed(self, chain: ChainAccess, tx_hash: str, index: int) -> list[_Order]:
         """The order events of a transaction with the confirmations the node asks for, read
         from the chain the first time and kept afterwards."""
+        from web3.exceptions import BlockNotFound
+
         from mesh import ocean
 
         row = self.db.execute(
@@ -627,11 +631,17 @@ class Payments:
                 f"{field} is not an order (no OrderStarted)", "ORDER_NOT_AN_ORDER", field
             )
         while True:
-            head = await self._call(chain.w3.eth.block_number, "eth_blockNumber")
             block_number = int(receipt["blockNumber"])
-            # Still the chain's block at that height: a reorganisation may have replaced it.
-            block = await self._call(chain.w3.eth.get_block(block_number), "eth_getBlockByNumber")
-            if bytes(block["hash"]) != bytes(receipt["blockHash"]):
+            # Both at once: one round trip less per order. The block must still be the chain's
+            # at that height: a reorganisation may have replaced it, or shortened the chain.
+            try:
+                head, block = await asyncio.gather(
+                    self._call(chain.w3.eth.block_number, "eth_blockNumber"),
+                    self._call(chain.w3.eth.get_block(block_number), "eth_getBlockByNumber"),
+                )
+            except BlockNotFound:
+                block = None
+            if block is None or bytes(block["hash"]) != bytes(receipt["blockHash"]):
                 raise _refused(
                     f"{field} is no longer on the chain (its block was replaced)",
                     "ORDER_NOT_FOUND",
@@ -685,6 +695,17 @@ class Payments:
                 "ORDER_NOT_FOUND",
                 field,
             ) from None
+
+
+def _check_free_job(environment: job_pb2.Environment) -> None:
+    """A job with nothing to order has no order to carry a priced environment's fee."""
+    if not environment.free:
+        raise _refused(
+            f"environment {environment.name} is priced, and its provider fee is paid with the "
+            "orders of a job's paid assets; this job has none: choose a free environment",
+            "PROVIDER_FEE_MISSING",
+            "environment",
+        )
 
 
 def _expired(event: ocean.OrderStarted, asset: PaidAsset, now: float) -> bool:
