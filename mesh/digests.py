@@ -79,9 +79,9 @@ def _sha256(data: bytes | str) -> str:
     return hashlib.sha256(raw).hexdigest() if raw else ""
 
 
-def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
+def _job(r: pb.StartComputeRequest | pb.InitializeComputeRequest) -> list[Any]:
+    """The fields that say what a job runs, shared by StartCompute and InitializeCompute."""
     return [
-        r.request_id,
         r.dataset,
         list(r.additional_datasets),
         r.algorithm,
@@ -89,6 +89,13 @@ def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
         r.raw_algorithm.entrypoint,
         json_format.MessageToDict(r.parameters),
         r.environment,
+    ]
+
+
+def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
+    return [
+        r.request_id,
+        *_job(r),
         list(r.viewers),
         _resources(r.resources),
         r.require_network,
@@ -97,17 +104,7 @@ def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
 
 
 def _initialize_compute(r: pb.InitializeComputeRequest) -> list[Any]:
-    return [
-        r.dataset,
-        list(r.additional_datasets),
-        r.algorithm,
-        _sha256(r.raw_algorithm.code),
-        r.raw_algorithm.entrypoint,
-        json_format.MessageToDict(r.parameters),
-        r.environment,
-        _resources(r.resources),
-        r.valid_for.seconds,
-    ]
+    return [*_job(r), _resources(r.resources), r.valid_for.seconds]
 
 
 _FIELDS: dict[str, Callable[[Any], list[Any]]] = {

@@ -54,6 +54,27 @@ def _struct(values: dict[str, Any] | None) -> struct_pb2.Struct:
     return struct
 
 
+def _job_fields(
+    datasets: Sequence[str],
+    algorithm: str,
+    raw_code: str,
+    raw_entrypoint: str,
+    parameters: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The fields that say what a job runs, as StartCompute and InitializeCompute take them."""
+    if not datasets:
+        raise ValueError("at least one dataset")
+    return {
+        "dataset": asset_name("datasets", datasets[0]),
+        "additional_datasets": [asset_name("datasets", d) for d in datasets[1:]],
+        "algorithm": asset_name("algorithms", algorithm) if algorithm else "",
+        "raw_algorithm": pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
+        if raw_code
+        else None,
+        "parameters": _struct(parameters),
+    }
+
+
 class Client:
     def __init__(self, target: str, key: Key) -> None:
         self.key = key
@@ -254,17 +275,9 @@ class Client:
         `resources` lowers the environment's limits; `require_network` refuses up front
         unless the job will have the network; `orders` are the transactions that paid for its
         paid assets."""
-        if not datasets:
-            raise ValueError("at least one dataset")
         request = pb.StartComputeRequest(
             request_id=request_id or uuid.uuid4().hex,
-            dataset=asset_name("datasets", datasets[0]),
-            additional_datasets=[asset_name("datasets", d) for d in datasets[1:]],
-            algorithm=asset_name("algorithms", algorithm) if algorithm else "",
-            raw_algorithm=pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
-            if raw_code
-            else None,
-            parameters=_struct(parameters),
+            **_job_fields(datasets, algorithm, raw_code, raw_entrypoint, parameters),
             environment=environment,
             viewers=viewers,
             resources=resources,
@@ -288,16 +301,8 @@ class Client:
     ) -> pb.InitializeComputeResponse:
         """What the job would cost: the orders to make (datatoken and amount of each paid
         asset) and the provider fee they carry. Refused as StartCompute would refuse it."""
-        if not datasets:
-            raise ValueError("at least one dataset")
         request = pb.InitializeComputeRequest(
-            dataset=asset_name("datasets", datasets[0]),
-            additional_datasets=[asset_name("datasets", d) for d in datasets[1:]],
-            algorithm=asset_name("algorithms", algorithm) if algorithm else "",
-            raw_algorithm=pb.RawAlgorithm(code=raw_code, entrypoint=raw_entrypoint)
-            if raw_code
-            else None,
-            parameters=_struct(parameters),
+            **_job_fields(datasets, algorithm, raw_code, raw_entrypoint, parameters),
             environment=environment,
             resources=resources,
             valid_for=duration_pb2.Duration(seconds=valid_for_s) if valid_for_s else None,

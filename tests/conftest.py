@@ -3,6 +3,7 @@ server on its own socket, talking to the others only over gRPC), and keys."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -241,3 +242,22 @@ async def rest(local_mesh: LocalMesh) -> AsyncIterator[Rest]:
 def write_key(path: Path, key: Key) -> None:
     path.write_text(json.dumps({"address": key.address, "private_key": key.private_key.hex()}))
     path.chmod(0o600)
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[str]:
+    """A 127.0.0.1 TCP server that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

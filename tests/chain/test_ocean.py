@@ -8,7 +8,6 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -250,25 +249,6 @@ async def test_chain_down_is_unavailable() -> None:
     with pytest.raises(chain.ChainUnavailable):
         await ocean.balance(w3, contracts.ocean, contracts.router)
     await w3.provider.disconnect()
-
-
-@pytest.fixture
-async def silent_server() -> AsyncIterator[str]:
-    """A 127.0.0.1 TCP server that accepts connections and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_slow_chain_is_unavailable(silent_server: str) -> None:

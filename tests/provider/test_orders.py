@@ -153,25 +153,6 @@ def closed_port() -> int:
     return port
 
 
-@pytest.fixture
-async def silent_server() -> AsyncIterator[str]:
-    """A 127.0.0.1 TCP server that accepts connections and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
 # -- the paid flow ---------------------------------------------------------------------------
 
 
