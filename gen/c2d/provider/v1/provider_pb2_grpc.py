@@ -466,10 +466,13 @@ class ProviderServiceServicer:
         for another asset or service), ORDER_NOT_CONFIRMED (fewer blocks on top
         than the node requires, after waiting for them a bounded time), and for a
         priced environment PROVIDER_FEE_MISSING, PROVIDER_FEE_WRONG_SIGNER,
-        PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED. UNAVAILABLE
-        (CHAIN_UNAVAILABLE) when the chain does not answer in time; no job is
-        started then. Within its validity an order starts any number of jobs of
-        its consumer (same or another trusted algorithm).
+        PROVIDER_FEE_WRONG_ENVIRONMENT, PROVIDER_FEE_EXPIRED (and
+        PROVIDER_FEE_MISSING, naming `environment`, for a job with nothing to
+        order in a priced environment). CHAIN_NOT_CONFIGURED on a node without a
+        chain, CHAIN_MISMATCH when its chain answers with another chain id.
+        UNAVAILABLE (CHAIN_UNAVAILABLE) when the chain does not answer in time; no
+        job is started then. Within its validity an order starts any number of
+        jobs of its consumer (same or another trusted algorithm).
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
         sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
