@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -28,11 +28,13 @@ from eth_utils.address import to_checksum_address
 from cli.common import emit, key
 from mesh import config as mesh_config
 from mesh.errors import MeshError
+from sdk.keys import Key
 
 if TYPE_CHECKING:
     from web3 import AsyncWeb3
 
     from mesh import ocean
+    from mesh.ganache import Ganache
 
 # web3 takes most of a second to import: only the commands that use the chain load it, so
 # that every other command starts at once.
@@ -81,6 +83,20 @@ class LocalChain:
         finally:
             await chain.disconnect(w3)
 
+    def save(self, path: Path) -> None:
+        """Describes the chain for the other commands (`current_chain`) while it runs."""
+        described = {"url": self.url, "chain_id": self.chain_id}
+        path.write_text(json.dumps({**described, "contracts": str(self.contracts_file)}))
+
+    @classmethod
+    def load(cls, path: Path) -> LocalChain:
+        from mesh import ocean
+
+        raw = json.loads(path.read_text())
+        contracts_file = Path(raw["contracts"])
+        contracts = ocean.Contracts.load(contracts_file)
+        return cls(raw["url"], int(raw["chain_id"]), contracts, contracts_file)
+
     def env(self) -> dict[str, str]:
         """What a Provider needs to verify orders on this chain."""
         return {
@@ -102,13 +118,7 @@ def current_chain() -> LocalChain | None:
         contracts = ocean.Contracts.load(Path(named))
         return LocalChain(url, contracts.chain_id, contracts, Path(named))
     described = chain_dir() / "chain.json"
-    if not described.exists():
-        return None
-    raw = json.loads(described.read_text())
-    contracts_file = Path(raw["contracts"])
-    return LocalChain(
-        raw["url"], int(raw["chain_id"]), ocean.Contracts.load(contracts_file), contracts_file
-    )
+    return LocalChain.load(described) if described.exists() else None
 
 
 def require_chain() -> LocalChain:
@@ -157,45 +167,25 @@ async def _chain_up(args: argparse.Namespace) -> int:
     """Runs ganache on 127.0.0.1 with Ocean's contracts until Ctrl-C. Its state is kept in
     $C2D_HOME/chain, so the next `c2d chain up` has the same contracts, datatokens and
     orders."""
-    from mesh import chain, ganache, ocean
-
     # Before anything starts: a ^C at any moment stops the node in order.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     folder = mesh_config.ensure_private_dir(chain_dir())
-    deployer = Account.from_key(_deployer_key(folder))
-    funded = {key(args).address, *args.fund}
-    node = await ganache.start(
-        port=args.port,
-        accounts=[(bytes(deployer.key), 10**9 * 10**18)],
-        chain_id=args.chain_id,
-        db=folder / "ganache-db",
-        log_file=folder / "ganache.log",
+    funded = sorted({key(args).address, *args.fund})
+    node, local = await launch(
+        folder, port=args.port, chain_id=args.chain_id, funded=funded, keep_state=True
     )
-    contracts_file = folder / "contracts.json"
-    w3 = chain.connect(node.url, 30.0)
     try:
-        contracts = await _deployed(w3, contracts_file)
-        if contracts is None:
-            print("deploying Ocean's contracts ...", file=sys.stderr, flush=True)
-            contracts = await ocean.deploy(w3, deployer)
-            contracts.save(contracts_file)
-        for address in sorted(funded):
-            await _top_up(w3, contracts, deployer, address)
-        described = folder / "chain.json"
-        described.write_text(
-            json.dumps(
-                {"url": node.url, "chain_id": node.chain_id, "contracts": str(contracts_file)}
-            )
-        )
+        local.save(folder / "chain.json")
+        addresses = _addresses(local.contracts)
         emit(
             args,
-            {"url": node.url, "chain_id": node.chain_id, "contracts": _addresses(contracts)},
-            f"local chain up: {node.url} (chain id {node.chain_id})\n"
-            + "\n".join(f"  {name:11} {value}" for name, value in _addresses(contracts).items())
-            + f"\n  funded      {', '.join(sorted(funded))} "
+            {"url": local.url, "chain_id": local.chain_id, "contracts": addresses},
+            f"local chain up: {local.url} (chain id {local.chain_id})\n"
+            + "\n".join(f"  {name:11} {value}" for name, value in addresses.items())
+            + f"\n  funded      {', '.join(funded)} "
             f"({tokens(FUND_ETHER)} ETH, {tokens(FUND_OCEAN)} OCEAN)\n"
             f"`c2d up` and the other commands use it while it runs. Ctrl-C stops it.",
         )
@@ -211,14 +201,49 @@ async def _chain_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         (folder / "chain.json").unlink(missing_ok=True)
-        await chain.disconnect(w3)
         await node.stop()
 
 
-def _deployer_key(folder: Path) -> bytes:
-    from sdk.keys import Key
+async def launch(
+    folder: Path, *, port: int, chain_id: int, funded: Iterable[str], keep_state: bool
+) -> tuple[Ganache, LocalChain]:
+    """ganache on 127.0.0.1:`port` with Ocean's contracts (deployed, unless an earlier run's
+    are still in its state), each of `funded` topped up to FUND_ETHER and FUND_OCEAN. Its
+    deployer key, log and (with `keep_state`) chain state live in `folder`."""
+    from mesh import chain, ganache, ocean
 
-    return Key.load_or_create(folder / "deployer-key.json").private_key
+    deployer = _deployer(folder)
+    node = await ganache.start(
+        port=port,
+        accounts=[(bytes(deployer.key), 10**9 * 10**18)],
+        chain_id=chain_id,
+        db=folder / "ganache-db" if keep_state else None,
+        log_file=folder / "ganache.log",
+    )
+    contracts_file = folder / "contracts.json"
+    w3 = chain.connect(node.url, 30.0)
+    try:
+        contracts = await _deployed(w3, contracts_file)
+        if contracts is None:
+            print("deploying Ocean's contracts ...", file=sys.stderr, flush=True)
+            contracts = await ocean.deploy(w3, deployer)
+            contracts.save(contracts_file)
+        for address in funded:
+            await _top_up(w3, contracts, deployer, address)
+    except BaseException:
+        await node.stop()
+        raise
+    finally:
+        await chain.disconnect(w3)
+    return node, LocalChain(node.url, node.chain_id, contracts, contracts_file)
+
+
+def _deployer(folder: Path) -> LocalAccount:
+    """The account that deployed the local chain's contracts and funds the others."""
+    signer: LocalAccount = Account.from_key(
+        Key.load_or_create(folder / "deployer-key.json").private_key
+    )
+    return signer
 
 
 def _addresses(contracts: ocean.Contracts) -> dict[str, str]:
@@ -272,7 +297,7 @@ async def _chain_fund(args: argparse.Namespace) -> int:
     from mesh import ocean
 
     local = require_chain()
-    deployer = Account.from_key(_deployer_key(chain_dir()))
+    deployer = _deployer(chain_dir())
     async with local.connect() as w3:
         await ocean.fund(
             w3, local.contracts, deployer, args.address, ether=args.ether, ocean=args.ocean

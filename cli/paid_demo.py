@@ -15,7 +15,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 from eth_account import Account
 from google.protobuf import duration_pb2
 
-from cli.chain import LocalChain, order, tokens
+from cli.chain import DEFAULT_CHAIN_ID, LocalChain, launch, order, tokens
 from cli.demo import finish, make_dataset, step
 from cli.supervisor import Mesh, free_address
 from mesh.errors import from_rpc_error
@@ -30,44 +30,29 @@ if TYPE_CHECKING:
 PRICE = 2 * 10**18
 # The priced environment's provider fee: 0.01 OCEAN a minute.
 FEE_PER_MINUTE = 10**16
-FUND_OCEAN = 100 * 10**18
 
 
 async def start_chain(home: Path, funded: list[str]) -> tuple[Ganache, LocalChain]:
     """A ganache node on a free loopback port with Ocean's contracts, `funded` given ETH and
     OCEAN, and the environments file of the demo's node (a free and a priced environment)."""
-    from mesh import chain, ganache, ocean
-
-    folder = home / "chain"
-    deployer = Account.from_key(Key.load_or_create(folder / "deployer-key.json").private_key)
     port = int(free_address().rpartition(":")[2])
-    node = await ganache.start(
-        port=port,
-        accounts=[(bytes(deployer.key), 10**6 * 10**18)],
-        log_file=folder / "ganache.log",
+    node, local = await launch(
+        home / "chain", port=port, chain_id=DEFAULT_CHAIN_ID, funded=funded, keep_state=False
     )
-    w3 = chain.connect(node.url, 30.0)
-    try:
-        contracts = await ocean.deploy(w3, deployer)
-        contracts_file = folder / "contracts.json"
-        contracts.save(contracts_file)
-        for address in funded:
-            await ocean.fund(w3, contracts, deployer, address, ether=10**19, ocean=FUND_OCEAN)
-    except BaseException:
-        await node.stop()
-        raise
-    finally:
-        await chain.disconnect(w3)
     (home / "environments.json").write_text(
         json.dumps(
             [
                 {"name": "default"},
-                {"name": "paid", "fee_token": contracts.ocean, "fee_per_minute": FEE_PER_MINUTE},
+                {
+                    "name": "paid",
+                    "fee_token": local.contracts.ocean,
+                    "fee_per_minute": FEE_PER_MINUTE,
+                },
             ]
         )
     )
-    print(f"chain {node.url} (id {node.chain_id}); OCEAN at {contracts.ocean}")
-    return node, LocalChain(node.url, node.chain_id, contracts, contracts_file)
+    print(f"chain {local.url} (id {local.chain_id}); OCEAN at {local.contracts.ocean}")
+    return node, local
 
 
 async def paid_scenario(

@@ -110,12 +110,10 @@ _UNAVAILABLE = (
 async def rpc(awaitable: Awaitable[T], *, timeout_s: float, what: str) -> T:
     """Awaits one chain call for at most `timeout_s`. A timeout or a transport failure becomes
     ChainUnavailable naming `what`; errors the chain answered with (a revert,
-    TransactionNotFound, ...) pass through, since callers act on them."""
+    TransactionNotFound, ...) are none of those and pass through, since callers act on them."""
     try:
         async with asyncio.timeout(timeout_s):
             return await awaitable
-    except TransactionNotFound:
-        raise
     except _UNAVAILABLE as error:
         detail = str(error) or type(error).__name__
         if isinstance(error, TimeoutError):

@@ -12,6 +12,7 @@ from typing import Any
 from c2d.common.v1 import job_pb2
 from google.protobuf import duration_pb2
 
+from mesh.auth import checksum
 from mesh.errors import InvalidArgument
 
 State = job_pb2.Job.State
@@ -21,7 +22,6 @@ FINAL_STATES = frozenset({State.STATE_SUCCEEDED, State.STATE_FAILED, State.STATE
 # (fullmatch: not even a trailing newline).
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _ASSET_ID = re.compile(r"[0-9a-f]{64}")
-_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 MAX_VIEWERS = 20
 # The least memory and disk a job can run with (a sandboxed Python needs about 10 MiB).
 MIN_MEMORY_BYTES = 16 << 20
@@ -76,25 +76,34 @@ def check_job_id(job_id: str, field: str = "job_id") -> str:
     return job_id
 
 
-def check_viewers(owner: str, viewers: Sequence[str]) -> None:
-    """INVALID_ARGUMENT (field `viewers`) unless each viewer is a 0x address, none is the
-    owner or named twice (case-insensitively), and there are at most MAX_VIEWERS."""
+def check_viewers(owner: str, viewers: Sequence[str], *, at_the_edge: bool = False) -> list[str]:
+    """The viewers in EIP-55 form; INVALID_ARGUMENT unless each is a 0x address other than
+    the job's owner, at most MAX_VIEWERS of them. At the edge (the Provider, where consumers
+    write the list) an address named twice counts once and a refusal names the entry
+    (`viewers[i]`); inside the mesh, where lists come from the Provider, a repeat is refused
+    and every refusal names `viewers`."""
     if len(viewers) > MAX_VIEWERS:
-        raise InvalidArgument(f"viewers: at most {MAX_VIEWERS} addresses", field="viewers")
-    seen: set[str] = set()
+        raise InvalidArgument(f"viewers lists at most {MAX_VIEWERS} addresses", field="viewers")
+    checked: list[str] = []
     for index, viewer in enumerate(viewers):
-        if not _ADDRESS.fullmatch(viewer):
+        entry = f"viewers[{index}]"
+        field = entry if at_the_edge else "viewers"
+        try:
+            address = checksum(viewer)
+        except ValueError:
             raise InvalidArgument(
-                f"viewers[{index}] is not a 0x-prefixed 20-byte hex address", field="viewers"
-            )
-        lowered = viewer.lower()
-        if lowered == owner.lower():
+                f"{entry} is not a 0x-prefixed 20-byte hex address", field=field
+            ) from None
+        if address.lower() == owner.lower():
             raise InvalidArgument(
-                f"viewers[{index}] is the job's owner, who may read it anyway", field="viewers"
+                f"{entry} is the job's owner, who may read it anyway", field=field
             )
-        if lowered in seen:
-            raise InvalidArgument(f"viewers[{index}] is named twice", field="viewers")
-        seen.add(lowered)
+        if address in checked:
+            if not at_the_edge:
+                raise InvalidArgument(f"{entry} is named twice", field=field)
+            continue
+        checked.append(address)
+    return checked
 
 
 def parse_name(name: str, collection: str, field: str = "name") -> str:

@@ -10,12 +10,13 @@ the chain's: a reorganisation that drops the order leaves nothing to run on."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import math
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +57,7 @@ CREATE TABLE IF NOT EXISTS sold_services (
 );
 -- Orders read from the chain once they had their confirmations: the receipt's events, kept
 -- so that later jobs on the same order need no chain round trip.
-CREATE TABLE IF NOT EXISTS confirmed_orders (
-    tx_hash TEXT PRIMARY KEY, block_number INTEGER NOT NULL, events TEXT NOT NULL
-);
+CREATE TABLE IF NOT EXISTS confirmed_orders (tx_hash TEXT PRIMARY KEY, events TEXT NOT NULL);
 -- The asset each order event paid for: an order pays for one asset's service, whatever job.
 CREATE TABLE IF NOT EXISTS order_uses (
     tx_hash TEXT NOT NULL, log_index INTEGER NOT NULL, asset TEXT NOT NULL,
@@ -73,7 +72,7 @@ def _refused(message: str, reason: str, field: str | None = None) -> FailedPreco
     return FailedPrecondition(message, reason=reason, field=field)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PaidAsset:
     """An asset of a job that an order must pay for."""
 
@@ -96,7 +95,7 @@ def paid_assets(datasets: list[pb.Dataset], algorithm: pb.Algorithm | None) -> l
     return assets
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ChainAccess:
     """The Provider's chain: a web3 connection and how far it trusts what it reads."""
 
@@ -145,7 +144,7 @@ def known_contracts(config: ChainConfig) -> ocean.Contracts | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Order:
     """One order event of a confirmed transaction, with the provider fees paid beside it."""
 
@@ -155,15 +154,10 @@ class _Order:
 
 
 def _event_json(order: ocean.OrderStarted, fees: list[ocean.ProviderFee]) -> dict[str, Any]:
+    # Amounts as decimal strings: wei overflows a JSON number in other readers.
     return {
-        "datatoken": order.datatoken,
-        "consumer": order.consumer,
-        "payer": order.payer,
+        **dataclasses.asdict(order),
         "amount": str(order.amount),
-        "service_index": order.service_index,
-        "timestamp": order.timestamp,
-        "block_number": order.block_number,
-        "log_index": order.log_index,
         "fees": [f.to_dict() for f in fees],
     }
 
@@ -171,17 +165,17 @@ def _event_json(order: ocean.OrderStarted, fees: list[ocean.ProviderFee]) -> dic
 def _event_of(raw: dict[str, Any]) -> tuple[ocean.OrderStarted, list[ocean.ProviderFee]]:
     from mesh import ocean
 
-    order = ocean.OrderStarted(
-        datatoken=raw["datatoken"],
-        consumer=raw["consumer"],
-        payer=raw["payer"],
-        amount=int(raw["amount"]),
-        service_index=int(raw["service_index"]),
-        timestamp=int(raw["timestamp"]),
-        block_number=int(raw["block_number"]),
-        log_index=int(raw["log_index"]),
-    )
-    return order, [ocean.ProviderFee.from_dict(f) for f in raw["fees"]]
+    fields = {**raw, "amount": int(raw["amount"])}
+    fees = [ocean.ProviderFee.from_dict(f) for f in fields.pop("fees")]
+    return ocean.OrderStarted(**fields), fees
+
+
+@functools.lru_cache(maxsize=4096)
+def _fee_signer(fee: ocean.ProviderFee) -> str:
+    """Who signed a fee; kept, since every further job on an order checks the same fee."""
+    from mesh import ocean
+
+    return ocean.provider_fee_signer(fee)
 
 
 def fee_message(fee: ocean.ProviderFee) -> pb.ProviderFee:
@@ -555,7 +549,6 @@ class Payments:
         self, fees: list[ocean.ProviderFee], environment: job_pb2.Environment, now: float
     ) -> FailedPrecondition | None:
         """None when one of `fees` pays for `environment` (or it is free); else why not."""
-        from mesh import ocean
 
         if environment.free:
             return None
@@ -568,7 +561,7 @@ class Payments:
             )
         refusal: FailedPrecondition | None = None
         for fee in fees:
-            if fee.address != self.key.address or ocean.provider_fee_signer(fee) != fee.address:
+            if fee.address != self.key.address or _fee_signer(fee) != fee.address:
                 refusal = _refused(
                     f"the provider fee was signed by {fee.address}, not by this provider "
                     f"({self.key.address})",
@@ -664,13 +657,8 @@ class Payments:
             _Order(tx_hash, e, [f.fee for f in fees if f.datatoken == e.datatoken]) for e in events
         ]
         self.db.execute(
-            "INSERT OR IGNORE INTO confirmed_orders (tx_hash, block_number, events) "
-            "VALUES (?, ?, ?)",
-            (
-                tx_hash,
-                int(receipt["blockNumber"]),
-                json.dumps([_event_json(o.event, o.fees) for o in orders]),
-            ),
+            "INSERT OR IGNORE INTO confirmed_orders (tx_hash, events) VALUES (?, ?)",
+            (tx_hash, json.dumps([_event_json(o.event, o.fees) for o in orders])),
         )
         log.info(
             "order confirmed",

@@ -21,7 +21,6 @@ from c2d.provider.v1 import provider_pb2_grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from mesh import jobs as job_facts
-from mesh.auth import checksum
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import (
     FailedPrecondition,
@@ -83,29 +82,6 @@ def _set_code(
     algorithm.size_bytes = len(code)
     del algorithm.parameters[:]
     algorithm.parameters.extend(specs)
-
-
-def _check_viewers(viewers: Sequence[str], caller: str) -> list[str]:
-    """The viewers in EIP-55 form, each once; INVALID_ARGUMENT naming the entry that is not an
-    address or is the caller (who owns the job)."""
-    if len(viewers) > job_facts.MAX_VIEWERS:
-        raise InvalidArgument(
-            f"viewers lists at most {job_facts.MAX_VIEWERS} addresses", field="viewers"
-        )
-    checked: list[str] = []
-    for i, viewer in enumerate(viewers):
-        field = f"viewers[{i}]"
-        try:
-            address = checksum(viewer)
-        except ValueError:
-            raise InvalidArgument(
-                f"{field} must be a 0x-prefixed 20-byte hex address", field=field
-            ) from None
-        if address == caller:
-            raise InvalidArgument(f"{field} is the caller, who owns the job anyway", field=field)
-        if address not in checked:
-            checked.append(address)
-    return checked
 
 
 def _dataset_ids(request: pb.StartComputeRequest | pb.InitializeComputeRequest) -> list[str]:
@@ -325,8 +301,6 @@ class ProviderServicer(
         access = request.access or pb.ALGORITHM_ACCESS_PRIVATE
         if access not in assets.ACCESS_WORDS:
             raise InvalidArgument("access must be PUBLIC or PRIVATE", field="access")
-        _set_code(pb.Algorithm(), request.code, request.entrypoint, request.parameters)
-        pricing = await self.payments.pricing(request.pricing, caller.address)
         algorithm_id = assets.derive_id(caller.address, caller.nonce)
         algorithm = pb.Algorithm(
             name=f"algorithms/{algorithm_id}",
@@ -335,9 +309,12 @@ class ProviderServicer(
             metadata=request.metadata,
             access=access,
             version=1,
-            pricing=pricing,
         )
+        # The code is checked before the chain is asked about the price.
         _set_code(algorithm, request.code, request.entrypoint, request.parameters)
+        pricing = await self.payments.pricing(request.pricing, caller.address)
+        if pricing is not None:
+            algorithm.pricing.CopyFrom(pricing)
         algorithm.create_time.GetCurrentTime()
         algorithm.update_time.CopyFrom(algorithm.create_time)
         async with self._selling(algorithm.name, pricing):
@@ -494,7 +471,7 @@ class ProviderServicer(
         previous = await self.store.request_resource(caller.address, request.request_id)
         if previous is not None:
             return pb.StartComputeResponse(job=await self._job(previous, caller.address))
-        viewers = _check_viewers(request.viewers, caller.address)
+        viewers = job_facts.check_viewers(caller.address, request.viewers, at_the_edge=True)
         dataset_ids = _dataset_ids(request)
         algorithm, code = await self._resolve_algorithm(request)
         environment = await self._environment(request.environment or "default")
