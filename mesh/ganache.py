@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -108,6 +110,20 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _ends_with(parent: int) -> Callable[[], None]:
+    """Runs in the node's process before it starts: the kernel sends it SIGTERM when the
+    process that started it dies, even by SIGKILL or a closed pipe, so no node outlives its
+    command or test run."""
+
+    def ask_the_kernel() -> None:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # gone before the request took effect
+            os._exit(1)
+
+    return ask_the_kernel
 
 
 def _port_free(port: int) -> bool:
@@ -262,6 +278,7 @@ async def _start_once(
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_ends_with(os.getpid()),
     )
     node = Ganache(url=url, chain_id=chain_id, process=process, log_file=log_file)
     node._log_handle = handle
