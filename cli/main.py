@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from c2d.common.v1 import job_pb2
+from c2d.common.v1 import container_pb2, job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
 from cli import chain as paid
@@ -26,6 +26,7 @@ from cli.follow import follow
 from cli.output import describe, kind_name, print_json, state_name, to_dict
 from mesh import config as mesh_config
 from mesh import jobs as job_facts
+from mesh import containers
 from mesh.logging import configure_logging
 
 # -- node ----------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
             parameters=owner.read_parameter_specs(args.parameters),
             pricing=await _pricing(args, title),
         )
+            container=args.image,
     if algorithm.HasField("pricing") and not args.json:
         print(paid.describe_pricing(algorithm.pricing), file=sys.stderr)
     _emit(args, to_dict(algorithm), algorithm.did)
@@ -363,6 +365,13 @@ async def cmd_compute_delete(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+def _image_reference(text: str) -> container_pb2.Container:
+    try:
+        return containers.parse_reference(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
     common.add_argument(
@@ -422,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command, with $ALGO for the code, e.g. 'python3 $ALGO'",
     )
     apublish.add_argument("--title")
+    apublish.add_argument(
+        "--image",
+        type=_image_reference,
+        metavar="REPOSITORY[:TAG]@sha256:DIGEST",
+        help="run in this container image (pinned by its manifest digest) instead of the "
+        "node's host runtime",
+    )
     apublish.add_argument(
         "--public",
         action="store_true",

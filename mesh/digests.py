@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import rfc8785
-from c2d.common.v1 import job_pb2
+from c2d.common.v1 import container_pb2, job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -70,6 +70,10 @@ def _pricing(p: pb.Pricing) -> list[Any]:
     return [p.datatoken, p.service_index, p.exchange_id]
 
 
+def _container(c: container_pb2.Container) -> list[Any]:
+    return [c.image, c.tag, c.checksum]
+
+
 def _resources(r: job_pb2.Resources) -> list[Any]:
     return [r.cpus, r.memory_bytes, r.disk_bytes, r.max_duration.seconds]
 
@@ -87,6 +91,7 @@ def _job(r: pb.StartComputeRequest | pb.InitializeComputeRequest) -> list[Any]:
         r.algorithm,
         _sha256(r.raw_algorithm.code),
         r.raw_algorithm.entrypoint,
+        _container(r.raw_algorithm.container),
         json_format.MessageToDict(r.parameters),
         r.environment,
     ]
@@ -127,8 +132,15 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
         r.access,
         _parameters(r.parameters),
         _pricing(r.pricing),
+        _container(r.container),
     ],
-    "UpdateAlgorithm": lambda r: [r.name, _sha256(r.code), r.entrypoint, _parameters(r.parameters)],
+    "UpdateAlgorithm": lambda r: [
+        r.name,
+        _sha256(r.code),
+        r.entrypoint,
+        _parameters(r.parameters),
+        _container(r.container),
+    ],
     "DownloadAlgorithm": lambda r: [r.name, r.offset],
     "StartCompute": _start_compute,
     "InitializeCompute": _initialize_compute,

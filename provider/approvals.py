@@ -465,6 +465,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
                 algorithm=algorithm,
                 code=code,
                 entrypoint=algorithm.entrypoint,
+                container=algorithm.container,
                 parameters=parameters.job_values(algorithm, given, []),
                 environment=environment,
                 allow_network=False,

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import rfc8785
-from c2d.common.v1 import job_pb2
+from c2d.common.v1 import container_pb2, job_pb2
 from c2d.engine.v1 import engine_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
+from mesh import containers
 from mesh import jobs as job_facts
 from provider import assets
 from provider.auth import Caller
@@ -42,6 +43,8 @@ class JobPlan:
     algorithm: pb.Algorithm | None
     code: bytes
     entrypoint: str
+    # The image it runs in; unset for the host runtime.
+    container: container_pb2.Container
     # The values checked and completed with defaults (provider.parameters.job_values).
     parameters: dict[str, Any]
     environment: job_pb2.Environment
@@ -81,6 +84,7 @@ def job_spec(plan: JobPlan) -> engine_pb2.JobSpec:
             code=plan.code,
             code_sha256=plan.code_sha256,
             entrypoint=plan.entrypoint,
+            container=plan.container,
             private=algorithm is not None and algorithm.access != pb.ALGORITHM_ACCESS_PUBLIC,
         ),
         parameters_json=json.dumps(plan.values) if plan.values else "",
@@ -136,6 +140,7 @@ def _limits(
 def _algorithm_facts(plan: JobPlan) -> dict[str, Any]:
     """The algorithm as a job's provenance records it: digests, never code."""
     algorithm = plan.algorithm
+    image = containers.reference(plan.container) if containers.is_set(plan.container) else ""
     if algorithm is None:
         return {
             "name": "",
@@ -143,9 +148,12 @@ def _algorithm_facts(plan: JobPlan) -> dict[str, Any]:
             "version": 0,
             "access": "raw",
             "files_checksum": assets.files_checksum([plan.code]),
-            "container_section_checksum": assets.container_section_checksum(plan.entrypoint),
+            "container_section_checksum": assets.container_section_checksum(
+                plan.entrypoint, plan.container.checksum
+            ),
             "code_sha256": plan.code_sha256,
             "entrypoint": plan.entrypoint,
+            "image": image,
         }
     return {
         "name": algorithm.name,
@@ -156,6 +164,7 @@ def _algorithm_facts(plan: JobPlan) -> dict[str, Any]:
         "container_section_checksum": algorithm.container_section_checksum,
         "code_sha256": plan.code_sha256,
         "entrypoint": plan.entrypoint,
+        "image": image,
     }
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 import structlog
-from c2d.common.v1 import job_pb2
+from c2d.common.v1 import container_pb2, job_pb2
 from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
 from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from mesh import containers
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import (
@@ -66,19 +67,31 @@ def _check_entrypoint(entrypoint: str, field: str) -> None:
 
 
 def _set_code(
-    algorithm: pb.Algorithm, code: bytes, entrypoint: str, specs: Sequence[pb.ParameterSpec]
+    algorithm: pb.Algorithm,
+    code: bytes,
+    entrypoint: str,
+    specs: Sequence[pb.ParameterSpec],
+    container: container_pb2.Container,
 ) -> None:
-    """Checks an algorithm's code, entrypoint and parameter declaration (INVALID_ARGUMENT
-    naming the field) and sets them on its record, with the checksums and size they give."""
+    """Checks an algorithm's code, entrypoint, parameter declaration and container
+    (INVALID_ARGUMENT naming the field) and sets them on its record, with the checksums and
+    size they give."""
     if not code:
         raise InvalidArgument("code must not be empty", field="code")
     if len(code) > MAX_ALGORITHM_BYTES:
         raise InvalidArgument("code must be at most 16 MiB", field="code")
     _check_entrypoint(entrypoint, "entrypoint")
     parameters.check_declaration(specs)
+    containers.check_container(container, "container")
     algorithm.entrypoint = entrypoint
+    if containers.is_set(container):
+        algorithm.container.CopyFrom(container)
+    else:
+        algorithm.ClearField("container")
     algorithm.files_checksum = assets.files_checksum([code])
-    algorithm.container_section_checksum = assets.container_section_checksum(entrypoint)
+    algorithm.container_section_checksum = assets.container_section_checksum(
+        entrypoint, container.checksum
+    )
     algorithm.size_bytes = len(code)
     del algorithm.parameters[:]
     algorithm.parameters.extend(specs)
@@ -311,7 +324,9 @@ class ProviderServicer(
             version=1,
         )
         # The code is checked before the chain is asked about the price.
-        _set_code(algorithm, request.code, request.entrypoint, request.parameters)
+        _set_code(
+            algorithm, request.code, request.entrypoint, request.parameters, request.container
+        )
         pricing = await self.payments.pricing(request.pricing, caller.address)
         if pricing is not None:
             algorithm.pricing.CopyFrom(pricing)
@@ -344,7 +359,9 @@ class ProviderServicer(
                     f"only the publisher of {algorithm.name} may update it",
                     reason="NOT_THE_PUBLISHER",
                 )
-            _set_code(algorithm, request.code, request.entrypoint, request.parameters)
+            _set_code(
+                algorithm, request.code, request.entrypoint, request.parameters, request.container
+            )
         algorithm.update_time.GetCurrentTime()
         algorithm = await self.store.update_algorithm(algorithm, request.code)
         await self.audit.record(
@@ -505,6 +522,7 @@ class ProviderServicer(
                 algorithm=algorithm,
                 code=code,
                 entrypoint=algorithm.entrypoint if algorithm else request.raw_algorithm.entrypoint,
+                container=algorithm.container if algorithm else request.raw_algorithm.container,
                 parameters=values,
                 environment=environment,
                 allow_network=allow_network,
@@ -611,7 +629,7 @@ class ProviderServicer(
     ) -> tuple[pb.Algorithm | None, bytes]:
         raw = request.raw_algorithm
         if request.algorithm:
-            if raw.code or raw.entrypoint:
+            if raw.code or raw.entrypoint or containers.is_set(raw.container):
                 raise InvalidArgument(
                     "send either algorithm or raw_algorithm, not both", field="raw_algorithm"
                 )
@@ -624,6 +642,7 @@ class ProviderServicer(
                 "raw_algorithm.code must be at most 1 MiB", field="raw_algorithm.code"
             )
         _check_entrypoint(raw.entrypoint, "raw_algorithm.entrypoint")
+        containers.check_container(raw.container, "raw_algorithm.container")
         return None, code
 
     async def _job(self, name: str, owner: str) -> job_pb2.Job:

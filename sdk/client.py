@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from c2d.common.v1 import job_pb2
+from c2d.common.v1 import container_pb2, job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -185,9 +185,11 @@ class Client:
         access: pb.AlgorithmAccess.ValueType = pb.ALGORITHM_ACCESS_UNSPECIFIED,
         parameters: Sequence[pb.ParameterSpec] = (),
         pricing: pb.Pricing | None = None,
+        container: container_pb2.Container | None = None,
     ) -> pb.Algorithm:
         """Publishes an algorithm: private unless `access` says public; with `pricing` (its
-        datatoken), for sale."""
+        datatoken), for sale; with `container`, run in that image instead of the host
+        runtime."""
         request = pb.PublishAlgorithmRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
@@ -196,6 +198,7 @@ class Client:
             access=access,
             parameters=parameters,
             pricing=pricing,
+            container=container,
         )
         response = await self._signed("PublishAlgorithm", request)
         return response.algorithm  # type: ignore[no-any-return]
@@ -207,14 +210,16 @@ class Client:
         entrypoint: str,
         *,
         parameters: Sequence[pb.ParameterSpec] = (),
+        container: container_pb2.Container | None = None,
     ) -> pb.Algorithm:
-        """Replaces an algorithm's code, entrypoint and parameter declaration (its checksums
-        change with them)."""
+        """Replaces an algorithm's code, entrypoint, parameter declaration and container (its
+        checksums change with them)."""
         request = pb.UpdateAlgorithmRequest(
             name=asset_name("algorithms", ref),
             code=code,
             entrypoint=entrypoint,
             parameters=parameters,
+            container=container,
         )
         response = await self._signed("UpdateAlgorithm", request)
         return response.algorithm  # type: ignore[no-any-return]

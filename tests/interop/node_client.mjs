@@ -115,6 +115,8 @@ const metadataFields = (m = {}) => [
 
 const pricing = (p = {}) => [p.datatoken ?? "", p.service_index ?? 0, p.exchange_id ?? ""];
 
+const container = (c = {}) => [c.image ?? "", c.tag ?? "", c.checksum ?? ""];
+
 const DIGESTS = {
   CreateAuthToken: (r) => [Number(r.valid_for?.seconds ?? 0)],
   PublishAlgorithm: (r) => [
@@ -127,6 +129,7 @@ const DIGESTS = {
     // No parameter declaration.
     [],
     pricing(r.pricing),
+    container(r.container),
   ],
   PublishDataset: (r) => {
     const p = r.policy ?? {};
@@ -162,6 +165,7 @@ const DIGESTS = {
     r.algorithm ?? "",
     r.raw_algorithm?.code ? sha256Hex(Buffer.from(r.raw_algorithm.code, "utf8")) : "",
     r.raw_algorithm?.entrypoint ?? "",
+    container(r.raw_algorithm?.container),
     structToJson(r.parameters),
     r.environment ?? "",
     [...(r.viewers ?? [])],

@@ -96,6 +96,7 @@ async def test_every_dataset_is_checked_and_laid_out_in_order(local_mesh: LocalM
                 "container_section_checksum": algorithm.container_section_checksum,
                 "code_sha256": hashlib.sha256(LAYOUT).hexdigest(),
                 "entrypoint": "python3 $ALGO",
+                "image": "",
             },
             "datasets": [
                 {

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from c2d.common.v1 import container_pb2 as _container_pb2
 from c2d.common.v1 import job_pb2 as _job_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -66,6 +67,7 @@ class AlgorithmInput(_message.Message):
     CODE_SHA256_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
     PRIVATE_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The algorithm's 64-hex id; empty for raw code."""
     code: _builtins.bytes
@@ -84,6 +86,16 @@ class AlgorithmInput(_message.Message):
     line of the code is replaced by a redaction notice, so a crash's
     traceback does not print the source to the consumer.
     """
+    @_builtins.property
+    def container(self) -> _container_pb2.Container:
+        """The image the algorithm runs in; unset for the host runtime. The engine
+        fetches it (local image store first, then the registry), checks its
+        manifest digest against `container.checksum`, and runs the entrypoint
+        inside the image's root file system under the same isolation and limits.
+        A missing image or a digest mismatch fails the job in configure
+        (algorithm provisioning failed).
+        """
+
     def __init__(
         self,
         *,
@@ -92,10 +104,11 @@ class AlgorithmInput(_message.Message):
         code_sha256: _builtins.str = ...,
         entrypoint: _builtins.str = ...,
         private: _builtins.bool = ...,
+        container: _container_pb2.Container | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_sha256", b"code_sha256", "entrypoint", b"entrypoint", "id", b"id", "private", b"private"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "code_sha256", b"code_sha256", "container", b"container", "entrypoint", b"entrypoint", "id", b"id", "private", b"private"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from c2d.common.v1 import container_pb2 as _container_pb2
 from c2d.common.v1 import job_pb2 as _job_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -645,6 +646,7 @@ class Algorithm(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PRICING_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `algorithms/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
@@ -685,6 +687,10 @@ class Algorithm(_message.Message):
     def pricing(self) -> Global___Pricing:
         """How the algorithm is sold; unset for a free algorithm."""
 
+    @_builtins.property
+    def container(self) -> _container_pb2.Container:
+        """The image it runs in; unset for the node's host runtime."""
+
     def __init__(
         self,
         *,
@@ -702,10 +708,11 @@ class Algorithm(_message.Message):
         version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         pricing: Global___Pricing | None = ...,
+        container: _container_pb2.Container | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "pricing", b"pricing", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "create_time", b"create_time", "metadata", b"metadata", "pricing", b"pricing", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "parameters", b"parameters", "pricing", b"pricing", "publisher", b"publisher", "size_bytes", b"size_bytes", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "container", b"container", "container_section_checksum", b"container_section_checksum", "create_time", b"create_time", "did", b"did", "entrypoint", b"entrypoint", "files_checksum", b"files_checksum", "metadata", b"metadata", "name", b"name", "parameters", b"parameters", "pricing", b"pricing", "publisher", b"publisher", "size_bytes", b"size_bytes", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -961,6 +968,7 @@ class PublishAlgorithmRequest(_message.Message):
     ACCESS_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     PRICING_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe, as in PublishDatasetRequest."""
     code: _builtins.bytes
@@ -983,6 +991,12 @@ class PublishAlgorithmRequest(_message.Message):
     def pricing(self) -> Global___Pricing:
         """Sells the algorithm, as PublishDatasetRequest.pricing. Unset: free."""
 
+    @_builtins.property
+    def container(self) -> _container_pb2.Container:
+        """The image it runs in (see Container); unset for the node's host runtime.
+        Its checksum joins the container section checksum.
+        """
+
     def __init__(
         self,
         *,
@@ -993,10 +1007,11 @@ class PublishAlgorithmRequest(_message.Message):
         access: Global___AlgorithmAccess.ValueType = ...,
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
         pricing: Global___Pricing | None = ...,
+        container: _container_pb2.Container | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "pricing", b"pricing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "metadata", b"metadata", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "code", b"code", "entrypoint", b"entrypoint", "metadata", b"metadata", "parameters", b"parameters", "pricing", b"pricing", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "code", b"code", "container", b"container", "entrypoint", b"entrypoint", "metadata", b"metadata", "parameters", b"parameters", "pricing", b"pricing", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1036,6 +1051,7 @@ class UpdateAlgorithmRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`algorithms/{id}`."""
     code: _builtins.bytes
@@ -1046,6 +1062,10 @@ class UpdateAlgorithmRequest(_message.Message):
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParameterSpec]:
         """The new parameter declaration, whole."""
 
+    @_builtins.property
+    def container(self) -> _container_pb2.Container:
+        """The new image, whole; unset for the node's host runtime."""
+
     def __init__(
         self,
         *,
@@ -1053,10 +1073,11 @@ class UpdateAlgorithmRequest(_message.Message):
         code: _builtins.bytes = ...,
         entrypoint: _builtins.str = ...,
         parameters: _abc.Iterable[Global___ParameterSpec] | None = ...,
+        container: _container_pb2.Container | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "entrypoint", b"entrypoint", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "container", b"container", "entrypoint", b"entrypoint", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1289,19 +1310,25 @@ class RawAlgorithm(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code, at most 1 MiB."""
     entrypoint: _builtins.str
     """The command that runs it, with `$ALGO` for the code's path."""
+    @_builtins.property
+    def container(self) -> _container_pb2.Container:
+        """The image it runs in; unset for the node's host runtime."""
+
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         entrypoint: _builtins.str = ...,
+        container: _container_pb2.Container | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "entrypoint", b"entrypoint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "container", b"container", "entrypoint", b"entrypoint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

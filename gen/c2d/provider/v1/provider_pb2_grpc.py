@@ -354,14 +354,15 @@ class ProviderServiceServicer:
 
     def PublishAlgorithm(self, request, context):
         """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-        code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
-        parameter declaration (naming it). Private unless `access` says public.
+        code, code over 16 MiB, an entrypoint without `$ALGO`, a malformed
+        parameter declaration or container (naming it). Private unless `access` says public.
         Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
         sha256 of code (lowercase hex; "" for empty code), entrypoint,
         access, [<parameter>...], [pricing.datatoken,
-        pricing.service_index, pricing.exchange_id]]
+        pricing.service_index, pricing.exchange_id],
+        [container.image, container.tag, container.checksum]]
         where `access` is the enum's number and each <parameter> is
         [name, type, required, default_value, [options...], minimum, maximum,
         description]: `type` the enum's number, `default_value` and `options` as
@@ -379,7 +380,8 @@ class ProviderServiceServicer:
         refuse it until their owner trusts the new checksums. Only its publisher
         may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
 
-        Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+        Digest: [name, sha256 of code, entrypoint, [<parameter>...],
+        [container.image, container.tag, container.checksum]]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -431,7 +433,9 @@ class ProviderServiceServicer:
         be refused. Signed or token.
 
         Digest: [dataset, [additional_datasets...], algorithm, sha256 of
-        raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+        raw_algorithm.code, raw_algorithm.entrypoint,
+        [raw_algorithm.container.image, raw_algorithm.container.tag,
+        raw_algorithm.container.checksum], parameters,
         environment, [resources.cpus, resources.memory_bytes,
         resources.disk_bytes, resources.max_duration.seconds],
         valid_for.seconds]
@@ -476,7 +480,9 @@ class ProviderServiceServicer:
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
         sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-        when no raw code), raw_algorithm.entrypoint, parameters, environment,
+        when no raw code), raw_algorithm.entrypoint,
+        [raw_algorithm.container.image, raw_algorithm.container.tag,
+        raw_algorithm.container.checksum], parameters, environment,
         [viewers...], [resources.cpus, resources.memory_bytes,
         resources.disk_bytes, resources.max_duration.seconds],
         require_network, [orders...]]

@@ -131,14 +131,15 @@ class ProviderServiceStub:
     """Lists datasets, oldest first. Open to anyone."""
     PublishAlgorithm: _grpc.UnaryUnaryMultiCallable[_provider_pb2.PublishAlgorithmRequest, _provider_pb2.PublishAlgorithmResponse]
     """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-    code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
-    parameter declaration (naming it). Private unless `access` says public.
+    code, code over 16 MiB, an entrypoint without `$ALGO`, a malformed
+    parameter declaration or container (naming it). Private unless `access` says public.
     Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
              sha256 of code (lowercase hex; "" for empty code), entrypoint,
              access, [<parameter>...], [pricing.datatoken,
-             pricing.service_index, pricing.exchange_id]]
+             pricing.service_index, pricing.exchange_id],
+             [container.image, container.tag, container.checksum]]
     where `access` is the enum's number and each <parameter> is
     [name, type, required, default_value, [options...], minimum, maximum,
     description]: `type` the enum's number, `default_value` and `options` as
@@ -152,7 +153,8 @@ class ProviderServiceStub:
     refuse it until their owner trusts the new checksums. Only its publisher
     may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
 
-    Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+    Digest: [name, sha256 of code, entrypoint, [<parameter>...],
+             [container.image, container.tag, container.checksum]]
     """
     DownloadAlgorithm: _grpc.UnaryStreamMultiCallable[_provider_pb2.DownloadAlgorithmRequest, _provider_pb2.DownloadAlgorithmResponse]
     """Streams an algorithm's code from `offset`. A public algorithm's code is
@@ -182,7 +184,9 @@ class ProviderServiceStub:
     be refused. Signed or token.
 
     Digest: [dataset, [additional_datasets...], algorithm, sha256 of
-             raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+             raw_algorithm.code, raw_algorithm.entrypoint,
+             [raw_algorithm.container.image, raw_algorithm.container.tag,
+             raw_algorithm.container.checksum], parameters,
              environment, [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
              valid_for.seconds]
@@ -223,7 +227,9 @@ class ProviderServiceStub:
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-             when no raw code), raw_algorithm.entrypoint, parameters, environment,
+             when no raw code), raw_algorithm.entrypoint,
+             [raw_algorithm.container.image, raw_algorithm.container.tag,
+             raw_algorithm.container.checksum], parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
              require_network, [orders...]]
@@ -450,14 +456,15 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """Lists datasets, oldest first. Open to anyone."""
     PublishAlgorithm: _aio.UnaryUnaryMultiCallable[_provider_pb2.PublishAlgorithmRequest, _provider_pb2.PublishAlgorithmResponse]  # type: ignore[assignment]
     """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-    code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
-    parameter declaration (naming it). Private unless `access` says public.
+    code, code over 16 MiB, an entrypoint without `$ALGO`, a malformed
+    parameter declaration or container (naming it). Private unless `access` says public.
     Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
              sha256 of code (lowercase hex; "" for empty code), entrypoint,
              access, [<parameter>...], [pricing.datatoken,
-             pricing.service_index, pricing.exchange_id]]
+             pricing.service_index, pricing.exchange_id],
+             [container.image, container.tag, container.checksum]]
     where `access` is the enum's number and each <parameter> is
     [name, type, required, default_value, [options...], minimum, maximum,
     description]: `type` the enum's number, `default_value` and `options` as
@@ -471,7 +478,8 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     refuse it until their owner trusts the new checksums. Only its publisher
     may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
 
-    Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+    Digest: [name, sha256 of code, entrypoint, [<parameter>...],
+             [container.image, container.tag, container.checksum]]
     """
     DownloadAlgorithm: _aio.UnaryStreamMultiCallable[_provider_pb2.DownloadAlgorithmRequest, _provider_pb2.DownloadAlgorithmResponse]  # type: ignore[assignment]
     """Streams an algorithm's code from `offset`. A public algorithm's code is
@@ -501,7 +509,9 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     be refused. Signed or token.
 
     Digest: [dataset, [additional_datasets...], algorithm, sha256 of
-             raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+             raw_algorithm.code, raw_algorithm.entrypoint,
+             [raw_algorithm.container.image, raw_algorithm.container.tag,
+             raw_algorithm.container.checksum], parameters,
              environment, [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
              valid_for.seconds]
@@ -542,7 +552,9 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
 
     Digest: [request_id, dataset, [additional_datasets...], algorithm,
              sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-             when no raw code), raw_algorithm.entrypoint, parameters, environment,
+             when no raw code), raw_algorithm.entrypoint,
+             [raw_algorithm.container.image, raw_algorithm.container.tag,
+             raw_algorithm.container.checksum], parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
              require_network, [orders...]]
@@ -808,14 +820,15 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.PublishAlgorithmResponse, _abc.Awaitable[_provider_pb2.PublishAlgorithmResponse]]:
         """Publishes an algorithm. Anyone signed in may. INVALID_ARGUMENT for empty
-        code, code over 16 MiB, an entrypoint without `$ALGO`, or a malformed
-        parameter declaration (naming it). Private unless `access` says public.
+        code, code over 16 MiB, an entrypoint without `$ALGO`, a malformed
+        parameter declaration or container (naming it). Private unless `access` says public.
         Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
                  sha256 of code (lowercase hex; "" for empty code), entrypoint,
                  access, [<parameter>...], [pricing.datatoken,
-                 pricing.service_index, pricing.exchange_id]]
+                 pricing.service_index, pricing.exchange_id],
+                 [container.image, container.tag, container.checksum]]
         where `access` is the enum's number and each <parameter> is
         [name, type, required, default_value, [options...], minimum, maximum,
         description]: `type` the enum's number, `default_value` and `options` as
@@ -835,7 +848,8 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         refuse it until their owner trusts the new checksums. Only its publisher
         may (PERMISSION_DENIED otherwise). Checks as PublishAlgorithm. Signed.
 
-        Digest: [name, sha256 of code, entrypoint, [<parameter>...]]
+        Digest: [name, sha256 of code, entrypoint, [<parameter>...],
+                 [container.image, container.tag, container.checksum]]
         """
 
     @_abc_1.abstractmethod
@@ -895,7 +909,9 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         be refused. Signed or token.
 
         Digest: [dataset, [additional_datasets...], algorithm, sha256 of
-                 raw_algorithm.code, raw_algorithm.entrypoint, parameters,
+                 raw_algorithm.code, raw_algorithm.entrypoint,
+                 [raw_algorithm.container.image, raw_algorithm.container.tag,
+                 raw_algorithm.container.checksum], parameters,
                  environment, [resources.cpus, resources.memory_bytes,
                  resources.disk_bytes, resources.max_duration.seconds],
                  valid_for.seconds]
@@ -942,7 +958,9 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Digest: [request_id, dataset, [additional_datasets...], algorithm,
                  sha256 of raw_algorithm.code (lowercase hex of its UTF-8 bytes, ""
-                 when no raw code), raw_algorithm.entrypoint, parameters, environment,
+                 when no raw code), raw_algorithm.entrypoint,
+                 [raw_algorithm.container.image, raw_algorithm.container.tag,
+                 raw_algorithm.container.checksum], parameters, environment,
                  [viewers...], [resources.cpus, resources.memory_bytes,
                  resources.disk_bytes, resources.max_duration.seconds],
                  require_network, [orders...]]
