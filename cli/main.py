@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 
 from cli import chain as paid
 from cli import owner
+from cli.certs import register as register_certs
 from cli.common import client as _client
 from cli.common import emit as _emit
 from cli.common import key as _key
@@ -25,8 +27,8 @@ from cli.common import parse_parameters
 from cli.follow import follow
 from cli.output import describe, kind_name, print_json, state_name, to_dict
 from mesh import config as mesh_config
-from mesh import jobs as job_facts
 from mesh import containers
+from mesh import jobs as job_facts
 from mesh.logging import configure_logging
 
 # -- node ----------------------------------------------------------------------------------
@@ -42,6 +44,12 @@ async def cmd_up(args: argparse.Namespace) -> int:
     local_chain = paid.current_chain()
     if local_chain is not None and "C2D_CHAIN_URL" not in os.environ:
         mesh.env.update(local_chain.env())
+    if args.engine == "kubernetes":
+        try:
+            mesh.env.update(kubernetes_engine_env(args, home))
+        except ValueError as error:
+            print(f"c2d up: {error}", file=sys.stderr)
+            return 2
     supervisor = Supervisor(mesh)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -58,6 +66,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         "home": str(home),
         "owner": owner.address,
         "chain": local_chain.url if local_chain else "",
+        "engine": args.engine,
     }
     _emit(
         args,
@@ -68,6 +77,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f"  REST edge      http://{mesh.gateway}  (OpenAPI at /openapi.json)\n"
             f"  state          {home}\n"
             f"  chain          {local_chain.url if local_chain else 'none: everything is free'}\n"
+            f"  jobs run in    {_engine_place(args, mesh.env)}\n"
             "Ctrl-C stops everything."
         ),
     )
@@ -90,6 +100,44 @@ async def cmd_up(args: argparse.Namespace) -> int:
     stopped.cancel()
     await supervisor.stop()
     return code
+
+
+def kubernetes_engine_env(args: argparse.Namespace, home: Path) -> dict[str, str]:
+    """The engine's settings for running jobs in the cluster a kubeconfig names. Without
+    volumes given, job pods reach this machine's data and results folders by hostPath: right
+    for a one-node cluster on this machine (kind, with deploy/kind/cluster.yaml's mounts)."""
+    kubeconfig = Path(
+        args.kubeconfig or os.environ.get("KUBECONFIG", "") or Path.home() / ".kube" / "config"
+    ).expanduser()
+    if not kubeconfig.is_file():
+        raise ValueError(
+            f"--engine kubernetes needs a kubeconfig: {kubeconfig} does not exist "
+            "(give --kubeconfig or set KUBECONFIG)"
+        )
+    data = mesh_config.data_root()
+    results = Path(mesh_config.storage_url().removeprefix("file://"))
+    for folder in (data, results):
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def host_path(path: Path) -> str:
+        return json.dumps({"hostPath": {"path": str(path), "type": "Directory"}})
+
+    return {
+        "C2D_ENGINE_BACKEND": "kubernetes",
+        "C2D_K8S_KUBECONFIG": str(kubeconfig.absolute()),
+        "C2D_K8S_NAMESPACE": args.namespace,
+        "C2D_K8S_PODS_IMAGE": args.pods_image,
+        "C2D_K8S_DATA_VOLUME": args.data_volume or host_path(data),
+        "C2D_K8S_RESULTS_VOLUME": args.results_volume or host_path(results),
+        "C2D_DATA_ROOT": str(data),
+        "C2D_STORAGE": str(results),
+    }
+
+
+def _engine_place(args: argparse.Namespace, env: dict[str, str]) -> str:
+    if args.engine == "kubernetes":
+        return f"Kubernetes namespace {env['C2D_K8S_NAMESPACE']} ({env['C2D_K8S_KUBECONFIG']})"
+    return "the local sandbox (bubblewrap)"
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -135,8 +183,8 @@ async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
             access=pb.ALGORITHM_ACCESS_PUBLIC if args.public else pb.ALGORITHM_ACCESS_PRIVATE,
             parameters=owner.read_parameter_specs(args.parameters),
             pricing=await _pricing(args, title),
-        )
             container=args.image,
+        )
     if algorithm.HasField("pricing") and not args.json:
         print(paid.describe_pricing(algorithm.pricing), file=sys.stderr)
     _emit(args, to_dict(algorithm), algorithm.did)
@@ -364,7 +412,6 @@ async def cmd_compute_delete(args: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
 def _image_reference(text: str) -> container_pb2.Container:
     try:
         return containers.parse_reference(text)
@@ -372,6 +419,7 @@ def _image_reference(text: str) -> container_pb2.Container:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
     common.add_argument(
@@ -388,6 +436,29 @@ def _image_reference(text: str) -> container_pb2.Container:
     commands = parser.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", parents=[common], help="run a node in the foreground")
+    up.add_argument(
+        "--engine",
+        choices=("local", "kubernetes"),
+        default="local",
+        help="where jobs run: this machine's sandbox (default) or the cluster of a kubeconfig",
+    )
+    up.add_argument("--kubeconfig", help="default: $KUBECONFIG, else ~/.kube/config")
+    up.add_argument("--namespace", default="c2d-jobs", help="the jobs' namespace (must exist)")
+    up.add_argument(
+        "--pods-image",
+        default="c2d-mesh:dev",
+        help="the mesh's image, for the configure and publish pods (see deploy/images)",
+    )
+    up.add_argument(
+        "--data-volume",
+        metavar="JSON",
+        help="the datasets as a Kubernetes volume source; default: hostPath of the data root",
+    )
+    up.add_argument(
+        "--results-volume",
+        metavar="JSON",
+        help="the results folder as a volume source; default: hostPath of the results folder",
+    )
     up.set_defaults(run=cmd_up)
     demo = commands.add_parser(
         "demo", parents=[common], help="run a whole job on a fresh local node, then stop it"
@@ -430,7 +501,6 @@ def _image_reference(text: str) -> container_pb2.Container:
         required=True,
         help="the command, with $ALGO for the code, e.g. 'python3 $ALGO'",
     )
-    apublish.add_argument("--title")
     apublish.add_argument(
         "--image",
         type=_image_reference,
@@ -438,6 +508,7 @@ def _image_reference(text: str) -> container_pb2.Container:
         help="run in this container image (pinned by its manifest digest) instead of the "
         "node's host runtime",
     )
+    apublish.add_argument("--title")
     apublish.add_argument(
         "--public",
         action="store_true",
@@ -551,6 +622,7 @@ def _image_reference(text: str) -> container_pb2.Container:
     listing = compute.add_parser("list", parents=[common], help="your jobs and those you view")
     listing.set_defaults(run=cmd_compute_list)
 
+    register_certs(commands)
     owner.register(commands, dataset, algorithm, common)
     return parser
 

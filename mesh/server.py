@@ -1,8 +1,9 @@
 """Building, binding and stopping the mesh's gRPC servers.
 
 Every service gets the same things here: the error-mapping and access-log interceptor, the
-standard health service, server reflection, owner-only Unix sockets, and a graceful stop on
-SIGTERM or SIGINT that first reports NOT_SERVING."""
+standard health service, server reflection, owner-only Unix sockets, mutual TLS on TCP ports
+when configured (`mesh.tls`), and a graceful stop on SIGTERM or SIGINT that first reports
+NOT_SERVING."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import MeshError, from_rpc_error
+from mesh.tls import TlsConfig
 
 log = structlog.get_logger()
 
@@ -44,15 +46,19 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: MeshError) 
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# Lets a call in, or raises a domain error (the caller's identity, checked before the handler).
+Authorize: TypeAlias = "Callable[[grpc.aio.ServicerContext[Any, Any]], None]"
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps domain errors to statuses, and errors of the service this one calls (`downstream`)
     to the same kind of status naming it; hides unexpected ones behind INTERNAL; writes one
-    summary log line per call."""
+    summary log line per call. With `authorize`, every call (health and reflection too) must
+    pass it first."""
 
-    def __init__(self, downstream: str = "") -> None:
+    def __init__(self, downstream: str = "", authorize: Authorize | None = None) -> None:
         self.downstream = downstream
+        self.authorize = authorize
         # Each method's wrapped handler, made once: the server asks for it on every call.
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
@@ -75,7 +81,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: Handler) -> Handler:
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, self.downstream, handler.unary_unary),
+                _wrap_unary(method, self.downstream, handler.unary_unary, self.authorize),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -85,7 +91,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     method,
                     self.downstream,
                     cast(Callable[..., AsyncIterator[Any]], handler.unary_stream),
+                    self.authorize,
                 ),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if self.authorize is not None and handler.stream_stream is not None:
+            # Only server reflection streams requests (no RPC of the mesh does): guarded, not
+            # mapped.
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_stream_stream(
+                    self.authorize, cast(Callable[..., AsyncIterator[Any]], handler.stream_stream)
+                ),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if self.authorize is not None and handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _guard_stream_unary(self.authorize, handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -114,12 +137,17 @@ def _as_mesh_error(error: Exception, downstream: str, method: str) -> MeshError:
 
 
 def _wrap_unary(
-    method: str, downstream: str, behavior: Callable[..., Awaitable[Any]]
+    method: str,
+    downstream: str,
+    behavior: Callable[..., Awaitable[Any]],
+    authorize: Authorize | None = None,
 ) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars():
             try:
+                if authorize is not None:
+                    authorize(context)
                 response = await behavior(request, context)
             except asyncio.CancelledError:
                 _finish(method, started, "CANCELLED")
@@ -139,7 +167,10 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, downstream: str, behavior: Callable[..., AsyncIterator[Any]]
+    method: str,
+    downstream: str,
+    behavior: Callable[..., AsyncIterator[Any]],
+    authorize: Authorize | None = None,
 ) -> Callable[..., Any]:
     async def wrapper(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -147,6 +178,8 @@ def _wrap_stream(
         started = time.perf_counter()
         with structlog.contextvars.bound_contextvars():
             try:
+                if authorize is not None:
+                    authorize(context)
                 async for item in behavior(request, context):
                     yield item
             except asyncio.CancelledError:
@@ -164,13 +197,44 @@ def _wrap_stream(
     return wrapper
 
 
+def _guard_stream_stream(
+    authorize: Authorize, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., Any]:
+    async def wrapper(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            authorize(context)
+        except MeshError as error:
+            await _abort(context, error)
+        async for item in behavior(requests, context):
+            yield item
+
+    return wrapper
+
+
+def _guard_stream_unary(
+    authorize: Authorize, behavior: Callable[..., Awaitable[Any]]
+) -> Callable[..., Any]:
+    async def wrapper(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            authorize(context)
+        except MeshError as error:
+            await _abort(context, error)
+        return await behavior(requests, context)
+
+    return wrapper
+
+
 def _is_abort(error: Exception) -> bool:
     # context.abort raises this internal exception to unwind the handler.
     return type(error).__name__ == "AbortError"
 
 
 class Server:
-    """A gRPC server with health and reflection, bound to one address."""
+    """A gRPC server with health and reflection, bound to one address. With `tls`, its TCP
+    ports take only mutual TLS from the allowed clients, and `tls.health_listen` (if any) is a
+    second, plaintext server with the health service alone."""
 
     def __init__(
         self,
@@ -180,11 +244,15 @@ class Server:
         *,
         downstream: str = "",
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tls: TlsConfig | None = None,
     ) -> None:
         self.name = name
         self.service_names = list(service_names)
+        self.tls = tls
+        authorize = tls.authorize if tls is not None else None
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(downstream), *interceptors], options=SERVER_OPTIONS
+            interceptors=[ErrorInterceptor(downstream, authorize), *interceptors],
+            options=SERVER_OPTIONS,
         )
         register(self.server)
         self.health = health.aio.HealthServicer()
@@ -193,6 +261,12 @@ class Server:
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
         self.address = ""
+        self.health_server: grpc.aio.Server | None = None
+        self.health_address = ""
+        if tls is not None and tls.health_listen:
+            # The same servicer, so both ports report the same status.
+            self.health_server = grpc.aio.server(options=SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
 
     def bind(self, address: str) -> str:
         """Binds `address` ("unix:/path" or "host:port", port 0 for any) and returns the bound
@@ -209,23 +283,48 @@ class Server:
                 os.umask(old)
             self.address = address
         else:
-            host, _, port = address.rpartition(":")
-            bound = self.server.add_insecure_port(address)
-            if bound == 0:
-                raise OSError(f"{self.name}: cannot listen on {address}")
-            self.address = f"{host}:{bound if port == '0' else port}"
+            self.address = self._bind_tcp(self.server, address, self.tls)
         return self.address
+
+    def _bind_tcp(self, server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> str:
+        """Binds a TCP address, with mutual TLS when `tls` is given."""
+        host, _, port = address.rpartition(":")
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        elif not tls.allowed_clients:
+            raise ValueError(
+                f"{self.name}: C2D_TLS_ALLOWED_CLIENTS is empty, so no service could call it "
+                f"on {address}"
+            )
+        else:
+            bound = server.add_secure_port(address, tls.server_credentials())
+        if bound == 0:
+            raise OSError(f"{self.name}: cannot listen on {address}")
+        return f"{host}:{bound if port == '0' else port}"
 
     async def start(self) -> None:
         await self.server.start()
         for service in [*self.service_names, ""]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", server=self.name, address=self.address)
+        if self.health_server is not None and self.tls is not None:
+            # Opened last, so that it never answers before the service does.
+            self.health_address = self._bind_tcp(self.health_server, self.tls.health_listen, None)
+            await self.health_server.start()
+        log.info(
+            "serving",
+            server=self.name,
+            address=self.address,
+            tls=self.tls is not None,
+            health_address=self.health_address or None,
+        )
 
     async def stop(self, grace: float = GRACE_SECONDS) -> None:
         """Reports NOT_SERVING, lets calls in flight finish within `grace`, then stops."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            # Probes saw NOT_SERVING during the grace period; nothing is in flight here.
+            await self.health_server.stop(0)
         if self.address.startswith("unix:"):
             Path(self.address.removeprefix("unix:")).unlink(missing_ok=True)  # noqa: ASYNC240
         log.info("stopped", server=self.name)

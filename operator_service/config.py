@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh import config as mesh_config
+from mesh.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class OperatorConfig:
     storage_url: str
     # How long the engine may stay unreachable before its running jobs end `engine lost`.
     engine_lease_s: float = 30.0
+    # Mutual TLS for its TCP port and its calls to the engine (C2D_TLS_*); None: plaintext.
+    tls: TlsConfig | None = None
+    # The name the engine's certificate must carry (C2D_ENGINE_TLS_NAME); "": the host of
+    # engine_address.
+    engine_tls_name: str = ""
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -29,4 +35,6 @@ class OperatorConfig:
             ),
             storage_url=mesh_config.storage_url(),
             engine_lease_s=float(os.environ.get("C2D_ENGINE_LEASE_S", "30")),
+            tls=TlsConfig.from_env(),
+            engine_tls_name=os.environ.get("C2D_ENGINE_TLS_NAME", ""),
         )

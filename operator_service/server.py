@@ -38,7 +38,7 @@ class OperatorService:
 
 async def build(config: OperatorConfig) -> OperatorService:
     store = await JobStore.open(config.database)
-    channel = open_channel(config.engine_address)
+    channel = open_channel(config.engine_address, config.tls, server_name=config.engine_tls_name)
     engine = engine_pb2_grpc.EngineServiceStub(channel)
     tracker = Tracker(store, engine, config.engine_lease_s)
     servicer = OperatorServicer(store, tracker, engine, storage_from_url(config.storage_url))
@@ -47,6 +47,7 @@ async def build(config: OperatorConfig) -> OperatorService:
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
         downstream=ENGINE,
+        tls=config.tls,
     )
     server.bind(config.listen)
     return OperatorService(server, store, tracker, channel)

@@ -10,6 +10,7 @@ from pathlib import Path
 from mesh import config as mesh_config
 from mesh.auth import checksum
 from mesh.chain_config import ChainConfig
+from mesh.tls import TlsConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class ProviderConfig:
     provider_key_file: Path | None = None
     # The chain paid assets are sold on (C2D_CHAIN_URL and friends); None: everything is free.
     chain: ChainConfig | None = None
+    # Mutual TLS for its calls to the Operator Service (C2D_TLS_*); its own port stays
+    # plaintext, since consumers sign their requests. None: plaintext.
+    tls: TlsConfig | None = None
+    # The name the Operator Service's certificate must carry (C2D_OPERATOR_TLS_NAME); "": the
+    # host of operator_address.
+    operator_tls_name: str = ""
 
     @property
     def provider_key_path(self) -> Path:
@@ -52,4 +59,6 @@ class ProviderConfig:
             owners=frozenset(owners),
             provider_key_file=Path(provider_key).expanduser().absolute() if provider_key else None,
             chain=ChainConfig.from_env(),
+            tls=TlsConfig.from_env(),
+            operator_tls_name=os.environ.get("C2D_OPERATOR_TLS_NAME", ""),
         )

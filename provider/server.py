@@ -43,7 +43,9 @@ async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Pro
     """The Provider on `config`; its chain is `chain` when given (the tests' in-process one),
     else the one `config.chain` names, else none (a node that sells nothing)."""
     store = await ProviderStore.open(config.database)
-    channel = open_channel(config.operator_address)
+    channel = open_channel(
+        config.operator_address, config.tls, server_name=config.operator_tls_name
+    )
     own_chain = None
     if chain is None and config.chain is not None:
         chain = own_chain = ChainAccess.from_config(config.chain)
