@@ -8,18 +8,18 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HAND_WRITTEN := mesh provider operator_service operator_engine pods gateway sdk cli
 
-.PHONY: setup demo demo-paid test gen check-gen lint fmt bench bench-paid clean-state
+.PHONY: setup demo demo-paid test gen check-gen lint fmt bench bench-paid clean-state kind-e2e
 
 setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
 
 # Debian packages the sandbox needs (root, or sudo when available).
 .stamp-system:
-	@missing=""; for tool in bwrap slirp4netns nsenter ip setpriv prlimit mkfs.ext4 mount /usr/bin/python3; do \
+	@missing=""; for tool in bwrap slirp4netns nsenter ip setpriv prlimit mkfs.ext4 mount /usr/bin/python3 busybox skopeo umoci; do \
 	  command -v $$tool >/dev/null || PATH=$$PATH:/usr/sbin:/sbin command -v $$tool >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && \
-	  $$sudo apt-get install -y -qq bubblewrap slirp4netns iproute2 util-linux mount e2fsprogs python3 >/dev/null; \
+	  $$sudo apt-get install -y -qq bubblewrap slirp4netns iproute2 util-linux mount e2fsprogs python3 busybox-static skopeo umoci >/dev/null; \
 	fi
 	@touch $@
 
@@ -69,3 +69,7 @@ bench: setup
 # Paid-order verification per job on a real ganache, beside a chain round trip.
 bench-paid: setup
 	$(PY) -m bench.paid
+
+# The mesh on a local kind cluster (needs Docker, kind, kubectl): build, deploy, run one job.
+kind-e2e: $(VENV)/.stamp
+	scripts/kind-e2e.sh

@@ -9,6 +9,7 @@ import structlog
 from mesh.logging import configure_logging
 from mesh.server import run_service, run_until_signalled
 from operator_engine.config import EngineConfig
+from operator_engine.runner import Runner
 from operator_engine.sandbox import SandboxUnavailable
 from operator_engine.server import build
 
@@ -19,13 +20,14 @@ async def main() -> int:
     config = EngineConfig.from_env()
     try:
         server, runner = await build(config)
-    except SandboxUnavailable as error:
+    except (SandboxUnavailable, ValueError) as error:
         log.error("cannot enforce the sandbox limits; refusing to start", reason=str(error))
         print(f"operator_engine: refusing to start: {error}", file=sys.stderr)
         return 2
     await server.start()
     await run_until_signalled(server, before_stop=runner.close)
-    runner.sandbox.close()
+    if isinstance(runner, Runner):
+        runner.sandbox.close()
     return 0
 
 

@@ -12,6 +12,7 @@ from mesh import config as mesh_config
 
 # The least an environment, or a job within it, may have.
 from mesh.jobs import MIN_DISK_BYTES, MIN_MEMORY_BYTES
+from mesh.tls import TlsConfig
 
 GIB = 1 << 30
 
@@ -80,6 +81,20 @@ class EngineConfig:
     sandbox_stage_root: Path = Path("/run/c2d-sandbox")
     # The cgroup folder of this engine's jobs.
     sandbox_cgroup_name: str = "c2d"
+    # Where jobs run: "local" (the bubblewrap sandbox) or "kubernetes" (C2D_K8S_* settings).
+    backend: str = "local"
+    # Container images (operator_engine.images): the node's local image store (an OCI layout the
+    # operator fills), looked in before the registry; the engine's cache of unpacked images;
+    # how long one fetch or unpack may take; the most one image may take unpacked; and the
+    # cache's size, beyond which the least recently used images go. None: $C2D_HOME/images
+    # and <workspace_root>/../images.
+    image_store: Path | None = None
+    image_cache: Path | None = None
+    image_fetch_timeout_s: float = 600.0
+    image_max_bytes: int = 4 * GIB
+    image_cache_bytes: int = 32 * GIB
+    # Mutual TLS for its TCP port (C2D_TLS_*); None: plaintext.
+    tls: TlsConfig | None = None
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -102,4 +117,18 @@ class EngineConfig:
             sandbox_uid_count=mesh_config.env_int("C2D_SANDBOX_UID_COUNT", 64),
             sandbox_stage_root=Path(os.environ.get("C2D_SANDBOX_STAGE_ROOT", "/run/c2d-sandbox")),
             sandbox_cgroup_name=os.environ.get("C2D_SANDBOX_CGROUP", "c2d"),
+            backend=engine_backend(),
+            image_store=Path(os.environ.get("C2D_IMAGE_STORE", str(home / "images"))),
+            image_cache=Path(os.environ.get("C2D_IMAGE_CACHE", str(home / "engine" / "images"))),
+            image_fetch_timeout_s=float(os.environ.get("C2D_IMAGE_FETCH_TIMEOUT_S", "600")),
+            image_max_bytes=mesh_config.env_int("C2D_IMAGE_MAX_BYTES", 4 * GIB),
+            image_cache_bytes=mesh_config.env_int("C2D_IMAGE_CACHE_BYTES", 32 * GIB),
+            tls=TlsConfig.from_env(),
         )
+
+
+def engine_backend() -> str:
+    backend = os.environ.get("C2D_ENGINE_BACKEND", "local")
+    if backend not in ("local", "kubernetes"):
+        raise ValueError(f"C2D_ENGINE_BACKEND must be local or kubernetes, not {backend!r}")
+    return backend

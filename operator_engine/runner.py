@@ -44,11 +44,13 @@ from c2d.engine.v1 import engine_pb2
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
+from mesh import containers
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
+from operator_engine.images import ImageCache, ImageError, PreparedImage
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
@@ -102,6 +104,10 @@ class EngineJob:
     task: asyncio.Task[None] | None = None
     # The job's own disk, holding its outputs from compute until they are published.
     disk: Path | None = None
+    # The container image its algorithm runs in, in use from configure to the job's end.
+    image: PreparedImage | None = None
+    # Kubernetes backend: how much of the pod's own log (before filtering) the log holds.
+    raw_log_size: int = 0
 
     @property
     def log_path(self) -> Path:
@@ -128,12 +134,18 @@ class Runner:
     """Owns every job of this engine."""
 
     def __init__(
-        self, config: EngineConfig, sandbox: Sandbox, storage: Storage, disks: JobDisks
+        self,
+        config: EngineConfig,
+        sandbox: Sandbox,
+        storage: Storage,
+        disks: JobDisks,
+        images: ImageCache,
     ) -> None:
         self.config = config
         self.sandbox = sandbox
         self.storage = storage
         self.disks = disks
+        self.images = images
         self.environments = {env.name: env for env in config.environments}
         self.jobs: dict[str, EngineJob] = {}
         self._slots = {
@@ -160,28 +172,9 @@ class Runner:
         existing = self.jobs.get(spec.job_id)
         if existing is not None:
             return existing.job
-        env_name = spec.environment or "default"
-        env = self.environments.get(env_name)
-        if env is None:
-            raise NotFound(f"no environment named {env_name!r}", reason="ENVIRONMENT_NOT_FOUND")
-        if not spec.datasets:
-            raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
-        job_facts.check_viewers(spec.owner, spec.viewers)
-        job_facts.check_resources(spec.resources, _environment_message(env))
+        env, job = new_job(spec, self.environments)
+        env_name = env.name
         self._check_queue(env)
-        job = job_pb2.Job(
-            name=job_facts.job_name(spec.job_id),
-            owner=spec.owner,
-            dataset_ids=[d.id for d in spec.datasets],
-            algorithm_id=spec.algorithm.id,
-            environment=env_name,
-            state=State.STATE_QUEUED,
-            exit_code=0,
-            viewers=spec.viewers,
-            limits=job_limits(env, spec.resources),
-        )
-        job.create_time.GetCurrentTime()
-        job_facts.set_status_code(job)
         entry = EngineJob(spec=spec, job=job, workspace=self.config.workspace_root / spec.job_id)
         # Inline: a rename, or a few small local writes; cheaper than hops to a thread.
         if not self._take_spare(entry.workspace):
@@ -251,62 +244,15 @@ class Runner:
             raise NotFound("no such job on this engine", reason="JOB_NOT_FOUND")
         return entry
 
-    async def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
+    def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
         """The job now, then after every change; ends after a final state."""
-        entry = self.get(job_id)
-        last: bytes | None = None
-        while True:
-            async with entry.changed:
-                snapshot = entry.job.SerializeToString(deterministic=True)
-                if snapshot == last:
-                    try:
-                        await asyncio.wait_for(entry.changed.wait(), HEARTBEAT_S)
-                    except TimeoutError:
-                        last = None  # nothing changed: send it again, as a heartbeat
-                    continue
-            last = snapshot
-            job = job_pb2.Job.FromString(snapshot)
-            yield job
-            if job_facts.is_final(job.state):
-                return
+        return watch_entry(self.get(job_id))
 
-    async def stream_log(self, job_id: str, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
+    def stream_log(self, job_id: str, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
         """The algorithm log from `offset`, live; ends once the job is final and all is sent."""
         if offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
-        entry = self.get(job_id)
-        position = offset  # how far the file has been read
-        sent = offset  # where the next chunk starts; `pending` holds the bytes in between
-        pending = b""
-        while True:
-            async with entry.changed:
-                final = job_facts.is_final(entry.job.state)
-                available = entry.log_size
-                if position >= available and not final:
-                    await entry.changed.wait()
-                    continue
-            if position < available:
-                data = await asyncio.to_thread(_read_at, entry.log_path, position, _LOG_CHUNK)
-                if not data:
-                    return  # the workspace is gone: nothing more to send
-                position += len(data)
-                at_end = final and position >= available
-                complete, pending = split_utf8(pending + data, final=at_end)
-                if complete:
-                    yield job_pb2.LogChunk(
-                        offset=sent,
-                        next_offset=sent + len(complete),
-                        text=complete.decode("utf-8", errors="replace"),
-                    )
-                    sent += len(complete)
-                continue
-            if pending:
-                yield job_pb2.LogChunk(
-                    offset=sent,
-                    next_offset=sent + len(pending),
-                    text=pending.decode("utf-8", errors="replace"),
-                )
-            return
+        return stream_entry_log(self.get(job_id), offset)
 
     async def stop(self, job_id: str) -> job_pb2.Job:
         entry = self.get(job_id)
@@ -382,9 +328,14 @@ class Runner:
                 slot.release()
                 self._holding[env.name] -= 1
                 self._waiting_changed(env.name)
+                image, entry.image = entry.image, None
+                if image is not None:
+                    self.images.release(image)
             # After the slot is given back: the next job does not wait for this cleanup.
             await self._clean_up(entry)
             self._refill_spares()
+            if image is not None:
+                await self._trim_images()
             log.info("job done", total_ms=round((time.perf_counter() - started) * 1000, 1))
 
     def _take_spare(self, ws: Path) -> bool:
@@ -511,6 +462,9 @@ class Runner:
             log.info("configure failed", reason=str(error))
             await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, str(error))
             return
+        in_image = containers.is_set(entry.spec.algorithm.container)
+        if in_image and not await self._prepare_image(entry, env):
+            return
         if entry.cancel.is_set():
             await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
             return
@@ -576,6 +530,7 @@ class Runner:
                         max_duration_s=limits.max_duration.ToNanoseconds() / 1e9,
                         network=entry.spec.allow_network and env.network_allowed,
                     ),
+                    image=None if entry.image is None else entry.image.root,
                 ),
                 on_output if redactor is None else on_output_redacted,
                 entry.cancel,
@@ -616,6 +571,48 @@ class Runner:
         else:
             reason = _OUTCOME_REASON[outcome]
             await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, detail)
+
+    async def _prepare_image(self, entry: EngineJob, env: EnvironmentSpec) -> bool:
+        """Fetches and unpacks the algorithm's image, or takes it from the cache, and notes in
+        the configuration log which digest runs. False when the job has ended: FAILED
+        (algorithm provisioning) when the image cannot be had. A stop ends the wait at once
+        (the caller then ends the job CANCELLED)."""
+        container = entry.spec.algorithm.container
+        preparing = asyncio.ensure_future(self.images.prepare(container))
+        stopped = asyncio.ensure_future(entry.cancel.wait())
+        try:
+            await asyncio.wait({preparing, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not preparing.done():
+                preparing.cancel()  # the fetch goes on only for other jobs waiting for it
+            await asyncio.gather(preparing, stopped, return_exceptions=True)
+        if preparing.cancelled():
+            return True
+        try:
+            entry.image = preparing.result()
+        except ImageError as error:
+            log.info("image failed", reason=str(error))
+            await asyncio.to_thread(_note_configuration, entry.workspace, f"image failed: {error}")
+            await self._publish_and_finish(
+                entry,
+                env,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED,
+                str(error),
+            )
+            return False
+        image = entry.image
+        tag = f", tag {image.ref.tag}" if image.ref.tag else ""
+        note = f"image: {image.ref} ({image.size_bytes >> 20} MiB unpacked{tag}) ready"
+        await asyncio.to_thread(_note_configuration, entry.workspace, note)
+        return True
+
+    async def _trim_images(self) -> None:
+        try:
+            await self.images.trim()
+        except OSError as error:
+            log.warning("could not trim the image cache", error=str(error))
 
     async def _append_log(self, entry: EngineJob, log_file: BinaryIO, data: bytes) -> None:
         room = self.config.log_cap_bytes - entry.log_size
@@ -730,6 +727,92 @@ class Runner:
         )
 
 
+async def watch_entry(entry: EngineJob) -> AsyncIterator[job_pb2.Job]:
+    """The job now, then after every change (at least every HEARTBEAT_S); ends after a final
+    state."""
+    last: bytes | None = None
+    while True:
+        async with entry.changed:
+            snapshot = entry.job.SerializeToString(deterministic=True)
+            if snapshot == last:
+                try:
+                    await asyncio.wait_for(entry.changed.wait(), HEARTBEAT_S)
+                except TimeoutError:
+                    last = None  # nothing changed: send it again, as a heartbeat
+                continue
+        last = snapshot
+        job = job_pb2.Job.FromString(snapshot)
+        yield job
+        if job_facts.is_final(job.state):
+            return
+
+
+async def stream_entry_log(entry: EngineJob, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
+    """The algorithm log kept at `entry.log_path` from `offset`, live; ends once the job is
+    final and all is sent."""
+    position = offset  # how far the file has been read
+    sent = offset  # where the next chunk starts; `pending` holds the bytes in between
+    pending = b""
+    while True:
+        async with entry.changed:
+            final = job_facts.is_final(entry.job.state)
+            available = entry.log_size
+            if position >= available and not final:
+                await entry.changed.wait()
+                continue
+        if position < available:
+            data = await asyncio.to_thread(_read_at, entry.log_path, position, _LOG_CHUNK)
+            if not data:
+                return  # the workspace is gone: nothing more to send
+            position += len(data)
+            at_end = final and position >= available
+            complete, pending = split_utf8(pending + data, final=at_end)
+            if complete:
+                yield job_pb2.LogChunk(
+                    offset=sent,
+                    next_offset=sent + len(complete),
+                    text=complete.decode("utf-8", errors="replace"),
+                )
+                sent += len(complete)
+            continue
+        if pending:
+            yield job_pb2.LogChunk(
+                offset=sent,
+                next_offset=sent + len(pending),
+                text=pending.decode("utf-8", errors="replace"),
+            )
+        return
+
+
+def new_job(
+    spec: engine_pb2.JobSpec, environments: dict[str, EnvironmentSpec]
+) -> tuple[EnvironmentSpec, job_pb2.Job]:
+    """The job a valid spec makes, QUEUED in its environment; NOT_FOUND for an unknown
+    environment, INVALID_ARGUMENT for a spec no backend may run."""
+    env_name = spec.environment or "default"
+    env = environments.get(env_name)
+    if env is None:
+        raise NotFound(f"no environment named {env_name!r}", reason="ENVIRONMENT_NOT_FOUND")
+    if not spec.datasets:
+        raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
+    job_facts.check_viewers(spec.owner, spec.viewers)
+    job_facts.check_resources(spec.resources, _environment_message(env))
+    job = job_pb2.Job(
+        name=job_facts.job_name(spec.job_id),
+        owner=spec.owner,
+        dataset_ids=[d.id for d in spec.datasets],
+        algorithm_id=spec.algorithm.id,
+        environment=env_name,
+        state=State.STATE_QUEUED,
+        exit_code=0,
+        viewers=spec.viewers,
+        limits=job_limits(env, spec.resources),
+    )
+    job.create_time.GetCurrentTime()
+    job_facts.set_status_code(job)
+    return env, job
+
+
 class _QueueTimeout(Exception):
     """A job waited its environment's longest wait in the queue."""
 
@@ -809,6 +892,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
     with contextlib.suppress(FileNotFoundError):
         os.rename(previous, temporary)
+
+
+def _note_configuration(ws: Path, line: str) -> None:
+    """Adds a line to the configuration log configure wrote (best effort: it is only a log)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path = ws / layout.LOGS / layout.CONFIGURATION_LOG
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "a", encoding="utf-8") as file:
+            file.write(f"{stamp} {line}\n")
 
 
 def _read_outcome(ws: Path) -> tuple[int, int, str] | None:

@@ -18,6 +18,14 @@ that execs its way down, all argument lists, fixed when it is parked:
 4. ``/bin/sh`` as the job uid, which waits for the job's script on its stdin, a pipe only the
    engine writes.
 
+A job whose algorithm runs in a container image (``SandboxSpec.image``, unpacked by
+``operator_engine.images``) gets the same chain, cgroups, limits and network rule, with the
+image's root file system as its ``/`` instead of the host's ``/usr``: the engine binds it,
+read-only, nosuid and nodev, on the slot's staging ``root`` directory, and bwrap binds that as
+``/`` before anything else; every later mount lands on a mount point the image cache made. Step
+4 is then the host's static busybox, bound at ``/.c2d/sh`` (an image may have no shell), and
+the job's PATH is the image's when it names one.
+
 A job then takes a parked sandbox: the engine renames its cgroups to the job id (cgroup v1; v2
 keeps the parked name) and writes the limits; mounts the job's ``/tmp`` and ``/dev/shm``
 (tmpfs, size-capped, owned by the job uid) and each input, read-only, on the slot's staging
@@ -66,7 +74,9 @@ Known limits:
   algorithm's last output, which only the algorithm itself can mislabel.
 - Inputs are bound without what is mounted below their source on the host.
 - A job with ``Limits.network=True`` gets no parked sandbox: its own is built as it starts, and
-  its network attached (a few milliseconds more).
+  its network attached (a few milliseconds more). So does an image job.
+- An image job's network has the image's own ``/etc/hosts`` and ``/etc/nsswitch.conf``, if any,
+  and the job's ``resolv.conf``.
 - An engine killed within a moment of parking a sandbox can leave that sandbox's bwrap child
   waiting (it had not yet asked for PR_SET_PDEATHSIG): it runs nothing, and the next engine's
   sweep kills it with its cgroup.
@@ -144,6 +154,9 @@ _SCRATCH_TMPFS = "size=64k,nr_inodes=4096,mode=0700"
 # mounted on the latter two.
 _SLOT_BINDS = (("data", "/data"), ("tmp", "/tmp"), ("shm", "/dev/shm"))
 _SLOT_TMPFS = ("tmp", "shm")
+# An image job's root file system, bound (read-only) on the slot's staging directory of this
+# name before its sandbox is built: the image cache may sit in a root-only directory.
+_SLOT_ROOT = "root"
 # Parked cgroups' names start with a character no job id starts with; the engine's pid and a
 # count make them unique (two Sandbox objects may share a cgroup parent).
 _PARK_PREFIX = "_park-"
@@ -169,6 +182,16 @@ _DEFAULT_ENV = {
     "TMPDIR": "/tmp",
     "LANG": "C.UTF-8",
 }
+# An image's own environment comes between the defaults and the job's, but for these: /tmp is
+# the only place the job can write, whatever the image says.
+_SANDBOX_ENV = ("HOME", "TMPDIR")
+# Inside an image job's root: where the host's static busybox is bound, the shell that waits for
+# the job's script (an image may have no shell of its own), and every path the sandbox mounts
+# something on. The image cache makes them, root-owned and never links, when it unpacks an image:
+# the sandbox cannot create them in a read-only root.
+IMAGE_SHELL = "/.c2d/sh"
+IMAGE_MOUNT_DIRS = ("/.c2d", "/data", "/tmp", "/proc", "/dev", "/dev/shm", "/etc")
+IMAGE_MOUNT_FILES = (IMAGE_SHELL, "/etc/passwd", "/etc/group", "/etc/resolv.conf")
 # Texts of the errno values a full disk or the file-size limit produce (strerror and Python's
 # OSError both print them); the algorithm's own output is only a hint, see _classify.
 _DISK_FULL_MARKERS = (b"No space left on device", b"File too large", b"Disk quota exceeded")
@@ -243,12 +266,25 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class ImageRoot:
+    """A container image's root file system that a job runs in instead of the host's runtime:
+    `rootfs` (prepared by the image cache: see IMAGE_MOUNT_DIRS), the image's own environment
+    variables, and `shell`, a static busybox on the host that waits for the job's script."""
+
+    rootfs: Path
+    env: Mapping[str, str]
+    shell: Path
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     job_id: str
     mounts: Sequence[Mount]
     argv: Sequence[str]
     env: Mapping[str, str]
     limits: Limits
+    # None: the host's read-only runtime (/usr), in a sandbox parked ahead of time.
+    image: ImageRoot | None = None
 
 
 @dataclass(frozen=True)
@@ -722,17 +758,35 @@ class _Stage:
             raise _SpecError(f"the source of {mount.sandbox_path} is not {kind}")
         target = data / mount.sandbox_path.removeprefix("/data/")
         _make_points(data, target, is_dir)
+        self._move_bind(mount.host_path, target, scratch_name, is_dir, mount.writable)
+        return info.st_mode
+
+    def _move_bind(
+        self, source: Path, target: Path, scratch_name: str, is_dir: bool, writable: bool
+    ) -> None:
+        """Binds `source` on `target` (which exists) with the job mounts' flags, made on the
+        private scratch first so that it never shows there with other flags."""
         scratch = self.scratch / scratch_name
         _make_points(self.scratch, scratch, is_dir)
         try:
-            mounts.mount(mount.host_path, scratch, None, mounts.MS_BIND)
-            flags = _JOB_MOUNT_FLAGS | (0 if mount.writable else mounts.MS_RDONLY)
+            mounts.mount(source, scratch, None, mounts.MS_BIND)
+            flags = _JOB_MOUNT_FLAGS | (0 if writable else mounts.MS_RDONLY)
             mounts.mount(None, scratch, None, mounts.MS_BIND | mounts.MS_REMOUNT | flags)
             mounts.mount(scratch, target, None, mounts.MS_MOVE)
         finally:
             mounts.unmount(scratch)  # still there only when the move failed
             _remove_point(scratch)
-        return info.st_mode
+
+    def mount_root(self, slot: int, rootfs: Path) -> None:
+        """Binds an image's root file system, read-only, nosuid and nodev, on the slot's root
+        directory, where the job's bwrap takes it from: the job uid could not reach it in the
+        image cache. unmount_job detaches it."""
+        self.ensure()
+        target = self.prepare_slot(slot) / _SLOT_ROOT
+        with contextlib.suppress(FileExistsError):
+            target.mkdir()
+        os.chmod(target, 0o755)  # noqa: S103 (the job uid's bwrap traverses it)
+        self._move_bind(rootfs, target, f"{slot}-root", is_dir=True, writable=False)
 
     def unmount_job(self, slot: int) -> bool:
         """Detaches the job's mounts and empties the slot's staging directories again; False
@@ -824,9 +878,11 @@ def _launcher_argv(
     slot_dir: Path,
     network: bool,
     fds: Mapping[str, int],
+    image: ImageRoot | None = None,
 ) -> list[str]:
     """The launch chain's command line (see the module docstring); `fds` are the launcher's
-    ends of its pipes."""
+    ends of its pipes. An image job's root is the slot's root directory (see
+    _Stage.mount_root), with the image's own files instead of the host's runtime."""
     # Step 1: --pdeathsig: a parked sandbox dies with the engine (the engine is the parent;
     # exec keeps the signal until the uid changes). Positional parameters carry the cgroup
     # files; nothing is interpolated.
@@ -862,6 +918,11 @@ def _launcher_argv(
         "c2d",
         "--json-status-fd",
         str(fds["status"]),
+    ]
+    if image is not None:
+        # First: every later mount lands on it, on the mount points the cache made.
+        chain += ["--ro-bind", str(slot_dir / _SLOT_ROOT), "/"]
+    chain += [
         "--perms",
         "0444",
         "--ro-bind-data",
@@ -876,24 +937,38 @@ def _launcher_argv(
     if network:
         # The network namespace stays the job's own (--unshare-all): the engine attaches
         # slirp4netns to it before the job's script is sent.
-        chain += [*_network_options(), "--perms", "0444"]
+        # An image has its own /etc: only its resolv.conf is the job's.
+        chain += [*(_network_options() if image is None else ()), "--perms", "0444"]
         chain += ["--ro-bind-data", str(fds["resolv"]), "/etc/resolv.conf"]
-    chain += _runtime_options()
+    if image is None:
+        chain += _runtime_options()
+    else:
+        chain += ["--ro-bind", str(image.shell), IMAGE_SHELL]
     chain += ["--proc", "/proc", "--dev", "/dev"]
     for name, sandbox_path in _SLOT_BINDS:
         chain += ["--bind", str(slot_dir / name), sandbox_path]
     # /dev itself is a tmpfs without size: read-only, with /dev/shm the job's capped tmpfs.
     chain += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/", "--"]
-    # Step 4: the shell that waits for the job's script.
-    chain += ["/bin/sh", "-c", _NETWORK_WAITER_SCRIPT if network else _WAITER_SCRIPT, "sh"]
+    # Step 4: the shell that waits for the job's script (busybox's ash in an image: its argv[0]
+    # ends in "sh").
+    shell = "/bin/sh" if image is None else IMAGE_SHELL
+    chain += [shell, "-c", _NETWORK_WAITER_SCRIPT if network else _WAITER_SCRIPT, "sh"]
     return chain
 
 
-def _job_script(argv: Sequence[str], env: Mapping[str, str], limits: Limits) -> bytes:
+def _job_script(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    limits: Limits,
+    image_env: Mapping[str, str] | None = None,
+) -> bytes:
     """What the waiting shell runs: the limits, the environment, then the algorithm. Every
-    value is single-quoted; the job's variables come after the defaults, which they may
-    override."""
-    variables = {**_DEFAULT_ENV, **env}
+    value is single-quoted; the job's variables come after the defaults and the image's, which
+    they may override (the image's PATH, when it has one, finds the algorithm's program)."""
+    variables = {**_DEFAULT_ENV}
+    if image_env:
+        variables.update((k, v) for k, v in image_env.items() if k not in _SANDBOX_ENV)
+    variables.update(env)
     # ulimit -f counts 512-byte blocks; dash sets soft and hard: the job cannot raise them.
     lines = [
         f"ulimit -c 0 && ulimit -f {max(0, limits.disk_bytes // 512)} || exit 125",
@@ -956,6 +1031,12 @@ def _check_spec(spec: SandboxSpec) -> None:
     for name, value in spec.env.items():
         if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
             raise ValueError(f"bad environment variable {name!r}")
+    if spec.image is not None:
+        if not (spec.image.rootfs.is_absolute() and spec.image.shell.is_absolute()):
+            raise ValueError("an image's rootfs and shell must be absolute paths")
+        for name, value in spec.image.env.items():
+            if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+                raise ValueError(f"bad environment variable {name!r} in the image")
     seen: set[str] = set()
     for mount in spec.mounts:
         path = mount.sandbox_path
@@ -1425,8 +1506,16 @@ class Sandbox:
 
     # -- parked launchers --------------------------------------------------------------------
 
-    def _park(self, slot: int, group: str | None = None, *, network: bool = False) -> _Launcher:
-        """Starts a sandbox for `slot` in fresh cgroups of its own."""
+    def _park(
+        self,
+        slot: int,
+        group: str | None = None,
+        *,
+        network: bool = False,
+        image: ImageRoot | None = None,
+    ) -> _Launcher:
+        """Starts a sandbox for `slot` in fresh cgroups of its own (an image job's on the image
+        root already bound on the slot)."""
         assert self._tools is not None
         # Built for later at the least CPU weight; for a job waiting on it (which names its
         # group), at the job's.
@@ -1444,6 +1533,7 @@ class Sandbox:
                 procs_files=self._cgroups.procs_files(group),
                 slot_dir=slot_dir,
                 network=network,
+                image=image,
             )
         except BaseException:
             self._cgroups.remove(group)
@@ -1562,8 +1652,9 @@ class Sandbox:
         if self._tools is None:
             self._tools = self._find_tools()
         # A network job's sandbox is built for it (its resolv.conf, its network attached as it
-        # starts): none is parked for it.
-        launcher = None if spec.limits.network else self._take_parked()
+        # starts), and so is an image job's (its root): none is parked for them.
+        built = spec.limits.network or spec.image is not None
+        launcher = None if built else self._take_parked()
         if launcher is not None:
             slot = launcher.slot
             self._groups[job_id] = launcher.group
@@ -1728,10 +1819,12 @@ class _Job:
         spec, limits = self.spec, self.spec.limits
         try:
             if self.launcher is None:
-                # None was parked (a burst of jobs, the first one, or a network job): the job
-                # waits for what a parked sandbox has done already.
+                # None was parked (a burst of jobs, the first one, a network or image job): the
+                # job waits for what a parked sandbox has done already.
+                if spec.image is not None:
+                    self.stage.mount_root(self.slot, spec.image.rootfs)
                 self.launcher = self.sandbox._park(
-                    self.slot, group=spec.job_id, network=limits.network
+                    self.slot, group=spec.job_id, network=limits.network, image=spec.image
                 )
                 self.steps.mark("park")
             elif self.sandbox._joined(self.launcher):
@@ -1746,7 +1839,8 @@ class _Job:
                     _hand_over(mount.host_path, self.uid, self.gid)
             for sandbox_path in self.stage.mount_job(self.slot, self.uid, self.mounts, limits):
                 self.log.warning("sandbox.mount_unreadable", sandbox_path=sandbox_path)
-            script = _job_script(spec.argv, spec.env, limits)
+            image_env = None if spec.image is None else spec.image.env
+            script = _job_script(spec.argv, spec.env, limits, image_env)
             self.steps.mark("stage")
         except _SpecError as error:
             return self._result(Outcome.SANDBOX_FAILED, -1, str(error))
@@ -2031,6 +2125,8 @@ class _Job:
             relative = mount.sandbox_path.removeprefix("/data/")
             pairs.append((str(slot_data / relative), f"<{mount.sandbox_path}>"))
         pairs.append((str(self.stage.root), "<stage>"))
+        if self.spec.image is not None:
+            pairs.append((str(self.spec.image.rootfs), "<image>"))
         for host, alias in sorted(pairs, key=lambda p: -len(p[0])):
             text = text.replace(host, alias)
         return text
@@ -2214,6 +2310,7 @@ class _Launcher:
         procs_files: Sequence[str],
         slot_dir: Path,
         network: bool,
+        image: ImageRoot | None = None,
     ) -> _Launcher:
         ours: dict[str, int] = {}
         theirs: dict[str, int] = {}
@@ -2243,6 +2340,7 @@ class _Launcher:
                 slot_dir=slot_dir,
                 network=network,
                 fds=theirs,
+                image=image,
             )
             # Our own pipes and a pidfd rather than asyncio's subprocess: its wait() also
             # waits for the pipes to close, and it spends a thread per child.

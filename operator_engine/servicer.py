@@ -10,13 +10,13 @@ import structlog
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 
 from mesh import jobs as job_facts
-from operator_engine.runner import Runner
+from operator_engine.backends import Backend
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Backend) -> None:
         self.runner = runner
 
     async def RunJob(

@@ -184,7 +184,12 @@ def _configure(
         # may read its logs but never forge them.
         Mount(ws.logs, SANDBOX_LOGS),
     ]
-    env = {
+    return ConfigureResult(argv=argv, env=algorithm_env(spec), mounts=mounts)
+
+
+def algorithm_env(spec: engine_pb2.JobSpec) -> dict[str, str]:
+    """The algorithm's environment variables, as the reference system sets them."""
+    return {
         "DIDS": json.dumps([dataset.id for dataset in spec.datasets]),
         "TRANSFORMATION_DID": asset_did(spec.algorithm.id) if spec.algorithm.id else "",
         "INPUTS": SANDBOX_INPUTS,
@@ -192,7 +197,6 @@ def _configure(
         "LOGS": SANDBOX_LOGS,
         "ALGO": SANDBOX_ALGORITHM,
     }
-    return ConfigureResult(argv=argv, env=env, mounts=mounts)
 
 
 def _provision_algorithm(
@@ -210,14 +214,14 @@ def _provision_algorithm(
             f"(expected sha256 {algorithm.code_sha256!r}, got {digest})"
         )
     record.add(f"algorithm code: {len(algorithm.code)} bytes, sha256 {digest} verified")
-    argv = _entrypoint_argv(algorithm.entrypoint)
+    argv = entrypoint_argv(algorithm.entrypoint)
     record.add(f"entrypoint: {json.dumps(argv)}")
     # 0444: the sandbox's unrelated uid must read it, nobody needs to change it.
     _write_file(ws, ws.transformations, ALGORITHM_FILE, algorithm.code, 0o444)
     return argv
 
 
-def _entrypoint_argv(entrypoint: str) -> list[str]:
+def entrypoint_argv(entrypoint: str) -> list[str]:
     """Splits the entrypoint like a shell would, without a shell: no expansion, no pipes, no
     redirections, only `$ALGO` replaced in each argument."""
     if ALGO_PLACEHOLDER not in entrypoint:
@@ -396,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="JobSpec as protobuf JSON; '-' for stdin")
     parser.add_argument("--workspace", required=True, type=Path)
     parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument(
+        "--termination-log",
+        type=Path,
+        help="also write the outcome there (Kubernetes reads a container's /dev/termination-log "
+        "into its status)",
+    )
     args = parser.parse_args(argv)
     configure_logging("configure")
     try:
@@ -408,12 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = configure(spec, args.workspace, args.data_root)
     except ProvisioningError as error:
-        print(
-            json.dumps({"reason": job_pb2.FailureReason.Name(error.reason), "message": str(error)})
+        outcome = json.dumps(
+            {"reason": job_pb2.FailureReason.Name(error.reason), "message": str(error)}
         )
+        print(outcome)
+        write_termination_log(args.termination_log, outcome)
         return error.status_code
     print(json.dumps(result.to_json()))
+    write_termination_log(args.termination_log, json.dumps({"message": "configured"}))
     return EXIT_OK
+
+
+def write_termination_log(path: Path | None, text: str) -> None:
+    """Best effort: the exit code already says how the stage ended."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.write_text(text[:4000], "utf-8")
 
 
 if __name__ == "__main__":

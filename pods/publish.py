@@ -33,6 +33,7 @@ from c2d.common.v1 import job_pb2
 from google.protobuf import json_format
 
 from mesh.storage import Storage, result_key, storage_from_url
+from pods.configure import write_termination_log
 from pods.workspace import (
     ALGORITHM_LOG,
     CONFIGURATION_LOG,
@@ -205,8 +206,11 @@ def publish_blocking(
     max_total_bytes: int,
     max_entries: int | None = None,
     outputs: Path | None = None,
+    algorithm_log: bool = True,
 ) -> PublishResult:
-    """`publish`, blocking: for a worker thread or the program form."""
+    """`publish`, blocking: for a worker thread or the program form. Without `algorithm_log`,
+    the algorithm's log is left to the caller (an engine that holds it, as the Kubernetes
+    backend's does)."""
     check_job_id(job_id)
     if max_files < 0 or max_total_bytes < 0:
         raise ValueError("caps must not be negative")
@@ -241,7 +245,7 @@ def publish_blocking(
                 max_total_bytes,
                 entry_budget,
             )
-            _publish_logs(ws_fd, storage, job_id, record, result)
+            _publish_logs(ws_fd, storage, job_id, record, result, algorithm_log=algorithm_log)
         except PublishError as error:
             record.add(f"publish failed: {error}")
             record.finish_skips()
@@ -523,9 +527,18 @@ def _store(
 
 
 def _publish_logs(
-    ws_fd: int, storage: Storage, job_id: str, record: _PublishLog, result: PublishResult
+    ws_fd: int,
+    storage: Storage,
+    job_id: str,
+    record: _PublishLog,
+    result: PublishResult,
+    *,
+    algorithm_log: bool,
 ) -> None:
     for name, kind in _LOGS:
+        if name == ALGORITHM_LOG and not algorithm_log:
+            record.add(f"{name}: stored by the engine, after these results")
+            continue
         opened = _open_log(ws_fd, name)
         if isinstance(opened, str):
             record.add(f"{name}: {opened}")
@@ -617,6 +630,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES)
     parser.add_argument("--max-total-bytes", type=int, required=True)
+    parser.add_argument(
+        "--listing-key",
+        help="also store the printed listing in the storage under this key, for an engine that "
+        "cannot read this program's output (Kubernetes merges a pod's stdout and stderr)",
+    )
+    parser.add_argument("--termination-log", type=Path, help="also write a one-line outcome there")
+    parser.add_argument(
+        "--algorithm-log-by-engine",
+        action="store_true",
+        help="leave the algorithm's log out: the engine that holds it stores it",
+    )
     args = parser.parse_args(argv)
     configure_logging("publish")
     try:
@@ -632,11 +656,28 @@ def main(argv: list[str] | None = None) -> int:
             args.job_id,
             max_files=args.max_files,
             max_total_bytes=args.max_total_bytes,
+            algorithm_log=not args.algorithm_log_by_engine,
         )
     except PublishError as error:
-        print(json.dumps({"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": str(error)}))
+        outcome = json.dumps({"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": str(error)})
+        print(outcome)
+        write_termination_log(args.termination_log, outcome)
         return EXIT_PUBLISH_FAILED
-    print(json.dumps(result.to_json()))
+    listing = json.dumps(result.to_json())
+    print(listing)
+    if args.listing_key:
+        try:
+            storage.put_blocking(args.job_id, args.listing_key, io.BytesIO(listing.encode()))
+        except Exception as error:
+            outcome = json.dumps(
+                {"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": "the listing not stored"}
+            )
+            write_termination_log(args.termination_log, outcome)
+            print(f"publish: the listing could not be stored: {error}", file=sys.stderr)
+            return EXIT_PUBLISH_FAILED
+    write_termination_log(
+        args.termination_log, json.dumps({"message": f"published {len(result.results)} results"})
+    )
     return EXIT_TOO_LARGE if result.too_large else EXIT_OK
 
 

@@ -84,7 +84,8 @@ def job_spec(plan: JobPlan) -> engine_pb2.JobSpec:
             code=plan.code,
             code_sha256=plan.code_sha256,
             entrypoint=plan.entrypoint,
-            container=plan.container,
+            # Unset, not empty, for the host runtime: the engine asks whether it is set.
+            container=plan.container if containers.is_set(plan.container) else None,
             private=algorithm is not None and algorithm.access != pb.ALGORITHM_ACCESS_PUBLIC,
         ),
         parameters_json=json.dumps(plan.values) if plan.values else "",

@@ -1,0 +1,392 @@
+"""The Kubernetes objects of one job, as plain manifests: a Secret holding the job (its spec,
+and its state as an annotation), a volume for its workspace, a NetworkPolicy, and one pod per
+stage (configure, algorithm, publish).
+
+Every pod is hardened the same way: non-root, read-only root file system, every capability
+dropped, no privilege escalation, seccomp RuntimeDefault, no service-account token, no service
+links, restartPolicy Never (a failed algorithm is never run again: an out-of-memory kill ends
+the job with that reason), resource requests equal to the limits, and a deadline
+(`activeDeadlineSeconds`). Only the algorithm pod runs consumer code; it mounts exactly its
+inputs, read-only, and its outputs folder, and nothing else of the job's volume or the data
+volume. Every job gets a NetworkPolicy selecting its pods that denies all traffic, with egress
+to the outside (never to private ranges, so never the mesh's services or the cluster's
+nodes) only when the job may use the network; it is made even where the namespace has a
+default-deny policy of its own, so a cluster without one still isolates jobs."""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+from typing import Any
+
+from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
+from google.protobuf import json_format
+
+from mesh import containers
+from operator_engine.backends.kubernetes_config import KubernetesSettings
+from pods import workspace as layout
+from pods.configure import algorithm_env, entrypoint_argv
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "c2d-engine"
+ENGINE_LABEL = "c2d.mesh/engine"
+JOB_LABEL = "c2d.mesh/job-id"
+STAGE_LABEL = "c2d.mesh/stage"
+# The job's state (a serialized Job, base64) on its Secret: what the engine rebuilds from.
+JOB_ANNOTATION = "c2d.mesh/job"
+# How a job that reached publishing ended before it (JSON [state, reason, message]).
+OUTCOME_ANNOTATION = "c2d.mesh/outcome"
+SPEC_KEY = "spec.json"
+
+CONFIGURE, ALGORITHM, PUBLISH = "configure", "algorithm", "publish"
+STAGES = (CONFIGURE, ALGORITHM, PUBLISH)
+# Where the stage pods see the job's volume, the spec, and the termination message.
+WORKSPACE_MOUNT = "/c2d/job"
+SPEC_MOUNT = "/c2d/spec"
+TERMINATION_LOG = "/dev/termination-log"
+# The publish pod stores its listing of results under this key, for the engine to read.
+LISTING_KEY = "publish-listing"
+# Room on the job's volume beyond its disk limit: the code, the DDOs, the logs.
+_VOLUME_SLACK_BYTES = 64 << 20
+# The stage programs' own needs, beside the job's limits.
+_STAGE_CPU = "500m"
+_STAGE_MEMORY = "256Mi"
+_STAGE_TMP = "64Mi"
+# Addresses a networked job still never reaches: private, shared, link-local (a cloud's
+# metadata service) and loopback ranges, where the mesh and the cluster live.
+_PRIVATE_V4 = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+)
+_PRIVATE_V6 = ("::1/128", "fc00::/7", "fe80::/10")
+# A spec this large does not fit a Secret (1 MiB, base64 and the rest included).
+MAX_SPEC_JSON_BYTES = 700 * 1024
+
+
+def object_name(job_id: str, stage: str = "") -> str:
+    return f"c2d-{job_id}" + (f"-{stage}" if stage else "")
+
+
+def labels(settings: KubernetesSettings, job_id: str, stage: str = "") -> dict[str, str]:
+    found = {MANAGED_BY: MANAGER, ENGINE_LABEL: settings.engine_id, JOB_LABEL: job_id}
+    if stage:
+        found[STAGE_LABEL] = stage
+    return found
+
+
+def engine_selector(settings: KubernetesSettings) -> str:
+    """The label selector of every object this engine made."""
+    return f"{MANAGED_BY}={MANAGER},{ENGINE_LABEL}={settings.engine_id}"
+
+
+def _metadata(
+    settings: KubernetesSettings, job_id: str, stage: str = "", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "name": object_name(job_id, stage),
+        "namespace": settings.namespace,
+        "labels": labels(settings, job_id, stage),
+        **extra,
+    }
+
+
+def encode_job(job: job_pb2.Job) -> str:
+    return base64.b64encode(job.SerializeToString()).decode()
+
+
+def decode_job(text: str) -> job_pb2.Job:
+    return job_pb2.Job.FromString(base64.b64decode(text))
+
+
+def spec_json(spec: engine_pb2.JobSpec) -> str:
+    return json_format.MessageToJson(spec, indent=None)
+
+
+def job_secret(
+    settings: KubernetesSettings, spec: engine_pb2.JobSpec, job: job_pb2.Job
+) -> dict[str, Any]:
+    """The job's anchor: its spec (code, dataset locations: hence a Secret) and its state."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(settings, spec.job_id, annotations={JOB_ANNOTATION: encode_job(job)}),
+        "type": "Opaque",
+        "data": {SPEC_KEY: base64.b64encode(spec_json(spec).encode()).decode()},
+    }
+
+
+def workspace_claim(
+    settings: KubernetesSettings, job_id: str, limits: job_pb2.Resources
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(limits.disk_bytes + _VOLUME_SLACK_BYTES)}},
+    }
+    if settings.storage_class:
+        spec["storageClassName"] = settings.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(settings, job_id),
+        "spec": spec,
+    }
+
+
+def network_policy(settings: KubernetesSettings, job_id: str, *, network: bool) -> dict[str, Any]:
+    """Denies every pod of the job all traffic; with `network`, the algorithm may open
+    connections to public addresses (and ask the cluster's DNS)."""
+    spec: dict[str, Any] = {
+        "podSelector": {"matchLabels": {JOB_LABEL: job_id, ENGINE_LABEL: settings.engine_id}},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [],
+        "egress": [],
+    }
+    if network:
+        spec["egress"] = [
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(_PRIVATE_V4)}}]},
+            {"to": [{"ipBlock": {"cidr": "::/0", "except": list(_PRIVATE_V6)}}]},
+            {
+                "to": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                        },
+                        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                    }
+                ],
+                "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+            },
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(settings, job_id),
+        "spec": spec,
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod(
+    settings: KubernetesSettings,
+    job_id: str,
+    stage: str,
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+    deadline_s: float,
+) -> dict[str, Any]:
+    uid = settings.run_as_user
+    container = {
+        **container,
+        "name": stage,
+        "securityContext": _container_security(),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(settings, job_id, stage),
+        "spec": {
+            "restartPolicy": "Never",
+            "activeDeadlineSeconds": max(1, math.ceil(deadline_s)),
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 5,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": uid,
+                "runAsGroup": uid,
+                "fsGroup": uid,
+                "fsGroupChangePolicy": "OnRootMismatch",
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [container],
+            "volumes": volumes,
+        },
+    }
+
+
+def _resources(cpu: str, memory: str, ephemeral: str) -> dict[str, Any]:
+    amounts = {"cpu": cpu, "memory": memory, "ephemeral-storage": ephemeral}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _stage_volumes(settings: KubernetesSettings, job_id: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "job", "persistentVolumeClaim": {"claimName": object_name(job_id)}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": _STAGE_TMP}},
+    ]
+
+
+def configure_pod(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
+    """Verifies the inputs and lays out the job's volume: the same program as the local
+    backend's configure stage."""
+    volumes = [
+        *_stage_volumes(settings, job_id),
+        {"name": "spec", "secret": {"secretName": object_name(job_id), "defaultMode": 0o400}},
+        {"name": "data", **_read_only(settings.data_volume)},
+    ]
+    container = {
+        "image": settings.pods_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "pods.configure"],
+        "args": [
+            "--spec",
+            f"{SPEC_MOUNT}/{SPEC_KEY}",
+            "--workspace",
+            WORKSPACE_MOUNT,
+            "--data-root",
+            settings.data_mount,
+            "--termination-log",
+            TERMINATION_LOG,
+        ],
+        "env": [{"name": "C2D_LOG_FORMAT", "value": "json"}],
+        "resources": _resources(_STAGE_CPU, _STAGE_MEMORY, _STAGE_TMP),
+        "volumeMounts": [
+            {"name": "job", "mountPath": WORKSPACE_MOUNT},
+            {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
+            {"name": "data", "mountPath": settings.data_mount, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return _pod(settings, job_id, CONFIGURE, container, volumes, settings.stage_timeout_s)
+
+
+def algorithm_image(settings: KubernetesSettings, algorithm: engine_pb2.AlgorithmInput) -> str:
+    """The image the algorithm runs in, pinned by digest when it names one."""
+    if containers.is_set(algorithm.container):
+        return f"{algorithm.container.image}@{algorithm.container.checksum}"
+    return settings.algorithm_default_image
+
+
+def algorithm_pod(
+    settings: KubernetesSettings,
+    spec: engine_pb2.JobSpec,
+    limits: job_pb2.Resources,
+    *,
+    network: bool,
+) -> dict[str, Any]:
+    """The consumer's algorithm in its image, seeing the reference layout under /data: its
+    inputs read-only, its outputs writable, nothing else."""
+    job_id = spec.job_id
+    mounts: list[dict[str, Any]] = []
+    for dataset in spec.datasets:
+        for index, path in enumerate(dataset.file_paths):
+            mounts.append(
+                {
+                    "name": "data",
+                    "mountPath": layout.sandbox_input_path(dataset.id, index),
+                    "subPath": os.path.relpath(path, settings.data_mount),
+                    "readOnly": True,
+                }
+            )
+    if spec.parameters_json:
+        mounts.append(
+            {
+                "name": "job",
+                "mountPath": layout.SANDBOX_ALGO_CUSTOM_DATA,
+                "subPath": layout.ALGO_CUSTOM_DATA_FILE,
+                "readOnly": True,
+            }
+        )
+    for sub, target, writable in (
+        (layout.DDOS, layout.SANDBOX_DDOS, False),
+        (layout.TRANSFORMATIONS, layout.SANDBOX_TRANSFORMATIONS, False),
+        (layout.OUTPUTS, layout.SANDBOX_OUTPUTS, True),
+        (layout.LOGS, layout.SANDBOX_LOGS, False),
+    ):
+        mounts.append(
+            {"name": "job", "mountPath": target, "subPath": sub, "readOnly": not writable}
+        )
+    # /tmp in memory, counted against the job's memory as in the local sandbox.
+    tmp_bytes = max(1 << 20, limits.memory_bytes // 4)
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    volumes = [
+        {"name": "job", "persistentVolumeClaim": {"claimName": object_name(job_id)}},
+        {"name": "data", **_read_only(settings.data_volume)},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_bytes)}},
+    ]
+    env = {"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", **algorithm_env(spec)}
+    container = {
+        "image": algorithm_image(settings, spec.algorithm),
+        "imagePullPolicy": "IfNotPresent",
+        "command": entrypoint_argv(spec.algorithm.entrypoint),
+        "workingDir": "/",
+        "env": [{"name": name, "value": value} for name, value in env.items()],
+        "resources": _resources(
+            _millicores(limits.cpus), str(limits.memory_bytes), str(limits.disk_bytes)
+        ),
+        "volumeMounts": mounts,
+    }
+    deadline = limits.max_duration.ToNanoseconds() / 1e9
+    pod = _pod(settings, job_id, ALGORITHM, container, volumes, deadline)
+    if network:
+        pod["metadata"]["labels"]["c2d.mesh/network"] = "allowed"
+    return pod
+
+
+def publish_pod(
+    settings: KubernetesSettings, job_id: str, *, max_files: int, max_total_bytes: int
+) -> dict[str, Any]:
+    """Stores the outputs and the stage logs and lists them: the same program as the local
+    backend's publish stage. The algorithm's log is stored by the engine, which holds it."""
+    volumes = [*_stage_volumes(settings, job_id), {"name": "results", **settings.results_volume}]
+    container = {
+        "image": settings.pods_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python", "-m", "pods.publish"],
+        "args": [
+            "--workspace",
+            WORKSPACE_MOUNT,
+            "--storage",
+            settings.results_mount,
+            "--job-id",
+            job_id,
+            "--max-files",
+            str(max_files),
+            "--max-total-bytes",
+            str(max_total_bytes),
+            "--listing-key",
+            LISTING_KEY,
+            "--algorithm-log-by-engine",
+            "--termination-log",
+            TERMINATION_LOG,
+        ],
+        "env": [{"name": "C2D_LOG_FORMAT", "value": "json"}],
+        "resources": _resources(_STAGE_CPU, _STAGE_MEMORY, _STAGE_TMP),
+        "volumeMounts": [
+            {"name": "job", "mountPath": WORKSPACE_MOUNT},
+            {"name": "results", "mountPath": settings.results_mount},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return _pod(settings, job_id, PUBLISH, container, volumes, settings.stage_timeout_s)
+
+
+def _millicores(cpus: float) -> str:
+    return f"{max(1, math.ceil(cpus * 1000))}m"
+
+
+def _read_only(source: dict[str, Any]) -> dict[str, Any]:
+    """The volume source, read-only where the source type can say so."""
+    ((kind, options),) = source.items()
+    if kind in ("persistentVolumeClaim", "nfs", "csi"):
+        return {kind: {**options, "readOnly": True}}
+    return {kind: dict(options)}
