@@ -477,7 +477,6 @@ def test_each_service_accepts_only_its_callers(rendered: tuple[Obj, ...]) -> Non
         ("operator-service", 8041): {"provider"},
         ("engine", 8051): {"operator-service"},
         # The plaintext health port of each gRPC service, for the kubelet's probes.
-        ("provider", HEALTH_PORT): {"outside", "elsewhere"},
         ("operator-service", HEALTH_PORT): {"outside", "elsewhere"},
         ("engine", HEALTH_PORT): {"outside", "elsewhere"},
         # Any other port of a service: nobody.
@@ -656,7 +655,13 @@ def test_internal_hops_are_mutual_tls_with_per_service_identities(
 def test_grpc_services_are_probed_on_their_plaintext_health_port(
     rendered: tuple[Obj, ...],
 ) -> None:
-    for name in GRPC_SERVICES:
+    # The Provider's own port is plaintext (consumers sign requests; TLS is the edge's): its
+    # probes use it, and it has no health-only port.
+    provider = _container(rendered, "provider")
+    assert "C2D_HEALTH_LISTEN" not in _env(rendered, "provider")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert provider[probe]["grpc"] == {"port": 8031}, probe
+    for name in ("operator-service", "engine"):
         container = _container(rendered, name)
         assert _env(rendered, name)["C2D_HEALTH_LISTEN"] == f"0.0.0.0:{HEALTH_PORT}"
         assert {"name": "health", "containerPort": HEALTH_PORT} in container["ports"]
