@@ -595,13 +595,7 @@ class KubernetesBackend:
                     follow=True,
                     _preload_content=False,
                 )
-                _check_status(response)
-                try:
-                    seen = 0
-                    async for chunk in response.content.iter_chunked(_LOG_CHUNK):
-                        seen = await self._append(entry, chunk, seen, redactor)
-                finally:
-                    response.release()
+                await self._copy_log(entry, response, redactor)
             except (TimeoutError, ApiException, OSError) as error:
                 log.info("log stream broke off; resuming", error=str(error))
             if "terminated" in status.get("state", {}):
@@ -623,17 +617,23 @@ class KubernetesBackend:
                 _preload_content=False,
                 _request_timeout=_API_TIMEOUT_S,
             )
-            _check_status(response)
-            try:
-                seen = 0
-                async for chunk in response.content.iter_chunked(_LOG_CHUNK):
-                    seen = await self._append(entry, chunk, seen, redactor)
-            finally:
-                response.release()
+            await self._copy_log(entry, response, redactor)
         if redactor is not None:
             rest = redactor.finish()
             if rest:
                 await self._write_log(entry, rest)
+
+    async def _copy_log(
+        self, entry: EngineJob, response: Any, redactor: CodeRedactor | None
+    ) -> None:
+        """Appends a pod log response (read from its start) to the job's log."""
+        _check_status(response)
+        try:
+            seen = 0
+            async for chunk in response.content.iter_chunked(_LOG_CHUNK):
+                seen = await self._append(entry, chunk, seen, redactor)
+        finally:
+            response.release()
 
     async def _append(
         self, entry: EngineJob, chunk: bytes, seen: int, redactor: CodeRedactor | None
