@@ -189,11 +189,10 @@ async def run(args: argparse.Namespace) -> int:
                 if starts is None:
                     return 1
                 report_start_compute(args, starts)
-            print(json.dumps(summary(args, samples, starts), separators=(",", ":")))
+            figures = summary(args, samples, starts)
+            print(json.dumps(figures, separators=(",", ":")))
             if args.json:
-                Path(args.json).write_text(
-                    json.dumps(summary(args, samples, starts), indent=2) + "\n"
-                )
+                Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
             return 0
         finally:
             await chain.disconnect(w3)
@@ -212,69 +211,73 @@ async def measure_payments(args: argparse.Namespace, c: OceanChain, home: Path) 
 
     provider_key = Key.load_or_create(home / "provider" / "key.json")
     db = sqlite.connect(home / "provider" / "provider.db", "")
-    access = ChainAccess(
-        w3=c.w3,
-        chain_id=c.contracts.chain_id,
-        confirmations=args.confirmations,
-        contracts=c.contracts,
-    )
-    payments = Payments(db, access, provider_key)
-    # As publication does: the pricing read from the chain, the service bound to the asset.
-    pricing = await payments.pricing(
-        pb.Pricing(datatoken=priced.datatoken, exchange_id=priced.exchange_id),
-        publisher.address,
-    )
-    assert pricing is not None
-    payments.claim_service(ASSET, pricing)
-    assets = [PaidAsset(ASSET, pricing, timeout_s=3600)]
-    environment = job_pb2.Environment(
-        name="priced",
-        free=False,
-        price=job_pb2.EnvironmentPrice(
-            token=c.contracts.ocean, amount_per_minute=str(FEE_PER_MINUTE)
-        ),
-        max_duration=duration_pb2.Duration(seconds=FEE_VALID_FOR_S),
-    )
-    free_environment = job_pb2.Environment(name="default", free=True)
-
-    samples = Samples()
-    for round_ in range(rounds):
-        # The warm-up round's figures go to a scratch set: first calls pay for imports and
-        # caches (ABIs, event topics, the chain id check), which is not what is measured.
-        into = samples if round_ > 0 else Samples()
-        ordered = time.perf_counter()
-        fee = payments.provider_fee(consumer.address, assets, environment, FEE_VALID_FOR_S)
-        tx = await ocean.start_order(
-            c.w3,
-            consumer,
-            priced.datatoken,
-            consumer=consumer.address,
-            service_index=pricing.service_index,
-            fee=fee,
+    try:
+        access = ChainAccess(
+            w3=c.w3,
+            chain_id=c.contracts.chain_id,
+            confirmations=args.confirmations,
+            contracts=c.contracts,
         )
-        if args.confirmations > 1:
-            await c.mine(args.confirmations - 1)
-        into.order.append(time.perf_counter() - ordered)
-
-        verify = payments.verify
-        paid = await timed(verify(consumer.address, assets, environment, [tx]), into.first)
-        again = await timed(verify(consumer.address, assets, environment, [tx]), into.cached)
-        free = await timed(verify(consumer.address, [], free_environment, []), into.free)
-        if paid != {ASSET: tx} or again != paid or free != {}:
-            print(f"verification answered {paid}, {again}, {free}", file=sys.stderr)
-            return None
-        await timed(c.w3.provider.make_request(RPCEndpoint("eth_blockNumber"), []), into.raw_rtt)
-        await timed(c.w3.eth.block_number, into.web3_rtt)
-
-        # What a first use does beside its eth_blockNumber, one step at a time.
-        receipt = await timed(
-            c.w3.eth.get_transaction_receipt(tx),  # type: ignore[arg-type]
-            into.receipt,
+        payments = Payments(db, access, provider_key)
+        # As publication does: the pricing read from the chain, the service bound to the asset.
+        pricing = await payments.pricing(
+            pb.Pricing(datatoken=priced.datatoken, exchange_id=priced.exchange_id),
+            publisher.address,
         )
-        await timed(c.w3.eth.get_block(receipt["blockNumber"]), into.block)
-        _, fees = timed_sync(into.decode, ocean.decode_order, receipt)
-        timed_sync(into.signer, ocean.provider_fee_signer, fees[0].fee)
-    db.close()
+        assert pricing is not None
+        payments.claim_service(ASSET, pricing)
+        assets = [PaidAsset(ASSET, pricing, timeout_s=3600)]
+        environment = job_pb2.Environment(
+            name="priced",
+            free=False,
+            price=job_pb2.EnvironmentPrice(
+                token=c.contracts.ocean, amount_per_minute=str(FEE_PER_MINUTE)
+            ),
+            max_duration=duration_pb2.Duration(seconds=FEE_VALID_FOR_S),
+        )
+        free_environment = job_pb2.Environment(name="default", free=True)
+
+        samples = Samples()
+        for round_ in range(rounds):
+            # The warm-up round's figures go to a scratch set: first calls pay for imports and
+            # caches (ABIs, event topics, the chain id check), which is not what is measured.
+            into = samples if round_ > 0 else Samples()
+            ordered = time.perf_counter()
+            fee = payments.provider_fee(consumer.address, assets, environment, FEE_VALID_FOR_S)
+            tx = await ocean.start_order(
+                c.w3,
+                consumer,
+                priced.datatoken,
+                consumer=consumer.address,
+                service_index=pricing.service_index,
+                fee=fee,
+            )
+            if args.confirmations > 1:
+                await c.mine(args.confirmations - 1)
+            into.order.append(time.perf_counter() - ordered)
+
+            verify = payments.verify
+            paid = await timed(verify(consumer.address, assets, environment, [tx]), into.first)
+            again = await timed(verify(consumer.address, assets, environment, [tx]), into.cached)
+            free = await timed(verify(consumer.address, [], free_environment, []), into.free)
+            if paid != {ASSET: tx} or again != paid or free != {}:
+                print(f"verification answered {paid}, {again}, {free}", file=sys.stderr)
+                return None
+            await timed(
+                c.w3.provider.make_request(RPCEndpoint("eth_blockNumber"), []), into.raw_rtt
+            )
+            await timed(c.w3.eth.block_number, into.web3_rtt)
+
+            # What a first use does beside its eth_blockNumber, one step at a time.
+            receipt = await timed(
+                c.w3.eth.get_transaction_receipt(tx),  # type: ignore[arg-type]
+                into.receipt,
+            )
+            await timed(c.w3.eth.get_block(receipt["blockNumber"]), into.block)
+            _, fees = timed_sync(into.decode, ocean.decode_order, receipt)
+            timed_sync(into.signer, ocean.provider_fee_signer, fees[0].fee)
+    finally:
+        db.close()
     return samples
 
 

@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 
 from cli.chain import DEFAULT_CHAIN_ID, LocalChain, launch, order, tokens
 from cli.demo import finish, make_dataset, step
-from cli.supervisor import Mesh, free_address
+from cli.supervisor import Mesh
 from mesh.errors import from_rpc_error
 from sdk.client import Client
 from sdk.keys import Key
@@ -35,9 +35,9 @@ FEE_PER_MINUTE = 10**16
 async def start_chain(home: Path, funded: list[str]) -> tuple[Ganache, LocalChain]:
     """A ganache node on a free loopback port with Ocean's contracts, `funded` given ETH and
     OCEAN, and the environments file of the demo's node (a free and a priced environment)."""
-    port = int(free_address().rpartition(":")[2])
+    # Port 0: ganache picks a free one, trying again should another process take it first.
     node, local = await launch(
-        home / "chain", port=port, chain_id=DEFAULT_CHAIN_ID, funded=funded, keep_state=False
+        home / "chain", port=0, chain_id=DEFAULT_CHAIN_ID, funded=funded, keep_state=False
     )
     (home / "environments.json").write_text(
         json.dumps(

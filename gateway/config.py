@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from mesh import config as mesh_config
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as error:
-        raise ValueError(f"{name} must be a number, not {raw!r}") from error
 
 
 @dataclass(frozen=True)
@@ -35,6 +24,6 @@ class GatewayConfig:
         return cls(
             listen=mesh_config.env_str("C2D_GATEWAY_LISTEN", mesh_config.GATEWAY_LISTEN),
             provider_address=mesh_config.provider_address(),
-            call_timeout_seconds=_env_float("C2D_GATEWAY_CALL_TIMEOUT", 30.0),
-            keepalive_seconds=_env_float("C2D_GATEWAY_KEEPALIVE", 15.0),
+            call_timeout_seconds=mesh_config.env_float("C2D_GATEWAY_CALL_TIMEOUT", 30.0),
+            keepalive_seconds=mesh_config.env_float("C2D_GATEWAY_KEEPALIVE", 15.0),
         )

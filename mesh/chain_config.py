@@ -7,7 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.config import env_int
+from mesh.config import env_float, env_int
+
+# Shared by the chain code and the Provider, which must not load web3 to know them.
+ZERO_ADDRESS = "0x" + "00" * 20
+# One whole token (18 decimals): what an order of an Ocean datatoken pays.
+ONE_TOKEN = 10**18
 
 
 @dataclass(frozen=True)
@@ -49,17 +54,7 @@ class ChainConfig:
             url=url,
             chain_id=env_int("C2D_CHAIN_ID", 0),
             confirmations=env_int("C2D_CHAIN_CONFIRMATIONS", 1),
-            timeout_s=_env_float("C2D_CHAIN_TIMEOUT", 10.0),
-            confirmation_wait_s=_env_float("C2D_CHAIN_CONFIRMATION_WAIT", 30.0),
+            timeout_s=env_float("C2D_CHAIN_TIMEOUT", 10.0),
+            confirmation_wait_s=env_float("C2D_CHAIN_CONFIRMATION_WAIT", 30.0),
             contracts_file=Path(contracts).expanduser() if contracts else None,
         )
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as error:
-        raise ValueError(f"{name} must be a number of seconds, not {raw!r}") from error

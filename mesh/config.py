@@ -53,6 +53,18 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def env_float(name: str, default: float) -> float:
+    """A number from the environment; the default when unset or empty; ValueError naming the
+    variable when it is not a number."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as error:
+        raise ValueError(f"{name} must be a number, not {raw!r}") from error
+
+
 def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":

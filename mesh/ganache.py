@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,9 +54,9 @@ class Ganache:
 
     url: str
     chain_id: int
-    process: asyncio.subprocess.Process | subprocess.Popen[bytes]
-    log_file: Path | None = None
-    _log_handle: BinaryIO | None = field(default=None, init=False, repr=False)
+    process: subprocess.Popen[bytes]
+    # The log file ganache writes to while it runs, closed by `stop`.
+    log_handle: BinaryIO | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -80,14 +78,12 @@ class Ganache:
                     self.process.kill()
                 await _exit_status(self.process)
             log.info("ganache.stopped", url=self.url, pid=self.pid)
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
+        if self.log_handle is not None:
+            self.log_handle.close()
+            self.log_handle = None
 
 
-async def _exit_status(process: asyncio.subprocess.Process | subprocess.Popen[bytes]) -> int:
-    if isinstance(process, asyncio.subprocess.Process):
-        return await process.wait()
+async def _exit_status(process: subprocess.Popen[bytes]) -> int:
     if process.poll() is not None:
         return process.returncode
     # A pidfd turns readable when the process ends: no polling, no thread, and any event loop
@@ -112,18 +108,12 @@ def _free_port() -> int:
         return port
 
 
-def _ends_with(parent: int) -> Callable[[], None]:
-    """Runs in the node's process before it starts: the kernel sends it SIGTERM when the
-    process that started it dies, even by SIGKILL or a closed pipe, so no node outlives its
-    command or test run."""
-
-    def ask_the_kernel() -> None:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # gone before the request took effect
-            os._exit(1)
-
-    return ask_the_kernel
+def _ending_with_us(command: list[str]) -> list[str]:
+    """`command` under setpriv --pdeathsig: the kernel sends the node SIGTERM when the process
+    that started it dies, even by SIGKILL or a closed pipe, so no node outlives its command or
+    test run. setpriv execs the node: its pid stays the node's."""
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    return [setpriv, "--pdeathsig=SIGTERM", "--", *command] if setpriv else command
 
 
 def _port_free(port: int) -> bool:
@@ -273,15 +263,13 @@ async def _start_once(
     # the event loop that started it (a test session's fixture, a CLI's short loops). Its own
     # session keeps a terminal's ^C with the parent, which stops it in order.
     process = subprocess.Popen(  # noqa: ASYNC220 (see above)
-        [str(binary), *arguments],
+        _ending_with_us([str(binary), *arguments]),
         stdin=subprocess.DEVNULL,
         stdout=handle,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_ends_with(os.getpid()),
     )
-    node = Ganache(url=url, chain_id=chain_id, process=process, log_file=log_file)
-    node._log_handle = handle
+    node = Ganache(url=url, chain_id=chain_id, process=process, log_handle=handle)
     deadline = time.monotonic() + _START_TIMEOUT_S
     try:
         while True:

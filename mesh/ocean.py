@@ -36,13 +36,13 @@ from web3.types import TxParams, TxReceipt, Wei
 
 from mesh.auth import checksum, recover_signer, sign_hash
 from mesh.chain import rpc, wait_receipt
+from mesh.chain_config import ONE_TOKEN as ONE_TOKEN
+from mesh.chain_config import ZERO_ADDRESS as ZERO_ADDRESS
 
 log = structlog.get_logger(__name__)
 
-ZERO_ADDRESS = "0x" + "00" * 20
 MAX_UINT256 = 2**256 - 1
 # What one order costs in datatokens: ERC20Template.startOrder takes exactly one.
-ONE_TOKEN = 10**18
 # The OCEAN minted to the deployer of a test chain (the token's cap is 1.41e9 OCEAN).
 _OCEAN_SUPPLY = 10**9 * ONE_TOKEN
 
@@ -131,9 +131,9 @@ def _revert_message(error: Exception) -> str:
     return message
 
 
-async def _call(fn: AsyncContractFunction, *, what: str) -> Any:
+async def _call(fn: AsyncContractFunction, *, what: str, timeout_s: float = CALL_TIMEOUT_S) -> Any:
     """A view call, bounded like every other chain call."""
-    return await rpc(fn.call(), timeout_s=CALL_TIMEOUT_S, what=what)
+    return await rpc(fn.call(), timeout_s=timeout_s, what=what)
 
 
 async def send(
@@ -472,7 +472,9 @@ async def balance(w3: AsyncWeb3[Any], token: str, address: str) -> int:
     return int(result)
 
 
-async def is_datatoken(w3: AsyncWeb3[Any], contracts: Contracts, address: str) -> bool:
+async def is_datatoken(
+    w3: AsyncWeb3[Any], contracts: Contracts, address: str, *, timeout_s: float = CALL_TIMEOUT_S
+) -> bool:
     """Whether `address` is a datatoken this deployment's factory created (so its code is
     Ocean's template, not a look-alike)."""
     result = await _call(
@@ -480,20 +482,26 @@ async def is_datatoken(w3: AsyncWeb3[Any], contracts: Contracts, address: str) -
             to_checksum_address(address)
         ),
         what="whether a token is a datatoken",
+        timeout_s=timeout_s,
     )
     return bool(result)
 
 
-async def nft_of(w3: AsyncWeb3[Any], datatoken: str) -> str:
+async def nft_of(w3: AsyncWeb3[Any], datatoken: str, *, timeout_s: float = CALL_TIMEOUT_S) -> str:
     result = await _call(
         contract(w3, "ERC20Template", datatoken).functions.getERC721Address(),
         what=f"the NFT of {datatoken}",
+        timeout_s=timeout_s,
     )
     return str(result)
 
 
 async def exchange_of(
-    w3: AsyncWeb3[Any], contracts: Contracts, exchange_id: str
+    w3: AsyncWeb3[Any],
+    contracts: Contracts,
+    exchange_id: str,
+    *,
+    timeout_s: float = CALL_TIMEOUT_S,
 ) -> tuple[str, str, int, bool]:
     """(datatoken, base token, rate in base-token wei per whole datatoken, active)."""
     result = await _call(
@@ -501,6 +509,7 @@ async def exchange_of(
             _bytes32(exchange_id)
         ),
         what=f"the exchange {exchange_id}",
+        timeout_s=timeout_s,
     )
     # (owner, datatoken, dt decimals, base token, bt decimals, rate, active, dt supply,
     # bt supply, dt balance, bt balance, with mint)
@@ -687,7 +696,6 @@ class ProviderFeePaid:
 class _Event:
     address: str
     args: dict[str, Any]
-    log: Mapping[str, Any]
 
 
 @functools.cache
@@ -719,7 +727,7 @@ def _decode_log(log_entry: Mapping[str, Any], contract_name: str, event: str) ->
     for spec in abi["inputs"]:
         if spec["type"] == "address":
             args[spec["name"]] = to_checksum_address(args[spec["name"]])
-    return _Event(address=to_checksum_address(log_entry["address"]), args=args, log=log_entry)
+    return _Event(address=to_checksum_address(log_entry["address"]), args=args)
 
 
 def _events(receipt: TxReceipt, contract_name: str, event: str, address: str) -> list[_Event]:

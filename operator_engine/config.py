@@ -50,6 +50,15 @@ class EnvironmentSpec:
                 f"environment {self.name}: a priced environment needs both fee_token and a "
                 "positive fee_per_minute"
             )
+        if self.fee_token:
+            # Checksummed once here: fees name their token in that form, and the Provider
+            # compares the two. Imported here: a free node never loads it.
+            from mesh.auth import checksum
+
+            try:
+                object.__setattr__(self, "fee_token", checksum(self.fee_token))
+            except ValueError:
+                raise ValueError(f"environment {self.name}: fee_token is not an address") from None
         if (
             self.cpus <= 0
             or self.memory_bytes < MIN_MEMORY_BYTES

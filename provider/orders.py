@@ -25,6 +25,7 @@ from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from eth_utils.address import to_checksum_address
 
+from mesh.chain_config import ONE_TOKEN, ZERO_ADDRESS
 from mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from sdk.keys import Key
 
@@ -40,12 +41,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 # Ocean's orders always pay one datatoken.
-ORDER_AMOUNT = 10**18
+ORDER_AMOUNT = ONE_TOKEN
 MAX_ORDERS = 20
 MAX_FEE_VALIDITY_S = 30 * 86400
-_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
-_EXCHANGE_ID = re.compile(r"0x[0-9a-fA-F]{64}")
-_ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+_HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
 # How often the confirmations of an order are looked at while the Provider waits for them.
 _CONFIRMATION_POLL_S = 0.25
 
@@ -135,11 +134,11 @@ def known_contracts(config: ChainConfig) -> ocean.Contracts | None:
         if network.get("chainId") == config.chain_id and network.get("ERC721Factory"):
             return ocean.Contracts(
                 chain_id=config.chain_id,
-                ocean=network.get("Ocean", _ZERO_ADDRESS),
-                router=network.get("Router", _ZERO_ADDRESS),
+                ocean=network.get("Ocean", ZERO_ADDRESS),
+                router=network.get("Router", ZERO_ADDRESS),
                 factory=network["ERC721Factory"],
-                fixed_rate=network.get("FixedPrice", _ZERO_ADDRESS),
-                dispenser=network.get("Dispenser", _ZERO_ADDRESS),
+                fixed_rate=network.get("FixedPrice", ZERO_ADDRESS),
+                dispenser=network.get("Dispenser", ZERO_ADDRESS),
             )
     return None
 
@@ -287,14 +286,15 @@ class Payments:
                 "C2D_CHAIN_CONTRACTS",
                 "CHAIN_NOT_CONFIGURED",
             )
-        known = await self._call(ocean.is_datatoken(chain.w3, contracts, datatoken), "erc20List")
+        timeout_s = chain.timeout_s
+        known = await ocean.is_datatoken(chain.w3, contracts, datatoken, timeout_s=timeout_s)
         if not known:
             raise _refused(
                 f"{datatoken} is not a datatoken of Ocean's factory on chain {chain.chain_id}",
                 "DATATOKEN_UNKNOWN",
                 "pricing.datatoken",
             )
-        nft = await self._call(ocean.nft_of(chain.w3, datatoken), "getERC721Address")
+        nft = await ocean.nft_of(chain.w3, datatoken, timeout_s=timeout_s)
         # Ocean's data NFTs are token 1 of their own ERC721Template contract.
         nft_owner = await self._call(
             ocean.contract(chain.w3, "ERC721Template", nft).functions.ownerOf(1).call(), "ownerOf"
@@ -313,14 +313,13 @@ class Payments:
             amount=str(ORDER_AMOUNT),
         )
         if requested.exchange_id:
-            if not _EXCHANGE_ID.fullmatch(requested.exchange_id):
+            if not _HEX32.fullmatch(requested.exchange_id):
                 raise InvalidArgument(
                     "pricing.exchange_id must be 0x and 64 hex digits",
                     field="pricing.exchange_id",
                 )
-            sold, base_token, rate, active = await self._call(
-                ocean.exchange_of(chain.w3, contracts, requested.exchange_id),
-                "getExchange",
+            sold, base_token, rate, active = await ocean.exchange_of(
+                chain.w3, contracts, requested.exchange_id, timeout_s=timeout_s
             )
             if sold != datatoken or not active:
                 raise InvalidArgument(
@@ -381,7 +380,7 @@ class Payments:
         ).encode()
         return ocean.sign_provider_fee(
             self.key.private_key,
-            token=price.token if price else _ZERO_ADDRESS,
+            token=price.token if price else ZERO_ADDRESS,
             amount=per_minute * math.ceil(valid_for_s / 60),
             data=data,
             valid_until=now + valid_for_s,
@@ -494,11 +493,10 @@ class Payments:
                     break
             if refusal is not None:
                 raise refusal
-        if not environment.free:
-            fees = [f for o in chosen.values() for f in o.fees]
-            fee_refusal = self._fee_refusal(fees, environment, now)
-            if fee_refusal is not None:
-                raise fee_refusal
+        fees = [f for o in chosen.values() for f in o.fees]
+        fee_refusal = self._fee_refusal(fees, environment, now)
+        if fee_refusal is not None:
+            raise fee_refusal
         self._bind(chosen, caller, now)
         return {name: order.tx_hash for name, order in chosen.items()}
 
@@ -568,10 +566,9 @@ class Payments:
                     "PROVIDER_FEE_WRONG_SIGNER",
                     "orders",
                 )
-            elif _fee_environment(fee) != environment.name:
+            elif (paid_for := _fee_environment(fee)) != environment.name:
                 refusal = _refused(
-                    f"the provider fee is for environment {_fee_environment(fee)!r}, not "
-                    f"{environment.name!r}",
+                    f"the provider fee is for environment {paid_for!r}, not {environment.name!r}",
                     "PROVIDER_FEE_WRONG_ENVIRONMENT",
                     "orders",
                 )
@@ -705,7 +702,7 @@ def _check_hashes(orders: list[str]) -> list[str]:
         raise InvalidArgument(f"orders lists at most {MAX_ORDERS} transactions", field="orders")
     hashes: list[str] = []
     for i, tx in enumerate(orders):
-        if not _TX_HASH.fullmatch(tx):
+        if not _HEX32.fullmatch(tx):
             raise InvalidArgument(
                 f"orders[{i}] must be a transaction hash: 0x and 64 hex digits",
                 field=f"orders[{i}]",

@@ -240,6 +240,10 @@ class Client:
         elif credentials == "signature":
             async with self._signing:
                 metadata = self.signature_metadata("DownloadAlgorithm", request)
+                call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
+                # Until the server has taken the nonce: nonces must arrive in order.
+                await call.initial_metadata()
+                return b"".join([response.data async for response in call])
         call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
         return b"".join([response.data async for response in call])
 
@@ -421,7 +425,6 @@ class Client:
             yield list(getattr(response, field))
             if not response.next_page_token:
                 return
-            request.page_token = response.next_page_token
             request.page_token = response.next_page_token
 
     async def list_approval_requests(
