@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cli.common import write_file
 
 DEFAULT_NAMES = ("provider", "operator-service", "engine")
 DEFAULT_DAYS = 365
@@ -160,17 +161,6 @@ def issue(authority: Authority, name: str, days: int = DEFAULT_DAYS) -> Issued:
     return Issued(name, _key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    # Created with its final mode, and tightened if it existed, so a key is never readable by
-    # others, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class ServiceFiles:
     """Where one service's files were written, and the environment it needs."""
@@ -205,14 +195,14 @@ def write_certs(
         )
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     authority = new_authority(days=days)
-    _write(ca_key, authority.key_pem, 0o600)
-    _write(ca_cert, authority.cert_pem, 0o644)
+    write_file(ca_key, authority.key_pem, 0o600)
+    write_file(ca_cert, authority.cert_pem, 0o644)
     written = []
     for name in names:
         issued = issue(authority, name, days)
         files = ServiceFiles(name, out / f"{name}.crt", out / f"{name}.key", ca_cert)
-        _write(files.key, issued.key_pem, 0o600)
-        _write(files.cert, issued.cert_pem, 0o644)
+        write_file(files.key, issued.key_pem, 0o600)
+        write_file(files.cert, issued.cert_pem, 0o644)
         written.append(files)
     return ca_cert, written
 

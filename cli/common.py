@@ -42,3 +42,12 @@ def parse_parameters(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             parameters[name] = value
     return parameters
+
+
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Writes `path` whole with `mode`: created with it, and tightened if the file existed, so
+    a private file (a key, private code) is never readable by others, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, json_format
 
 from cli.common import client as _client
 from cli.common import emit as _emit
-from cli.common import parse_parameters
+from cli.common import parse_parameters, write_file
 from cli.output import print_json, to_dict
 from mesh import jobs as job_facts
 from mesh.provenance import ProvenanceError, verify_document
@@ -256,8 +256,7 @@ async def cmd_algorithm_download(args: argparse.Namespace) -> int:
 
 def _write_private(path: Path, content: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    path.chmod(0o600)
+    write_file(path, content, 0o600)
 
 
 # -- approval requests ---------------------------------------------------------------------

@@ -61,7 +61,7 @@ def parse_reference(text: str) -> container_pb2.Container:
     image, tag = (name[:colon], name[colon + 1 :]) if colon > last_slash else (name, "")
     container = container_pb2.Container(image=image, tag=tag, checksum=checksum)
     try:
-        check_container(container, "image")
+        check_container(container, "container")
     except InvalidArgument as error:
         raise ValueError(f"{text!r}: {error.message}") from None
     return container

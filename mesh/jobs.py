@@ -12,7 +12,6 @@ from typing import Any
 from c2d.common.v1 import job_pb2
 from google.protobuf import duration_pb2
 
-from mesh.auth import checksum
 from mesh.errors import InvalidArgument
 
 State = job_pb2.Job.State
@@ -82,8 +81,14 @@ def check_viewers(owner: str, viewers: Sequence[str], *, at_the_edge: bool = Fal
     write the list) an address named twice counts once and a refusal names the entry
     (`viewers[i]`); inside the mesh, where lists come from the Provider, a repeat is refused
     and every refusal names `viewers`."""
+    if not viewers:
+        return []
     if len(viewers) > MAX_VIEWERS:
         raise InvalidArgument(f"viewers lists at most {MAX_VIEWERS} addresses", field="viewers")
+    # Here, not at the top: the signature library takes most of a second to import, and
+    # every service and stage program imports this module; only jobs with viewers pay.
+    from mesh.auth import checksum
+
     checked: list[str] = []
     for index, viewer in enumerate(viewers):
         entry = f"viewers[{index}]"

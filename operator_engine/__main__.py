@@ -21,7 +21,7 @@ async def main() -> int:
     try:
         server, runner = await build(config)
     except (SandboxUnavailable, ValueError) as error:
-        log.error("cannot enforce the sandbox limits; refusing to start", reason=str(error))
+        log.error("the backend cannot run jobs as configured; refusing to start", reason=str(error))
         print(f"operator_engine: refusing to start: {error}", file=sys.stderr)
         return 2
     await server.start()

@@ -70,6 +70,8 @@ from typing import Any
 import structlog
 from c2d.common.v1 import container_pb2
 
+from mesh import containers
+from mesh.errors import InvalidArgument
 from operator_engine.sandbox import (
     IMAGE_MOUNT_DIRS,
     IMAGE_MOUNT_FILES,
@@ -79,8 +81,6 @@ from operator_engine.sandbox import (
 _log = structlog.get_logger(__name__)
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
-_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}")
-_TAG_RE = re.compile(r"[A-Za-z0-9._-]{0,128}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _INDEX_TYPES = (
@@ -151,18 +151,14 @@ class PreparedImage:
 
 
 def parse_container(container: container_pb2.Container) -> ImageRef:
-    """Checks the fields; raises ImageError saying which one is malformed."""
-    if not _IMAGE_RE.fullmatch(container.image) or ".." in container.image:
-        raise ImageError(
-            "container.image must be a registry reference: 1-255 letters, digits and ._-/:"
-        )
-    if not _TAG_RE.fullmatch(container.tag):
-        raise ImageError("container.tag must be at most 128 letters, digits and ._-")
-    if not _DIGEST_RE.fullmatch(container.checksum):
-        raise ImageError(
-            "container.checksum must be the image manifest's digest: sha256: and 64 lowercase "
-            "hex digits"
-        )
+    """Checks the fields as the Provider does; raises ImageError saying which one is
+    malformed."""
+    try:
+        containers.check_container(container, "container")
+    except InvalidArgument as error:
+        raise ImageError(error.message) from None
+    if not containers.is_set(container):
+        raise ImageError("container.image must be a registry reference")
     return ImageRef(container.image, container.tag, container.checksum)
 
 

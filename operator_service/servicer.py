@@ -71,13 +71,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         job_facts.check_job_id(spec.job_id, "spec.job_id")
         if not spec.owner:
             raise InvalidArgument("spec.owner is required", field="spec.owner")
-        job_facts.check_viewers(spec.owner, spec.viewers)
-        if spec.viewers:
-            # Here, not at the top: only jobs with viewers pay for the signature library's
-            # import. Each is kept, and shown, in its EIP-55 form.
-            from mesh.auth import checksum
-
-            spec.viewers[:] = [checksum(viewer) for viewer in spec.viewers]
+        # Each viewer is kept, and shown, in its EIP-55 form.
+        spec.viewers[:] = job_facts.check_viewers(spec.owner, spec.viewers)
         structlog.contextvars.bind_contextvars(job_id=spec.job_id, consumer=spec.owner)
         job = job_pb2.Job(
             name=job_facts.job_name(spec.job_id),

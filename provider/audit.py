@@ -199,13 +199,17 @@ class AuditLog:
     ) -> list[pb.AuditEvent]:
         """Entries after sequence `after`, oldest first, only of `action` and `resource` when
         they are not empty."""
-        rows = self.db.execute(
-            "SELECT sequence, time_us, actor, action, resource, allowed, reason, details, hash "
-            "FROM audit_events WHERE sequence > ? "
-            "AND (? = '' OR action = ?) AND (? = '' OR resource = ?) "
-            "ORDER BY sequence LIMIT ?",
-            (after, action, action, resource, resource, limit),
-        ).fetchall()
+        # Only the filters given, so that SQLite can use the index of each.
+        clauses: list[str] = ["sequence > ?"]
+        values: list[int | str] = [after]
+        for column, value in (("action", action), ("resource", resource)):
+            if value:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        where = " AND ".join(clauses)
+        columns = "sequence, time_us, actor, action, resource, allowed, reason, details, hash"
+        query = f"SELECT {columns} FROM audit_events WHERE {where} ORDER BY sequence LIMIT ?"  # noqa: S608
+        rows = self.db.execute(query, (*values, limit)).fetchall()
         return [_event(*row) for row in rows]
 
 

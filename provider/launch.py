@@ -62,6 +62,10 @@ class JobPlan:
 
     @functools.cached_property
     def code_sha256(self) -> str:
+        # A published algorithm's files checksum is its one file's sha256, computed when it
+        # was published: not again at every job (up to 16 MiB on the event loop).
+        if self.algorithm is not None:
+            return self.algorithm.files_checksum
         return hashlib.sha256(self.code).hexdigest()
 
 
@@ -148,7 +152,7 @@ def _algorithm_facts(plan: JobPlan) -> dict[str, Any]:
             "did": "",
             "version": 0,
             "access": "raw",
-            "files_checksum": assets.files_checksum([plan.code]),
+            "files_checksum": plan.code_sha256,
             "container_section_checksum": assets.container_section_checksum(
                 plan.entrypoint, plan.container.checksum
             ),

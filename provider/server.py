@@ -42,6 +42,8 @@ class Provider:
 async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Provider:
     """The Provider on `config`; its chain is `chain` when given (the tests' in-process one),
     else the one `config.chain` names, else none (a node that sells nothing)."""
+    # First: it may refuse (a missing or foreign key file) before anything is opened.
+    key = load_provider_key(config)
     store = await ProviderStore.open(config.database)
     channel = open_channel(
         config.operator_address, config.tls, server_name=config.operator_tls_name
@@ -49,7 +51,6 @@ async def build(config: ProviderConfig, chain: ChainAccess | None = None) -> Pro
     own_chain = None
     if chain is None and config.chain is not None:
         chain = own_chain = ChainAccess.from_config(config.chain)
-    key = load_provider_key(config)
     servicer = ProviderServicer(
         config,
         store,

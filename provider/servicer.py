@@ -377,8 +377,9 @@ class ProviderServicer(
     async def DownloadAlgorithm(
         self, request: pb.DownloadAlgorithmRequest, context: Context
     ) -> AsyncIterator[pb.DownloadAlgorithmResponse]:
+        # The record first: a refused caller never makes the node read the code (16 MiB).
+        reader = await self._code_reader(await self._algorithm(request.name), request, context)
         algorithm, code = await self._algorithm_with_code(request.name)
-        reader = await self._code_reader(algorithm, request, context)
         if not 0 <= request.offset <= len(code):
             raise InvalidArgument("offset is outside the code", field="offset")
         await self.audit.record(
