@@ -129,7 +129,7 @@ class EngineConfig:
             backend=engine_backend(),
             image_store=Path(os.environ.get("C2D_IMAGE_STORE", str(home / "images"))),
             image_cache=Path(os.environ.get("C2D_IMAGE_CACHE", str(home / "engine" / "images"))),
-            image_fetch_timeout_s=float(os.environ.get("C2D_IMAGE_FETCH_TIMEOUT_S", "600")),
+            image_fetch_timeout_s=mesh_config.env_float("C2D_IMAGE_FETCH_TIMEOUT_S", 600.0),
             image_max_bytes=mesh_config.env_int("C2D_IMAGE_MAX_BYTES", 4 * GIB),
             image_cache_bytes=mesh_config.env_int("C2D_IMAGE_CACHE_BYTES", 32 * GIB),
             tls=TlsConfig.from_env(),

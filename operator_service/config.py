@@ -34,7 +34,7 @@ class OperatorConfig:
                 os.environ.get("C2D_OPERATOR_DB", str(home / "operator" / "operator.db"))
             ),
             storage_url=mesh_config.storage_url(),
-            engine_lease_s=float(os.environ.get("C2D_ENGINE_LEASE_S", "30")),
+            engine_lease_s=mesh_config.env_float("C2D_ENGINE_LEASE_S", 30.0),
             tls=TlsConfig.from_env(),
             engine_tls_name=os.environ.get("C2D_ENGINE_TLS_NAME", ""),
         )

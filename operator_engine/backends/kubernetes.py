@@ -53,14 +53,13 @@ from operator_engine.runner import (
     stream_entry_log,
     watch_entry,
 )
+from pods import configure as configure_exit
+from pods import publish as publish_exit
 from pods import workspace as layout
 
 log = structlog.get_logger()
 State = job_pb2.Job.State
 
-_EXIT_TOO_LARGE = 3
-_EXIT_DATA = 31
-_EXIT_ALGORITHM = 32
 # Image errors the kubelet does not recover from by waiting.
 _IMAGE_FAILURES = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 _WATCH_TIMEOUT_S = 60
@@ -130,6 +129,10 @@ class KubernetesBackend:
             env.name: asyncio.Semaphore(env.max_concurrent_jobs) for env in config.environments
         }
         self._waiting: dict[str, list[str]] = {env.name: [] for env in config.environments}
+        # Jobs holding a slot, per environment: the queue's length is what waits beyond them.
+        self._holding: dict[str, int] = {env.name: 0 for env in config.environments}
+        # Jobs recording their end: the engine's stop lets them finish (see close).
+        self._finishing: set[str] = set()
         self.stopping = False
 
     # -- the API -------------------------------------------------------------------------
@@ -165,16 +168,23 @@ class KubernetesBackend:
                 "the Kubernetes backend takes jobs up to 700 KiB of code and metadata",
                 field="spec.algorithm.code",
             )
-        if len(self._waiting[env.name]) >= env.max_queued_jobs:
+        free = env.max_concurrent_jobs - self._holding[env.name]
+        if len(self._waiting[env.name]) + 1 - free > env.max_queued_jobs:
             raise ResourceExhausted(
                 f"the queue of environment {env.name!r} is full ({env.max_queued_jobs} jobs "
                 "waiting); try again later",
                 reason="QUEUE_FULL",
             )
         entry = self._entry(spec, job)
-        await self._create(
-            self.core.create_namespaced_secret, objects.job_secret(self.settings, spec, job)
-        )
+        # Known before the first await: a retried RunJob meanwhile gets this job, not a twin.
+        self.jobs[spec.job_id] = entry
+        try:
+            await self._create(
+                self.core.create_namespaced_secret, objects.job_secret(self.settings, spec, job)
+            )
+        except BaseException:
+            del self.jobs[spec.job_id]
+            raise
         self._start(entry)
         log.info("job accepted", job_id=spec.job_id, environment=env.name, backend="kubernetes")
         return job
@@ -217,8 +227,11 @@ class KubernetesBackend:
         next engine picks them up from there."""
         self.stopping = True
         tasks = [e.task for e in self.jobs.values() if e.task is not None and not e.task.done()]
-        for task in tasks:
-            task.cancel()
+        for entry in self.jobs.values():
+            # A job recording its end finishes: cut off between deleting its objects and
+            # recording its state, it would be published again by the next engine.
+            if entry.task in tasks and entry.spec.job_id not in self._finishing:
+                entry.task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.api.close()
@@ -255,6 +268,8 @@ class KubernetesBackend:
                     self.jobs[entry.spec.job_id] = entry
                     await self._restore_log(entry)
                 else:
+                    # Its pod's log is read again from the start.
+                    entry.log_path.unlink(missing_ok=True)
                     log.info(
                         "job picked up after an engine restart",
                         state=job_pb2.Job.State.Name(entry.job.state),
@@ -274,17 +289,30 @@ class KubernetesBackend:
             self._run(entry, recovering=recovering), name=f"job-{entry.spec.job_id}"
         )
 
-    async def _set(self, entry: EngineJob, **fields: Any) -> None:
-        """Changes the job, wakes its watchers and keeps it on its Secret."""
+    async def _set(self, entry: EngineJob, *, forget_spec: bool = False, **fields: Any) -> None:
+        """Keeps the changed job on its Secret (without the spec, when `forget_spec`), then
+        changes it here and wakes its watchers: nobody sees a state the cluster does not
+        hold."""
+        changed = job_pb2.Job()
+        changed.CopyFrom(entry.job)
+        for key, value in fields.items():
+            setattr(changed, key, value)
+        job_facts.set_status_code(changed)
+        patch: dict[str, Any] = {
+            "metadata": {"annotations": {objects.JOB_ANNOTATION: objects.encode_job(changed)}}
+        }
+        if forget_spec:
+            # A final job's record keeps its state, not its spec (code, dataset locations).
+            patch["data"] = {objects.SPEC_KEY: None}
+        await self._patch_secret(entry, patch)
         await entry.update(persist=False, **fields)
-        await self._annotate(entry, {objects.JOB_ANNOTATION: objects.encode_job(entry.job)})
 
-    async def _annotate(self, entry: EngineJob, annotations: dict[str, str]) -> None:
+    async def _patch_secret(self, entry: EngineJob, patch: dict[str, Any]) -> None:
         try:
             await self.core.patch_namespaced_secret(
                 objects.object_name(entry.spec.job_id),
                 self.settings.namespace,
-                {"metadata": {"annotations": annotations}},
+                patch,
                 _request_timeout=_API_TIMEOUT_S,
             )
         except (ApiException, OSError, TimeoutError) as error:
@@ -300,12 +328,13 @@ class KubernetesBackend:
                 if recovering and (pods or entry.job.state != State.STATE_QUEUED):
                     # It held a slot before the restart: it takes one now without queueing.
                     await self._slots[env.name].acquire()
-                else:
-                    if not await self._queue(entry, env):
-                        return
+                elif not await self._queue(entry, env):
+                    return
+                self._holding[env.name] += 1
                 try:
                     await self._stages(entry, env, pods)
                 finally:
+                    self._holding[env.name] -= 1
                     self._slots[env.name].release()
             except asyncio.CancelledError:
                 if self.stopping:
@@ -370,6 +399,17 @@ class KubernetesBackend:
             outcome = await self._saved_outcome(job_id)
             await self._publish(entry, env, *outcome)
             return
+        if state == State.STATE_RUNNING and objects.ALGORITHM not in pods:
+            # RUNNING is recorded once its pod exists: the pod was removed while no engine
+            # watched it, and the algorithm is never run twice.
+            await self._publish(
+                entry,
+                env,
+                State.STATE_FAILED,
+                job_pb2.FAILURE_REASON_ENGINE_LOST,
+                "engine lost: the job's pod was removed while the engine was away",
+            )
+            return
         if objects.ALGORITHM not in pods:
             if not entry.job.HasField("start_time"):
                 entry.job.start_time.GetCurrentTime()
@@ -414,9 +454,9 @@ class KubernetesBackend:
         if end.succeeded:
             return None
         detail = _termination_detail(end.message)
-        if end.exit_code == _EXIT_DATA:
+        if end.exit_code == configure_exit.EXIT_DATA_PROVISIONING_FAILED:
             return job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED, detail
-        if end.exit_code == _EXIT_ALGORITHM:
+        if end.exit_code == configure_exit.EXIT_ALGORITHM_PROVISIONING_FAILED:
             return job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED, detail
         log.error("configure pod failed", reason=end.reason, exit_code=end.exit_code)
         return (
@@ -468,8 +508,9 @@ class KubernetesBackend:
         self, entry: EngineJob, env: EnvironmentSpec, state: int, reason: int, message: str
     ) -> None:
         job_id = entry.spec.job_id
-        await self._annotate(
-            entry, {objects.OUTCOME_ANNOTATION: json.dumps([state, reason, message])}
+        outcome = json.dumps([state, reason, message])
+        await self._patch_secret(
+            entry, {"metadata": {"annotations": {objects.OUTCOME_ANNOTATION: outcome}}}
         )
         await self._set(entry, state=State.STATE_PUBLISHING)
         name = objects.object_name(job_id, objects.PUBLISH)
@@ -487,12 +528,15 @@ class KubernetesBackend:
             )
         try:
             end = await self._wait_stage(entry, name, stoppable=False)
-            listing = await self._listing(job_id) if end.exit_code in (0, _EXIT_TOO_LARGE) else None
+            listing = (
+                await self._listing(job_id)
+                if end.exit_code in (0, publish_exit.EXIT_TOO_LARGE)
+                else None
+            )
         except Exception:
             log.exception("publish failed")
             end, listing = _StageEnd(False, -1, "", ""), None
         if listing is None:
-            await self._store_algorithm_log(entry, [])
             await self._finish(
                 entry,
                 State.STATE_FAILED,
@@ -504,7 +548,7 @@ class KubernetesBackend:
         await self._store_algorithm_log(entry, results)
         del entry.job.results[:]
         entry.job.results.extend(results)
-        if end.exit_code == _EXIT_TOO_LARGE and state == State.STATE_SUCCEEDED:
+        if end.exit_code == publish_exit.EXIT_TOO_LARGE and state == State.STATE_SUCCEEDED:
             state = State.STATE_FAILED
             reason = job_pb2.FAILURE_REASON_OUTPUT_TOO_LARGE
             message = "the outputs exceed the environment's limit; the publish log lists them"
@@ -539,14 +583,23 @@ class KubernetesBackend:
     async def _finish(self, entry: EngineJob, state: int, reason: int, message: str) -> None:
         """Removes the job's objects, then records its final state: a final job has nothing
         left running or held in the cluster but its record."""
-        await self._delete_objects(entry.spec.job_id)
-        entry.job.end_time.GetCurrentTime()
-        if not message and reason:
-            message = job_facts.format_reason(reason)
-        await self._set(
-            entry, state=state, failure_reason=reason, message=message, queue_position=0
-        )
-        await self._forget_spec(entry.spec.job_id)
+        self._finishing.add(entry.spec.job_id)
+        try:
+            # The publish pod is the only one left by now (or none, for a queued job).
+            await self._delete_objects(entry.spec.job_id)
+            entry.job.end_time.GetCurrentTime()
+            if not message and reason:
+                message = job_facts.format_reason(reason)
+            await self._set(
+                entry,
+                forget_spec=True,
+                state=state,
+                failure_reason=reason,
+                message=message,
+                queue_position=0,
+            )
+        finally:
+            self._finishing.discard(entry.spec.job_id)
         log.info(
             "job final",
             state=job_pb2.Job.State.Name(state),  # type: ignore[arg-type]
@@ -724,34 +777,63 @@ class KubernetesBackend:
                 cancel.cancel()
 
     async def _pod_states(self, name: str) -> AsyncIterator[dict[str, Any] | None]:
-        """The pod now, then at each change (and at least every few seconds, so callers can
-        look at the clock and the job's stop), None once it is gone."""
-        ns = self.settings.namespace
-        while True:
-            pod = await self._read_pod(name)
-            yield pod
-            if pod is None:
-                return
+        """The pod now, then at each change, and again at least every few seconds so that
+        callers look at the clock and the job's stop; None once it is gone. One watch feeds
+        it, resumed from where it was; nothing is handed to the caller from inside a timeout
+        or a watch, so the caller's own awaits are never cut short."""
+        states: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        feeder = asyncio.create_task(self._watch_pod(name, states))
+        last: dict[str, Any] | None = None
+        seen = False
+        try:
+            while True:
+                try:
+                    last = await asyncio.wait_for(states.get(), _LOOK_AGAIN_S)
+                    seen = True
+                except TimeoutError:
+                    if feeder.done():
+                        feeder.result()  # its error, if it failed
+                        return
+                    if not seen:
+                        continue
+                yield last
+                if last is None:
+                    return
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+
+    async def _watch_pod(self, name: str, states: asyncio.Queue[dict[str, Any] | None]) -> None:
+        """Puts the pod's states on `states`: first as read, then as its watch reports them,
+        resuming after each break from the last version seen (read again after a 410)."""
+        pod = await self._read_pod(name)
+        await states.put(pod)
+        while pod is not None:
             version = pod["metadata"].get("resourceVersion", "")
             watcher = kube_watch.Watch()
             try:
-                async with asyncio.timeout(_LOOK_AGAIN_S):
-                    async for event in watcher.stream(
-                        self.core.list_namespaced_pod,
-                        ns,
-                        field_selector=f"metadata.name={name}",
-                        resource_version=version,
-                        timeout_seconds=_WATCH_TIMEOUT_S,
-                    ):
-                        kind = event["type"]
-                        if kind == "DELETED":
-                            yield None
-                            return
-                        if kind in ("ADDED", "MODIFIED"):
-                            yield event["raw_object"]
-            except TimeoutError:
-                pass  # a look at the clock and the stop request, then watch on
-            except (ApiException, OSError) as error:
+                async for event in watcher.stream(
+                    self.core.list_namespaced_pod,
+                    self.settings.namespace,
+                    field_selector=f"metadata.name={name}",
+                    resource_version=version,
+                    timeout_seconds=_WATCH_TIMEOUT_S,
+                ):
+                    if event["type"] == "DELETED":
+                        await states.put(None)
+                        return
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        pod = event["raw_object"]
+                        await states.put(pod)
+            except ApiException as error:
+                if error.status == 410:  # its version is gone: from the pod as it is now
+                    pod = await self._read_pod(name)
+                    await states.put(pod)
+                else:
+                    log.info("pod watch broke off; watching again", pod=name, error=str(error))
+                    await asyncio.sleep(_RETRY_S)
+            except OSError as error:
                 log.info("pod watch broke off; watching again", pod=name, error=str(error))
                 await asyncio.sleep(_RETRY_S)
             finally:
@@ -777,16 +859,6 @@ class KubernetesBackend:
         await self._delete(self.networking.delete_namespaced_network_policy, name)
         if with_secret:
             await self._delete(self.core.delete_namespaced_secret, name)
-
-    async def _forget_spec(self, job_id: str) -> None:
-        """A final job's record keeps its state, not its spec (code, dataset locations)."""
-        with contextlib.suppress(ApiException, OSError, TimeoutError):
-            await self.core.patch_namespaced_secret(
-                objects.object_name(job_id),
-                self.settings.namespace,
-                [{"op": "remove", "path": f"/data/{objects.SPEC_KEY}"}],
-                _request_timeout=_API_TIMEOUT_S,
-            )
 
     async def _sweep_orphans(self, known: set[str]) -> None:
         selector = objects.engine_selector(self.settings)

@@ -62,8 +62,8 @@ class KubernetesSettings:
             results_mount=storage.removeprefix("file://"),
             storage_class=os.environ.get("C2D_K8S_STORAGE_CLASS", ""),
             run_as_user=mesh_config.env_int("C2D_K8S_RUN_AS_USER", 10001),
-            pending_timeout_s=float(os.environ.get("C2D_K8S_PENDING_TIMEOUT_S", "600")),
-            stage_timeout_s=float(os.environ.get("C2D_K8S_STAGE_TIMEOUT_S", "900")),
+            pending_timeout_s=mesh_config.env_float("C2D_K8S_PENDING_TIMEOUT_S", 600.0),
+            stage_timeout_s=mesh_config.env_float("C2D_K8S_STAGE_TIMEOUT_S", 900.0),
             kubeconfig=os.environ.get("C2D_K8S_KUBECONFIG", ""),
         )
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from c2d.common.v1 import container_pb2, job_pb2
 from c2d.engine.v1 import engine_pb2
+from kubernetes_asyncio import client as kube_client
 
 from mesh import jobs as job_facts
 from mesh.storage import storage_from_url
@@ -490,3 +491,49 @@ def test_the_job_secret_carries_the_spec_and_state() -> None:
     text = base64.b64decode(secret["data"][objects.SPEC_KEY]).decode()
     assert json.loads(text)["jobId"] == made.job_id
     assert objects.decode_job(secret["metadata"]["annotations"][objects.JOB_ANNOTATION]) == job
+
+
+async def test_a_retried_submit_makes_one_job(cluster: Cluster) -> None:
+    plays(cluster, [])
+    backend = await cluster.backend()
+    try:
+        job_spec = with_data(cluster)
+        first, second = await asyncio.gather(backend.submit(job_spec), backend.submit(job_spec))
+        assert first.name == second.name
+        job = await final(backend, job_spec.job_id)
+        assert job.state == State.STATE_SUCCEEDED, job.message
+        assert [pod_stage(p) for p in cluster.created] == [
+            objects.CONFIGURE,
+            objects.ALGORITHM,
+            objects.PUBLISH,
+        ]
+    finally:
+        await backend.close()
+
+
+async def test_a_pod_removed_while_no_engine_watched_is_not_run_again(cluster: Cluster) -> None:
+    gate = asyncio.Event()
+    plays(cluster, ["once"], gate=gate)
+    first = await cluster.backend()
+    job_spec = with_data(cluster)
+    try:
+        await first.submit(job_spec)
+        async for job in first.watch(job_spec.job_id):
+            if job.state == State.STATE_RUNNING:
+                break
+    finally:
+        await first.close()
+    name = objects.object_name(job_spec.job_id, objects.ALGORITHM)
+    api = await connect(cluster.settings)
+    try:
+        await kube_client.CoreV1Api(api).delete_namespaced_pod(name, NS)
+    finally:
+        await api.close()
+    gate.set()
+    second = await cluster.backend()
+    try:
+        job = await final(second, job_spec.job_id)
+        assert job.failure_reason == job_pb2.FAILURE_REASON_ENGINE_LOST, job.message
+        assert [pod_stage(p) for p in cluster.created].count(objects.ALGORITHM) == 1
+    finally:
+        await second.close()
