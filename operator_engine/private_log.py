@@ -60,15 +60,20 @@ def code_lines(code: bytes) -> frozenset[str]:
     return frozenset(lines)
 
 
-def _complete_utf8(data: bytes) -> bytes:
-    """`data` without an unfinished UTF-8 sequence at its end (its next bytes are still to
-    come): decoded now, it would not compare as the character it becomes."""
+def split_utf8(data: bytes, *, final: bool) -> tuple[bytes, bytes]:
+    """Splits `data` into a part that ends on a character boundary and the incomplete tail,
+    so that a log chunk never cuts a multi-byte character in two."""
+    if final or not data:
+        return data, b""
+    # A UTF-8 sequence is at most 4 bytes: only the last 3 can be an unfinished one.
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 != 0x80:  # a lead byte or ASCII
             need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
-            return data[:-back] if need > back else data
-    return data
+            if need > back:
+                return data[:-back], data[-back:]
+            return data, b""
+    return data, b""
 
 
 def _text(data: bytes) -> str:
@@ -136,7 +141,7 @@ class CodeRedactor:
             out += data
             return
         self._held += data
-        text = _text(_complete_utf8(bytes(self._held))).strip()
+        text = _text(split_utf8(bytes(self._held), final=False)[0]).strip()
         if text and not self._may_begin_code(text):
             out += self._held
             self._held.clear()

@@ -51,7 +51,7 @@ from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
 from operator_engine.images import ImageCache, ImageError, PreparedImage
-from operator_engine.private_log import CodeRedactor
+from operator_engine.private_log import CodeRedactor, split_utf8
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
 from pods.configure import AlgorithmProvisioningError, ProvisioningError, configure, make_layout
@@ -1002,19 +1002,3 @@ async def _wait_quietly(task: asyncio.Task[None]) -> None:
     # The job's own task reports its errors; the stopper only waits for it to end.
     with contextlib.suppress(BaseException):
         await task
-
-
-def split_utf8(data: bytes, *, final: bool) -> tuple[bytes, bytes]:
-    """Splits `data` into a part that ends on a character boundary and the incomplete tail,
-    so that a log chunk never cuts a multi-byte character in two."""
-    if final or not data:
-        return data, b""
-    # A UTF-8 sequence is at most 4 bytes: only the last 3 can be an unfinished one.
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte or ASCII
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
-            if need > back:
-                return data[:-back], data[-back:]
-            return data, b""
-    return data, b""
