@@ -11,12 +11,13 @@ from collections.abc import Sequence
 
 from gateway.app import serve
 from gateway.config import GatewayConfig
+from mesh import config as mesh_config
 from mesh.logging import configure_logging
 from mesh.server import run_service
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    defaults = GatewayConfig.from_env()
+    defaults = mesh_config.load("gateway", GatewayConfig.from_env)
     parser = argparse.ArgumentParser(
         prog="python -m gateway", description="The REST edge of a c2d Provider."
     )

@@ -6,7 +6,12 @@ defaults, so that `python -m provider` and friends work with no configuration at
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 PROVIDER_LISTEN = "127.0.0.1:8031"
 GATEWAY_LISTEN = "127.0.0.1:8030"
@@ -73,3 +78,13 @@ def env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError as error:
         raise ValueError(f"{name} must be an integer, not {raw!r}") from error
+
+
+def load(service: str, read: Callable[[], _T]) -> _T:
+    """A service's configuration from `read` (its `from_env`); a one-line message naming the
+    setting and exit status 2, not a traceback, when the environment sets something wrong."""
+    try:
+        return read()
+    except ValueError as error:
+        print(f"{service}: bad configuration: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

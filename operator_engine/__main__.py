@@ -6,6 +6,7 @@ import sys
 
 import structlog
 
+from mesh import config as mesh_config
 from mesh.logging import configure_logging
 from mesh.server import run_service, run_until_signalled
 from operator_engine.config import EngineConfig
@@ -17,7 +18,7 @@ from operator_engine.server import build
 async def main() -> int:
     configure_logging("operator_engine")
     log = structlog.get_logger()
-    config = EngineConfig.from_env()
+    config = mesh_config.load("operator_engine", EngineConfig.from_env)
     try:
         server, runner = await build(config)
     except (SandboxUnavailable, ValueError) as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from mesh import config as mesh_config
 from mesh.logging import configure_logging
 from mesh.server import run_service, run_until_signalled
 from operator_service.config import OperatorConfig
@@ -12,7 +13,7 @@ from operator_service.server import build
 
 async def main() -> int:
     configure_logging("operator_service")
-    service = await build(OperatorConfig.from_env())
+    service = await build(mesh_config.load("operator_service", OperatorConfig.from_env))
     await service.start()
     await run_until_signalled(
         service.server, before_stop=service.tracker.close, on_stop=service.close

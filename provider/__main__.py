@@ -6,6 +6,7 @@ import sys
 
 import structlog
 
+from mesh import config as mesh_config
 from mesh.logging import configure_logging
 from mesh.server import run_service, run_until_signalled
 from provider.config import ProviderConfig
@@ -14,7 +15,7 @@ from provider.server import build
 
 async def main() -> int:
     configure_logging("provider")
-    config = ProviderConfig.from_env()
+    config = mesh_config.load("provider", ProviderConfig.from_env)
     if not config.owners:
         structlog.get_logger().warning(
             "no data owners configured (C2D_OWNERS): nobody can publish datasets"
