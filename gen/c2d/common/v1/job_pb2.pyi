@@ -169,6 +169,8 @@ class Job(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
     VIEWERS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    RESULTS_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RESULTS_EXPIRED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `jobs/{job}`, where `{job}` is 32 lowercase hex digits."""
     owner: _builtins.str
@@ -195,6 +197,11 @@ class Job(_message.Message):
     """The algorithm's exit code, once it has exited; -1 when it was killed."""
     queue_position: _builtins.int
     """The job's position in its environment's queue (1 = next); 0 unless queued."""
+    results_expired: _builtins.bool
+    """The results were deleted at `results_expire_time`: `results` still
+    lists them (names, sizes, checksums), but they can no longer be
+    downloaded.
+    """
     @_builtins.property
     def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The datasets the job reads, as 64-hex dataset ids, the main dataset first."""
@@ -227,6 +234,12 @@ class Job(_message.Message):
         consumer asked for less.
         """
 
+    @_builtins.property
+    def results_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the results will be deleted: the end time plus the environment's
+        `result_retention`; unset when they are kept until the job is deleted.
+        """
+
     def __init__(
         self,
         *,
@@ -248,10 +261,12 @@ class Job(_message.Message):
         queue_position: _builtins.int = ...,
         viewers: _abc.Iterable[_builtins.str] | None = ...,
         limits: Global___Resources | None = ...,
+        results_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        results_expired: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "limits", b"limits", "results_expire_time", b"results_expire_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "limits", b"limits", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "results", b"results", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "limits", b"limits", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "results", b"results", "results_expire_time", b"results_expire_time", "results_expired", b"results_expired", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -382,6 +397,7 @@ class Environment(_message.Message):
     MAX_QUEUE_WAIT_FIELD_NUMBER: _builtins.int
     MAX_QUEUED_JOBS_FIELD_NUMBER: _builtins.int
     PRICE_FIELD_NUMBER: _builtins.int
+    RESULT_RETENTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The environment's name, for example "default"."""
     cpus: _builtins.float
@@ -418,6 +434,13 @@ class Environment(_message.Message):
         a free environment.
         """
 
+    @_builtins.property
+    def result_retention(self) -> _duration_pb2.Duration:
+        """How long a job's results are kept after it ends; then they and the
+        job's scratch space are deleted, and the job stays listed with
+        `results_expired`. Unset: kept until the job is deleted.
+        """
+
     def __init__(
         self,
         *,
@@ -433,10 +456,11 @@ class Environment(_message.Message):
         max_queue_wait: _duration_pb2.Duration | None = ...,
         max_queued_jobs: _builtins.int = ...,
         price: Global___EnvironmentPrice | None = ...,
+        result_retention: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "max_queue_wait", b"max_queue_wait", "price", b"price"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_duration", b"max_duration", "max_queue_wait", b"max_queue_wait", "price", b"price", "result_retention", b"result_retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "max_queue_wait", b"max_queue_wait", "max_queued_jobs", b"max_queued_jobs", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed", "price", b"price"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "disk_bytes", b"disk_bytes", "free", b"free", "max_concurrent_jobs", b"max_concurrent_jobs", "max_duration", b"max_duration", "max_processes", b"max_processes", "max_queue_wait", b"max_queue_wait", "max_queued_jobs", b"max_queued_jobs", "memory_bytes", b"memory_bytes", "name", b"name", "network_allowed", b"network_allowed", "price", b"price", "result_retention", b"result_retention"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,32 +29,89 @@ class DatasetInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
-    FILE_PATHS_FIELD_NUMBER: _builtins.int
     DDO_JSON_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The dataset's 64-hex id; the files appear under /data/inputs/{id}/."""
     ddo_json: _builtins.str
     """The dataset's public metadata document (JSON), written to /data/ddos/{id}."""
     @_builtins.property
-    def file_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Absolute paths of the dataset's files, in order; file `i` appears as
-        /data/inputs/{id}/{i}. Each must lie under the engine's data root.
-        """
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetFileSource]:
+        """The dataset's files, in order; file `i` appears as /data/inputs/{id}/{i}."""
 
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
-        file_paths: _abc.Iterable[_builtins.str] | None = ...,
         ddo_json: _builtins.str = ...,
+        files: _abc.Iterable[Global___DatasetFileSource] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ddo_json", b"ddo_json", "file_paths", b"file_paths", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ddo_json", b"ddo_json", "files", b"files", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DatasetInput: _TypeAlias = DatasetInput  # noqa: Y015
+
+@_typing.final
+class DatasetFileSource(_message.Message):
+    """Where one dataset file is, and what it must hold. Only the engine and the
+    Provider ever see it; errors and logs name the file by its position only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    S3_URL_FIELD_NUMBER: _builtins.int
+    HTTP_URL_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """An absolute path under the engine's data root: bind-mounted read-only,
+    not copied.
+    """
+    s3_url: _builtins.str
+    """An object in S3 or an S3-compatible store, `s3://{bucket}/{key}`,
+    reached with `credentials`. Fetched into the job's inputs.
+    """
+    http_url: _builtins.str
+    """An `http://` or `https://` URL, fetched into the job's inputs."""
+    credentials: _builtins.str
+    """The name of a source credential in the engine's sources file (see
+    C2D_SOURCE_CREDENTIALS): S3 endpoint and keys, or HTTP headers. Empty:
+    none (S3 then uses the engine's default AWS credentials). The secret
+    itself never travels in a request and never reaches the algorithm.
+    """
+    size_bytes: _builtins.int
+    """The size in bytes recorded at publication. A remote file of another
+    size fails the job (data provisioning failed); the fetch never reads
+    past it.
+    """
+    sha256: _builtins.str
+    """The lowercase hex sha256 recorded at publication. A remote file with
+    another digest fails the job (data provisioning failed).
+    """
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        s3_url: _builtins.str = ...,
+        http_url: _builtins.str = ...,
+        credentials: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["path", "s3_url", "http_url"]  # noqa: Y015
+    _WhichOneofArgType_location: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_location) -> _WhichOneofReturnType_location | None: ...
+
+Global___DatasetFileSource: _TypeAlias = DatasetFileSource  # noqa: Y015
 
 @_typing.final
 class AlgorithmInput(_message.Message):

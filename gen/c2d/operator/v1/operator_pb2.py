@@ -24,51 +24,56 @@ _sym_db = _symbol_database.Default()
 
 from c2d.common.v1 import job_pb2 as c2d_dot_common_dot_v1_dot_job__pb2
 from c2d.engine.v1 import engine_pb2 as c2d_dot_engine_dot_v1_dot_engine__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x32\x64/operator/v1/operator.proto\x12\x0f\x63\x32\x64.operator.v1\x1a\x17\x63\x32\x64/common/v1/job.proto\x1a\x1a\x63\x32\x64/engine/v1/engine.proto\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.c2d.engine.v1.JobSpec\"4\n\x11\x43reateJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\".\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"G\n\x0fListJobsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.c2d.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"3\n\x10WatchJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"E\n\x14StreamJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"?\n\x15StreamJobLogsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.c2d.common.v1.LogChunk\"/\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"2\n\x0fStopJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"1\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"Q\n\x11ReadResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"2\n\x12ReadResultResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x19\n\x17ListEnvironmentsRequest\"L\n\x18ListEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.c2d.common.v1.Environment2\x9a\x06\n\x0fOperatorService\x12R\n\tCreateJob\x12!.c2d.operator.v1.CreateJobRequest\x1a\".c2d.operator.v1.CreateJobResponse\x12I\n\x06GetJob\x12\x1e.c2d.operator.v1.GetJobRequest\x1a\x1f.c2d.operator.v1.GetJobResponse\x12O\n\x08ListJobs\x12 .c2d.operator.v1.ListJobsRequest\x1a!.c2d.operator.v1.ListJobsResponse\x12Q\n\x08WatchJob\x12 .c2d.operator.v1.WatchJobRequest\x1a!.c2d.operator.v1.WatchJobResponse0\x01\x12`\n\rStreamJobLogs\x12%.c2d.operator.v1.StreamJobLogsRequest\x1a&.c2d.operator.v1.StreamJobLogsResponse0\x01\x12L\n\x07StopJob\x12\x1f.c2d.operator.v1.StopJobRequest\x1a .c2d.operator.v1.StopJobResponse\x12R\n\tDeleteJob\x12!.c2d.operator.v1.DeleteJobRequest\x1a\".c2d.operator.v1.DeleteJobResponse\x12W\n\nReadResult\x12\".c2d.operator.v1.ReadResultRequest\x1a#.c2d.operator.v1.ReadResultResponse0\x01\x12g\n\x10ListEnvironments\x12(.c2d.operator.v1.ListEnvironmentsRequest\x1a).c2d.operator.v1.ListEnvironmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x32\x64/operator/v1/operator.proto\x12\x0f\x63\x32\x64.operator.v1\x1a\x17\x63\x32\x64/common/v1/job.proto\x1a\x1a\x63\x32\x64/engine/v1/engine.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x10\x43reateJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.c2d.engine.v1.JobSpec\"4\n\x11\x43reateJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\".\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"G\n\x0fListJobsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"M\n\x10ListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.c2d.common.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"3\n\x10WatchJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"E\n\x14StreamJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"?\n\x15StreamJobLogsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.c2d.common.v1.LogChunk\"/\n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"2\n\x0fStopJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"1\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"Q\n\x11ReadResultRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"2\n\x12ReadResultResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"C\n\x13GetResultUrlRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\"\x7f\n\x14GetResultUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x19.c2d.common.v1.ResultFile\"\x19\n\x17ListEnvironmentsRequest\"L\n\x18ListEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.c2d.common.v1.Environment2\xf7\x06\n\x0fOperatorService\x12R\n\tCreateJob\x12!.c2d.operator.v1.CreateJobRequest\x1a\".c2d.operator.v1.CreateJobResponse\x12I\n\x06GetJob\x12\x1e.c2d.operator.v1.GetJobRequest\x1a\x1f.c2d.operator.v1.GetJobResponse\x12O\n\x08ListJobs\x12 .c2d.operator.v1.ListJobsRequest\x1a!.c2d.operator.v1.ListJobsResponse\x12Q\n\x08WatchJob\x12 .c2d.operator.v1.WatchJobRequest\x1a!.c2d.operator.v1.WatchJobResponse0\x01\x12`\n\rStreamJobLogs\x12%.c2d.operator.v1.StreamJobLogsRequest\x1a&.c2d.operator.v1.StreamJobLogsResponse0\x01\x12L\n\x07StopJob\x12\x1f.c2d.operator.v1.StopJobRequest\x1a .c2d.operator.v1.StopJobResponse\x12R\n\tDeleteJob\x12!.c2d.operator.v1.DeleteJobRequest\x1a\".c2d.operator.v1.DeleteJobResponse\x12W\n\nReadResult\x12\".c2d.operator.v1.ReadResultRequest\x1a#.c2d.operator.v1.ReadResultResponse0\x01\x12[\n\x0cGetResultUrl\x12$.c2d.operator.v1.GetResultUrlRequest\x1a%.c2d.operator.v1.GetResultUrlResponse\x12g\n\x10ListEnvironments\x12(.c2d.operator.v1.ListEnvironmentsRequest\x1a).c2d.operator.v1.ListEnvironmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'c2d.operator.v1.operator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEJOBREQUEST']._serialized_start=104
-  _globals['_CREATEJOBREQUEST']._serialized_end=160
-  _globals['_CREATEJOBRESPONSE']._serialized_start=162
-  _globals['_CREATEJOBRESPONSE']._serialized_end=214
-  _globals['_GETJOBREQUEST']._serialized_start=216
-  _globals['_GETJOBREQUEST']._serialized_end=262
-  _globals['_GETJOBRESPONSE']._serialized_start=264
-  _globals['_GETJOBRESPONSE']._serialized_end=313
-  _globals['_LISTJOBSREQUEST']._serialized_start=315
-  _globals['_LISTJOBSREQUEST']._serialized_end=386
-  _globals['_LISTJOBSRESPONSE']._serialized_start=388
-  _globals['_LISTJOBSRESPONSE']._serialized_end=465
-  _globals['_WATCHJOBREQUEST']._serialized_start=467
-  _globals['_WATCHJOBREQUEST']._serialized_end=515
-  _globals['_WATCHJOBRESPONSE']._serialized_start=517
-  _globals['_WATCHJOBRESPONSE']._serialized_end=568
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=570
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=639
-  _globals['_STREAMJOBLOGSRESPONSE']._serialized_start=641
-  _globals['_STREAMJOBLOGSRESPONSE']._serialized_end=704
-  _globals['_STOPJOBREQUEST']._serialized_start=706
-  _globals['_STOPJOBREQUEST']._serialized_end=753
-  _globals['_STOPJOBRESPONSE']._serialized_start=755
-  _globals['_STOPJOBRESPONSE']._serialized_end=805
-  _globals['_DELETEJOBREQUEST']._serialized_start=807
-  _globals['_DELETEJOBREQUEST']._serialized_end=856
-  _globals['_DELETEJOBRESPONSE']._serialized_start=858
-  _globals['_DELETEJOBRESPONSE']._serialized_end=877
-  _globals['_READRESULTREQUEST']._serialized_start=879
-  _globals['_READRESULTREQUEST']._serialized_end=960
-  _globals['_READRESULTRESPONSE']._serialized_start=962
-  _globals['_READRESULTRESPONSE']._serialized_end=1012
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1014
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1039
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1041
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1117
-  _globals['_OPERATORSERVICE']._serialized_start=1120
-  _globals['_OPERATORSERVICE']._serialized_end=1914
+  _globals['_CREATEJOBREQUEST']._serialized_start=137
+  _globals['_CREATEJOBREQUEST']._serialized_end=193
+  _globals['_CREATEJOBRESPONSE']._serialized_start=195
+  _globals['_CREATEJOBRESPONSE']._serialized_end=247
+  _globals['_GETJOBREQUEST']._serialized_start=249
+  _globals['_GETJOBREQUEST']._serialized_end=295
+  _globals['_GETJOBRESPONSE']._serialized_start=297
+  _globals['_GETJOBRESPONSE']._serialized_end=346
+  _globals['_LISTJOBSREQUEST']._serialized_start=348
+  _globals['_LISTJOBSREQUEST']._serialized_end=419
+  _globals['_LISTJOBSRESPONSE']._serialized_start=421
+  _globals['_LISTJOBSRESPONSE']._serialized_end=498
+  _globals['_WATCHJOBREQUEST']._serialized_start=500
+  _globals['_WATCHJOBREQUEST']._serialized_end=548
+  _globals['_WATCHJOBRESPONSE']._serialized_start=550
+  _globals['_WATCHJOBRESPONSE']._serialized_end=601
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=603
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=672
+  _globals['_STREAMJOBLOGSRESPONSE']._serialized_start=674
+  _globals['_STREAMJOBLOGSRESPONSE']._serialized_end=737
+  _globals['_STOPJOBREQUEST']._serialized_start=739
+  _globals['_STOPJOBREQUEST']._serialized_end=786
+  _globals['_STOPJOBRESPONSE']._serialized_start=788
+  _globals['_STOPJOBRESPONSE']._serialized_end=838
+  _globals['_DELETEJOBREQUEST']._serialized_start=840
+  _globals['_DELETEJOBREQUEST']._serialized_end=889
+  _globals['_DELETEJOBRESPONSE']._serialized_start=891
+  _globals['_DELETEJOBRESPONSE']._serialized_end=910
+  _globals['_READRESULTREQUEST']._serialized_start=912
+  _globals['_READRESULTREQUEST']._serialized_end=993
+  _globals['_READRESULTRESPONSE']._serialized_start=995
+  _globals['_READRESULTRESPONSE']._serialized_end=1045
+  _globals['_GETRESULTURLREQUEST']._serialized_start=1047
+  _globals['_GETRESULTURLREQUEST']._serialized_end=1114
+  _globals['_GETRESULTURLRESPONSE']._serialized_start=1116
+  _globals['_GETRESULTURLRESPONSE']._serialized_end=1243
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1245
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1270
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1272
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1348
+  _globals['_OPERATORSERVICE']._serialized_start=1351
+  _globals['_OPERATORSERVICE']._serialized_end=2238
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,7 @@ from c2d.engine.v1 import engine_pb2 as _engine_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -434,6 +435,70 @@ class ReadResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadResultResponse: _TypeAlias = ReadResultResponse  # noqa: Y015
+
+@_typing.final
+class GetResultUrlRequest(_message.Message):
+    """The request of GetResultUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    owner: _builtins.str
+    """The caller's address."""
+    index: _builtins.int
+    """The result's index in the job's result list."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "job_id", b"job_id", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultUrlRequest: _TypeAlias = GetResultUrlRequest  # noqa: Y015
+
+@_typing.final
+class GetResultUrlResponse(_message.Message):
+    """The response of GetResultUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The presigned URL."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops working."""
+
+    @_builtins.property
+    def result(self) -> _job_pb2.ResultFile:
+        """The result it downloads."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        result: _job_pb2.ResultFile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "result", b"result", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultUrlResponse: _TypeAlias = GetResultUrlResponse  # noqa: Y015
 
 @_typing.final
 class ListEnvironmentsRequest(_message.Message):

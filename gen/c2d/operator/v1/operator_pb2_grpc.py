@@ -81,6 +81,11 @@ class OperatorServiceStub:
                 request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultRequest.SerializeToString,
                 response_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultResponse.FromString,
                 _registered_method=True)
+        self.GetResultUrl = channel.unary_unary(
+                '/c2d.operator.v1.OperatorService/GetResultUrl',
+                request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.SerializeToString,
+                response_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.FromString,
+                _registered_method=True)
         self.ListEnvironments = channel.unary_unary(
                 '/c2d.operator.v1.OperatorService/ListEnvironments',
                 request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ListEnvironmentsRequest.SerializeToString,
@@ -165,6 +170,16 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResultUrl(self, request, context):
+        """Returns a short-lived presigned URL for one result. NOT_FOUND as for
+        ReadResult, and for expired results; FAILED_PRECONDITION when the
+        storage cannot presign (local disk); DATA_LOSS when the stored object's
+        size or recorded sha256 is not the job's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEnvironments(self, request, context):
         """Lists the engine's environments.
         """
@@ -214,6 +229,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.ReadResult,
                     request_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultRequest.FromString,
                     response_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultResponse.SerializeToString,
+            ),
+            'GetResultUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResultUrl,
+                    request_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.FromString,
+                    response_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.SerializeToString,
             ),
             'ListEnvironments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEnvironments,
@@ -444,6 +464,33 @@ class OperatorService:
             '/c2d.operator.v1.OperatorService/ReadResult',
             c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultRequest.SerializeToString,
             c2d_dot_operator_dot_v1_dot_operator__pb2.ReadResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResultUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.operator.v1.OperatorService/GetResultUrl',
+            c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.SerializeToString,
+            c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.FromString,
             options,
             channel_credentials,
             insecure,

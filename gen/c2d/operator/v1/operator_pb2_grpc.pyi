@@ -75,6 +75,12 @@ class OperatorServiceStub:
     NOT_FOUND for an unknown job or result index; DATA_LOSS when the stored
     content no longer matches its recorded sha256.
     """
+    GetResultUrl: _grpc.UnaryUnaryMultiCallable[_operator_pb2.GetResultUrlRequest, _operator_pb2.GetResultUrlResponse]
+    """Returns a short-lived presigned URL for one result. NOT_FOUND as for
+    ReadResult, and for expired results; FAILED_PRECONDITION when the
+    storage cannot presign (local disk); DATA_LOSS when the stored object's
+    size or recorded sha256 is not the job's.
+    """
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEnvironmentsRequest, _operator_pb2.ListEnvironmentsResponse]
     """Lists the engine's environments."""
 
@@ -124,6 +130,12 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     """Streams one result's content from `offset`; ends after the last byte.
     NOT_FOUND for an unknown job or result index; DATA_LOSS when the stored
     content no longer matches its recorded sha256.
+    """
+    GetResultUrl: _aio.UnaryUnaryMultiCallable[_operator_pb2.GetResultUrlRequest, _operator_pb2.GetResultUrlResponse]  # type: ignore[assignment]
+    """Returns a short-lived presigned URL for one result. NOT_FOUND as for
+    ReadResult, and for expired results; FAILED_PRECONDITION when the
+    storage cannot presign (local disk); DATA_LOSS when the stored object's
+    size or recorded sha256 is not the job's.
     """
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEnvironmentsRequest, _operator_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the engine's environments."""
@@ -219,6 +231,18 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams one result's content from `offset`; ends after the last byte.
         NOT_FOUND for an unknown job or result index; DATA_LOSS when the stored
         content no longer matches its recorded sha256.
+        """
+
+    @_abc_1.abstractmethod
+    def GetResultUrl(
+        self,
+        request: _operator_pb2.GetResultUrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.GetResultUrlResponse, _abc.Awaitable[_operator_pb2.GetResultUrlResponse]]:
+        """Returns a short-lived presigned URL for one result. NOT_FOUND as for
+        ReadResult, and for expired results; FAILED_PRECONDITION when the
+        storage cannot presign (local disk); DATA_LOSS when the stored object's
+        size or recorded sha256 is not the job's.
         """
 
     @_abc_1.abstractmethod

@@ -730,6 +730,7 @@ class PublishDatasetRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     SAMPLE_OF_FIELD_NUMBER: _builtins.int
     PRICING_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's dataset. Up to 64 characters.
@@ -745,7 +746,10 @@ class PublishDatasetRequest(_message.Message):
 
     @_builtins.property
     def file_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Absolute paths of the files on the node, under its data root. 1 to 1000."""
+        """Absolute paths of the files on the node, under its data root: the short
+        form of `files` for local files. Set this or `files`, not both; 1 to
+        1000 files in all.
+        """
 
     @_builtins.property
     def policy(self) -> Global___ComputePolicy:
@@ -757,6 +761,12 @@ class PublishDatasetRequest(_message.Message):
         are read, the Provider reads the rest from the chain. Unset: free.
         """
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetFileLocation]:
+        """The files, local or remote, in order; file `i` appears to jobs as
+        /data/inputs/{id}/{i}. Set this or `file_paths`, not both.
+        """
+
     def __init__(
         self,
         *,
@@ -766,14 +776,62 @@ class PublishDatasetRequest(_message.Message):
         policy: Global___ComputePolicy | None = ...,
         sample_of: _builtins.str = ...,
         pricing: Global___Pricing | None = ...,
+        files: _abc.Iterable[Global___DatasetFileLocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "policy", b"policy", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "request_id", b"request_id", "sample_of", b"sample_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_paths", b"file_paths", "files", b"files", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing", "request_id", b"request_id", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishDatasetRequest: _TypeAlias = PublishDatasetRequest  # noqa: Y015
+
+@_typing.final
+class DatasetFileLocation(_message.Message):
+    """Where the owner keeps one file of a dataset. Never shown to consumers, in
+    any response, error or log.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """An absolute path on the node, under its data root; empty for a remote
+    file. Measured and checksummed by the Provider at publication.
+    """
+    url: _builtins.str
+    """A remote file: `s3://{bucket}/{key}` or an `http://` / `https://` URL,
+    fetched by each job's configure stage; empty for a local file.
+    """
+    credentials: _builtins.str
+    """For a remote file: the name of a source credential configured on the
+    node's engine (S3 endpoint and keys, or HTTP headers); empty for none.
+    Secrets never travel in requests.
+    """
+    size_bytes: _builtins.int
+    """For a remote file: its size in bytes (1 or more), as the owner measured it."""
+    sha256: _builtins.str
+    """For a remote file: its lowercase hex sha256, as the owner computed it."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        url: _builtins.str = ...,
+        credentials: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetFileLocation: _TypeAlias = DatasetFileLocation  # noqa: Y015
 
 @_typing.final
 class PublishDatasetResponse(_message.Message):
@@ -1970,6 +2028,62 @@ class DownloadResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadResultResponse: _TypeAlias = DownloadResultResponse  # noqa: Y015
+
+@_typing.final
+class GetResultUrlRequest(_message.Message):
+    """The request of GetResultUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`jobs/{job}/results/{index}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultUrlRequest: _TypeAlias = GetResultUrlRequest  # noqa: Y015
+
+@_typing.final
+class GetResultUrlResponse(_message.Message):
+    """The response of GetResultUrl."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The URL: a plain GET downloads the result (Range requests work)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the URL stops working."""
+
+    @_builtins.property
+    def result(self) -> _job_pb2.ResultFile:
+        """The result, with the size and sha256 to check the download against."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        result: _job_pb2.ResultFile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "result", b"result", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultUrlResponse: _TypeAlias = GetResultUrlResponse  # noqa: Y015
 
 @_typing.final
 class GetProvenanceRequest(_message.Message):

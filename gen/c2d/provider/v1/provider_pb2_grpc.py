@@ -181,6 +181,11 @@ class ProviderServiceStub:
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.FromString,
                 _registered_method=True)
+        self.GetResultUrl = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/GetResultUrl',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.FromString,
+                _registered_method=True)
         self.GetProvenance = channel.unary_unary(
                 '/c2d.provider.v1.ProviderService/GetProvenance',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceRequest.SerializeToString,
@@ -297,11 +302,14 @@ class ProviderServiceServicer:
         """Publishes a dataset. Only the node's data owners may; PERMISSION_DENIED
         for anyone else. Each file path must lie under the node's data root
         (after resolving links) and be a readable regular file; INVALID_ARGUMENT
-        otherwise, without echoing the path. A new dataset trusts no algorithm
-        unless its policy says so. Signed; idempotent by `request_id`.
+        otherwise, without echoing the path. A remote file (S3 or HTTP) is not
+        read at publication: its size and sha256 are the owner's, checked by
+        every job that fetches it. A new dataset trusts no algorithm unless its
+        policy says so. Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-        [file_paths...], [allow_raw_algorithm, allow_network_access,
+        [file_paths...], [[path, url, credentials, size_bytes,
+        sha256]...], [allow_raw_algorithm, allow_network_access,
         timeout_seconds, [[did, files_checksum, container_section_checksum]...],
         [publisher_trusted_algorithm_publishers...],
         [[name, algorithm_did, minimum, maximum]...]],
@@ -566,6 +574,22 @@ class ProviderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResultUrl(self, request, context):
+        """Returns a short-lived URL that downloads one result straight from the
+        node's object store (an S3 presigned GET, served as an attachment),
+        for large results or clients that resume with plain HTTP. Only the
+        job's owner and viewers get one; NOT_FOUND as for DownloadResult and
+        for expired results (RESULTS_EXPIRED); FAILED_PRECONDITION
+        (RESULT_URLS_UNAVAILABLE) when the node keeps results on local disk;
+        DATA_LOSS when the stored object is not the recorded one. Check the
+        downloaded bytes against the result's sha256. Signed or token.
+
+        Digest: [name]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetProvenance(self, request, context):
         """Returns a final job's provenance record, signed by the provider's key:
         what ran on what, under which policy version, and what it produced.
@@ -780,6 +804,11 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     servicer.DownloadResult,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.SerializeToString,
+            ),
+            'GetResultUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResultUrl,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.SerializeToString,
             ),
             'GetProvenance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProvenance,
@@ -1436,6 +1465,33 @@ class ProviderService:
             '/c2d.provider.v1.ProviderService/DownloadResult',
             c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultRequest.SerializeToString,
             c2d_dot_provider_dot_v1_dot_provider__pb2.DownloadResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResultUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/GetResultUrl',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.FromString,
             options,
             channel_credentials,
             insecure,

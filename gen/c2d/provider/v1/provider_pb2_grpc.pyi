@@ -91,11 +91,14 @@ class ProviderServiceStub:
     """Publishes a dataset. Only the node's data owners may; PERMISSION_DENIED
     for anyone else. Each file path must lie under the node's data root
     (after resolving links) and be a readable regular file; INVALID_ARGUMENT
-    otherwise, without echoing the path. A new dataset trusts no algorithm
-    unless its policy says so. Signed; idempotent by `request_id`.
+    otherwise, without echoing the path. A remote file (S3 or HTTP) is not
+    read at publication: its size and sha256 are the owner's, checked by
+    every job that fetches it. A new dataset trusts no algorithm unless its
+    policy says so. Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             [file_paths...], [allow_raw_algorithm, allow_network_access,
+             [file_paths...], [[path, url, credentials, size_bytes,
+             sha256]...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
              [[name, algorithm_did, minimum, maximum]...]],
@@ -281,6 +284,18 @@ class ProviderServiceStub:
 
     Digest: [name, offset]
     """
+    GetResultUrl: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetResultUrlRequest, _provider_pb2.GetResultUrlResponse]
+    """Returns a short-lived URL that downloads one result straight from the
+    node's object store (an S3 presigned GET, served as an attachment),
+    for large results or clients that resume with plain HTTP. Only the
+    job's owner and viewers get one; NOT_FOUND as for DownloadResult and
+    for expired results (RESULTS_EXPIRED); FAILED_PRECONDITION
+    (RESULT_URLS_UNAVAILABLE) when the node keeps results on local disk;
+    DATA_LOSS when the stored object is not the recorded one. Check the
+    downloaded bytes against the result's sha256. Signed or token.
+
+    Digest: [name]
+    """
     GetProvenance: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]
     """Returns a final job's provenance record, signed by the provider's key:
     what ran on what, under which policy version, and what it produced.
@@ -416,11 +431,14 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     """Publishes a dataset. Only the node's data owners may; PERMISSION_DENIED
     for anyone else. Each file path must lie under the node's data root
     (after resolving links) and be a readable regular file; INVALID_ARGUMENT
-    otherwise, without echoing the path. A new dataset trusts no algorithm
-    unless its policy says so. Signed; idempotent by `request_id`.
+    otherwise, without echoing the path. A remote file (S3 or HTTP) is not
+    read at publication: its size and sha256 are the owner's, checked by
+    every job that fetches it. A new dataset trusts no algorithm unless its
+    policy says so. Signed; idempotent by `request_id`.
 
     Digest: [request_id, [title, description, author, license, [tags...]],
-             [file_paths...], [allow_raw_algorithm, allow_network_access,
+             [file_paths...], [[path, url, credentials, size_bytes,
+             sha256]...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
              [[name, algorithm_did, minimum, maximum]...]],
@@ -606,6 +624,18 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
 
     Digest: [name, offset]
     """
+    GetResultUrl: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetResultUrlRequest, _provider_pb2.GetResultUrlResponse]  # type: ignore[assignment]
+    """Returns a short-lived URL that downloads one result straight from the
+    node's object store (an S3 presigned GET, served as an attachment),
+    for large results or clients that resume with plain HTTP. Only the
+    job's owner and viewers get one; NOT_FOUND as for DownloadResult and
+    for expired results (RESULTS_EXPIRED); FAILED_PRECONDITION
+    (RESULT_URLS_UNAVAILABLE) when the node keeps results on local disk;
+    DATA_LOSS when the stored object is not the recorded one. Check the
+    downloaded bytes against the result's sha256. Signed or token.
+
+    Digest: [name]
+    """
     GetProvenance: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]  # type: ignore[assignment]
     """Returns a final job's provenance record, signed by the provider's key:
     what ran on what, under which policy version, and what it produced.
@@ -756,11 +786,14 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         """Publishes a dataset. Only the node's data owners may; PERMISSION_DENIED
         for anyone else. Each file path must lie under the node's data root
         (after resolving links) and be a readable regular file; INVALID_ARGUMENT
-        otherwise, without echoing the path. A new dataset trusts no algorithm
-        unless its policy says so. Signed; idempotent by `request_id`.
+        otherwise, without echoing the path. A remote file (S3 or HTTP) is not
+        read at publication: its size and sha256 are the owner's, checked by
+        every job that fetches it. A new dataset trusts no algorithm unless its
+        policy says so. Signed; idempotent by `request_id`.
 
         Digest: [request_id, [title, description, author, license, [tags...]],
-                 [file_paths...], [allow_raw_algorithm, allow_network_access,
+                 [file_paths...], [[path, url, credentials, size_bytes,
+                 sha256]...], [allow_raw_algorithm, allow_network_access,
                  timeout_seconds, [[did, files_checksum, container_section_checksum]...],
                  [publisher_trusted_algorithm_publishers...],
                  [[name, algorithm_did, minimum, maximum]...]],
@@ -1053,6 +1086,24 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         sha256. Signed or token.
 
         Digest: [name, offset]
+        """
+
+    @_abc_1.abstractmethod
+    def GetResultUrl(
+        self,
+        request: _provider_pb2.GetResultUrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.GetResultUrlResponse, _abc.Awaitable[_provider_pb2.GetResultUrlResponse]]:
+        """Returns a short-lived URL that downloads one result straight from the
+        node's object store (an S3 presigned GET, served as an attachment),
+        for large results or clients that resume with plain HTTP. Only the
+        job's owner and viewers get one; NOT_FOUND as for DownloadResult and
+        for expired results (RESULTS_EXPIRED); FAILED_PRECONDITION
+        (RESULT_URLS_UNAVAILABLE) when the node keeps results on local disk;
+        DATA_LOSS when the stored object is not the recorded one. Check the
+        downloaded bytes against the result's sha256. Signed or token.
+
+        Digest: [name]
         """
 
     @_abc_1.abstractmethod
