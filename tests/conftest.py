@@ -31,6 +31,7 @@ from provider.config import ProviderConfig
 from provider.server import build as build_provider
 from sdk.client import Client
 from sdk.keys import Key
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures for every test)
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("bwrap") is None,

@@ -1,0 +1,81 @@
+"""A real S3 server on 127.0.0.1 for the tests: moto's server (S3 only), one per test session,
+with a fresh bucket per test so that tests never see each other's objects.
+
+moto does not verify request signatures: tests of presigned-URL expiry and tampering check the
+URL with our own code, not by asking the server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from mesh.s3 import S3Settings
+
+# moto accepts any key pair; fixed ones keep presigned URLs reproducible in a test.
+ACCESS_KEY_ID = "testing-access-key"
+SECRET_ACCESS_KEY = "testing-secret-key"
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running server: its endpoint and settings that reach it."""
+
+    endpoint_url: str
+
+    @property
+    def settings(self) -> S3Settings:
+        return S3Settings(
+            endpoint_url=self.endpoint_url,
+            region=REGION,
+            access_key_id=ACCESS_KEY_ID,
+            secret_access_key=SECRET_ACCESS_KEY,
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The C2D_S3_* variables that name this server, for services and subprocesses."""
+        return {
+            "C2D_S3_ENDPOINT": self.endpoint_url,
+            "C2D_S3_REGION": REGION,
+            "C2D_S3_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "C2D_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+        }
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Makes a bucket (a fresh name unless given) and returns its name."""
+        import boto3
+
+        bucket = name or f"test-{uuid.uuid4().hex[:16]}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=SECRET_ACCESS_KEY,
+        )
+        client.create_bucket(Bucket=bucket)
+        client.close()
+        return bucket
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(endpoint_url=f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket on the session's server."""
+    return s3_server.create_bucket()
