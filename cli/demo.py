@@ -19,6 +19,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 
 from cli.follow import follow
 from cli.output import kind_name
+from cli.storage import storage_env
 from cli.supervisor import Mesh, Supervisor, free_address
 from mesh import config as mesh_config
 from sdk.client import Client
@@ -88,6 +89,11 @@ async def run_demo(args: argparse.Namespace) -> int:
         provider=free_address(),
         gateway=free_address(),
     )
+    try:
+        mesh.env.update(await storage_env(args))
+    except ValueError as error:
+        print(f"c2d demo: {error}", file=sys.stderr)
+        return 2
     supervisor = Supervisor(mesh, log_dir=home / "logs")
     chain_node = None
     if args.paid:

@@ -18,7 +18,7 @@ from c2d.common.v1 import container_pb2, job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
 from cli import chain as paid
-from cli import owner
+from cli import owner, storage
 from cli.certs import register as register_certs
 from cli.common import client as _client
 from cli.common import emit as _emit
@@ -44,12 +44,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
     local_chain = paid.current_chain()
     if local_chain is not None and "C2D_CHAIN_URL" not in os.environ:
         mesh.env.update(local_chain.env())
-    if args.engine == "kubernetes":
-        try:
+    try:
+        if args.engine == "kubernetes":
             mesh.env.update(kubernetes_engine_env(args, home))
-        except ValueError as error:
-            print(f"c2d up: {error}", file=sys.stderr)
-            return 2
+        mesh.env.update(await storage.storage_env(args))
+    except ValueError as error:
+        print(f"c2d up: {error}", file=sys.stderr)
+        return 2
     supervisor = Supervisor(mesh)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,6 +68,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         "owner": owner.address,
         "chain": local_chain.url if local_chain else "",
         "engine": args.engine,
+        "storage": mesh.env.get("C2D_STORAGE", str(home / "results")),
     }
     _emit(
         args,
@@ -78,6 +80,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
             f"  state          {home}\n"
             f"  chain          {local_chain.url if local_chain else 'none: everything is free'}\n"
             f"  jobs run in    {_engine_place(args, mesh.env)}\n"
+            f"  results in     {info['storage']}\n"
             "Ctrl-C stops everything."
         ),
     )
@@ -459,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="the results folder as a volume source; default: hostPath of the results folder",
     )
+    storage.add_arguments(up)
     up.set_defaults(run=cmd_up)
     demo = commands.add_parser(
         "demo", parents=[common], help="run a whole job on a fresh local node, then stop it"
@@ -469,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paid flow: a local chain, a dataset sold for OCEAN, an order, a priced "
         "environment",
     )
+    storage.add_arguments(demo)
     demo.set_defaults(run=cmd_demo)
     envs = commands.add_parser(
         "environments", parents=[common], help="list the compute environments"

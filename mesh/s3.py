@@ -62,9 +62,11 @@ class S3Settings:
             path_style=env.get("C2D_S3_PATH_STYLE", "1") not in ("0", "false", "no"),
         )
 
-    def client(self, max_connections: int = 10) -> AbstractAsyncContextManager[S3Client]:
+    def client(
+        self, max_connections: int = 10, attempts: int = 4
+    ) -> AbstractAsyncContextManager[S3Client]:
         """An aioboto3 S3 client for these settings, as an async context manager. Signed with
-        SigV4 (what presigned URLs need everywhere); botocore's retries on."""
+        SigV4 (what presigned URLs need everywhere); each call tried up to `attempts` times."""
         # Imported here: aioboto3 costs ~0.3 s to import, and most processes never touch S3.
         import aioboto3
         from botocore.config import Config
@@ -80,7 +82,7 @@ class S3Settings:
             s3={"addressing_style": "path" if self.path_style else "auto"},
             connect_timeout=self.connect_timeout_s,
             read_timeout=self.read_timeout_s,
-            retries={"max_attempts": 4, "mode": "standard"},
+            retries={"max_attempts": attempts, "mode": "standard"},
             max_pool_connections=max_connections,
         )
         kwargs: dict[str, Any] = {"config": config}
