@@ -82,7 +82,7 @@ class S3Settings:
             s3={"addressing_style": "path" if self.path_style else "auto"},
             connect_timeout=self.connect_timeout_s,
             read_timeout=self.read_timeout_s,
-            retries={"max_attempts": attempts, "mode": "standard"},
+            retries={"total_max_attempts": attempts, "mode": "standard"},
             max_pool_connections=max_connections,
         )
         kwargs: dict[str, Any] = {"config": config}

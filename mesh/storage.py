@@ -1,8 +1,9 @@
 """Where a job's results (outputs and logs) are kept once the publish stage has stored them.
 
 `Storage` is what the publish stage writes to and the download paths read from; `LocalStorage`
-keeps objects on the node's disk, one directory per job. S3 comes later behind the same
-protocol, so nothing above this module knows where bytes live."""
+keeps objects on the node's disk, one directory per job, and `mesh.storage_s3.S3Storage` keeps
+them in an S3 bucket. `storage_from_url` picks one from the node's configuration, so nothing
+above this module knows where bytes live."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol, TypeVar
-from urllib.parse import unquote, urlparse
+from typing import NamedTuple, Protocol, TypeVar
+from urllib.parse import quote, unquote, urlparse
 
 import structlog
 from c2d.common.v1 import job_pb2
 
-from mesh.errors import NotFound
+from mesh.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
 from mesh.jobs import is_job_id
 
 log = structlog.get_logger()
@@ -40,6 +42,25 @@ _TEMP_PREFIX = ".part-"
 _SPARE_DIR = ".spare"
 _READY_PREFIX = ".ready-"
 _T = TypeVar("_T")
+
+# How long a presigned result URL works unless configured (C2D_RESULT_URL_TTL_S), and the
+# longest SigV4 allows.
+RESULT_URL_TTL_S = 900
+MAX_RESULT_URL_TTL_S = 7 * 24 * 3600
+
+
+class StorageUnavailable(Unavailable):
+    """The storage could not be reached or refused a call (S3 down, a missing bucket, refused
+    credentials). The message says what failed, never where or with which credentials."""
+
+    default_reason = "STORAGE_UNAVAILABLE"
+
+
+class PresignedUrl(NamedTuple):
+    """A URL that downloads one object with a plain GET until `expire_time` (UTC)."""
+
+    url: str
+    expire_time: datetime
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,21 @@ class Storage(Protocol):
         """Removes every object of the job; nothing to remove is not an error."""
         ...
 
+    async def check_object(self, job_id: str, key: str, size: int, sha256: str) -> None:
+        """Raises `DataLoss` unless the stored object is `size` bytes with this sha256 (as
+        recorded when it was stored, where the storage records it), `NotFound` when there is no
+        such object."""
+        ...
+
+    async def presign(
+        self, job_id: str, key: str, expires_s: int | None = None, filename: str = ""
+    ) -> PresignedUrl:
+        """A URL that downloads the object as an attachment named `filename`, working for
+        `expires_s` seconds (the storage's configured default when None). Raises
+        `FailedPrecondition` (reason RESULT_URLS_UNAVAILABLE) when the storage cannot hand out
+        URLs, as local disk cannot: the caller then streams the object itself."""
+        ...
+
 
 def result_key(result: job_pb2.ResultFile) -> str:
     """The storage key of a job's result. Keys come from the index, never from the name the
@@ -109,16 +145,37 @@ def result_key(result: job_pb2.ResultFile) -> str:
     return f"{result.index:04d}"
 
 
-def _check_job_id(job_id: str) -> None:
+def check_job_id(job_id: str) -> None:
+    """ValueError unless `job_id` can name a job's objects in any storage."""
     if not is_job_id(job_id):
         raise ValueError("a job id is 32 lowercase hex digits")
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
+    """ValueError unless `key` can name an object in any storage."""
     if not _KEY_RE.fullmatch(key):
         raise ValueError(
             "a storage key is 1-128 letters, digits, '_' or '-', starting alphanumeric"
         )
+
+
+def check_url_ttl(expires_s: int, what: str = "a result URL's lifetime") -> int:
+    """`expires_s` when it is a lifetime a presigned URL can have (1 s to 7 days), else a
+    ValueError naming `what`."""
+    if not 1 <= expires_s <= MAX_RESULT_URL_TTL_S:
+        raise ValueError(f"{what} must be 1 to {MAX_RESULT_URL_TTL_S} seconds (7 days)")
+    return expires_s
+
+
+def attachment_disposition(filename: str) -> str:
+    """A Content-Disposition that makes a browser save the bytes instead of rendering them,
+    under `filename`: an ASCII fallback for old clients and the exact name as RFC 6266's
+    `filename*` (UTF-8, percent-encoded, so no quote, CR or LF can end the header)."""
+    if not filename:
+        return "attachment"
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    exact = quote(filename, safe="", encoding="utf-8", errors="replace")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 class LocalStorage:
@@ -144,11 +201,11 @@ class LocalStorage:
         self._swept = False
 
     def _job_dir(self, job_id: str) -> Path:
-        _check_job_id(job_id)
+        check_job_id(job_id)
         return self.root / job_id
 
     def _object_path(self, job_id: str, key: str) -> Path:
-        _check_key(key)
+        check_key(key)
         return self._job_dir(job_id) / key
 
     async def put(self, job_id: str, key: str, source: Source) -> StoredObject:
@@ -303,6 +360,26 @@ class LocalStorage:
         await asyncio.to_thread(_rmtree_if_present, job_dir)
         log.info("storage.job_deleted", job_id=job_id)
 
+    async def check_object(self, job_id: str, key: str, size: int, sha256: str) -> None:
+        # No digest is kept beside a file: the check reads it whole (in a worker thread).
+        if await self.size(job_id, key) != size:
+            raise DataLoss(f"result {key} of job {job_id} does not have its recorded size")
+        digest = hashlib.sha256()
+        async for chunk in self.read(job_id, key):
+            digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise DataLoss(f"result {key} of job {job_id} does not match its recorded sha256")
+
+    async def presign(
+        self, job_id: str, key: str, expires_s: int | None = None, filename: str = ""
+    ) -> PresignedUrl:
+        self._object_path(job_id, key)  # a malformed name is still a ValueError
+        raise FailedPrecondition(
+            "results are kept on the node's disk, which hands out no URLs: download them "
+            "through the Provider",
+            reason="RESULT_URLS_UNAVAILABLE",
+        )
+
 
 def _rmtree_if_present(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
@@ -320,12 +397,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def storage_from_url(url: str) -> Storage:
+def storage_from_url(url: str, environ: Mapping[str, str] | None = None) -> Storage:
     """The storage a configuration URL names: `file:///abs/path` or a plain path for local
-    disk. Other schemes (s3://...) are refused until they are implemented."""
+    disk, `s3://BUCKET/PREFIX` for S3 (reached with `S3Settings.from_env`, presigned URLs
+    lasting C2D_RESULT_URL_TTL_S seconds, 900 by default). Makes no connection: a URL that
+    cannot name a storage is a ValueError, an unreachable one fails at its first use.
+    `environ` (default os.environ) is where the S3 settings are read from."""
     if not url:
         raise ValueError("the storage URL is empty")
     parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        return _s3_storage(url, os.environ if environ is None else environ)
     if parsed.scheme == "":
         return LocalStorage(Path(url))
     if parsed.scheme == "file":
@@ -337,3 +419,18 @@ def storage_from_url(url: str) -> Storage:
             raise ValueError("a file:// storage URL must hold an absolute path")
         return LocalStorage(Path(path))
     raise ValueError(f"storage scheme {parsed.scheme!r} is not supported yet")
+
+
+def _s3_storage(url: str, environ: Mapping[str, str]) -> Storage:
+    # Imported here: most processes keep results on disk and never load the S3 libraries.
+    from mesh.s3 import S3Settings, parse_s3_url
+    from mesh.storage_s3 import S3Storage
+
+    bucket, prefix = parse_s3_url(url)
+    raw_ttl = environ.get("C2D_RESULT_URL_TTL_S", "")
+    try:
+        ttl = int(raw_ttl) if raw_ttl else RESULT_URL_TTL_S
+    except ValueError:
+        raise ValueError(f"C2D_RESULT_URL_TTL_S must be an integer, not {raw_ttl!r}") from None
+    check_url_ttl(ttl, "C2D_RESULT_URL_TTL_S")
+    return S3Storage(S3Settings.from_env(environ), bucket, prefix, url_ttl_s=ttl)
