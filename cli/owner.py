@@ -1,25 +1,34 @@
-"""The owner's control from the command line: dataset policies, approval requests, the audit
-log, and provenance records with the provider's identity."""
+"""The owner's control from the command line: publishing datasets (local and remote files),
+dataset policies, approval requests, the audit log, and provenance records with the provider's
+identity."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
-from pathlib import Path
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import duration_pb2, json_format
 
+from cli import chain as paid
 from cli.common import client as _client
 from cli.common import emit as _emit
 from cli.common import parse_parameters, write_file
 from cli.output import print_json, to_dict
 from mesh import jobs as job_facts
 from mesh.provenance import ProvenanceError, verify_document
-from sdk.client import asset_did
+from mesh.s3 import S3Settings, parse_s3_url
+from sdk.client import asset_did, remote_file
 
 _BOUND = re.compile(
     r"(?P<name>[A-Za-z][A-Za-z0-9_]{0,63})(?:@(?P<did>did:c2d:[0-9a-f]{64}))?"
@@ -489,6 +498,301 @@ async def cmd_provenance_verify(args: argparse.Namespace) -> int:
     ).rstrip()
     _emit(args, {"valid": True, "provenance": record}, text)
     return 0
+
+
+# -- publishing a dataset ------------------------------------------------------------------
+
+_FILES_HELP = """\
+Files are numbered in the order given: file i appears to jobs as /data/inputs/{id}/i.
+Give local files (on the node, under its data root) as PATH arguments, or list local and
+remote files in order with --file and --remote (not both ways at once):
+
+  c2d dataset publish ~/.c2d/data/a.csv ~/.c2d/data/b.csv
+  c2d dataset publish --file ~/.c2d/data/a.csv \\
+      --remote s3://lake/visits.parquet --sha256 9f86d0...0a08 --size 52428800 \\
+      --credentials lake --remote https://data.example.org/codes.csv
+
+--sha256, --size and --credentials describe the --remote just before them. Without --sha256
+and --size, c2d downloads the file once, here, to measure it (https: as served; s3: with
+this machine's C2D_S3_* or AWS settings). Each job fetches a remote file on the node and
+fails when its size or sha256 differs. --credentials names a source credential configured
+on the node's engine, never a secret; URLs hold no user:password@. Consumers never see a
+file's path or URL, only its index, size and sha256."""
+
+
+@dataclass
+class _FileArgument:
+    """One --file or --remote, with the flags that describe a remote file after it."""
+
+    location: str
+    remote: bool
+    sha256: str | None = None
+    size: int | None = None
+    credentials: str | None = None
+
+
+def _files_so_far(namespace: argparse.Namespace) -> list[_FileArgument]:
+    files: list[_FileArgument] | None = getattr(namespace, "file_arguments", None)
+    if files is None:
+        files = []
+        namespace.file_arguments = files
+    return files
+
+
+class _AddFile(argparse.Action):
+    """--file, --remote: the next file."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        _files_so_far(namespace).append(_FileArgument(str(values), self.dest == "remote"))
+
+
+class _DescribeRemote(argparse.Action):
+    """--sha256, --size, --credentials: set on the --remote given just before."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        files = _files_so_far(namespace)
+        if not files or not files[-1].remote:
+            parser.error(f"{option_string} describes a --remote URL: put it after that --remote")
+        if getattr(files[-1], self.dest) is not None:
+            parser.error(f"{option_string} is given twice for file {len(files) - 1}")
+        setattr(files[-1], self.dest, values)
+
+
+def _byte_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a whole number of bytes, 1 or more")
+    return int(text)
+
+
+def add_dataset_file_flags(parser: argparse.ArgumentParser) -> None:
+    """The files of `dataset publish`: PATH arguments, or --file and --remote in order."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _FILES_HELP
+    parser.add_argument(
+        "paths", nargs="*", metavar="PATH", help="local files on the node, in order"
+    )
+    parser.add_argument(
+        "--file", dest="file", action=_AddFile, metavar="PATH", help="the next file: local"
+    )
+    parser.add_argument(
+        "--remote",
+        dest="remote",
+        action=_AddFile,
+        metavar="URL",
+        help="the next file: s3://BUCKET/KEY or an http(s):// URL",
+    )
+    parser.add_argument(
+        "--sha256",
+        dest="sha256",
+        action=_DescribeRemote,
+        metavar="HEX",
+        help="the --remote file's sha256 (64 lowercase hex digits)",
+    )
+    parser.add_argument(
+        "--size",
+        dest="size",
+        action=_DescribeRemote,
+        type=_byte_count,
+        metavar="BYTES",
+        help="the --remote file's size in bytes",
+    )
+    parser.add_argument(
+        "--credentials",
+        dest="credentials",
+        action=_DescribeRemote,
+        metavar="NAME",
+        help="the node's source credential for the --remote file",
+    )
+
+
+async def dataset_files(args: argparse.Namespace) -> list[str | pb.DatasetFileLocation]:
+    """The files the command line lists, in order, measuring each remote file given without
+    --sha256 and --size. Exits with a message on a mistake."""
+    given: list[_FileArgument] = getattr(args, "file_arguments", None) or []
+    if args.paths and given:
+        raise SystemExit(
+            "c2d: give the files as PATH arguments or with --file/--remote, not both "
+            "(--file and --remote keep the order they are given in)"
+        )
+    if not given:
+        if not args.paths:
+            raise SystemExit("c2d: a dataset needs at least one file (PATH, --file or --remote)")
+        return list(args.paths)
+    files: list[str | pb.DatasetFileLocation] = []
+    for index, item in enumerate(given):
+        if not item.remote:
+            files.append(item.location)
+            continue
+        if (item.sha256 is None) != (item.size is None):
+            raise SystemExit(
+                f"c2d: file {index}: give both --sha256 and --size, or neither to have c2d "
+                "measure the file"
+            )
+        if item.size is None or item.sha256 is None:
+            item.size, item.sha256 = await measure_remote(item.location, index)
+        files.append(
+            remote_file(
+                item.location,
+                size_bytes=item.size,
+                sha256=item.sha256.lower(),
+                credentials=item.credentials or "",
+            )
+        )
+    return files
+
+
+def file_title(file: str | pb.DatasetFileLocation) -> str:
+    """A dataset's default title: its first file's name."""
+    if isinstance(file, str):
+        return Path(file).name
+    return PurePosixPath(urlsplit(file.url).path).name or "dataset"
+
+
+async def cmd_dataset_publish(args: argparse.Namespace) -> int:
+    files = await dataset_files(args)
+    async with _client(args) as client:
+        policy = pb.ComputePolicy()
+        await apply_policy_flags(client, policy, args)
+        title = args.title or file_title(files[0])
+        with paid.chain_errors():
+            pricing = await paid.pricing_for(args, title)
+        local_only = all(isinstance(f, str) for f in files)
+        dataset = await client.publish_dataset(
+            # PATH arguments travel as file_paths, as they always have.
+            [str(f) for f in files] if local_only else (),
+            files=() if local_only else files,
+            metadata=pb.AssetMetadata(title=title),
+            policy=policy,
+            sample_of=args.sample_of or "",
+            pricing=pricing,
+        )
+    if dataset.HasField("pricing") and not args.json:
+        print(paid.describe_pricing(dataset.pricing), file=sys.stderr)
+    _emit(args, to_dict(dataset), dataset.did)
+    return 0
+
+
+# -- measuring a remote file, on the owner's side --------------------------------------------
+
+_MIB = 1 << 20
+
+
+class _Progress:
+    """How much of a remote file has been read, on stderr: one updating line on a terminal,
+    one line at the end otherwise."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.live = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def update(self, size: int, total: int | None) -> None:
+        now = time.monotonic()
+        if not self.live or now - self.shown < 0.2:
+            return
+        self.shown = now
+        of = f" of {total / _MIB:.1f}" if total else ""
+        print(
+            f"\rc2d: measuring file {self.index}: {size / _MIB:.1f}{of} MiB",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def done(self, size: int, sha256: str) -> None:
+        end = "\r" if self.live else ""
+        print(
+            f"{end}c2d: file {self.index}: {size} bytes, sha256 {sha256}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def measure_remote(url: str, index: int) -> tuple[int, str]:
+    """Downloads a remote file once to learn its size and sha256, as a job will check them."""
+    progress = _Progress(index)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        async for chunk, total in _remote_chunks(url):
+            digest.update(chunk)
+            size += len(chunk)
+            progress.update(size, total)
+    except _MeasureError as error:
+        raise SystemExit(
+            f"c2d: file {index} could not be measured ({error}); give --sha256 and --size"
+        ) from None
+    if not size:
+        raise SystemExit(f"c2d: file {index} is empty; a dataset file holds 1 byte or more")
+    progress.done(size, digest.hexdigest())
+    return size, digest.hexdigest()
+
+
+class _MeasureError(Exception):
+    """Why a remote file could not be read here."""
+
+
+def _remote_chunks(url: str) -> AsyncIterator[tuple[bytes, int | None]]:
+    if url.startswith("s3://"):
+        return _s3_chunks(url)
+    if url.startswith(("http://", "https://")):
+        return _http_chunks(url)
+    raise SystemExit("c2d: --remote takes an s3://, http:// or https:// URL")
+
+
+async def _http_chunks(url: str) -> AsyncIterator[tuple[bytes, int | None]]:
+    # The bytes as served (identity, no decoding) and no redirect followed: what is hashed
+    # is what a job's fetch of this very URL receives.
+    timeout = httpx.Timeout(60.0, connect=10.0)
+    try:
+        async with (
+            httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http,
+            http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response,
+        ):
+            if response.status_code != 200:
+                raise _MeasureError(f"HTTP {response.status_code}")
+            length = response.headers.get("content-length", "")
+            total = int(length) if length.isdigit() else None
+            async for chunk in response.aiter_raw(_MIB):
+                yield chunk, total
+    except httpx.HTTPError as error:
+        raise _MeasureError(type(error).__name__) from None
+
+
+async def _s3_chunks(url: str) -> AsyncIterator[tuple[bytes, int | None]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        bucket, key = parse_s3_url(url)
+        settings = S3Settings.from_env()
+    except ValueError as error:
+        raise _MeasureError(str(error)) from None
+    try:
+        async with settings.client() as s3:
+            response = await s3.get_object(Bucket=bucket, Key=key)
+            total = int(response["ContentLength"])
+            body = response["Body"]
+            # Entered for its release of the connection; read through the body itself, whose
+            # iter_chunks also checks the length S3 announced.
+            async with body:
+                async for chunk in body.iter_chunks(_MIB):
+                    yield chunk, total
+    except ClientError as error:
+        raise _MeasureError(str(error.response.get("Error", {}).get("Code", "S3 error"))) from None
+    except BotoCoreError as error:
+        raise _MeasureError(type(error).__name__) from None
 
 
 # -- wiring --------------------------------------------------------------------------------

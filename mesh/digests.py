@@ -119,6 +119,7 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
         r.request_id,
         _metadata(r.metadata),
         list(r.file_paths),
+        [[f.path, f.url, f.credentials, f.size_bytes, f.sha256] for f in r.files],
         _policy(r.policy),
         r.sample_of,
         _pricing(r.pricing),
@@ -151,6 +152,7 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
     "ListJobs": lambda r: [r.page_size, r.page_token],
     "StreamJobLogs": lambda r: [r.name, r.offset],
     "DownloadResult": lambda r: [r.name, r.offset],
+    "GetResultUrl": lambda r: [r.name],
     "GetProvenance": lambda r: [r.name],
     "CreateApprovalRequest": lambda r: [
         r.request_id,

@@ -13,6 +13,7 @@ from mesh import config as mesh_config
 # The least an environment, or a job within it, may have.
 from mesh.jobs import MIN_DISK_BYTES, MIN_MEMORY_BYTES
 from mesh.tls import TlsConfig
+from operator_engine.sources import SourceSettings
 
 GIB = 1 << 30
 
@@ -39,6 +40,9 @@ class EnvironmentSpec:
     max_queue_wait_s: float = 3600.0
     # The most jobs that may wait in the queue at once; RunJob refuses more (QUEUE_FULL).
     max_queued_jobs: int = 1000
+    # How long a job's results are kept after it ends (the Operator Service then deletes them
+    # and the job's scratch space); 0 keeps them until the job is deleted.
+    result_retention_s: float = 0.0
 
     @property
     def free(self) -> bool:
@@ -72,6 +76,12 @@ class EnvironmentSpec:
                 f"environment {self.name}: max_queue_wait_s must be positive and "
                 "max_queued_jobs not negative"
             )
+        # Written so that NaN and infinity are refused too.
+        if not 0 <= self.result_retention_s < float("inf"):
+            raise ValueError(
+                f"environment {self.name}: result_retention_s must be a number of seconds, "
+                "not negative"
+            )
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class EngineConfig:
     image_cache_bytes: int = 32 * GIB
     # Mutual TLS for its TCP port (C2D_TLS_*); None: plaintext.
     tls: TlsConfig | None = None
+    # Dataset files fetched from S3 or HTTP(S): the credentials file (C2D_SOURCE_CREDENTIALS,
+    # read and checked at start; its secrets never shown in a repr) and the fetch limits.
+    sources: SourceSettings = field(default_factory=SourceSettings)
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -133,6 +146,7 @@ class EngineConfig:
             image_max_bytes=mesh_config.env_int("C2D_IMAGE_MAX_BYTES", 4 * GIB),
             image_cache_bytes=mesh_config.env_int("C2D_IMAGE_CACHE_BYTES", 32 * GIB),
             tls=TlsConfig.from_env(),
+            sources=SourceSettings.from_env(),
         )
 
 

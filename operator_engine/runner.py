@@ -54,7 +54,14 @@ from operator_engine.images import ImageCache, ImageError, PreparedImage
 from operator_engine.private_log import CodeRedactor, split_utf8
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
-from pods.configure import AlgorithmProvisioningError, ProvisioningError, configure, make_layout
+from pods.configure import (
+    AlgorithmProvisioningError,
+    ConfigureStopped,
+    ProvisioningError,
+    configure,
+    make_layout,
+    remote_files,
+)
 from pods.publish import publish
 
 log = structlog.get_logger()
@@ -214,8 +221,15 @@ class Runner:
             key=lambda e: e.job.create_time.ToNanoseconds(),
         )
         # Before any job starts: a job resumed now may be making its disk while a later sweep
-        # runs, and that disk is in no list yet.
-        await self.disks.sweep(keep={e.disk for e in entries if e.disk is not None})
+        # runs, and that disk is in no list yet. A final job's disk (an engine cut off between
+        # its end and its cleanup) goes too: its outputs are published, or never will be.
+        await self.disks.sweep(
+            keep={
+                e.disk
+                for e in entries
+                if e.disk is not None and not job_facts.is_final(e.job.state)
+            }
+        )
         for entry in entries:
             job_id = entry.spec.job_id
             state = entry.job.state
@@ -228,6 +242,7 @@ class Runner:
                     entry.job.limits.CopyFrom(job_limits(env, entry.spec.resources))
                 if job_facts.is_final(state):
                     self.jobs[job_id] = entry
+                    await self._clean_up(entry)  # what a cut-off cleanup left
                 elif state == State.STATE_QUEUED:
                     log.info("job queued again after an engine restart")
                     self._start(entry)
@@ -448,11 +463,21 @@ class Runner:
         entry.job.start_time.GetCurrentTime()
         await entry.update(state=State.STATE_CONFIGURING, queue_position=0)
 
+        sources = self.config.sources
         try:
             if _configure_is_small(entry.spec):
-                prepared = configure(entry.spec, ws, self.config.data_root)
+                prepared = configure(entry.spec, ws, self.config.data_root, sources)
             else:
-                prepared = await asyncio.to_thread(configure, entry.spec, ws, self.config.data_root)
+                # A fetch looks at the job's stop between chunks: a stop (or the engine's)
+                # does not wait for a download to end.
+                prepared = await asyncio.to_thread(
+                    configure,
+                    entry.spec,
+                    ws,
+                    self.config.data_root,
+                    sources,
+                    stopped=entry.cancel.is_set,
+                )
         except ProvisioningError as error:
             reason = (
                 job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED
@@ -461,6 +486,18 @@ class Runner:
             )
             log.info("configure failed", reason=str(error))
             await self._publish_and_finish(entry, env, State.STATE_FAILED, reason, str(error))
+            return
+        except ConfigureStopped:
+            if self.stopping:
+                await self._publish_and_finish(
+                    entry,
+                    env,
+                    State.STATE_FAILED,
+                    job_pb2.FAILURE_REASON_ENGINE_LOST,
+                    "engine lost: the engine was stopped while the job's inputs were fetched",
+                )
+            else:
+                await self._publish_and_finish(entry, env, State.STATE_CANCELLED, 0, "stopped")
             return
         in_image = containers.is_set(entry.spec.algorithm.container)
         if in_image and not await self._prepare_image(entry, env):
@@ -705,6 +742,10 @@ class Runner:
             pass
         except OSError:
             await asyncio.to_thread(shutil.rmtree, outputs, True)
+        fetched = entry.workspace / layout.DATASET_INPUTS
+        if fetched.exists():
+            # Dataset files fetched for the job: the owner's data, kept no longer than the job.
+            await asyncio.to_thread(shutil.rmtree, fetched, True)
 
     async def _release_disk(self, entry: EngineJob) -> None:
         # Taken off the job first, so that a delete during the wipe cannot release it twice.
@@ -841,6 +882,8 @@ def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
         else job_pb2.EnvironmentPrice(
             token=env.fee_token, amount_per_minute=str(env.fee_per_minute)
         ),
+        # Unset when results are kept until the job is deleted.
+        result_retention=_duration(env.result_retention_s) if env.result_retention_s else None,
     )
 
 
@@ -866,8 +909,13 @@ def job_limits(env: EnvironmentSpec, asked: job_pb2.Resources) -> job_pb2.Resour
 def _configure_is_small(spec: engine_pb2.JobSpec) -> bool:
     size = len(spec.algorithm.code) + len(spec.parameters_json)
     size += sum(len(dataset.ddo_json) for dataset in spec.datasets)
-    files = sum(len(dataset.file_paths) for dataset in spec.datasets)
-    return size <= _INLINE_CONFIGURE_BYTES and files <= _INLINE_CONFIGURE_FILES
+    files = sum(len(dataset.files) for dataset in spec.datasets)
+    # A fetch is never inline: it takes time, and runs an event loop of its own for S3.
+    return (
+        size <= _INLINE_CONFIGURE_BYTES
+        and files <= _INLINE_CONFIGURE_FILES
+        and not remote_files(spec)
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -5,6 +5,11 @@ Runs as root on the host (local engine, in-process) or as a container entrypoint
 
     python -m pods.configure --spec spec.json --workspace DIR --data-root DIR
 
+A dataset file under the data root is checked and bind-mounted, never copied. A file in S3 or
+behind an HTTP(S) URL is fetched into the workspace (pods.fetch) with the node's source
+credentials and limits (operator_engine.sources), checked against its recorded size and sha256,
+and mounted read-only like the others; every file's cheap checks come before the first fetch.
+
 Nothing here ever names a dataset file's location in an error or a log line: the consumer reads
 both, and where the owner keeps data is the owner's business."""
 
@@ -15,21 +20,26 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shlex
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import json_format
 
+from mesh.s3 import S3Settings, parse_s3_url
+from operator_engine.sources import SourceSettings, UnknownCredentials
+from pods import fetch
 from pods.workspace import (
     ALGO_CUSTOM_DATA_FILE,
     ALGORITHM_FILE,
@@ -58,6 +68,10 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATA_PROVISIONING_FAILED = 31
 EXIT_ALGORITHM_PROVISIONING_FAILED = 32
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# A fetched file: only root (the engine) writes it; the sandbox's unrelated uid reads it
+# through its read-only mount.
+_FETCHED_MODE = 0o444
 
 
 class ProvisioningError(Exception):
@@ -84,6 +98,10 @@ class AlgorithmProvisioningError(ProvisioningError):
 
     reason = job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED
     status_code = 32
+
+
+class ConfigureStopped(Exception):
+    """The job was stopped while its inputs were being fetched; the stage gave up."""
 
 
 @dataclass(frozen=True)
@@ -136,27 +154,70 @@ class _ConfigurationLog:
         return ("\n".join(self.lines) + "\n").encode("utf-8")
 
 
-def configure(spec: engine_pb2.JobSpec, workspace: Path, data_root: Path) -> ConfigureResult:
-    """Verifies the job's inputs and lays out `workspace` (see `pods.workspace`).
+@dataclass(frozen=True)
+class _Remote:
+    """A dataset file to fetch, checked and resolved: where it goes and with what."""
 
-    Blocking (file I/O); an async caller runs it with `asyncio.to_thread`. Raises
+    label: str
+    dataset_id: str
+    index: int
+    source: engine_pb2.DatasetFileSource = field(repr=False)
+    # The S3 settings for an s3_url, else None; the headers for an http_url.
+    s3: S3Settings | None = field(repr=False)
+    headers: dict[str, str] = field(repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "S3" if self.s3 is not None else "HTTP"
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What the dataset steps need besides the spec."""
+
+    ws: Workspace
+    data_root: Path
+    record: _ConfigurationLog
+    sources: SourceSettings
+    stopped: Callable[[], bool]
+    log: structlog.typing.FilteringBoundLogger
+
+
+def configure(
+    spec: engine_pb2.JobSpec,
+    workspace: Path,
+    data_root: Path,
+    sources: SourceSettings | None = None,
+    *,
+    stopped: Callable[[], bool] | None = None,
+) -> ConfigureResult:
+    """Verifies the job's inputs, fetches its remote dataset files with `sources` (the node's
+    credentials and limits; none and the defaults when None), and lays out `workspace` (see
+    `pods.workspace`).
+
+    Blocking (file I/O, downloads); an async caller runs it with `asyncio.to_thread`. Raises
     `DataProvisioningError` or `AlgorithmProvisioningError` when the job must fail with that
-    reason, `ValueError` for a malformed job id (the engine validates it at RunJob, so this is
-    a bug upstream), and `OSError` when the workspace itself cannot be written (the engine's
-    own failure, not the job's). logs/configuration.log is written in every case where the
-    workspace exists."""
+    reason, `ConfigureStopped` when `stopped()` turned true during a fetch, `ValueError` for a
+    malformed job id (the engine validates it at RunJob, so this is a bug upstream), and
+    `OSError` when the workspace itself cannot be written (the engine's own failure, not the
+    job's). logs/configuration.log is written in every case where the workspace exists."""
     ws = Workspace(Path(workspace))
     record = _ConfigurationLog()
     log = structlog.get_logger().bind(job_id=spec.job_id, stage="configure")
+    stage = _Stage(ws, Path(data_root), record, sources or SourceSettings(), stopped or _never, log)
     try:
         check_job_id(spec.job_id)
         record.add(f"configure: job {spec.job_id}")
         make_layout(ws)
-        result = _configure(spec, ws, Path(data_root), record)
+        result = _configure(spec, stage)
         record.add("configure succeeded")
     except ProvisioningError as error:
         record.add(f"configure failed: {error}")
         log.warning("configure.failed", reason=job_pb2.FailureReason.Name(error.reason))
+        raise
+    except ConfigureStopped:
+        record.add("configure stopped: the job was stopped while its inputs were fetched")
+        log.info("configure.stopped")
         raise
     except Exception as error:
         # Not the consumer's fault and possibly holding a host path: say only what kind it was.
@@ -169,11 +230,14 @@ def configure(spec: engine_pb2.JobSpec, workspace: Path, data_root: Path) -> Con
     return result
 
 
-def _configure(
-    spec: engine_pb2.JobSpec, ws: Workspace, data_root: Path, record: _ConfigurationLog
-) -> ConfigureResult:
+def _never() -> bool:
+    return False
+
+
+def _configure(spec: engine_pb2.JobSpec, stage: _Stage) -> ConfigureResult:
+    ws, record = stage.ws, stage.record
     argv = _provision_algorithm(spec.algorithm, ws, record)
-    mounts = _provision_datasets(spec.datasets, ws, data_root, record)
+    mounts = _provision_datasets(spec.datasets, stage)
     if _provision_parameters(spec.parameters_json, ws, record):
         mounts.append(Mount(ws.algo_custom_data, SANDBOX_ALGO_CUSTOM_DATA))
     mounts += [
@@ -238,14 +302,14 @@ def entrypoint_argv(entrypoint: str) -> list[str]:
     return argv
 
 
-def _provision_datasets(
-    datasets: Iterable[engine_pb2.DatasetInput],
-    ws: Workspace,
-    data_root: Path,
-    record: _ConfigurationLog,
-) -> list[Mount]:
-    root = resolve_data_root(data_root)
+def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Stage) -> list[Mount]:
+    """Checks every dataset file (local ones fully, remote ones as far as can be done without
+    fetching), writes the DDOs, then fetches the remote files; returns the mounts, in order."""
+    ws, record = stage.ws, stage.record
+    # Resolved at the first local file: a job with only remote files needs no data root.
+    root: Path | None = None
     mounts: list[Mount] = []
+    remote: list[_Remote] = []
     seen: set[str] = set()
     for dataset in datasets:
         if not is_asset_id(dataset.id):
@@ -255,19 +319,193 @@ def _provision_datasets(
             raise DataProvisioningError(f"dataset {dataset.id} is listed twice")
         seen.add(dataset.id)
         total = 0
-        for index, raw_path in enumerate(dataset.file_paths):
+        fetched = 0
+        for index, source in enumerate(dataset.files):
             label = f"file {index} of dataset {dataset.id}"
-            host_path, size = check_dataset_file(raw_path, root, label)
-            record.add(f"{label}: {size} bytes, regular file readable by the sandbox")
-            mounts.append(Mount(host_path, sandbox_input_path(dataset.id, index)))
+            target = sandbox_input_path(dataset.id, index)
+            if source.WhichOneof("location") == "path":
+                root = root or resolve_data_root(stage.data_root)
+                host_path, size = check_dataset_file(source.path, root, label)
+                record.add(f"{label}: {size} bytes, regular file readable by the sandbox")
+                mounts.append(Mount(host_path, target))
+            else:
+                remote.append(_plan_remote(dataset.id, index, source, stage.sources, label))
+                mounts.append(Mount(ws.dataset_input(dataset.id, index), target))
+                size = source.size_bytes
+                fetched += 1
             total += size
         ddo = dataset.ddo_json.encode("utf-8")
         _write_file(ws, ws.ddos, dataset.id, ddo, 0o444)
+        to_fetch = f" ({fetched} to fetch)" if fetched else ""
         record.add(
-            f"dataset {dataset.id}: {len(dataset.file_paths)} files, {total} bytes; "
+            f"dataset {dataset.id}: {len(dataset.files)} files{to_fetch}, {total} bytes; "
             f"ddo {len(ddo)} bytes, sha256 {hashlib.sha256(ddo).hexdigest()}"
         )
+    _fetch_all(remote, stage)
     return mounts
+
+
+def remote_files(spec: engine_pb2.JobSpec) -> list[engine_pb2.DatasetFileSource]:
+    """The job's dataset files that the configure stage fetches (S3 or HTTP(S))."""
+    return [
+        source
+        for dataset in spec.datasets
+        for source in dataset.files
+        if source.WhichOneof("location") in ("s3_url", "http_url")
+    ]
+
+
+def _plan_remote(
+    dataset_id: str,
+    index: int,
+    source: engine_pb2.DatasetFileSource,
+    sources: SourceSettings,
+    label: str,
+) -> _Remote:
+    """Checks what can be checked before fetching: the URL's form, the recorded size and
+    sha256, the credentials. Never echoes the URL."""
+    location = source.WhichOneof("location")
+    if location is None:
+        raise DataProvisioningError(f"{label}: no location")
+    if not _SHA256_RE.fullmatch(source.sha256):
+        raise DataProvisioningError(f"{label}: no recorded sha256 to check it against")
+    if source.size_bytes < 0:
+        raise DataProvisioningError(f"{label}: its recorded size is negative")
+    problem = _url_problem(location, source)
+    if problem:
+        raise DataProvisioningError(f"{label}: {problem}")
+    s3: S3Settings | None = None
+    headers: dict[str, str] = {}
+    # The problem is kept and raised after the handler, so no exception chain holds the
+    # lookup's own error.
+    try:
+        if location == "s3_url":
+            s3 = sources.s3_settings(source.credentials)
+        else:
+            headers = sources.http_headers(source.credentials)
+    except UnknownCredentials as error:
+        problem = str(error)
+    except ValueError:
+        problem = "the node's default S3 settings are unusable"
+    if problem:
+        raise DataProvisioningError(f"{label}: {problem}")
+    return _Remote(label, dataset_id, index, source, s3, headers)
+
+
+def _url_problem(location: str, source: engine_pb2.DatasetFileSource) -> str:
+    """What is wrong with the file's URL, in words that never echo it; empty when fine."""
+    if location == "s3_url":
+        try:
+            _, key = parse_s3_url(source.s3_url)
+        except ValueError as error:
+            return str(error)  # parse_s3_url's messages never echo the URL
+        return "" if key and not key.endswith("/") else "the s3:// URL names no object"
+    try:
+        parsed = urlparse(source.http_url)
+        port = parsed.port  # ValueError for a port that is not a number
+    except ValueError:
+        return "not a usable http:// or https:// URL"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port == 0:
+        return "not an http:// or https:// URL"
+    if parsed.username is not None or parsed.password is not None:
+        return "credentials belong in the node's source credentials, not in the URL"
+    if any(c in source.http_url for c in "\r\n\x00 "):
+        return "not a usable http:// or https:// URL"
+    return ""
+
+
+def _fetch_all(remote: list[_Remote], stage: _Stage) -> None:
+    """Fetches every remote file, once their sizes together fit the node's limit and the
+    workspace's free space (a quota'd or small disk fails here, not half way)."""
+    if not remote:
+        return
+    ws, sources = stage.ws, stage.sources
+    total = sum(item.source.size_bytes for item in remote)
+    if total > sources.max_bytes:
+        raise DataProvisioningError(
+            f"the dataset files to fetch ({total} bytes) exceed this node's limit of "
+            f"{sources.max_bytes} bytes"
+        )
+    room = _free_bytes(ws.root)
+    if room is not None and total > room:
+        raise DataProvisioningError(
+            f"the dataset files to fetch ({total} bytes) do not fit the {room} bytes left "
+            "for the job's inputs"
+        )
+    _make_dir(ws.dataset_inputs, 0o700)
+    for item in remote:
+        _make_dir(ws.dataset_inputs / item.dataset_id, 0o700)
+        done = _fetch_one(item, stage)
+        stage.record.add(
+            f"{item.label}: {done.size_bytes} bytes fetched from {item.kind} in "
+            f"{done.seconds:.2f} s, sha256 {done.sha256} verified"
+        )
+        stage.log.info(
+            "configure.file_fetched",
+            dataset_id=item.dataset_id,
+            index=item.index,
+            source=item.kind,
+            bytes=done.size_bytes,
+            seconds=round(done.seconds, 3),
+        )
+
+
+def _fetch_one(item: _Remote, stage: _Stage) -> fetch.Fetched:
+    """Fetches one file into a temporary file of the workspace, renamed into place once its
+    size and sha256 are right; nothing is left behind otherwise."""
+    final = stage.ws.dataset_input(item.dataset_id, item.index)
+    temp = final.parent / f".{item.index}.{secrets.token_hex(8)}.tmp"
+    source = item.source
+    failure: str | None = None
+    stopped = False
+    fd = open_new_file(stage.ws.root, temp)
+    try:
+        try:
+            if item.s3 is not None:
+                done = fetch.fetch_s3(
+                    item.s3,
+                    source.s3_url,
+                    fd,
+                    source.size_bytes,
+                    source.sha256,
+                    stage.sources,
+                    stage.stopped,
+                )
+            else:
+                done = fetch.fetch_http(
+                    source.http_url,
+                    item.headers,
+                    fd,
+                    source.size_bytes,
+                    source.sha256,
+                    stage.sources,
+                    stage.stopped,
+                )
+            os.fchmod(fd, _FETCHED_MODE)
+        finally:
+            os.close(fd)
+        os.replace(temp, final)
+    except fetch.FetchError as error:
+        failure = str(error)
+    except fetch.Stopped:
+        stopped = True
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    # Raised here, after the handlers: no chain carries the library's error.
+    if failure is not None or stopped:
+        temp.unlink(missing_ok=True)
+        if stopped:
+            raise ConfigureStopped
+        raise DataProvisioningError(f"{item.label}: {failure}")
+    return done
+
+
+def _free_bytes(path: Path) -> int | None:
+    with contextlib.suppress(OSError):
+        info = os.statvfs(path)
+        return info.f_bavail * info.f_frsize
+    return None
 
 
 def resolve_data_root(data_root: Path) -> Path:
@@ -416,7 +654,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configure: unusable spec: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = configure(spec, args.workspace, args.data_root)
+        # C2D_SOURCE_*: the credentials file (a Kubernetes Secret's) and the limits.
+        sources = SourceSettings.from_env()
+    except ValueError as error:
+        print(f"configure: bad source settings: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = configure(spec, args.workspace, args.data_root, sources)
     except ProvisioningError as error:
         outcome = json.dumps(
             {"reason": job_pb2.FailureReason.Name(error.reason), "message": str(error)}

@@ -10,8 +10,11 @@ One workspace per job, created by the engine as root with mode 0700. Inside it:
     logs/configuration.log      written by configure
     logs/publish.log            written by publish
 
-Dataset files are not copied into the workspace: each is mounted read-only from its place under
-the data root at /data/inputs/<dataset_id>/<index>.
+Dataset files under the data root are not copied into the workspace: each is mounted read-only
+from its place at /data/inputs/<dataset_id>/<index>. Files fetched from S3 or HTTP(S) are written
+to the workspace (root-only folders, files 0444) and mounted read-only the same way:
+
+    dataset-inputs/<dataset_id>/<index>                      -> /data/inputs/<dataset_id>/<index>
 
 The engine may also leave empty files in the root (`.ready-N`, never mounted), made ahead of
 time: a stage that writes a file takes one of those (`open_new_file`) before making one, since
@@ -45,6 +48,7 @@ DDOS = "ddos"
 ALGO_CUSTOM_DATA_FILE = "algoCustomData.json"
 OUTPUTS = "outputs"
 LOGS = "logs"
+DATASET_INPUTS = "dataset-inputs"
 ALGORITHM_LOG = "algorithm.log"
 CONFIGURATION_LOG = "configuration.log"
 PUBLISH_LOG = "publish.log"
@@ -131,6 +135,16 @@ class Workspace:
         if not is_asset_id(dataset_id):
             raise ValueError("a dataset id is 64 lowercase hex digits")
         return self.ddos / dataset_id
+
+    @property
+    def dataset_inputs(self) -> Path:
+        return self.root / DATASET_INPUTS
+
+    def dataset_input(self, dataset_id: str, index: int) -> Path:
+        """Where file `index` of a dataset is written when it is fetched."""
+        if not is_asset_id(dataset_id):
+            raise ValueError("a dataset id is 64 lowercase hex digits")
+        return self.dataset_inputs / dataset_id / str(index)
 
     @property
     def algo_custom_data(self) -> Path:

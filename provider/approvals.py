@@ -26,6 +26,7 @@ from provider.auth import Authenticator, Caller, require_owner
 from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
 from provider.policy import check_trusted
+from provider.sources import FileSource
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -225,7 +226,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
 
         async def _dataset_with_files(
             self, name: str, field: str = "name"
-        ) -> tuple[pb.Dataset, list[str]]: ...
+        ) -> tuple[pb.Dataset, list[FileSource]]: ...
 
         async def _algorithm(self, name: str, field: str = "name") -> pb.Algorithm: ...
 
@@ -446,7 +447,7 @@ class ApprovalsMixin(provider_pb2_grpc.ProviderServiceServicer):
     async def _start_sample_job(
         self,
         caller: Caller,
-        sample: tuple[pb.Dataset, list[str]],
+        sample: tuple[pb.Dataset, list[FileSource]],
         algorithm: pb.Algorithm,
         code: bytes,
         approval: pb.ApprovalRequest,

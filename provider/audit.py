@@ -60,8 +60,23 @@ FROM (SELECT COALESCE(MAX(sequence), 0) + 1 AS sequence,
       FROM audit_events) AS next
 """
 
-# Keys that would carry what the log must never hold: where a dataset lives, or code.
-_FORBIDDEN_DETAILS = frozenset({"code", "file_paths", "path", "paths", "url", "urls"})
+# Keys that would carry what the log must never hold: where a dataset lives (as a path, a URL
+# or a source's fields, provider.sources), which credential reaches it, or code.
+_FORBIDDEN_DETAILS = frozenset(
+    {
+        "code",
+        "credentials",
+        "file_paths",
+        "http_url",
+        "location",
+        "locations",
+        "path",
+        "paths",
+        "s3_url",
+        "url",
+        "urls",
+    }
+)
 
 DEFAULT_PAGE = 100
 MOST_PAGE = 1000

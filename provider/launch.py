@@ -21,6 +21,7 @@ from mesh import containers
 from mesh import jobs as job_facts
 from provider import assets
 from provider.auth import Caller
+from provider.sources import FileSource
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class DecidedDataset:
     """A dataset a job reads, as it was when its policy was checked."""
 
     record: pb.Dataset
-    file_paths: list[str]
+    # Where its files are; only the engine's job spec carries them on.
+    files: list[FileSource]
     # Why it lets the algorithm run: a provider.policy.Basis, or another (an owner's sample run).
     basis: str
 
@@ -78,7 +80,7 @@ def job_spec(plan: JobPlan) -> engine_pb2.JobSpec:
         datasets=[
             engine_pb2.DatasetInput(
                 id=d.record.name.removeprefix("datasets/"),
-                file_paths=d.file_paths,
+                files=[f.to_engine() for f in d.files],
                 ddo_json=_ddo_json(d.record.SerializeToString(deterministic=True)),
             )
             for d in plan.datasets

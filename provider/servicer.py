@@ -30,7 +30,7 @@ from mesh.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from provider import assets, launch, orders, parameters, request_fields
+from provider import assets, launch, orders, parameters, request_fields, sources
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
 from provider.auth import Authenticator, require_owner
@@ -38,6 +38,7 @@ from provider.config import ProviderConfig
 from provider.launch import DecidedDataset, JobPlan
 from provider.policy import check_policy, check_trusted, network_allowed
 from provider.provenance import ProvenanceBook, ProvenanceMixin
+from provider.sources import FileSource
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -190,8 +191,7 @@ class ProviderServicer(
         previous = await self.store.request_resource(caller.address, request.request_id)
         if previous is not None:
             return pb.PublishDatasetResponse(dataset=await self._dataset(previous))
-        if not 1 <= len(request.file_paths) <= assets.MAX_DATASET_FILES:
-            raise InvalidArgument("file_paths must list 1 to 1000 files", field="file_paths")
+        requested = sources.requested_files(request)
         check_policy(request.policy)
         if request.sample_of:
             # Checked before the files are hashed, and again as the dataset is added.
@@ -200,10 +200,8 @@ class ProviderServicer(
             )
             if refusal is not None:
                 raise refusal
-        # One thread for every file: the data root is resolved once, not per file.
-        checked = await asyncio.to_thread(
-            assets.check_dataset_files, list(request.file_paths), self.config.data_root
-        )
+        # One thread for every local file: the data root is resolved once, not per file.
+        checked = await asyncio.to_thread(sources.measure, requested, self.config.data_root)
         pricing = await self.payments.pricing(request.pricing, caller.address)
         dataset_id = assets.derive_id(caller.address, caller.nonce)
         dataset = pb.Dataset(
@@ -211,10 +209,7 @@ class ProviderServicer(
             did=assets.did(dataset_id),
             publisher=caller.address,
             metadata=request.metadata,
-            files=[
-                pb.DatasetFile(index=i, size_bytes=f.size, sha256=f.sha256)
-                for i, f in enumerate(checked)
-            ],
+            files=sources.public_files(checked),
             policy=request.policy,
             policy_version=1,
             sample_of=request.sample_of,
@@ -222,7 +217,7 @@ class ProviderServicer(
         )
         dataset.create_time.GetCurrentTime()
         async with self._selling(dataset.name, pricing):
-            await self.store.add_dataset(dataset, [f.path for f in checked])
+            await self.store.add_dataset(dataset, checked)
         await self.store.remember_request(caller.address, request.request_id, dataset.name)
         await self.audit.record(
             caller.address,
@@ -231,12 +226,19 @@ class ProviderServicer(
             allowed=True,
             details={
                 "policy_version": 1,
+                # How many, never where: the log is read by every owner, locations by none.
                 "files": len(checked),
+                "remote_files": sum(f.remote for f in checked),
                 "sample_of": request.sample_of,
                 "datatoken": pricing.datatoken if pricing else "",
             },
         )
-        log.info("dataset published", dataset=dataset.did, files=len(checked))
+        log.info(
+            "dataset published",
+            dataset=dataset.did,
+            files=len(checked),
+            remote_files=sum(f.remote for f in checked),
+        )
         return pb.PublishDatasetResponse(dataset=dataset)
 
     @contextlib.asynccontextmanager
@@ -568,8 +570,8 @@ class ProviderServicer(
                 raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
             # Decided on this very record, with no await in between: the policy version the
             # job records is the one that allowed it, whatever changes the policy next.
-            dataset, paths = found
-            decided.append(DecidedDataset(dataset, paths, check_trusted(dataset, algorithm)))
+            dataset, files = found
+            decided.append(DecidedDataset(dataset, files, check_trusted(dataset, algorithm)))
         records = [d.record for d in decided]
         allow_network = network_allowed(records, environment, required=require_network)
         given = json_format.MessageToDict(request.parameters)
@@ -607,8 +609,8 @@ class ProviderServicer(
 
     async def _dataset_with_files(
         self, name: str, field: str = "name"
-    ) -> tuple[pb.Dataset, list[str]]:
-        """The dataset with the paths of its files (for the engine only)."""
+    ) -> tuple[pb.Dataset, list[FileSource]]:
+        """The dataset with where its files are (for the engine only)."""
         found = await self.store.dataset(job_facts.parse_name(name, "datasets", field))
         if found is None:
             raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
@@ -758,3 +760,28 @@ class ProviderServicer(
             raise
         if not audited:
             await self.audit.record(caller.address, "result.download", request.name, allowed=True)
+
+    async def GetResultUrl(
+        self, request: pb.GetResultUrlRequest, context: Context
+    ) -> pb.GetResultUrlResponse:
+        caller = await self.auth.reader(context, "GetResultUrl", request)
+        match = _RESULT_NAME.fullmatch(request.name)
+        if match is None:
+            raise InvalidArgument("name must look like jobs/{job}/results/{index}", field="name")
+        job_id, index = match.group(1), int(match.group(2))
+        structlog.contextvars.bind_contextvars(job_id=job_id)
+        try:
+            response = await self.operator.GetResultUrl(
+                operator_pb2.GetResultUrlRequest(job_id=job_id, owner=caller.address, index=index),
+                timeout=UNARY_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            await self.audit.record(
+                caller.address, "result.url", request.name, allowed=False, reason=error.code().name
+            )
+            raise
+        # A URL is as good as a download: audited as one.
+        await self.audit.record(caller.address, "result.url", request.name, allowed=True)
+        return pb.GetResultUrlResponse(
+            url=response.url, expire_time=response.expire_time, result=response.result
+        )

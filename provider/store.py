@@ -14,6 +14,7 @@ from c2d.provider.v1 import provider_pb2
 from mesh.errors import FailedPrecondition, NotFound, Unauthenticated
 from mesh.sqlite import connect, transaction
 from provider.policy import PolicyVersionMismatch
+from provider.sources import FileSource
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nonces (address TEXT PRIMARY KEY, nonce INTEGER NOT NULL);
@@ -23,8 +24,10 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS datasets (
     id TEXT PRIMARY KEY, seq INTEGER NOT NULL,
     record BLOB NOT NULL,            -- provider.v1.Dataset, the public part, current policy
-    file_paths TEXT NOT NULL,        -- JSON list; never leaves the node's internal hops
-    sample_of TEXT                   -- the id of the dataset this one is the sample of
+    sample_of TEXT,                  -- the id of the dataset this one is the sample of
+    -- JSON list of provider.sources.FileSource: where the files are (paths, S3 or HTTP URLs,
+    -- credential names). Never leaves the node's internal hops.
+    files TEXT NOT NULL
 );
 -- Every version of every dataset's policy, so that a job's provenance names the exact one.
 CREATE TABLE IF NOT EXISTS dataset_policies (
@@ -57,12 +60,45 @@ _RECORD_COLUMNS = "d.record, (SELECT s.id FROM datasets s WHERE s.sample_of = d.
 
 
 def _upgrade(db: sqlite3.Connection) -> None:
-    """Brings a database from before policy versions, samples and algorithm versions up to
-    date: its policies become version 1 and its algorithms private version 1 (no API could
-    read their code then, and private keeps it so)."""
+    """Brings a database from an earlier version up to date, one step after the other."""
     columns = {row[1] for row in db.execute("PRAGMA table_info(datasets)")}
-    if "sample_of" in columns:
-        return
+    if "sample_of" not in columns:
+        _add_versions_and_samples(db)
+    if "files" not in columns:
+        _add_file_sources(db)
+
+
+def _add_file_sources(db: sqlite3.Connection) -> None:
+    """From before remote files, a dataset's files were local paths only (`file_paths`, a JSON
+    list): each becomes a local source with the size and sha256 its record shows."""
+    with transaction(db):
+        db.execute("ALTER TABLE datasets ADD COLUMN files TEXT")
+        rows = db.execute("SELECT id, record, file_paths FROM datasets").fetchall()
+        for dataset_id, record, file_paths in rows:
+            public = provider_pb2.Dataset.FromString(record).files
+            sources = [
+                FileSource(
+                    "path",
+                    path,
+                    size=public[i].size_bytes if i < len(public) else 0,
+                    sha256=public[i].sha256 if i < len(public) else "",
+                )
+                for i, path in enumerate(json.loads(file_paths))
+            ]
+            db.execute(
+                "UPDATE datasets SET files = ? WHERE id = ?", (_files_json(sources), dataset_id)
+            )
+        db.execute("ALTER TABLE datasets DROP COLUMN file_paths")
+
+
+def _files_json(sources: list[FileSource]) -> str:
+    return json.dumps([s.to_json() for s in sources])
+
+
+def _add_versions_and_samples(db: sqlite3.Connection) -> None:
+    """From before policy versions, samples and algorithm versions: policies become version 1
+    and algorithms private version 1 (no API could read their code then, and private keeps it
+    so)."""
     with transaction(db):
         db.execute("ALTER TABLE datasets ADD COLUMN sample_of TEXT")
         for dataset_id, record in db.execute("SELECT id, record FROM datasets").fetchall():
@@ -195,10 +231,11 @@ class ProviderStore:
             return FailedPrecondition(f"{name} has a sample already", reason="SAMPLE_EXISTS")
         return None
 
-    async def add_dataset(self, dataset: provider_pb2.Dataset, file_paths: list[str]) -> None:
-        """Adds a dataset with its policy as version 1. When it is the sample of another
-        (`dataset.sample_of`), FAILED_PRECONDITION unless that one can take it (checked here,
-        with the insert, so two samples published at once cannot both win)."""
+    async def add_dataset(self, dataset: provider_pb2.Dataset, files: list[FileSource]) -> None:
+        """Adds a dataset, with where its files are, and its policy as version 1. When it is
+        the sample of another (`dataset.sample_of`), FAILED_PRECONDITION unless that one can
+        take it (checked here, with the insert, so two samples published at once cannot both
+        win)."""
         sample_of = dataset.sample_of.removeprefix("datasets/") or None
         if sample_of is not None:
             refusal = self.sample_refusal(sample_of)
@@ -206,12 +243,12 @@ class ProviderStore:
                 raise refusal
         with transaction(self.db):
             self.db.execute(
-                "INSERT INTO datasets (id, seq, record, file_paths, sample_of) VALUES "
+                "INSERT INTO datasets (id, seq, record, files, sample_of) VALUES "
                 "(?, COALESCE((SELECT MAX(seq) FROM datasets), 0) + 1, ?, ?, ?)",
                 (
                     dataset.name.removeprefix("datasets/"),
                     dataset.SerializeToString(),
-                    json.dumps(file_paths),
+                    _files_json(files),
                     sample_of,
                 ),
             )
@@ -265,17 +302,20 @@ class ProviderStore:
         ).fetchone()
         return None if row is None else provider_pb2.ComputePolicy.FromString(row[0])
 
-    async def dataset(self, dataset_id: str) -> tuple[provider_pb2.Dataset, list[str]] | None:
+    async def dataset(
+        self, dataset_id: str
+    ) -> tuple[provider_pb2.Dataset, list[FileSource]] | None:
+        """The dataset's public record, and where its files are (for the engine only)."""
         return self._dataset(dataset_id)
 
-    def _dataset(self, dataset_id: str) -> tuple[provider_pb2.Dataset, list[str]] | None:
+    def _dataset(self, dataset_id: str) -> tuple[provider_pb2.Dataset, list[FileSource]] | None:
         row = self.db.execute(
-            f"SELECT d.file_paths, {_RECORD_COLUMNS} FROM datasets d WHERE id = ?",  # noqa: S608
+            f"SELECT d.files, {_RECORD_COLUMNS} FROM datasets d WHERE id = ?",  # noqa: S608
             (dataset_id,),
         ).fetchone()
         if row is None:
             return None
-        return _dataset_of(row[1], row[2]), list(json.loads(row[0]))
+        return _dataset_of(row[1], row[2]), [FileSource.from_json(f) for f in json.loads(row[0])]
 
     async def datasets(self, limit: int, after_seq: int) -> list[tuple[int, provider_pb2.Dataset]]:
         rows = self.db.execute(

@@ -75,6 +75,27 @@ def _job_fields(
     }
 
 
+def remote_file(
+    url: str, *, size_bytes: int, sha256: str, credentials: str = ""
+) -> pb.DatasetFileLocation:
+    """A dataset file the node's jobs fetch: `s3://bucket/key` or an http(s) URL, with the
+    size and lowercase hex sha256 it must have, and the name of a source credential the
+    node's engine holds for it (the secret itself never leaves the node)."""
+    return pb.DatasetFileLocation(
+        url=url, size_bytes=size_bytes, sha256=sha256, credentials=credentials
+    )
+
+
+def _node_path(path: str | Path) -> str:
+    return str(Path(path).absolute())
+
+
+def _file_location(file: str | Path | pb.DatasetFileLocation) -> pb.DatasetFileLocation:
+    if isinstance(file, pb.DatasetFileLocation):
+        return file
+    return pb.DatasetFileLocation(path=_node_path(file))
+
+
 class Client:
     def __init__(self, target: str, key: Key) -> None:
         self.key = key
@@ -132,20 +153,26 @@ class Client:
 
     async def publish_dataset(
         self,
-        paths: Sequence[str | Path],
+        paths: Sequence[str | Path] = (),
         *,
+        files: Sequence[str | Path | pb.DatasetFileLocation] = (),
         metadata: pb.AssetMetadata | None = None,
         policy: pb.ComputePolicy | None = None,
         request_id: str = "",
         sample_of: str = "",
         pricing: pb.Pricing | None = None,
     ) -> pb.Dataset:
-        """Publishes a dataset; with `sample_of` (a dataset's DID, name or id), as the sample
-        of that dataset; with `pricing` (its datatoken), for sale."""
+        """Publishes a dataset of local files (`paths`, on the node, under its data root), or
+        of `files`, in order: local paths too, or remote ones (`remote_file`). With
+        `sample_of` (a dataset's DID, name or id), as the sample of that dataset; with
+        `pricing` (its datatoken), for sale."""
+        if paths and files:
+            raise ValueError("give the dataset's files as paths or as files, not both")
         request = pb.PublishDatasetRequest(
             request_id=request_id or uuid.uuid4().hex,
             metadata=metadata,
-            file_paths=[str(Path(p).absolute()) for p in paths],
+            file_paths=[_node_path(p) for p in paths],
+            files=[_file_location(f) for f in files],
             policy=policy,
             sample_of=asset_name("datasets", sample_of) if sample_of else "",
             pricing=pricing,
@@ -379,6 +406,17 @@ class Client:
             raise ValueError(f"result {result.index} failed its sha256 check; download again")
         partial.replace(dest)
         return dest
+
+    async def result_url(self, ref: str, result: job_pb2.ResultFile) -> pb.GetResultUrlResponse:
+        """A short-lived URL that downloads one result straight from the node's object store
+        (FAILED_PRECONDITION on a node that keeps results on local disk). Check what it
+        downloads against `result.sha256`."""
+        response: pb.GetResultUrlResponse = await self.stub.GetResultUrl(
+            pb.GetResultUrlRequest(name=f"{job_ref(ref)}/results/{result.index}"),
+            metadata=await self.token_metadata(),
+            timeout=TIMEOUT,
+        )
+        return response
 
     # -- owner's control: approval requests, audit log, provenance ---------------------------
 

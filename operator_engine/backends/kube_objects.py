@@ -2,6 +2,16 @@
 and its state as an annotation), a volume for its workspace, a NetworkPolicy, and one pod per
 stage (configure, algorithm, publish).
 
+The configure pod alone may fetch dataset files from S3 or HTTP(S): a second NetworkPolicy,
+made only for a job with such files, lets that pod (and no other) open connections, and the
+node's source credentials reach it from the Secret named by C2D_K8S_SOURCES_SECRET, mounted
+into it alone. Fetched files land on the job's volume (`dataset-inputs/`), which the
+algorithm pod mounts file by file, read-only.
+
+When results go to S3, the publish pod alone reaches the store (`publish_network_policy`, its
+endpoint's port only) and gets its credentials, from the Secret named by
+C2D_K8S_STORAGE_SECRET as environment variables; no pod mounts a results volume then.
+
 Every pod is hardened the same way: non-root, read-only root file system, every capability
 dropped, no privilege escalation, seccomp RuntimeDefault, no service-account token, no service
 links, restartPolicy Never (a failed algorithm is never run again: an out-of-memory kill ends
@@ -19,6 +29,7 @@ import base64
 import math
 import os
 from typing import Any
+from urllib.parse import urlparse
 
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
@@ -26,8 +37,9 @@ from google.protobuf import json_format
 
 from mesh import containers
 from operator_engine.backends.kubernetes_config import KubernetesSettings
+from operator_engine.sources import CREDENTIALS_VARIABLE, SourceSettings
 from pods import workspace as layout
-from pods.configure import algorithm_env, entrypoint_argv
+from pods.configure import algorithm_env, entrypoint_argv, remote_files
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "c2d-engine"
@@ -45,6 +57,9 @@ STAGES = (CONFIGURE, ALGORITHM, PUBLISH)
 # Where the stage pods see the job's volume, the spec, and the termination message.
 WORKSPACE_MOUNT = "/c2d/job"
 SPEC_MOUNT = "/c2d/spec"
+# Where the configure pod sees the source credentials Secret, and the file's key in it.
+SOURCES_MOUNT = "/c2d/sources"
+SOURCES_KEY = "credentials.json"
 TERMINATION_LOG = "/dev/termination-log"
 # The publish pod stores its listing of results under this key, for the engine to read.
 LISTING_KEY = "publish-listing"
@@ -123,11 +138,14 @@ def job_secret(
 
 
 def workspace_claim(
-    settings: KubernetesSettings, job_id: str, limits: job_pb2.Resources
+    settings: KubernetesSettings, job_id: str, limits: job_pb2.Resources, inputs_bytes: int = 0
 ) -> dict[str, Any]:
+    """The job's volume: its outputs, its code, DDOs and logs, and `inputs_bytes` of dataset
+    files the configure pod fetches."""
+    size = limits.disk_bytes + _VOLUME_SLACK_BYTES + inputs_bytes
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": str(limits.disk_bytes + _VOLUME_SLACK_BYTES)}},
+        "resources": {"requests": {"storage": str(size)}},
     }
     if settings.storage_class:
         spec["storageClassName"] = settings.storage_class
@@ -235,14 +253,68 @@ def _stage_volumes(settings: KubernetesSettings, job_id: str) -> list[dict[str, 
     ]
 
 
-def configure_pod(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
+def configure_network_policy(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
+    """Lets the job's configure pod, and no other pod, open connections anywhere: it fetches
+    the dataset files the owner registered (an in-cluster store as well as the Internet). It
+    runs no consumer code. Ingress stays denied by the job's own policy; NetworkPolicies add
+    up, so this one widens nothing for the algorithm."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(settings, job_id, CONFIGURE),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {
+                    JOB_LABEL: job_id,
+                    ENGINE_LABEL: settings.engine_id,
+                    STAGE_LABEL: CONFIGURE,
+                }
+            },
+            "policyTypes": ["Egress"],
+            "egress": [{}],
+        },
+    }
+
+
+def configure_pod(
+    settings: KubernetesSettings,
+    job_id: str,
+    sources: SourceSettings | None = None,
+    *,
+    remote_files: int = 0,
+) -> dict[str, Any]:
     """Verifies the inputs and lays out the job's volume: the same program as the local
-    backend's configure stage."""
+    backend's configure stage. With `remote_files` to fetch, it gets `sources`'s limits, the
+    source credentials Secret when there is one, and time for each fetch besides the stage's
+    own deadline."""
     volumes = [
         *_stage_volumes(settings, job_id),
         {"name": "spec", "secret": {"secretName": object_name(job_id), "defaultMode": 0o400}},
         {"name": "data", **_read_only(settings.data_volume)},
     ]
+    env = [{"name": "C2D_LOG_FORMAT", "value": "json"}]
+    mounts = [
+        {"name": "job", "mountPath": WORKSPACE_MOUNT},
+        {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
+        {"name": "data", "mountPath": settings.data_mount, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    deadline = settings.stage_timeout_s
+    if remote_files:
+        sources = sources or SourceSettings()
+        env += [{"name": name, "value": value} for name, value in sources.limits_env().items()]
+        deadline += remote_files * sources.timeout_s
+    if remote_files and settings.sources_secret:
+        # Owner-only (0400; the pod's group may read it through fsGroup): the file refuses to
+        # load when others may read it.
+        volumes.append(
+            {
+                "name": "sources",
+                "secret": {"secretName": settings.sources_secret, "defaultMode": 0o400},
+            }
+        )
+        mounts.append({"name": "sources", "mountPath": SOURCES_MOUNT, "readOnly": True})
+        env.append({"name": CREDENTIALS_VARIABLE, "value": f"{SOURCES_MOUNT}/{SOURCES_KEY}"})
     container = {
         "image": settings.pods_image,
         "imagePullPolicy": "IfNotPresent",
@@ -257,16 +329,17 @@ def configure_pod(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
             "--termination-log",
             TERMINATION_LOG,
         ],
-        "env": [{"name": "C2D_LOG_FORMAT", "value": "json"}],
+        "env": env,
         "resources": _resources(_STAGE_CPU, _STAGE_MEMORY, _STAGE_TMP),
-        "volumeMounts": [
-            {"name": "job", "mountPath": WORKSPACE_MOUNT},
-            {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
-            {"name": "data", "mountPath": settings.data_mount, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
-    return _pod(settings, job_id, CONFIGURE, container, volumes, settings.stage_timeout_s)
+    return _pod(settings, job_id, CONFIGURE, container, volumes, deadline)
+
+
+def remote_inputs(spec: engine_pb2.JobSpec) -> tuple[int, int]:
+    """How many dataset files the configure pod fetches, and their recorded bytes."""
+    found = remote_files(spec)
+    return len(found), sum(max(0, source.size_bytes) for source in found)
 
 
 def algorithm_image(settings: KubernetesSettings, algorithm: engine_pb2.AlgorithmInput) -> str:
@@ -288,12 +361,18 @@ def algorithm_pod(
     job_id = spec.job_id
     mounts: list[dict[str, Any]] = []
     for dataset in spec.datasets:
-        for index, path in enumerate(dataset.file_paths):
+        for index, source in enumerate(dataset.files):
+            if source.WhichOneof("location") == "path":
+                volume, sub = "data", os.path.relpath(source.path, settings.data_mount)
+            else:
+                # Fetched by the configure pod onto the job's volume.
+                volume = "job"
+                sub = f"{layout.DATASET_INPUTS}/{dataset.id}/{index}"
             mounts.append(
                 {
-                    "name": "data",
+                    "name": volume,
                     "mountPath": layout.sandbox_input_path(dataset.id, index),
-                    "subPath": os.path.relpath(path, settings.data_mount),
+                    "subPath": sub,
                     "readOnly": True,
                 }
             )
@@ -342,13 +421,71 @@ def algorithm_pod(
     return pod
 
 
+def publish_network_policy(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
+    """Lets the job's publish pod, and no other pod, reach the results store when results go to
+    S3: the endpoint's port (any address: a store may be in-cluster or not, and a policy cannot
+    name hosts) and the cluster's DNS. The pod runs no consumer code; NetworkPolicies add up, so
+    this widens nothing for the algorithm."""
+    port = _endpoint_port(settings.storage_env.get("C2D_S3_ENDPOINT", ""))
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(settings, job_id, PUBLISH),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {
+                    JOB_LABEL: job_id,
+                    ENGINE_LABEL: settings.engine_id,
+                    STAGE_LABEL: PUBLISH,
+                }
+            },
+            "policyTypes": ["Egress"],
+            "egress": [
+                {"ports": [{"protocol": "TCP", "port": port}]},
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                            },
+                            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+                        }
+                    ],
+                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                },
+            ],
+        },
+    }
+
+
+def _endpoint_port(endpoint: str) -> int:
+    """The TCP port of an S3 endpoint URL (AWS's, https, when none is configured)."""
+    parsed = urlparse(endpoint or "https://s3.amazonaws.com")
+    return parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
 def publish_pod(
     settings: KubernetesSettings, job_id: str, *, max_files: int, max_total_bytes: int
 ) -> dict[str, Any]:
     """Stores the outputs and the stage logs and lists them: the same program as the local
-    backend's publish stage. The algorithm's log is stored by the engine, which holds it."""
-    volumes = [*_stage_volumes(settings, job_id), {"name": "results", **settings.results_volume}]
-    container = {
+    backend's publish stage. The algorithm's log is stored by the engine, which holds it.
+
+    Results go to the results volume, or, when the engine's storage is S3, to S3: the pod then
+    mounts no results volume and gets the store's settings as environment variables, its
+    credentials from the Secret `settings.storage_secret` (only this pod; the algorithm pod
+    never sees them), and needs `publish_network_policy` to reach the store."""
+    volumes = _stage_volumes(settings, job_id)
+    mounts: list[dict[str, Any]] = [{"name": "job", "mountPath": WORKSPACE_MOUNT}]
+    env = [{"name": "C2D_LOG_FORMAT", "value": "json"}]
+    if settings.results_in_s3:
+        storage = settings.storage_url
+        env += [{"name": name, "value": value} for name, value in settings.storage_env.items()]
+    else:
+        storage = settings.results_mount
+        volumes.append({"name": "results", **settings.results_volume})
+        mounts.append({"name": "results", "mountPath": settings.results_mount})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    container: dict[str, Any] = {
         "image": settings.pods_image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "pods.publish"],
@@ -356,7 +493,7 @@ def publish_pod(
             "--workspace",
             WORKSPACE_MOUNT,
             "--storage",
-            settings.results_mount,
+            storage,
             "--job-id",
             job_id,
             "--max-files",
@@ -369,14 +506,12 @@ def publish_pod(
             "--termination-log",
             TERMINATION_LOG,
         ],
-        "env": [{"name": "C2D_LOG_FORMAT", "value": "json"}],
+        "env": env,
         "resources": _resources(_STAGE_CPU, _STAGE_MEMORY, _STAGE_TMP),
-        "volumeMounts": [
-            {"name": "job", "mountPath": WORKSPACE_MOUNT},
-            {"name": "results", "mountPath": settings.results_mount},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
+    if settings.results_in_s3 and settings.storage_secret:
+        container["envFrom"] = [{"secretRef": {"name": settings.storage_secret}}]
     return _pod(settings, job_id, PUBLISH, container, volumes, settings.stage_timeout_s)
 
 

@@ -53,6 +53,7 @@ from operator_engine.runner import (
     stream_entry_log,
     watch_entry,
 )
+from operator_engine.sources import parse_credentials
 from pods import configure as configure_exit
 from pods import publish as publish_exit
 from pods import workspace as layout
@@ -153,6 +154,50 @@ class KubernetesBackend:
             ) from None
         except (OSError, TimeoutError) as error:
             raise ClusterUnavailable(f"the Kubernetes API is unreachable: {error}") from None
+        await self._check_sources_secret()
+        await self._check_storage_secret()
+
+    async def _check_storage_secret(self) -> None:
+        """Refuses to start when results go to S3 and the Secret the publish pods take their
+        S3 settings from is missing: every job would otherwise fail at its last stage."""
+        name = self.settings.storage_secret
+        if not name:
+            return
+        try:
+            secret = await self._read(self.core.read_namespaced_secret, name)
+        except ApiException as error:
+            raise ClusterUnavailable(
+                f"cannot read C2D_K8S_STORAGE_SECRET {name!r}: {error.status} {error.reason}"
+            ) from None
+        if secret is None:
+            raise ClusterUnavailable(
+                f"C2D_K8S_STORAGE_SECRET {name!r}: no such Secret in the jobs namespace"
+            )
+
+    async def _check_sources_secret(self) -> None:
+        """Refuses to start when the source credentials Secret the configure pods would mount
+        is missing or holds a bad file: found now rather than by every job that fetches."""
+        name = self.settings.sources_secret
+        if not name:
+            return
+        origin = f"C2D_K8S_SOURCES_SECRET {name!r} (key {objects.SOURCES_KEY})"
+        problem = ""
+        try:
+            secret = await self._read(self.core.read_namespaced_secret, name)
+        except ApiException as error:
+            raise ClusterUnavailable(
+                f"cannot read {origin}: {error.status} {error.reason}"
+            ) from None
+        raw = ((secret or {}).get("data") or {}).get(objects.SOURCES_KEY)
+        if raw is None:
+            raise ClusterUnavailable(f"{origin}: no such Secret or key in the jobs namespace")
+        try:
+            parse_credentials(json.loads(base64.b64decode(raw)), origin)
+        except ValueError as error:
+            # JSON's and base64's messages say where, never what: no secret is echoed.
+            problem = str(error) if str(error).startswith(origin) else f"{origin}: not JSON"
+        if problem:
+            raise ClusterUnavailable(problem)
 
     def environment_list(self) -> list[job_pb2.Environment]:
         return [_environment_message(env) for env in self.environments.values()]
@@ -434,10 +479,11 @@ class KubernetesBackend:
     ) -> tuple[int, str] | None:
         """Runs the configure pod; None when the job may run, else (reason, message)."""
         job_id = entry.spec.job_id
+        fetches, fetched_bytes = objects.remote_inputs(entry.spec)
         if pod is None:
             await self._create(
                 self.core.create_namespaced_persistent_volume_claim,
-                objects.workspace_claim(self.settings, job_id, entry.job.limits),
+                objects.workspace_claim(self.settings, job_id, entry.job.limits, fetched_bytes),
             )
             network = (
                 entry.spec.allow_network
@@ -447,10 +493,24 @@ class KubernetesBackend:
                 self.networking.create_namespaced_network_policy,
                 objects.network_policy(self.settings, job_id, network=network),
             )
+            if fetches:
+                await self._create(
+                    self.networking.create_namespaced_network_policy,
+                    objects.configure_network_policy(self.settings, job_id),
+                )
             await self._create(
-                self.core.create_namespaced_pod, objects.configure_pod(self.settings, job_id)
+                self.core.create_namespaced_pod,
+                objects.configure_pod(
+                    self.settings, job_id, self.config.sources, remote_files=fetches
+                ),
             )
         end = await self._wait_stage(entry, objects.object_name(job_id, objects.CONFIGURE))
+        if fetches:
+            # The fetching is over: no egress is left open for the job.
+            await self._delete(
+                self.networking.delete_namespaced_network_policy,
+                objects.object_name(job_id, objects.CONFIGURE),
+            )
         if end.succeeded:
             return None
         detail = _termination_detail(end.message)
@@ -516,6 +576,12 @@ class KubernetesBackend:
         name = objects.object_name(job_id, objects.PUBLISH)
         await self._delete_pod(objects.object_name(job_id, objects.ALGORITHM))
         await self._delete_pod(objects.object_name(job_id, objects.CONFIGURE))
+        if self.settings.results_in_s3:
+            # The job's deny-all policy would keep the publish pod from the results store.
+            await self._create(
+                self.networking.create_namespaced_network_policy,
+                objects.publish_network_policy(self.settings, job_id),
+            )
         if await self._read_pod(name) is None:
             await self._create(
                 self.core.create_namespaced_pod,
@@ -857,6 +923,11 @@ class KubernetesBackend:
         name = objects.object_name(job_id)
         await self._delete(self.core.delete_namespaced_persistent_volume_claim, name)
         await self._delete(self.networking.delete_namespaced_network_policy, name)
+        for stage in (objects.CONFIGURE, objects.PUBLISH):
+            await self._delete(
+                self.networking.delete_namespaced_network_policy,
+                objects.object_name(job_id, stage),
+            )
         if with_secret:
             await self._delete(self.core.delete_namespaced_secret, name)
 

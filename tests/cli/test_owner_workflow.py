@@ -1,16 +1,24 @@
 """The data owner's workflow as the README gives it, through the `c2d` command against `c2d up`:
-publish, set a policy, review an approval request on the sample, approve, read the audit log,
-and check a job's provenance offline."""
+publish (local and remote files), set a policy, review an approval request on the sample,
+approve, read the audit log, and check a job's provenance offline."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from pathlib import Path
 
+import boto3
+import pytest
+from c2d.provider.v1 import provider_pb2 as pb
+
+from cli import owner
+from cli.main import build_parser
 from tests.cli.test_cli import Node, node  # noqa: F401  (the fixture)
 from tests.conftest import needs_root
-
-pytestmark = needs_root
+from tests.provider.http_files import HttpFiles, http_files  # noqa: F401 (the fixture)
+from tests.s3_server import S3Server
 
 ALGORITHM = """\
 import csv, json, os
@@ -36,6 +44,7 @@ def refused(result: object, status: str) -> str:
     return stderr
 
 
+@needs_root
 def test_the_owner_reviews_approves_audits_and_proves_what_ran(
     node: Node,  # noqa: F811
     tmp_path: Path,
@@ -162,3 +171,144 @@ def test_the_owner_reviews_approves_audits_and_proves_what_ran(
     ):
         assert action in actions, actions
     assert "SECRET-SOURCE-LINE" not in export.read_text()
+
+
+# -- remote files --------------------------------------------------------------------------
+
+HEX = "ab" * 32
+
+
+def dataset_files(*argv: str) -> list[str | pb.DatasetFileLocation]:
+    """The files `c2d dataset publish ARGV` would publish, in order."""
+    args = build_parser().parse_args(["dataset", "publish", *argv])
+    return asyncio.run(owner.dataset_files(args))
+
+
+def mistake(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """What `c2d dataset publish ARGV` says before it exits, without publishing anything."""
+    with pytest.raises(SystemExit) as stopped:
+        dataset_files(*argv)
+    assert stopped.value.code != 0
+    return str(stopped.value.code) + capsys.readouterr().err
+
+
+def test_the_file_flags_keep_their_order_and_refuse_mistakes(
+    capsys: pytest.CaptureFixture[str],
+    http_files: HttpFiles,  # noqa: F811
+) -> None:
+    assert dataset_files("/d/a.csv", "/d/b.csv") == ["/d/a.csv", "/d/b.csv"]
+    assert dataset_files(
+        "--file", "/d/a.csv",
+        "--remote", "s3://lake/b.csv", "--size", "5", "--credentials", "lake", "--sha256", HEX,
+        "--file", "/d/c.csv",
+        "--remote", "https://data.example.org/d.csv", "--sha256", HEX.upper(), "--size", "7",
+    ) == [
+        "/d/a.csv",
+        pb.DatasetFileLocation(url="s3://lake/b.csv", size_bytes=5, sha256=HEX, credentials="lake"),
+        "/d/c.csv",
+        pb.DatasetFileLocation(url="https://data.example.org/d.csv", size_bytes=7, sha256=HEX),
+    ]  # fmt: skip
+
+    assert "not both" in mistake(capsys, "/d/a.csv", "--remote", "s3://lake/b.csv")
+    assert "at least one file" in mistake(capsys)
+    assert "put it after that --remote" in mistake(capsys, "--sha256", HEX, "--file", "/d/a")
+    assert "put it after that --remote" in mistake(capsys, "--file", "/d/a", "--size", "3")
+    twice = mistake(capsys, "--remote", "s3://l/b", "--credentials", "x", "--credentials", "y")
+    assert "--credentials is given twice for file 0" in twice
+    assert "1 or more" in mistake(capsys, "--remote", "s3://l/b", "--size", "0")
+    assert "give both --sha256 and --size" in mistake(
+        capsys, "--file", "/d/a", "--remote", "s3://l/b", "--sha256", HEX
+    )
+    assert "an s3://, http:// or https:// URL" in mistake(capsys, "--remote", "ftp://h/x")
+    missing = mistake(capsys, "--remote", f"{http_files.url}/missing.csv")
+    assert "file 0 could not be measured (HTTP 404)" in missing
+
+
+def test_a_remote_file_without_its_facts_is_measured_on_the_owners_side(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    http_files: HttpFiles,  # noqa: F811
+    s3_server: S3Server,
+    s3_bucket: str,
+) -> None:
+    served = bytes(range(256)) * 8192 + b"tail"  # 2 MiB and a bit: several chunks
+    http_url = http_files.add("big.bin", served)
+    s3_content = b"s3 object\n"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=s3_server.settings.region,
+        aws_access_key_id=s3_server.settings.access_key_id,
+        aws_secret_access_key=s3_server.settings.secret_access_key,
+    )
+    s3.put_object(Bucket=s3_bucket, Key="k/object.txt", Body=s3_content)
+    s3.close()
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+
+    files = dataset_files(
+        "--remote", http_url,
+        "--remote", f"s3://{s3_bucket}/k/object.txt", "--credentials", "lake",
+        "--remote", f"s3://{s3_bucket}/k/missing.txt", "--size", "9", "--sha256", HEX,
+    )  # fmt: skip
+    assert files == [
+        pb.DatasetFileLocation(
+            url=http_url, size_bytes=len(served), sha256=hashlib.sha256(served).hexdigest()
+        ),
+        pb.DatasetFileLocation(
+            url=f"s3://{s3_bucket}/k/object.txt",
+            size_bytes=len(s3_content),
+            sha256=hashlib.sha256(s3_content).hexdigest(),
+            credentials="lake",
+        ),
+        # Given with its facts: not fetched (it does not even exist).
+        pb.DatasetFileLocation(url=f"s3://{s3_bucket}/k/missing.txt", size_bytes=9, sha256=HEX),
+    ]
+    progress = capsys.readouterr().err
+    assert f"c2d: file 0: {len(served)} bytes, sha256 {hashlib.sha256(served).hexdigest()}" in (
+        progress
+    )
+    assert "c2d: file 1: 10 bytes" in progress and "file 2" not in progress
+    gone = mistake(capsys, "--remote", f"s3://{s3_bucket}/k/missing.txt")
+    assert "file 0 could not be measured (NoSuchKey)" in gone
+
+
+@needs_root
+def test_the_owner_publishes_local_and_remote_files_from_the_command_line(
+    node: Node,  # noqa: F811
+    http_files: HttpFiles,  # noqa: F811
+) -> None:
+    local = node.data_file("visits.csv", "1,a\n2,b\n")
+    remote = b"code,label\n"
+    http_url = http_files.add("codes.csv", remote)
+    s3_url = "s3://lake/visits/2024.parquet"
+    published = json.loads(
+        ok(
+            node.c2d(
+                "dataset", "publish", "--json",
+                "--file", str(local),
+                "--remote", s3_url, "--sha256", HEX, "--size", "4096", "--credentials", "lake",
+                "--remote", http_url,
+            )
+        )
+    )  # fmt: skip
+    assert published["metadata"]["title"] == "visits.csv"
+    assert [(f.get("index", 0), f["sizeBytes"], f["sha256"]) for f in published["files"]] == [
+        (0, "8", hashlib.sha256(b"1,a\n2,b\n").hexdigest()),
+        (1, "4096", HEX),
+        (2, str(len(remote)), hashlib.sha256(remote).hexdigest()),
+    ]
+    shown = ok(node.c2d("dataset", "show", published["did"]))
+    for location in (str(local), s3_url, http_url, "lake"):
+        assert location not in shown
+
+    # A URL with a secret in it is refused by the Provider, which never repeats it.
+    refusal = refused(
+        node.c2d(
+            "dataset", "publish",
+            "--remote", "https://reader:hunter2@data.example.org/x.csv",
+            "--sha256", HEX, "--size", "3",
+        ),
+        "INVALID_ARGUMENT",
+    )  # fmt: skip
+    assert "files[0].url" in refusal and "hunter2" not in refusal

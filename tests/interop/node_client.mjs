@@ -137,6 +137,14 @@ const DIGESTS = {
       r.request_id ?? "",
       metadataFields(r.metadata),
       [...(r.file_paths ?? [])],
+      // int64 fields arrive as strings (longs: String): the digest has them as numbers.
+      (r.files ?? []).map((f) => [
+        f.path ?? "",
+        f.url ?? "",
+        f.credentials ?? "",
+        Number(f.size_bytes ?? 0),
+        f.sha256 ?? "",
+      ]),
       [
         p.allow_raw_algorithm ?? false,
         p.allow_network_access ?? false,
@@ -301,6 +309,22 @@ async function main() {
       ],
     },
   });
+  // The same file again, beside a remote one, through `files`: the digest binds each
+  // location, credential name, size and sha256. The Provider never reads the remote file.
+  const mixed = await signed(client, wallet, "PublishDataset", {
+    request_id: randomUUID(),
+    metadata: { title: "mixed" },
+    files: [
+      { path: dataFile },
+      {
+        url: "https://data.example.invalid/interop/remote.csv",
+        credentials: "interop-source",
+        size_bytes: "4096",
+        sha256: "ab".repeat(32),
+      },
+    ],
+  });
+  checks.files_published = mixed.dataset.files.map((f) => [f.index, f.size_bytes, f.sha256]);
   const { job } = await signed(client, wallet, "StartCompute", {
     request_id: randomUUID(),
     dataset: dataset.name,

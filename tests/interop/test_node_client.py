@@ -3,6 +3,7 @@ digests its requests from the proto documentation alone, against the real mesh."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -70,6 +71,12 @@ async def test_a_node_client_runs_a_whole_job(local_mesh: LocalMesh) -> None:
     assert checks["reused_nonce"] == 16
     assert checks["lower_nonce"] == 16
     assert checks["wrong_digest"] == 16
+    # A dataset of a local and a remote file, published with `files` and its digest: the
+    # local file measured by the Provider, the remote one as declared.
+    assert checks["files_published"] == [
+        [0, str(len(DATA)), hashlib.sha256(DATA).hexdigest()],
+        [1, "4096", "ab" * 32],
+    ]
 
     assert result["address"] == local_mesh.owner.address
     assert result["owner"] == local_mesh.owner.address

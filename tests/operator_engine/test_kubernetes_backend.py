@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,11 +26,12 @@ from kubernetes_asyncio import client as kube_client
 from mesh import jobs as job_facts
 from mesh.storage import storage_from_url
 from operator_engine.backends import kube_objects as objects
-from operator_engine.backends.kubernetes import KubernetesBackend, connect
+from operator_engine.backends.kubernetes import ClusterUnavailable, KubernetesBackend, connect
 from operator_engine.backends.kubernetes_config import KubernetesSettings
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from tests.kube_schemas import validate_strict
 from tests.operator_engine.kube_standin import KubeStandIn, RunLocally, Running, Terminated
+from tests.pods.http_source import TOKEN, running_http_source
 
 NS = "c2d-jobs"
 DATASET = "ab" * 32
@@ -111,9 +113,7 @@ def spec(job_id: str = "", **fields: Any) -> engine_pb2.JobSpec:
     made = engine_pb2.JobSpec(
         job_id=job_id or job_facts.new_job_id(),
         owner="0x" + "11" * 20,
-        datasets=[
-            engine_pb2.DatasetInput(id=DATASET, file_paths=[], ddo_json='{"id": "did:c2d:ab"}')
-        ],
+        datasets=[engine_pb2.DatasetInput(id=DATASET, ddo_json='{"id": "did:c2d:ab"}')],
         algorithm=engine_pb2.AlgorithmInput(
             id=ALGORITHM_ID,
             code=CODE,
@@ -134,7 +134,7 @@ def spec(job_id: str = "", **fields: Any) -> engine_pb2.JobSpec:
 
 def with_data(cluster: Cluster, **fields: Any) -> engine_pb2.JobSpec:
     made = spec(**fields)
-    made.datasets[0].file_paths.append(str(cluster.data / "numbers.csv"))
+    made.datasets[0].files.add(path=str(cluster.data / "numbers.csv"))
     return made
 
 
@@ -330,7 +330,7 @@ async def test_a_missing_dataset_file_fails_in_configure(cluster: Cluster) -> No
     backend = await cluster.backend()
     try:
         job_spec = spec()
-        job_spec.datasets[0].file_paths.append(str(cluster.data / "gone.csv"))
+        job_spec.datasets[0].files.add(path=str(cluster.data / "gone.csv"))
         await backend.submit(job_spec)
         job = await final(backend, job_spec.job_id)
         assert job.failure_reason == job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED
@@ -537,3 +537,141 @@ async def test_a_pod_removed_while_no_engine_watched_is_not_run_again(cluster: C
         assert [pod_stage(p) for p in cluster.created].count(objects.ALGORITHM) == 1
     finally:
         await second.close()
+
+
+def sources_secret(name: str, document: Any) -> dict[str, Any]:
+    text = json.dumps(document).encode()
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "type": "Opaque",
+        "data": {objects.SOURCES_KEY: base64.b64encode(text).decode()},
+    }
+
+
+async def test_remote_files_are_fetched_by_the_configure_pod_alone(cluster: Cluster) -> None:
+    """The configure pod (the real program, run by the stand-in kubelet) fetches an HTTP file
+    with the credentials from the sources Secret, through an egress policy of its own; the
+    algorithm pod sees the file on the job's volume, read-only, and nothing of the secret."""
+    content = b"4\n5\n"
+    credentials = {"api": {"http": {"headers": {"Authorization": f"Bearer {TOKEN}"}}}}
+    cluster.kube.add(sources_secret("c2d-sources", credentials), NS)
+    cluster.settings = dataclasses.replace(cluster.settings, sources_secret="c2d-sources")
+    plays(cluster, [])
+    played = cluster.algorithm[0]
+    seen: list[bytes] = []
+
+    async def reading(kube: KubeStandIn, pod: dict[str, Any]) -> None:
+        job_id = pod["metadata"]["labels"][objects.JOB_LABEL]
+        seen.append((cluster.claim(job_id) / "dataset-inputs" / DATASET / "1").read_bytes())
+        await played(kube, pod)
+
+    cluster.algorithm[:] = [reading]
+    with running_http_source() as http:
+        http.serve("remote.csv", content)
+        backend = await cluster.backend()
+        try:
+            job_spec = with_data(cluster)
+            job_spec.datasets[0].files.add(
+                http_url=http.url("/private/remote.csv"),
+                credentials="api",
+                size_bytes=len(content),
+                sha256=hashlib.sha256(content).hexdigest(),
+            )
+            await backend.submit(job_spec)
+            job = await final(backend, job_spec.job_id)
+        finally:
+            await backend.close()
+        assert http.seen == [("/private/remote.csv", f"Bearer {TOKEN}")]
+    assert job.state == State.STATE_SUCCEEDED, job.message
+    assert seen == [content]
+    configuration = await read_result(cluster, job, job_pb2.ResultFile.KIND_CONFIGURATION_LOG)
+    assert f"file 1 of dataset {DATASET}: 4 bytes fetched from HTTP".encode() in configuration
+
+    made = [r.body for r in cluster.kube.requests if r.method == "POST" and r.body]
+    for obj in made:
+        validate_strict(obj)
+    configure, algorithm = (
+        next(p for p in cluster.created if pod_stage(p) == stage)
+        for stage in (objects.CONFIGURE, objects.ALGORITHM)
+    )
+    (container,) = configure["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["C2D_SOURCE_CREDENTIALS"] == "/c2d/sources/credentials.json"
+    assert env["C2D_SOURCE_TIMEOUT_S"] == "600.0"
+    assert {"name": "sources", "mountPath": "/c2d/sources", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert configure["spec"]["activeDeadlineSeconds"] == 900 + 600
+    (container,) = algorithm["spec"]["containers"]
+    assert not any(v.get("secret") for v in algorithm["spec"]["volumes"])
+    assert not [e for e in container["env"] if e["name"].startswith("C2D_")]
+    assert TOKEN not in json.dumps(algorithm)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[f"/data/inputs/{DATASET}/1"] == {
+        "name": "job",
+        "mountPath": f"/data/inputs/{DATASET}/1",
+        "subPath": f"dataset-inputs/{DATASET}/1",
+        "readOnly": True,
+    }
+    # Egress for the configure pod only, gone with the job; the claim holds the fetched bytes.
+    policies = [o for o in made if o["kind"] == "NetworkPolicy"]
+    (egress,) = [p for p in policies if p["spec"].get("egress") == [{}]]
+    assert egress["spec"]["podSelector"]["matchLabels"][objects.STAGE_LABEL] == objects.CONFIGURE
+    assert egress["spec"]["policyTypes"] == ["Egress"]
+    (claim,) = [o for o in made if o["kind"] == "PersistentVolumeClaim"]
+    requested = int(claim["spec"]["resources"]["requests"]["storage"])
+    assert requested == job.limits.disk_bytes + (64 << 20) + len(content)
+    assert cluster.kube.objects("networkpolicies", NS) == []
+
+
+async def test_a_job_without_remote_files_gets_no_egress_and_no_secret(cluster: Cluster) -> None:
+    cluster.kube.add(sources_secret("c2d-sources", {}), NS)
+    cluster.settings = dataclasses.replace(cluster.settings, sources_secret="c2d-sources")
+    plays(cluster, [])
+    backend = await cluster.backend()
+    try:
+        job_spec = with_data(cluster)
+        await backend.submit(job_spec)
+        assert (await final(backend, job_spec.job_id)).state == State.STATE_SUCCEEDED
+    finally:
+        await backend.close()
+    configure = next(p for p in cluster.created if pod_stage(p) == objects.CONFIGURE)
+    assert [v["name"] for v in configure["spec"]["volumes"]] == ["job", "tmp", "spec", "data"]
+    posted = [
+        r.body for r in cluster.kube.requests if r.method == "POST" and r.path.endswith("policies")
+    ]
+    assert len(posted) == 1 and posted[0]["spec"]["egress"] == []
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        (None, "no such Secret or key"),
+        ({"w": {"s3": {"secret_access_key": "hidden-value"}}}, "entry 'w': an S3 access key"),
+        ("not json", "not JSON"),
+    ],
+)
+async def test_the_engine_refuses_a_missing_or_bad_sources_secret(
+    cluster: Cluster, secret: Any, message: str
+) -> None:
+    if secret is not None:
+        manifest = sources_secret("c2d-sources", {})
+        manifest["data"][objects.SOURCES_KEY] = base64.b64encode(
+            (secret if isinstance(secret, str) else json.dumps(secret)).encode()
+        ).decode()
+        cluster.kube.add(manifest, NS)
+    cluster.settings = dataclasses.replace(cluster.settings, sources_secret="c2d-sources")
+    api = await connect(cluster.settings)
+    try:
+        backend = KubernetesBackend(
+            cluster.config, cluster.settings, api, storage_from_url(str(cluster.results))
+        )
+        with pytest.raises(ClusterUnavailable) as caught:
+            await backend.check()
+    finally:
+        await api.close()
+    assert message in str(caught.value)
+    assert "C2D_K8S_SOURCES_SECRET 'c2d-sources'" in str(caught.value)
+    assert "hidden-value" not in str(caught.value)

@@ -588,7 +588,11 @@ async def run_through(
     spec = engine_pb2.JobSpec(
         job_id=job_id,
         owner="0x" + "1" * 40,
-        datasets=[engine_pb2.DatasetInput(id="ab" * 32, file_paths=[str(data)])],
+        datasets=[
+            engine_pb2.DatasetInput(
+                id="ab" * 32, files=[engine_pb2.DatasetFileSource(path=str(data))]
+            )
+        ],
         algorithm=engine_pb2.AlgorithmInput(
             code=code,
             code_sha256=hashlib.sha256(code).hexdigest(),

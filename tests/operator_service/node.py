@@ -41,12 +41,17 @@ def job_spec(
     """A job on one small dataset of its own under the data root."""
     data_root.mkdir(parents=True, exist_ok=True)
     data = data_root / f"data-{uuid.uuid4().hex}.txt"
-    data.write_text("1\n2\n3\n")
+    content = b"1\n2\n3\n"
+    data.write_bytes(content)
     data.chmod(0o644)
+    # As the Provider hands it over: the path with the size and sha256 it measured.
+    source = engine_pb2.DatasetFileSource(
+        path=str(data), size_bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+    )
     return engine_pb2.JobSpec(
         job_id=job_facts.new_job_id(),
         owner=owner,
-        datasets=[engine_pb2.DatasetInput(id="d" * 64, file_paths=[str(data)], ddo_json="{}")],
+        datasets=[engine_pb2.DatasetInput(id="d" * 64, files=[source], ddo_json="{}")],
         algorithm=engine_pb2.AlgorithmInput(
             id="a" * 64,
             code=code,

@@ -65,7 +65,9 @@ def dataset(
     dataset_id: str, *paths: Path | str, ddo: str = '{"name": "ds"}'
 ) -> engine_pb2.DatasetInput:
     return engine_pb2.DatasetInput(
-        id=dataset_id, file_paths=[str(path) for path in paths], ddo_json=ddo
+        id=dataset_id,
+        files=[engine_pb2.DatasetFileSource(path=str(path)) for path in paths],
+        ddo_json=ddo,
     )
 
 

@@ -145,6 +145,7 @@ def test_details_never_keep_a_location_or_code(tmp_path: Path) -> None:
         "code": "print(secret)",
         "datasets": [{"name": "datasets/x", "file_paths": ["/srv/data/x.csv"]}],
         "source": {"url": "https://example.invalid/x.csv", "size": 3},
+        "files": [{"s3_url": "s3://lake/x.csv", "credentials": "lake", "size_bytes": 4}],
     }
     with structlog.testing.capture_logs() as logs:
         asyncio.run(log.record("0xA", "test.details", "datasets/x", allowed=True, details=details))
@@ -152,14 +153,18 @@ def test_details_never_keep_a_location_or_code(tmp_path: Path) -> None:
     assert sorted(line["key"] for line in logs) == [
         "details.code",
         "details.datasets[0].file_paths",
+        "details.files[0].credentials",
+        "details.files[0].s3_url",
         "details.source.url",
     ]
     assert "/srv/data" not in str(logs) and "secret" not in str(logs)
+    assert "lake" not in str(logs)
     [event] = asyncio.run(log.events(action="", resource="", after=0, limit=10))
     assert json_format.MessageToDict(event.details) == {
         "algorithm": "did:c2d:" + "a" * 64,
         "datasets": [{"name": "datasets/x"}],
         "source": {"size": 3.0},
+        "files": [{"size_bytes": 4.0}],
     }
     assert verify_chain([event]) == 1
 
