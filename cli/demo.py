@@ -163,12 +163,16 @@ async def _scenario(mesh: Mesh, home: Path, owner: Key, consumer: Key) -> int:
     async with Client(mesh.provider, consumer) as as_consumer:
         step(f"consumer {consumer.address} runs the algorithm on the dataset")
         job = await as_consumer.start_compute([dataset.did], algorithm=algorithm.did)
-        return await finish(as_consumer, job.name, home, data_file)
+        in_s3 = mesh.env.get("C2D_STORAGE", "").startswith("s3://")
+        return await finish(as_consumer, job.name, home, data_file, presigned=in_s3)
 
 
-async def finish(client: Client, job_name: str, home: Path, data_file: Path) -> int:
+async def finish(
+    client: Client, job_name: str, home: Path, data_file: Path, *, presigned: bool = False
+) -> int:
     """Follows the job to its end, downloads its results, and checks the summary against
-    the same computation on the host."""
+    the same computation on the host; with `presigned` (results in S3), fetches the summary
+    once more by a presigned URL, straight from the store."""
     print(f"job {job_name.removeprefix('jobs/')}")
     final = await follow(client, job_name)
     if final.state != final.STATE_SUCCEEDED:
@@ -186,6 +190,8 @@ async def finish(client: Client, job_name: str, home: Path, data_file: Path) -> 
         if result.name == "summary.json":
             summary = json.loads(dest.read_text())
     print(json.dumps(summary, indent=2, sort_keys=True))
+    if presigned:
+        await _fetch_by_url(client, final)
 
     step("checking the job's results against the same computation on the host")
     problems = matches(summary, expected_summary(data_file))
@@ -194,3 +200,21 @@ async def finish(client: Client, job_name: str, home: Path, data_file: Path) -> 
         return 1
     print(f"all {sum(len(s) for s in summary.values())} figures match the host's computation")
     return 0
+
+
+async def _fetch_by_url(client: Client, job: Any) -> None:
+    import hashlib
+
+    import httpx
+
+    result = next(r for r in job.results if r.name == "summary.json")
+    step("results are in S3: the consumer asks for a presigned URL and fetches summary.json by it")
+    response = await client.result_url(job.name, result)
+    async with httpx.AsyncClient(timeout=30) as http:
+        fetched = await http.get(response.url)
+    fetched.raise_for_status()
+    digest = hashlib.sha256(fetched.content).hexdigest()
+    if digest != result.sha256:
+        raise SystemExit("c2d demo: the presigned download does not match its sha256")
+    expires = response.expire_time.ToDatetime().strftime("%H:%M:%S UTC")
+    print(f"  {len(fetched.content)} bytes, sha256 ok, URL valid until {expires}")

@@ -157,24 +157,6 @@ async def _pricing(args: argparse.Namespace, title: str) -> pb.Pricing | None:
         return await paid.pricing_for(args, title)
 
 
-async def cmd_dataset_publish(args: argparse.Namespace) -> int:
-    async with _client(args) as client:
-        policy = pb.ComputePolicy()
-        await owner.apply_policy_flags(client, policy, args)
-        title = args.title or Path(args.files[0]).name
-        dataset = await client.publish_dataset(
-            args.files,
-            metadata=pb.AssetMetadata(title=title),
-            policy=policy,
-            sample_of=args.sample_of or "",
-            pricing=await _pricing(args, title),
-        )
-    if dataset.HasField("pricing") and not args.json:
-        print(paid.describe_pricing(dataset.pricing), file=sys.stderr)
-    _emit(args, to_dict(dataset), dataset.did)
-    return 0
-
-
 async def cmd_algorithm_publish(args: argparse.Namespace) -> int:
     code = Path(args.file).read_bytes()
     async with _client(args) as client:
@@ -214,9 +196,26 @@ async def cmd_environments(args: argparse.Namespace) -> int:
                 f"{e.max_duration.seconds} s, {e.max_concurrent_jobs} at once, "
                 f"network {'allowed' if e.network_allowed else 'off'}, "
                 f"{_price(e)}; queue up to {e.max_queued_jobs} jobs "
-                f"for {e.max_queue_wait.seconds} s"
+                f"for {e.max_queue_wait.seconds} s; {_retention(e)}"
             )
     return 0
+
+
+def _retention(environment: job_pb2.Environment) -> str:
+    if not environment.HasField("result_retention"):
+        return "results kept until the job is deleted"
+    seconds = environment.result_retention.ToNanoseconds() / 1e9
+    return f"results kept {seconds:g} s after the job ends"
+
+
+def _results_expiry(job: job_pb2.Job) -> str:
+    """When the job's results expire or expired; "" when they are kept until it is deleted."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(job.results_expire_time.seconds))
+    if job.results_expired:
+        return f"results expired at {when}: still listed, no longer downloadable"
+    if job.HasField("results_expire_time"):
+        return f"results expire at {when}"
+    return ""
 
 
 def _price(environment: job_pb2.Environment) -> str:
@@ -320,6 +319,9 @@ async def cmd_compute_status(args: argparse.Namespace) -> int:
         f"{job.name.removeprefix('jobs/')}: {describe(job)} (status {job.status_code} "
         f"{job.status_text})"
     )
+    expiry = _results_expiry(job)
+    if expiry:
+        text += f"\n  {expiry}"
     for r in job.results:
         text += f"\n  result {r.index}: {r.name} [{kind_name(r.kind)}] {r.size_bytes} bytes"
     _emit(args, to_dict(job), text)
@@ -336,6 +338,7 @@ async def cmd_compute_list(args: argparse.Namespace) -> int:
             print(
                 f"{job.name.removeprefix('jobs/')}  {state_name(job.state):10}  "
                 f"{job.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}  {describe(job)}"
+                + ("  (results expired)" if job.results_expired else "")
             )
     return 0
 
@@ -371,6 +374,8 @@ async def cmd_compute_results(args: argparse.Namespace) -> int:
         if not job.results:
             print("c2d: the job has no results (yet)", file=sys.stderr)
             return 1
+        if args.urls:
+            return await _print_result_urls(args, client, job)
         out.mkdir(parents=True, exist_ok=True)
         saved = []
         for result in job.results:
@@ -387,6 +392,33 @@ async def cmd_compute_results(args: argparse.Namespace) -> int:
                 }
             )
     _emit(args, saved, "\n".join(f"{s['path']}  ({s['kind']}, sha256 ok)" for s in saved))
+    return 0
+
+
+async def _print_result_urls(args: argparse.Namespace, client: Any, job: Any) -> int:
+    urls = []
+    for result in job.results:
+        response = await client.result_url(args.job, result)
+        urls.append(
+            {
+                "index": result.index,
+                "name": result.name,
+                "kind": kind_name(result.kind),
+                "url": response.url,
+                "expire_time": response.expire_time.ToJsonString(),
+                "size_bytes": result.size_bytes,
+                "sha256": result.sha256,
+            }
+        )
+    _emit(
+        args,
+        urls,
+        "\n".join(
+            f"{u['name']} ({u['kind']}, {u['size_bytes']} bytes, sha256 {u['sha256']}, "
+            f"until {u['expire_time']}):\n  {u['url']}"
+            for u in urls
+        ),
+    )
     return 0
 
 
@@ -484,14 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     publish = dataset.add_parser("publish", parents=[common], help="publish files as a dataset")
-    publish.add_argument("files", nargs="+")
+    owner.add_dataset_file_flags(publish)
     publish.add_argument("--title")
     publish.add_argument(
         "--sample-of", metavar="DID", help="register this dataset as that dataset's sample"
     )
     owner.add_policy_flags(publish, editing=False)
     paid.add_pricing_flags(publish)
-    publish.set_defaults(run=cmd_dataset_publish)
+    publish.set_defaults(run=owner.cmd_dataset_publish)
     show = dataset.add_parser("show", parents=[common], help="a dataset's public record")
     show.add_argument("did")
     show.set_defaults(run=cmd_dataset_show)
@@ -623,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     results = compute.add_parser("results", parents=[common], help="download the results")
     results.add_argument("job")
     results.add_argument("--out", default=".", help="folder to save them in")
+    results.add_argument(
+        "--urls",
+        action="store_true",
+        help="print short-lived download URLs (results in S3) instead of downloading; check "
+        "each download against the sha256 printed beside it",
+    )
     results.set_defaults(run=cmd_compute_results)
     listing = compute.add_parser("list", parents=[common], help="your jobs and those you view")
     listing.set_defaults(run=cmd_compute_list)

@@ -23,6 +23,12 @@ class OperatorConfig:
     # The name the engine's certificate must carry (C2D_ENGINE_TLS_NAME); "": the host of
     # engine_address.
     engine_tls_name: str = ""
+    # How often expired results are looked for (C2D_RETENTION_SWEEP_S), besides once at start.
+    retention_sweep_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.retention_sweep_s < float("inf"):
+            raise ValueError("C2D_RETENTION_SWEEP_S must be a positive number of seconds")
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -37,4 +43,5 @@ class OperatorConfig:
             engine_lease_s=mesh_config.env_float("C2D_ENGINE_LEASE_S", 30.0),
             tls=TlsConfig.from_env(),
             engine_tls_name=os.environ.get("C2D_ENGINE_TLS_NAME", ""),
+            retention_sweep_s=mesh_config.env_float("C2D_RETENTION_SWEEP_S", 60.0),
         )

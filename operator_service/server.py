@@ -10,8 +10,9 @@ from grpc.aio import Channel
 
 from mesh.channels import open_channel
 from mesh.server import Server
-from mesh.storage import storage_from_url
+from mesh.storage import Storage, storage_from_url
 from operator_service.config import OperatorConfig
+from operator_service.retention import Retention, Sweeper
 from operator_service.servicer import ENGINE, OperatorServicer
 from operator_service.store import JobStore
 from operator_service.tracker import Tracker
@@ -25,23 +26,33 @@ class OperatorService:
     store: JobStore
     tracker: Tracker
     engine_channel: Channel
+    sweeper: Sweeper
 
     async def start(self) -> None:
         await self.server.start()
         await self.tracker.resume()
+        self.sweeper.start()
 
     async def close(self) -> None:
+        # Before the registry closes under it.
+        await self.sweeper.close()
         await self.tracker.close()
         await self.engine_channel.close()
         await self.store.close()
 
 
-async def build(config: OperatorConfig) -> OperatorService:
+async def build(config: OperatorConfig, storage: Storage | None = None) -> OperatorService:
+    """The service on `config`, its results in `storage` (default: the storage that
+    `config.storage_url` names)."""
     store = await JobStore.open(config.database)
     channel = open_channel(config.engine_address, config.tls, server_name=config.engine_tls_name)
     engine = engine_pb2_grpc.EngineServiceStub(channel)
-    tracker = Tracker(store, engine, config.engine_lease_s)
-    servicer = OperatorServicer(store, tracker, engine, storage_from_url(config.storage_url))
+    if storage is None:
+        storage = storage_from_url(config.storage_url)
+    retention = Retention(engine)
+    tracker = Tracker(store, engine, config.engine_lease_s, retention)
+    sweeper = Sweeper(store, engine, storage, retention, config.retention_sweep_s)
+    servicer = OperatorServicer(store, tracker, engine, storage)
     server = Server(
         "operator_service",
         lambda s: operator_pb2_grpc.add_OperatorServiceServicer_to_server(servicer, s),
@@ -50,4 +61,4 @@ async def build(config: OperatorConfig) -> OperatorService:
         tls=config.tls,
     )
     server.bind(config.listen)
-    return OperatorService(server, store, tracker, channel)
+    return OperatorService(server, store, tracker, channel, sweeper)

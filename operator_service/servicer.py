@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import grpc
@@ -19,6 +20,7 @@ from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from mesh.storage import Storage, result_key
+from operator_service.retention import refuse_expired
 from operator_service.store import JobStore, may_read, owns
 from operator_service.tracker import ENGINE as ENGINE  # the server names the next hop by it
 from operator_service.tracker import Tracker, engine_error, engine_refused
@@ -152,6 +154,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
+        # The log is one of the results: it expires with them.
+        refuse_expired(job)
         try:
             stream = self.engine.StreamJobLogs(
                 engine_pb2.StreamJobLogsRequest(job_id=request.job_id, offset=request.offset)
@@ -162,8 +166,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.NOT_FOUND:
                 raise  # the interceptor maps it, naming the engine
-        # The engine no longer holds the log: serve the published copy.
+        # The engine no longer holds the log: serve the published copy (unless it expired
+        # meanwhile: the engine forgets a job when its results expire).
         job = await self._readable(request.job_id, request.owner)
+        refuse_expired(job)
         logs = [r for r in job.results if r.kind == job_pb2.ResultFile.KIND_ALGORITHM_LOG]
         if not logs:
             return
@@ -224,10 +230,7 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
     ) -> AsyncIterator[operator_pb2.ReadResultResponse]:
         job = await self._readable(request.job_id, request.owner)
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
-        matches = [r for r in job.results if r.index == request.index]
-        if not matches:
-            raise NotFound(f"job has no result {request.index}", reason="RESULT_NOT_FOUND")
-        result = matches[0]
+        result = _result(job, request.index)
         if not 0 <= request.offset <= result.size_bytes:
             raise InvalidArgument("offset is outside the result", field="offset")
         key = result_key(result)
@@ -252,6 +255,30 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             log.error("stored result does not match its checksum", index=result.index)
             raise DataLoss("the stored result no longer matches its sha256; do not use it")
 
+    async def GetResultUrl(
+        self, request: operator_pb2.GetResultUrlRequest, context: Context
+    ) -> operator_pb2.GetResultUrlResponse:
+        job = await self._readable(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        result = _result(job, request.index)
+        key = result_key(result)
+        # A URL skips our download path's checksum: check the object is the recorded one first.
+        await self.storage.check_object(request.job_id, key, result.size_bytes, result.sha256)
+        filename = result.name.rpartition("/")[2] or f"result-{result.index}"
+        presigned = await self.storage.presign(request.job_id, key, filename=filename)
+        if job.HasField("results_expire_time"):
+            # Never beyond the results' own expiry: the sweeper deletes them then anyway.
+            expiry = job.results_expire_time.ToDatetime(tzinfo=UTC)
+            if presigned.expire_time > expiry:
+                remaining = max(1, int((expiry - datetime.now(UTC)).total_seconds()))
+                presigned = await self.storage.presign(
+                    request.job_id, key, expires_s=remaining, filename=filename
+                )
+        response = operator_pb2.GetResultUrlResponse(url=presigned.url, result=result)
+        response.expire_time.FromDatetime(presigned.expire_time)
+        log.info("result url issued", index=result.index, expire_time=str(presigned.expire_time))
+        return response
+
     async def ListEnvironments(
         self, request: operator_pb2.ListEnvironmentsRequest, context: Context
     ) -> operator_pb2.ListEnvironmentsResponse:
@@ -259,3 +286,13 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
         )
         return operator_pb2.ListEnvironmentsResponse(environments=response.environments)
+
+
+def _result(job: job_pb2.Job, index: int) -> job_pb2.ResultFile:
+    """The job's result at `index`, once the caller may read it: NOT_FOUND once the results
+    expired (RESULTS_EXPIRED) or when there is no such result."""
+    refuse_expired(job)
+    for result in job.results:
+        if result.index == index:
+            return result
+    raise NotFound(f"job has no result {index}", reason="RESULT_NOT_FOUND")

@@ -65,6 +65,15 @@ _MIGRATIONS = (
         "SELECT lower(owner), seq, id, 0, owner FROM jobs",
         "DROP INDEX IF EXISTS jobs_by_owner",
     ),
+    # 2: retention. `results_due`: when the retention sweeper is next to act on a final job's
+    # results (operator_service.retention); NULL when nothing is due: the job is not final, its
+    # results are kept until it is deleted, or they are deleted already. A partial index, so
+    # that each sweep reads only the jobs that are due, never every job.
+    (
+        "ALTER TABLE jobs ADD COLUMN results_due REAL",
+        "CREATE INDEX IF NOT EXISTS jobs_by_results_due ON jobs (results_due, id) "
+        "WHERE results_due IS NOT NULL",
+    ),
 )
 
 
@@ -137,18 +146,25 @@ class JobStore:
                 self._event(job)
         return bool(rows)
 
-    async def save(self, job: job_pb2.Job, lease_until: float | None = None) -> None:
-        """Records the job's latest form (renewing its lease when given), and an event when
-        its state changed."""
+    async def save(
+        self,
+        job: job_pb2.Job,
+        lease_until: float | None = None,
+        *,
+        results_due: float | None = None,
+    ) -> None:
+        """Records the job's latest form (renewing its lease when given), when its results are
+        next due for the retention sweeper (None: never), and an event when its state
+        changed."""
         job_id = job.name.removeprefix("jobs/")
         with transaction(self.db):
             row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return
             self.db.execute(
-                "UPDATE jobs SET state = ?, job = ?, lease_until = COALESCE(?, lease_until) "
-                "WHERE id = ?",
-                (job.state, job.SerializeToString(), lease_until, job_id),
+                "UPDATE jobs SET state = ?, job = ?, lease_until = COALESCE(?, lease_until), "
+                "results_due = ? WHERE id = ?",
+                (job.state, job.SerializeToString(), lease_until, results_due, job_id),
             )
             if row[0] != job.state:
                 self._event(job)
@@ -207,6 +223,56 @@ class JobStore:
             finals,
         ).fetchall()
         return [str(r[0]) for r in rows]
+
+    async def due(
+        self, now: float, limit: int, after: tuple[float, str] | None = None
+    ) -> list[tuple[float, str]]:
+        """Up to `limit` jobs whose results are due by `now`, as (due, job id), soonest first,
+        from after `after` (the last pair of the previous page)."""
+        if after is None:
+            after = (float("-inf"), "")
+        rows = self.db.execute(
+            "SELECT results_due, id FROM jobs WHERE results_due <= ? AND (results_due, id) > "
+            "(?, ?) ORDER BY results_due, id LIMIT ?",
+            (now, after[0], after[1], limit),
+        ).fetchall()
+        return [(float(r[0]), str(r[1])) for r in rows]
+
+    async def set_expiry(self, job_id: str, expire_ns: int | None) -> None:
+        """Sets when the job's results expire (`results_expire_time`, nanoseconds since the
+        epoch), due then; None: kept until the job is deleted, due never."""
+        with transaction(self.db):
+            row = self.db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            job = job_pb2.Job.FromString(row[0])
+            if expire_ns is None:
+                job.ClearField("results_expire_time")
+            else:
+                job.results_expire_time.FromNanoseconds(expire_ns)
+            self.db.execute(
+                "UPDATE jobs SET job = ?, results_due = ? WHERE id = ?",
+                (
+                    job.SerializeToString(),
+                    None if expire_ns is None else expire_ns / 1e9,
+                    job_id,
+                ),
+            )
+
+    async def mark_expired(self, job_id: str) -> job_pb2.Job | None:
+        """Records that the job's results are deleted: `results_expired`, due never again.
+        The job as it is now; None when it is gone."""
+        with transaction(self.db):
+            row = self.db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = job_pb2.Job.FromString(row[0])
+            job.results_expired = True
+            self.db.execute(
+                "UPDATE jobs SET job = ?, results_due = NULL WHERE id = ?",
+                (job.SerializeToString(), job_id),
+            )
+        return job
 
     async def events(self, job_id: str) -> list[tuple[float, int, int, str]]:
         rows = self.db.execute(

@@ -5,7 +5,10 @@ Each unfinished job holds a lease (in the registry, so it outlives a restart of 
 renewed by every message the engine sends about it, heartbeats included. When the engine has
 been silent or unreachable past the lease, the job ends `failed: engine lost`. A job the engine
 never heard of (the service stopped between registering it and handing it over) is handed over
-again, unless the engine now refuses it (then it ends failed, saying why)."""
+again, unless the engine now refuses it (then it ends failed, saying why).
+
+A job recorded final gets the expiry of its results here (operator_service.retention), whichever
+backend ran it."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import MeshError, NotFound, from_rpc_error
+from operator_service.retention import Retention
 from operator_service.store import JobStore, may_read
 
 log = structlog.get_logger()
@@ -58,11 +62,16 @@ def engine_error(error: grpc.aio.AioRpcError) -> MeshError:
 
 class Tracker:
     def __init__(
-        self, store: JobStore, engine: engine_pb2_grpc.EngineServiceAsyncStub, lease_s: float
+        self,
+        store: JobStore,
+        engine: engine_pb2_grpc.EngineServiceAsyncStub,
+        lease_s: float,
+        retention: Retention,
     ) -> None:
         self.store = store
         self.engine = engine
         self.lease_s = lease_s
+        self.retention = retention
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # The latest form of each job being followed: watchers are told from here, before
@@ -96,6 +105,9 @@ class Tracker:
 
     async def record(self, job: job_pb2.Job, *, renew: bool = False) -> None:
         job_id = job.name.removeprefix("jobs/")
+        final = job_facts.is_final(job.state)
+        # Before anyone sees the final state: it comes with its results' expiry.
+        results_due = await self.retention.stamp(job) if final else None
         cond = self.condition(job_id)
         async with cond:
             self._latest[job_id] = job
@@ -104,8 +116,10 @@ class Tracker:
         # below, which is not what they wait for. A crash in between loses nothing: the engine
         # still has the change and says it again when this service follows the job anew.
         await asyncio.sleep(0)
-        await self.store.save(job, time.time() + self.lease_s if renew else None)
-        if job_facts.is_final(job.state):
+        await self.store.save(
+            job, time.time() + self.lease_s if renew else None, results_due=results_due
+        )
+        if final:
             # Watchers still running read the final state from the registry from now on.
             self._latest.pop(job_id, None)
             self._changed.pop(job_id, None)
