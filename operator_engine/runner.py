@@ -742,10 +742,17 @@ class Runner:
             pass
         except OSError:
             await asyncio.to_thread(shutil.rmtree, outputs, True)
-        fetched = entry.workspace / layout.DATASET_INPUTS
-        if fetched.exists():
-            # Dataset files fetched for the job: the owner's data, kept no longer than the job.
-            await asyncio.to_thread(shutil.rmtree, fetched, True)
+        # Dataset files fetched for the job (the owner's data), the algorithm's code, the DDOs
+        # and the parameters: the sandbox's inputs, kept no longer than the job.
+        for name in (layout.DATASET_INPUTS, layout.TRANSFORMATIONS, layout.DDOS):
+            if (entry.workspace / name).exists():
+                await asyncio.to_thread(shutil.rmtree, entry.workspace / name, True)
+        (entry.workspace / layout.ALGO_CUSTOM_DATA_FILE).unlink(missing_ok=True)
+        if entry.spec.algorithm.code or entry.spec.datasets:
+            # A private algorithm's code and the datasets' locations are not kept past the job
+            # either: reads of a final job need only who may read it.
+            entry.spec = _record_only(entry.spec)
+            await asyncio.to_thread(_forget_spec, entry.workspace, entry.spec)
 
     async def _release_disk(self, entry: EngineJob) -> None:
         # Taken off the job first, so that a delete during the wipe cannot release it twice.
@@ -995,6 +1002,25 @@ def _saved_jobs(root: Path) -> list[EngineJob]:
         entry.log_size = _size(entry.log_path)
         entries.append(entry)
     return entries
+
+
+def _record_only(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
+    """What a final job's spec keeps: who owns and may read it, and where it ran."""
+    return engine_pb2.JobSpec(
+        job_id=spec.job_id,
+        owner=spec.owner,
+        viewers=spec.viewers,
+        environment=spec.environment,
+        allow_network=spec.allow_network,
+        resources=spec.resources,
+    )
+
+
+def _forget_spec(ws: Path, spec: engine_pb2.JobSpec) -> None:
+    _write_atomic(ws / _SPEC_FILE, spec.SerializeToString())
+    # _write_atomic keeps the previous version as its next scratch file: not this time.
+    for scratch in (f"{_SPEC_FILE}.tmp", f"{_SPEC_FILE}.prev"):
+        (ws / scratch).unlink(missing_ok=True)
 
 
 def _make_workspace(ws: Path) -> None:

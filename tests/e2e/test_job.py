@@ -389,3 +389,32 @@ async def test_the_registry_records_every_change_of_state(local_mesh: LocalMesh)
     S = job_pb2.Job
     assert states[0] == S.STATE_QUEUED and states[-1] == S.STATE_SUCCEEDED
     assert S.STATE_RUNNING in states
+
+
+async def test_a_final_job_keeps_neither_the_code_nor_the_data_locations(
+    local_mesh: LocalMesh,
+) -> None:
+    """The engine's record of a finished job holds who may read it, not the (private) code
+    nor where the datasets are: those live no longer than the job."""
+    marker = "unmistakable-private-line-" + hashlib.sha256(b"marker").hexdigest()[:12]
+    code = SUM_ALGORITHM + f"\n# {marker}\n".encode()
+    async with local_mesh.client(local_mesh.owner) as owner:
+        algorithm, dataset = await publish_pair(local_mesh, owner, code=code)
+        job = await owner.start_compute([dataset.did], algorithm=algorithm.did)
+        _, final = await run_to_end(owner, job)
+        assert final.state == job_pb2.Job.STATE_SUCCEEDED
+    workspaces = local_mesh.home / "engine" / "jobs"
+
+    def keeping() -> list[Path]:
+        secrets = (marker.encode(), str(local_mesh.data_root).encode())
+        return [
+            path
+            for path in workspaces.rglob("*")
+            if path.is_file() and any(secret in path.read_bytes() for secret in secrets)
+        ]
+
+    # The engine cleans up just after it reports the final state.
+    deadline = time.monotonic() + 10
+    while keeping() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert keeping() == []
