@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 HAND_WRITTEN := mesh provider operator_service operator_engine pods gateway sdk cli
 
-.PHONY: setup demo demo-paid test gen check-gen lint fmt bench bench-paid clean-state kind-e2e
+.PHONY: setup demo demo-paid test gen check-gen lint fmt bench bench-storage bench-paid clean-state kind-e2e
 
 setup: .stamp-system $(VENV)/.stamp node_modules/.stamp
 
@@ -65,6 +65,11 @@ fmt: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Results storage: upload and download throughput and peak memory of a 512 MiB result, S3 (moto's
+# server on 127.0.0.1) beside local disk.
+bench-storage: setup
+	$(PY) -m bench.storage_throughput
 
 # Paid-order verification per job on a real ganache, beside a chain round trip.
 bench-paid: setup
