@@ -3,7 +3,11 @@
 `Storage` is what the publish stage writes to and the download paths read from; `LocalStorage`
 keeps objects on the node's disk, one directory per job, and `mesh.storage_s3.S3Storage` keeps
 them in an S3 bucket. `storage_from_url` picks one from the node's configuration, so nothing
-above this module knows where bytes live."""
+above this module knows where bytes live.
+
+A job's logs must outlive an outage of a remote store: `put_log_blocking` keeps them on the
+node's own disk (the spill, `C2D_STORAGE_SPILL`) when the store cannot take them, and every read
+of the storage finds them there."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from urllib.parse import quote, unquote, urlparse
 import structlog
 from c2d.common.v1 import job_pb2
 
+from mesh import config as mesh_config
 from mesh.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
 from mesh.jobs import is_job_id
 
@@ -65,10 +70,13 @@ class PresignedUrl(NamedTuple):
 
 @dataclass(frozen=True)
 class StoredObject:
-    """What `put` stored: its size in bytes and the lowercase hex sha256 of its content."""
+    """What `put` stored: its size in bytes and the lowercase hex sha256 of its content;
+    `kept_locally` when `put_log_blocking` kept it on the node's disk because the store was
+    unavailable."""
 
     size: int
     sha256: str
+    kept_locally: bool = False
 
 
 class Source(Protocol):
@@ -76,6 +84,12 @@ class Source(Protocol):
     once the content is over (a binary file, or the publish stage's capped reader)."""
 
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+class RewindableSource(Source, Protocol):
+    """A `Source` that can be read again from an earlier position (an open file, BytesIO)."""
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int: ...
 
 
 class Storage(Protocol):
@@ -89,6 +103,18 @@ class Storage(Protocol):
     def put_blocking(self, job_id: str, key: str, source: Source) -> StoredObject:
         """`put` for a caller already on a worker thread: the publish stage stores all of a
         job's results in one pass there, instead of one hop to a thread per object."""
+        ...
+
+    def put_log_blocking(
+        self, job_id: str, key: str, source: RewindableSource, *, store_down: bool = False
+    ) -> StoredObject:
+        """`put_blocking` for one of the job's logs, which must be kept even when the store is
+        down: a storage whose store can be unreachable (S3) keeps the log on the node's own
+        disk instead when the store fails with `StorageUnavailable` (reading `source` again
+        from where it started), and says so in `StoredObject.kept_locally`; every read of the
+        storage then finds it there. `store_down`: the caller saw the store fail already, so
+        the log goes straight to the node's disk without waiting for the store's retries.
+        Local disk stores it as any object."""
         ...
 
     def read(
@@ -118,7 +144,8 @@ class Storage(Protocol):
         ...
 
     async def delete_job(self, job_id: str) -> None:
-        """Removes every object of the job; nothing to remove is not an error."""
+        """Removes every object of the job (those kept on the node's disk by
+        `put_log_blocking` too); nothing to remove is not an error."""
         ...
 
     async def check_object(self, job_id: str, key: str, size: int, sha256: str) -> None:
@@ -133,7 +160,8 @@ class Storage(Protocol):
         """A URL that downloads the object as an attachment named `filename`, working for
         `expires_s` seconds (the storage's configured default when None). Raises
         `FailedPrecondition` (reason RESULT_URLS_UNAVAILABLE) when the storage cannot hand out
-        URLs, as local disk cannot: the caller then streams the object itself."""
+        URLs, as local disk cannot (nor for a log kept on the node's disk while the store was
+        down): the caller then streams the object itself."""
         ...
 
 
@@ -216,6 +244,20 @@ class LocalStorage:
         stored = self._put_sync(path, source)
         log.debug("storage.put", job_id=job_id, key=key, size=stored.size)
         return stored
+
+    def put_log_blocking(
+        self, job_id: str, key: str, source: RewindableSource, *, store_down: bool = False
+    ) -> StoredObject:
+        # The node's disk is the store: nowhere else to keep a log.
+        return self.put_blocking(job_id, key, source)
+
+    def holds(self, job_id: str, key: str) -> bool:
+        """Whether the object exists (one stat: cheap enough for an event loop)."""
+        return self._object_path(job_id, key).is_file()
+
+    def remove_blocking(self, job_id: str, key: str) -> None:
+        """Removes one object, if there is one."""
+        self._object_path(job_id, key).unlink(missing_ok=True)
 
     def _put_sync(self, path: Path, source: Source) -> StoredObject:
         self._make_job_dir(path.parent)
@@ -400,9 +442,10 @@ def _fsync_dir(path: Path) -> None:
 def storage_from_url(url: str, environ: Mapping[str, str] | None = None) -> Storage:
     """The storage a configuration URL names: `file:///abs/path` or a plain path for local
     disk, `s3://BUCKET/PREFIX` for S3 (reached with `S3Settings.from_env`, presigned URLs
-    lasting C2D_RESULT_URL_TTL_S seconds, 900 by default). Makes no connection: a URL that
-    cannot name a storage is a ValueError, an unreachable one fails at its first use.
-    `environ` (default os.environ) is where the S3 settings are read from."""
+    lasting C2D_RESULT_URL_TTL_S seconds, 900 by default, logs kept under `spill_root` while
+    S3 is down). Makes no connection: a URL that cannot name a storage is a ValueError, an
+    unreachable one fails at its first use. `environ` (default os.environ) is where the S3
+    settings and C2D_STORAGE_SPILL are read from."""
     if not url:
         raise ValueError("the storage URL is empty")
     parsed = urlparse(url)
@@ -433,4 +476,17 @@ def _s3_storage(url: str, environ: Mapping[str, str]) -> Storage:
     except ValueError:
         raise ValueError(f"C2D_RESULT_URL_TTL_S must be an integer, not {raw_ttl!r}") from None
     check_url_ttl(ttl, "C2D_RESULT_URL_TTL_S")
-    return S3Storage(S3Settings.from_env(environ), bucket, prefix, url_ttl_s=ttl)
+    spill = LocalStorage(spill_root(environ))
+    return S3Storage(S3Settings.from_env(environ), bucket, prefix, url_ttl_s=ttl, spill=spill)
+
+
+def spill_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Where a node whose results are in a remote store keeps the logs the store could not
+    take: C2D_STORAGE_SPILL, default `results-spill` in the process's `mesh.config.home()`.
+    The engine, the publish stage and the Operator Service of one node read the same setting,
+    so all find the same files."""
+    env = os.environ if environ is None else environ
+    configured = env.get("C2D_STORAGE_SPILL", "")
+    if not configured:
+        return mesh_config.home() / "results-spill"
+    return Path(configured).expanduser().absolute()

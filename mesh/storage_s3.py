@@ -11,7 +11,11 @@ stored by one PutObject carrying its sha256 as metadata; a larger one by a multi
 with a few parts in flight (memory about part size x (in flight + 1)), aborted on any failure so
 that readers only ever see the old object or the whole new one. A multipart object's sha256 is
 known only at its end, after its metadata is fixed: it is recorded as an object tag, written
-before the put returns."""
+before the put returns.
+
+With a spill (a `LocalStorage` on the node's disk), a log S3 cannot take is kept there instead
+(`put_log_blocking`), and every read, check and deletion looks there first: the Operator Service
+of the node serves it like any result, though not as a presigned URL."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -32,12 +37,14 @@ import aiohttp
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from mesh.errors import DataLoss, NotFound
+from mesh.errors import DataLoss, FailedPrecondition, NotFound
 from mesh.s3 import S3Settings, parse_s3_url
 from mesh.storage import (
     CHUNK_SIZE,
     RESULT_URL_TTL_S,
+    LocalStorage,
     PresignedUrl,
+    RewindableSource,
     Source,
     StorageUnavailable,
     StoredObject,
@@ -247,8 +254,9 @@ class S3Storage:
     multipart part size; `max_in_flight` parts upload at once. `url_ttl_s` is how long a
     presigned URL works unless `presign` is told otherwise. `attempts` bounds botocore's
     standard retries of each call (with their backoff of up to 1, 2, 4 s between tries), so
-    that an unreachable store fails a call in seconds. `close` (or the process's exit) closes
-    the client."""
+    that an unreachable store fails a call in seconds. `spill` is where logs go while S3 is
+    down (none: a log S3 cannot take is lost, as any object). `close` (or the process's exit)
+    closes the client."""
 
     def __init__(
         self,
@@ -261,6 +269,7 @@ class S3Storage:
         url_ttl_s: int = RESULT_URL_TTL_S,
         attempts: int = 3,
         max_connections: int = 64,
+        spill: LocalStorage | None = None,
     ) -> None:
         parse_s3_url(f"s3://{bucket}")  # checks the bucket's name
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
@@ -272,6 +281,7 @@ class S3Storage:
         self.part_size = part_size
         self.max_in_flight = max_in_flight
         self.url_ttl_s = check_url_ttl(url_ttl_s)
+        self.spill = spill
         # Downloads hold a connection while their reader is slow: a pool that size of them.
         self._loop = _LoopThread(settings, max(max_connections, max_in_flight), attempts)
         # Runs once: at close(), when the storage is collected, or at the process's exit.
@@ -306,8 +316,34 @@ class S3Storage:
             stored = StoredObject(size=first.size, sha256=digest.hexdigest())
             self._loop.call(self._put_object(job_id, key, name, first.body, stored.sha256))
             parts = 1
+        if self.spill is not None:
+            # A copy kept while S3 was down (by an earlier publish of the job) would shadow
+            # this object: reads look in the spill first.
+            self.spill.remove_blocking(job_id, key)
         log.debug("storage.put", job_id=job_id, key=key, size=stored.size, parts=parts)
         return stored
+
+    def put_log_blocking(
+        self, job_id: str, key: str, source: RewindableSource, *, store_down: bool = False
+    ) -> StoredObject:
+        if self.spill is None:
+            return self.put_blocking(job_id, key, source)
+        if not store_down:
+            start = source.seek(0, os.SEEK_CUR)
+            try:
+                return self.put_blocking(job_id, key, source)
+            except StorageUnavailable:
+                source.seek(start)  # whatever the failed upload read is read again
+        kept = self.spill.put_blocking(job_id, key, source)
+        log.warning("storage.log_kept_locally", job_id=job_id, key=key, size=kept.size)
+        return replace(kept, kept_locally=True)
+
+    def _kept_locally(self, job_id: str, key: str) -> LocalStorage | None:
+        """The spill, when it holds the object (kept there while S3 was down)."""
+        # One stat of a local file, inline: a hop to a thread would cost more.
+        if self.spill is not None and self.spill.holds(job_id, key):
+            return self.spill
+        return None
 
     def _put_multipart(
         self,
@@ -450,7 +486,13 @@ class S3Storage:
             raise ValueError("offset must not be negative")
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        download = _Download(self, job_id, key, self._name(job_id, key), offset)
+        name = self._name(job_id, key)
+        spill = self._kept_locally(job_id, key)
+        if spill is not None:
+            async for chunk in spill.read(job_id, key, offset, chunk_size):
+                yield chunk
+            return
+        download = _Download(self, job_id, key, name, offset)
         try:
             while True:
                 chunk = await self._loop.call_async(download.next(chunk_size))
@@ -464,6 +506,9 @@ class S3Storage:
 
     async def size(self, job_id: str, key: str) -> int:
         name = self._name(job_id, key)
+        spill = self._kept_locally(job_id, key)
+        if spill is not None:
+            return await spill.size(job_id, key)
         head = await self._loop.call_async(self._head(job_id, key, name))
         return int(head["ContentLength"])
 
@@ -477,6 +522,10 @@ class S3Storage:
 
     async def check_object(self, job_id: str, key: str, size: int, sha256: str) -> None:
         name = self._name(job_id, key)
+        spill = self._kept_locally(job_id, key)
+        if spill is not None:
+            await spill.check_object(job_id, key, size, sha256)
+            return
         recorded = await self._loop.call_async(self._recorded(job_id, key, name))
         if recorded[0] != size:
             log.error("storage.size_mismatch", job_id=job_id, key=key)
@@ -501,6 +550,13 @@ class S3Storage:
     ) -> PresignedUrl:
         name = self._name(job_id, key)
         ttl = check_url_ttl(self.url_ttl_s if expires_s is None else expires_s)
+        if self._kept_locally(job_id, key) is not None:
+            raise FailedPrecondition(
+                "this result is kept on the node's disk (the results store was unreachable when "
+                "the job was published), which hands out no URLs: download it through the "
+                "Provider",
+                reason="RESULT_URLS_UNAVAILABLE",
+            )
         url = await self._loop.call_async(self._presign(job_id, key, name, ttl, filename))
         return PresignedUrl(url=url, expire_time=_expire_time(url))
 
@@ -522,16 +578,23 @@ class S3Storage:
     # -- the rest of the protocol ---------------------------------------------------------
 
     async def sync(self, job_id: str) -> None:
-        check_job_id(job_id)  # a completed upload is durable already
+        check_job_id(job_id)  # a completed upload is durable already; only the spill may not be
+        if self.spill is not None:
+            await self.spill.sync(job_id)
 
     def sync_blocking(self, job_id: str) -> None:
         check_job_id(job_id)
+        if self.spill is not None:
+            self.spill.sync_blocking(job_id)
 
     def prepare_blocking(self, jobs: int, objects: int) -> None:
         """Nothing to make ahead: an object costs one request however it is made."""
 
     async def delete_job(self, job_id: str) -> None:
         check_job_id(job_id)
+        if self.spill is not None:
+            # First: it needs no network, so a store that is down keeps no log of the job.
+            await self.spill.delete_job(job_id)
         deleted = await self._loop.call_async(self._delete_job(job_id))
         log.info("storage.job_deleted", job_id=job_id, objects=deleted)
 

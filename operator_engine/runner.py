@@ -62,7 +62,7 @@ from pods.configure import (
     make_layout,
     remote_files,
 )
-from pods.publish import publish
+from pods.publish import PublishError, publish
 
 log = structlog.get_logger()
 State = job_pb2.Job.State
@@ -711,6 +711,13 @@ class Runner:
                 max_total_bytes=entry.job.limits.disk_bytes,
                 outputs=entry.disk,
             )
+        except PublishError as error:
+            # What was stored all the same (the logs, kept on the node's disk when the store
+            # is down) stays listed; the message says what failed, naming no store.
+            log.exception("publish failed")
+            entry.job.results.extend(error.results)
+            await self._finish(entry, State.STATE_FAILED, reason=error.reason, message=str(error))
+            return
         except Exception as error:
             log.exception("publish failed")
             await self._finish(

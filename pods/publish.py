@@ -7,6 +7,10 @@ file is stored only when the descriptor actually opened is a regular file with a
 A link, a FIFO, a device or a socket can thus never make root read (or block on) anything but
 the bytes the algorithm wrote itself.
 
+When an output cannot be stored, the outputs stop there but the logs are still stored and
+listed: when the store is down (S3 unreachable), on the node's own disk (see
+`Storage.put_log_blocking`), so that a failed job still says what happened.
+
 Also a program, for backends that run stages as containers:
 
     python -m pods.publish --workspace DIR --storage DIR --job-id ID --max-total-bytes N"""
@@ -23,6 +27,7 @@ import secrets
 import stat
 import sys
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +37,13 @@ import structlog
 from c2d.common.v1 import job_pb2
 from google.protobuf import json_format
 
-from mesh.storage import Storage, result_key, storage_from_url
+from mesh.storage import (
+    Storage,
+    StorageUnavailable,
+    StoredObject,
+    result_key,
+    storage_from_url,
+)
 from pods.configure import write_termination_log
 from pods.workspace import (
     ALGORITHM_LOG,
@@ -80,10 +91,15 @@ _LOGS = (
 
 
 class PublishError(Exception):
-    """Results could not be stored; the job fails with `reason`. Whatever was stored before
-    stays stored; publish.log on disk says how far it got."""
+    """Results could not be stored; the job fails with `reason`. `results` lists what was
+    stored all the same (outputs before the failure, the logs after it), for the job to list;
+    publish.log says how far it got."""
 
     reason: job_pb2.FailureReason.ValueType = job_pb2.FAILURE_REASON_PUBLISH_FAILED
+
+    def __init__(self, message: str, *, results: Sequence[job_pb2.ResultFile] = ()) -> None:
+        super().__init__(message)
+        self.results = list(results)
 
 
 @dataclass
@@ -153,6 +169,20 @@ class _PublishLog:
 
 
 @dataclass
+class _Target:
+    """Where this publish stores results and what it has learned of the store on the way."""
+
+    storage: Storage
+    job_id: str
+    record: _PublishLog
+    result: PublishResult
+    # Set once the store is found unavailable: the logs left go straight to the node's own
+    # disk, instead of waiting for the store's retries once more each.
+    store_down: bool = False
+    kept_locally: list[str] = field(default_factory=list)
+
+
+@dataclass
 class _Walk:
     record: _PublishLog
     root_dev: int
@@ -180,8 +210,9 @@ async def publish(
     `max_entries` (default ten times `max_files`, at least 1000) bounds how many directory
     entries of any kind the walk looks at; more also counts as too large, so a hostile
     algorithm cannot make publishing slow. `outputs` names the outputs folder when it is not
-    `workspace/outputs` (the engine's job disk). Raises `PublishError` when storing fails and
-    ValueError for a malformed job id.
+    `workspace/outputs` (the engine's job disk). Raises `PublishError` when storing fails (the
+    logs are still stored, and listed in its `results`) and ValueError for a malformed job
+    id.
 
     The whole stage (walk, reads, stores, the final flush) runs in one worker thread: for a
     typical job of a few small files, hops to a thread per file cost more than the files."""
@@ -219,6 +250,7 @@ def publish_blocking(
     record = _PublishLog()
     record.add(f"publish: job {job_id}")
     result = PublishResult()
+    target = _Target(storage, job_id, record, result)
     try:
         # The workspace itself is the engine's own directory: following a link to it is fine.
         ws_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -234,29 +266,22 @@ def publish_blocking(
             raise PublishError("the job's outputs folder is missing") from error
         out_name = outputs.name
     try:
+        failure: PublishError | None = None
         try:
-            _publish_outputs(
-                (base_fd, out_name),
-                storage,
-                job_id,
-                record,
-                result,
-                max_files,
-                max_total_bytes,
-                entry_budget,
-            )
-            _publish_logs(ws_fd, storage, job_id, record, result, algorithm_log=algorithm_log)
+            _publish_outputs((base_fd, out_name), target, max_files, max_total_bytes, entry_budget)
         except PublishError as error:
-            record.add(f"publish failed: {error}")
-            record.finish_skips()
-            # Best effort: the failure being reported matters more than this log.
-            with contextlib.suppress(OSError):
-                _write_publish_log(ws_fd, record.render())
-            log.error("publish.failed", stored=len(result.results))
-            raise
+            # The outputs stop at the first that could not be stored; the logs are stored all
+            # the same, to tell what happened.
+            failure = error
+        try:
+            _publish_logs(ws_fd, target, algorithm_log=algorithm_log)
+        except PublishError as error:
+            failure = failure or error
         record.finish_skips()
         result.skipped = record.skipped
-        _publish_own_log(ws_fd, storage, job_id, record, result)
+        if failure is not None:
+            raise _failed(ws_fd, target, failure) from failure.__cause__
+        _publish_own_log(ws_fd, target)
         try:
             storage.sync_blocking(job_id)
         except OSError as error:
@@ -270,20 +295,45 @@ def publish_blocking(
         results=len(result.results),
         too_large=result.too_large,
         skipped=record.skips,
+        kept_locally=len(target.kept_locally),
     )
     return result
 
 
+def _failed(ws_fd: int, target: _Target, failure: PublishError) -> PublishError:
+    """The error a failed publish ends with, once publish.log says why and is stored (kept,
+    like the other logs, on the node's own disk when the store is down) and listed."""
+    record, result = target.record, target.result
+    if target.store_down:
+        what = "the results store was unreachable, so the job's outputs could not be stored"
+    else:
+        what = str(failure)
+    record.add(f"publish failed: {what}")
+    # Best effort, from here on: the failure being reported matters more than this log.
+    with contextlib.suppress(PublishError, OSError):
+        _publish_own_log(ws_fd, target, failed=True)
+    with contextlib.suppress(Exception):
+        target.storage.sync_blocking(target.job_id)
+    if target.kept_locally:
+        what += "; its logs are kept on the node and listed with its results"
+    structlog.get_logger().error(
+        "publish.failed",
+        job_id=target.job_id,
+        stage="publish",
+        stored=len(result.results),
+        kept_locally=len(target.kept_locally),
+    )
+    return PublishError(what, results=result.results)
+
+
 def _publish_outputs(
     where: tuple[int, str],
-    storage: Storage,
-    job_id: str,
-    record: _PublishLog,
-    result: PublishResult,
+    target: _Target,
     max_files: int,
     max_total_bytes: int,
     max_entries: int,
 ) -> None:
+    record, result = target.record, target.result
     walk = _scan_outputs(where, record, max_entries)
     if walk is None:
         return
@@ -311,8 +361,7 @@ def _publish_outputs(
         entry = job_pb2.ResultFile(
             index=len(result.results), name=candidate.name, kind=job_pb2.ResultFile.KIND_OUTPUT
         )
-        _store(storage, job_id, entry, fd, candidate.size, record)
-        result.results.append(entry)
+        _store(target, entry, fd, candidate.size, is_log=False)
         stored_files += 1
         total += entry.size_bytes
     record.add(f"outputs: {stored_files} files stored, {total} bytes")
@@ -466,25 +515,44 @@ def _open_candidate(where: tuple[int, str], candidate: _Candidate) -> int | None
 
 
 class _CappedReader(io.RawIOBase):
-    """Reads an open descriptor up to `limit` bytes, then reports EOF: the caps were checked
-    against the size seen by the walk, so a file that somehow grew cannot exceed them."""
+    """Reads a descriptor just opened (at offset 0) up to `limit` bytes, then reports EOF: the
+    caps were checked against the size seen by the walk, so a file that somehow grew cannot
+    exceed them. Seekable, so that a log the store failed to take can be read again."""
 
     def __init__(self, fd: int, limit: int) -> None:
         super().__init__()
         self._fd = fd
-        self._remaining = limit
+        self._limit = limit
+        self._position = 0
 
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._position
+        elif whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("only SEEK_SET and SEEK_CUR")
+        if offset < 0:
+            raise ValueError("negative seek position")
+        self._position = os.lseek(self._fd, offset, os.SEEK_SET)
+        return self._position
+
+    def read(self, size: int = -1, /) -> bytes:
         # Direct, without a buffer: storage reads in large chunks, and a small output then
         # costs one read of its own size instead of a copy through a chunk-sized buffer.
-        wanted = self._remaining if size < 0 else min(size, self._remaining)
+        remaining = self._limit - self._position
+        wanted = remaining if size < 0 else min(size, remaining)
         if wanted <= 0:
             return b""
         data = os.read(self._fd, wanted)
-        self._remaining -= len(data)
+        self._position += len(data)
         return data
 
     def readinto(self, buffer: WriteableBuffer) -> int:
@@ -501,40 +569,52 @@ class _CappedReader(io.RawIOBase):
 
 
 def _store(
-    storage: Storage,
-    job_id: str,
-    entry: job_pb2.ResultFile,
-    fd: int,
-    limit: int,
-    record: _PublishLog,
+    target: _Target, entry: job_pb2.ResultFile, fd: int, limit: int, *, is_log: bool
 ) -> None:
-    """Streams one open file into storage under the entry's key and fills in its size and
-    digest. Takes ownership of `fd`."""
+    """Streams one open file into storage under the entry's key, fills in its size and digest
+    and lists it. A log is kept on the node's own disk when the store is down. Takes
+    ownership of `fd`."""
     reader = _CappedReader(fd, limit)
     try:
-        stored = storage.put_blocking(job_id, result_key(entry), reader)
-    except Exception as error:
-        # The message may name storage internals; the log says only what failed.
-        record.add(f"storing {entry.name} failed ({type(error).__name__})")
-        raise PublishError(f"result {entry.name} could not be stored") from error
+        stored = _put(target, entry, reader, is_log=is_log)
     finally:
         reader.close()
+    _list(target, entry, stored)
+
+
+def _put(
+    target: _Target, entry: job_pb2.ResultFile, source: _CappedReader | io.BytesIO, *, is_log: bool
+) -> StoredObject:
+    storage, job_id, key = target.storage, target.job_id, result_key(entry)
+    try:
+        if is_log:
+            return storage.put_log_blocking(job_id, key, source, store_down=target.store_down)
+        return storage.put_blocking(job_id, key, source)
+    except Exception as error:
+        # The message may name storage internals; the log says only what failed.
+        target.record.add(f"storing {entry.name} failed ({type(error).__name__})")
+        if isinstance(error, StorageUnavailable):
+            target.store_down = True
+        raise PublishError(f"result {entry.name} could not be stored") from error
+
+
+def _list(target: _Target, entry: job_pb2.ResultFile, stored: StoredObject) -> None:
     entry.size_bytes = stored.size
     entry.sha256 = stored.sha256
-    record.add(
-        f"stored {entry.name} as result {entry.index}: {stored.size} bytes, sha256 {stored.sha256}"
+    where = ""
+    if stored.kept_locally:
+        target.store_down = True
+        target.kept_locally.append(entry.name)
+        where = " on the node's own disk (the results store is unreachable)"
+    target.record.add(
+        f"stored {entry.name} as result {entry.index}{where}: {stored.size} bytes, "
+        f"sha256 {stored.sha256}"
     )
+    target.result.results.append(entry)
 
 
-def _publish_logs(
-    ws_fd: int,
-    storage: Storage,
-    job_id: str,
-    record: _PublishLog,
-    result: PublishResult,
-    *,
-    algorithm_log: bool,
-) -> None:
+def _publish_logs(ws_fd: int, target: _Target, *, algorithm_log: bool) -> None:
+    record, result = target.record, target.result
     for name, kind in _LOGS:
         if name == ALGORITHM_LOG and not algorithm_log:
             record.add(f"{name}: stored by the engine, after these results")
@@ -545,8 +625,7 @@ def _publish_logs(
             continue
         fd, size = opened
         entry = job_pb2.ResultFile(index=len(result.results), name=name, kind=kind)
-        _store(storage, job_id, entry, fd, size, record)
-        result.results.append(entry)
+        _store(target, entry, fd, size, is_log=True)
 
 
 def _open_log(ws_fd: int, name: str) -> tuple[int, int] | str:
@@ -573,26 +652,25 @@ def _open_log(ws_fd: int, name: str) -> tuple[int, int] | str:
     return fd, info.st_size
 
 
-def _publish_own_log(
-    ws_fd: int, storage: Storage, job_id: str, record: _PublishLog, result: PublishResult
-) -> None:
+def _publish_own_log(ws_fd: int, target: _Target, *, failed: bool = False) -> None:
+    record, result = target.record, target.result
     entry = job_pb2.ResultFile(
         index=len(result.results), name=PUBLISH_LOG, kind=job_pb2.ResultFile.KIND_PUBLISH_LOG
     )
     record.add(
-        f"published {len(result.results)} results"
+        f"{'kept' if failed else 'published'} {len(result.results)} results"
         + (", outputs too large" if result.too_large else "")
         + f"; this log is result {entry.index}"
     )
     content = record.render()
     # On disk too, so the engine can show it even if storing it fails below.
     _write_publish_log(ws_fd, content)
-    try:
-        stored = storage.put_blocking(job_id, result_key(entry), io.BytesIO(content))
-    except Exception as error:
-        raise PublishError(f"result {PUBLISH_LOG} could not be stored") from error
+    stored = _put(target, entry, io.BytesIO(content), is_log=True)
+    # Not in its own text: it is rendered already.
     entry.size_bytes = stored.size
     entry.sha256 = stored.sha256
+    if stored.kept_locally:
+        target.kept_locally.append(entry.name)
     result.results.append(entry)
 
 

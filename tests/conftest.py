@@ -137,14 +137,16 @@ def engine_config(
     environments: tuple[EnvironmentSpec, ...] = (EnvironmentSpec(),),
     *,
     data_root: Path | None = None,
+    storage_url: str | None = None,
 ) -> EngineConfig:
     """An engine's configuration with its state under `home` (socket in `home/run`) and the
-    sandbox identity's uids, cgroups and staging root."""
+    sandbox identity's uids, cgroups and staging root; results in `storage_url` (default
+    `home/results`)."""
     return EngineConfig(
         listen=f"unix:{home / 'run' / 'engine.sock'}",
         workspace_root=home / "engine" / "jobs",
         data_root=data_root or home / "data",
-        storage_url=str(home / "results"),
+        storage_url=storage_url or str(home / "results"),
         environments=environments,
         sandbox_uid_base=sandbox.uid_base,
         sandbox_stage_root=sandbox.stage_root,
@@ -188,12 +190,24 @@ async def engine_and_operator(
 @pytest.fixture
 async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
     """Engine, Operator Service and Provider, started in order on fresh state."""
+    async with start_local_mesh(tmp_path) as mesh:
+        yield mesh
+
+
+@contextlib.asynccontextmanager
+async def start_local_mesh(
+    tmp_path: Path, *, storage_url: str | None = None
+) -> AsyncIterator[LocalMesh]:
+    """What `local_mesh` starts, with results in `storage_url` (default: on local disk under
+    the node's home). An s3:// URL reaches S3 with the C2D_S3_* settings of the environment."""
     home = tmp_path / "home"
     data_root = tmp_path / "data"
     data_root.mkdir(parents=True)
     owner = new_key()
     sandbox = SandboxIdentity.new()
-    config = engine_config(home, sandbox, TEST_ENVIRONMENTS, data_root=data_root)
+    config = engine_config(
+        home, sandbox, TEST_ENVIRONMENTS, data_root=data_root, storage_url=storage_url
+    )
     async with engine_and_operator(home, config, sandbox, lease_s=5) as started:
         engine_server, runner, operator = started
         provider = await build_provider(

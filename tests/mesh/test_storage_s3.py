@@ -13,6 +13,7 @@ import io
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from mesh.s3 import S3Settings
 from mesh.storage import (
     LocalStorage,
     StorageUnavailable,
+    StoredObject,
     attachment_disposition,
     storage_from_url,
 )
@@ -88,6 +90,16 @@ def s3(s3_server: S3Server) -> Iterator[Any]:
     )
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def node_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A C2D_HOME of the test's own (inherited by the programs it starts): a storage made by
+    storage_from_url keeps logs S3 cannot take under it, never in the real ~/.c2d."""
+    home = tmp_path / "c2d-home"
+    monkeypatch.setenv("C2D_HOME", str(home))
+    monkeypatch.delenv("C2D_STORAGE_SPILL", raising=False)
+    return home
 
 
 def pending_uploads(s3: Any, bucket: str) -> list[str]:
@@ -800,3 +812,203 @@ async def test_storage_from_url_reads_the_s3_settings(s3_server: S3Server, s3_bu
         assert await read_all(storage, "0000") == b"via url"
     finally:
         storage.close()
+
+
+# -- logs kept on the node's disk while S3 is down ----------------------------------------
+
+
+async def put_log(
+    storage: S3Storage, key: str, source: io.BytesIO, job_id: str = JOB, **kwargs: bool
+) -> StoredObject:
+    # In a thread: the link relays on this test's event loop, which must not be blocked.
+    return await asyncio.to_thread(storage.put_log_blocking, job_id, key, source, **kwargs)
+
+
+def spill_of(storage: S3Storage) -> LocalStorage:
+    assert storage.spill is not None
+    return storage.spill
+
+
+@pytest.fixture
+def spilling(link: FlakyLink, s3_bucket: str, tmp_path: Path) -> Iterator[S3Storage]:
+    """An S3Storage through the link, with a spill on the test's disk, each call tried once."""
+    storage = through(link, s3_bucket, attempts=1, spill=LocalStorage(tmp_path / "spill"))
+    yield storage
+    storage.close()
+
+
+async def test_a_log_s3_cannot_take_is_kept_in_the_spill_and_read_from_there(
+    spilling: S3Storage, link: FlakyLink, s3: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    data = b"the algorithm said something\n" * 100
+    link.down = True
+    with structlog.testing.capture_logs() as logs:
+        kept = await put_log(spilling, "0001", io.BytesIO(data))
+    assert (kept.size, kept.sha256, kept.kept_locally) == (len(data), sha(data), True)
+    assert any(e["event"] == "storage.log_kept_locally" and e["job_id"] == JOB for e in logs)
+    path = tmp_path / "spill" / JOB / "0001"
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Every read finds it while S3 is still down: no call reaches S3.
+    assert await read_all(spilling, "0001") == data
+    assert await read_all(spilling, "0001", offset=10, chunk_size=7) == data[10:]
+    assert await spilling.size(JOB, "0001") == len(data)
+    await spilling.check_object(JOB, "0001", len(data), sha(data))
+    with pytest.raises(DataLoss):
+        await spilling.check_object(JOB, "0001", len(data), sha(b"another"))
+    with pytest.raises(FailedPrecondition, match="download it through the Provider") as refused:
+        await spilling.presign(JOB, "0001", filename="algorithm.log")
+    assert refused.value.reason == "RESULT_URLS_UNAVAILABLE"
+    # Another object of the job is still looked up in S3 (down: a clean error).
+    with pytest.raises(StorageUnavailable):
+        await spilling.size(JOB, "0000")
+    link.down = False
+    assert stored_keys(s3, s3_bucket) == []
+    with pytest.raises(NotFound):
+        await spilling.size(JOB, "0000")
+
+
+async def test_a_log_is_read_again_from_its_start_when_s3_fails_partway(
+    spilling: S3Storage, link: FlakyLink, s3: Any, s3_bucket: str
+) -> None:
+    data = b"0123" + pattern(2 * MIN_PART_SIZE + MIB)
+    source = io.BytesIO(data)
+    source.seek(4)  # the log starts where the source stands, not at 0
+    link.down_after_upload_bytes = MIN_PART_SIZE + MIB  # during the second part
+    kept = await put_log(spilling, "0002", source)
+    assert kept.kept_locally
+    assert (kept.size, kept.sha256) == (len(data) - 4, sha(data[4:]))
+    assert await read_all(spilling, "0002") == data[4:]
+    link.down, link.down_after_upload_bytes = False, None
+    assert stored_keys(s3, s3_bucket) == []
+
+
+async def test_a_log_goes_to_s3_while_s3_is_up_and_straight_to_the_spill_when_told(
+    spilling: S3Storage, link: FlakyLink, s3: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    stored = await put_log(spilling, "0000", io.BytesIO(b"to s3"))
+    assert (stored.size, stored.kept_locally) == (5, False)
+    assert stored_keys(s3, s3_bucket) == [name("0000")]
+    assert not (tmp_path / "spill").exists()  # nothing made on the node's disk
+    connections = link.connections
+    kept = await put_log(spilling, "0001", io.BytesIO(b"kept"), store_down=True)
+    assert kept.kept_locally
+    assert link.connections == connections  # S3 was not tried again
+    assert await read_all(spilling, "0001") == b"kept"
+    # The job made durable: the spill's files too.
+    spilling.sync_blocking(JOB)
+    await spilling.sync(JOB)
+
+
+async def test_storing_an_object_again_in_s3_drops_its_spilled_copy(
+    spilling: S3Storage, link: FlakyLink, tmp_path: Path
+) -> None:
+    link.down = True
+    await put_log(spilling, "0000", io.BytesIO(b"publish.log of a first try"))
+    link.down = False
+    # A job published again (after an engine restart) may store an output under that key.
+    await spilling.put(JOB, "0000", io.BytesIO(b"an output"))
+    assert not (tmp_path / "spill" / JOB / "0000").exists()
+    assert await read_all(spilling, "0000") == b"an output"
+    assert (await spilling.presign(JOB, "0000")).url
+
+
+async def test_delete_job_removes_spilled_logs_and_s3_objects(
+    spilling: S3Storage, link: FlakyLink, s3: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    await spilling.put(JOB, "0000", io.BytesIO(b"output in s3"))
+    link.down = True
+    await put_log(spilling, "0001", io.BytesIO(b"log kept locally"))
+    await put_log(spilling, "0000", io.BytesIO(b"another job's"), OTHER_JOB)
+    # S3 down: the delete fails, but the job's spilled logs are gone already.
+    with pytest.raises(StorageUnavailable):
+        await spilling.delete_job(JOB)
+    assert not (tmp_path / "spill" / JOB).exists()
+    link.down = False
+    await spilling.delete_job(JOB)
+    assert stored_keys(s3, s3_bucket) == []
+    assert (tmp_path / "spill" / OTHER_JOB / "0000").read_bytes() == b"another job's"
+    with pytest.raises(NotFound):
+        await read_all(spilling, "0001")
+
+
+async def test_without_a_spill_a_log_s3_cannot_take_is_an_error(
+    link: FlakyLink, s3_bucket: str
+) -> None:
+    storage = through(link, s3_bucket, attempts=1)
+    link.down = True
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            await put_log(storage, "0000", io.BytesIO(b"log"))
+        assert_clean(caught.value)
+    finally:
+        storage.close()
+
+
+async def test_local_storage_stores_a_log_as_any_object(tmp_path: Path) -> None:
+    local = LocalStorage(tmp_path / "store")
+    stored = local.put_log_blocking(JOB, "0000", io.BytesIO(b"log"), store_down=True)
+    assert (stored.size, stored.kept_locally) == (3, False)
+    assert (tmp_path / "store" / JOB / "0000").read_bytes() == b"log"
+
+
+async def test_storage_from_url_spills_where_the_node_says(
+    s3_server: S3Server, s3_bucket: str, node_home: Path, tmp_path: Path
+) -> None:
+    url = f"s3://{s3_bucket}/{PREFIX}"
+    default = storage_from_url(url, s3_server.env)
+    configured = storage_from_url(
+        url, {**s3_server.env, "C2D_STORAGE_SPILL": str(tmp_path / "elsewhere")}
+    )
+    assert isinstance(default, S3Storage) and isinstance(configured, S3Storage)
+    try:
+        assert spill_of(default).root == node_home / "results-spill"
+        assert spill_of(configured).root == tmp_path / "elsewhere"
+    finally:
+        default.close()
+        configured.close()
+
+
+async def test_the_publish_program_keeps_its_logs_in_the_spill_when_s3_is_down(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "ws"
+    (workspace / "outputs").mkdir(parents=True)
+    (workspace / "logs").mkdir()
+    (workspace / "outputs" / "r.txt").write_bytes(b"result")
+    (workspace / "logs" / "algorithm.log").write_bytes(b"algorithm said hello\n")
+    spill = tmp_path / "spill"
+    env = {
+        **program_env(s3_server),
+        "C2D_S3_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "C2D_STORAGE_SPILL": str(spill),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pods.publish",
+            "--workspace",
+            str(workspace),
+            "--storage",
+            "s3://results-bucket/results",
+            "--job-id",
+            JOB,
+            "--max-total-bytes",
+            "1000",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 4, done.stderr
+    outcome = json.loads(done.stdout)
+    assert outcome["reason"] == "FAILURE_REASON_PUBLISH_FAILED"
+    assert "results store was unreachable" in outcome["message"]
+    assert "127.0.0.1" not in outcome["message"]
+    # The logs, not the output: algorithm.log as result 0, publish.log as result 1.
+    assert sorted(os.listdir(spill / JOB)) == ["0000", "0001"]
+    assert (spill / JOB / "0000").read_bytes() == b"algorithm said hello\n"
+    assert (spill / JOB / "0001").read_bytes() == (workspace / "logs" / "publish.log").read_bytes()
