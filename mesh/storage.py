@@ -179,6 +179,14 @@ def check_job_id(job_id: str) -> None:
         raise ValueError("a job id is 32 lowercase hex digits")
 
 
+def check_read(offset: int, chunk_size: int) -> None:
+    """The arguments of `Storage.read`, checked the same way by every storage."""
+    if offset < 0:
+        raise ValueError("offset must not be negative")
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+
+
 def check_key(key: str) -> None:
     """ValueError unless `key` can name an object in any storage."""
     if not _KEY_RE.fullmatch(key):
@@ -366,10 +374,7 @@ class LocalStorage:
     async def read(
         self, job_id: str, key: str, offset: int = 0, chunk_size: int = CHUNK_SIZE
     ) -> AsyncIterator[bytes]:
-        if offset < 0:
-            raise ValueError("offset must not be negative")
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be positive")
+        check_read(offset, chunk_size)
         path = self._object_path(job_id, key)
         try:
             handle = await asyncio.to_thread(open, path, "rb")

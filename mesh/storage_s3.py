@@ -51,6 +51,7 @@ from mesh.storage import (
     attachment_disposition,
     check_job_id,
     check_key,
+    check_read,
     check_url_ttl,
 )
 
@@ -482,10 +483,7 @@ class S3Storage:
     async def read(
         self, job_id: str, key: str, offset: int = 0, chunk_size: int = CHUNK_SIZE
     ) -> AsyncIterator[bytes]:
-        if offset < 0:
-            raise ValueError("offset must not be negative")
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be positive")
+        check_read(offset, chunk_size)
         name = self._name(job_id, key)
         spill = self._kept_locally(job_id, key)
         if spill is not None:
