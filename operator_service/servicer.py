@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import structlog
@@ -233,25 +232,18 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         result = _result(job, request.index)
         if not 0 <= request.offset <= result.size_bytes:
             raise InvalidArgument("offset is outside the result", field="offset")
-        key = result_key(result)
         digest = hashlib.sha256()
-        # The bytes before `offset` are hashed too, so that every download is checked whole.
-        remaining = request.offset
-        if remaining:
-            async with contextlib.aclosing(
-                cast(AsyncGenerator[bytes, None], self.storage.read(request.job_id, key, 0))
-            ) as head:
-                async for data in head:
-                    digest.update(data[:remaining])
-                    remaining -= min(len(data), remaining)
-                    if not remaining:
-                        break
-        offset = request.offset
-        async for data in self.storage.read(request.job_id, key, request.offset):
+        # Read from the start, the bytes before `offset` hashed but not sent, so that every
+        # download is checked whole (in one read of the object, not two).
+        position = 0
+        async for data in self.storage.read(request.job_id, result_key(result)):
             digest.update(data)
-            yield operator_pb2.ReadResultResponse(offset=offset, data=data)
-            offset += len(data)
-        if offset != result.size_bytes or digest.hexdigest() != result.sha256:
+            end = position + len(data)
+            if end > request.offset:
+                skip = max(0, request.offset - position)
+                yield operator_pb2.ReadResultResponse(offset=position + skip, data=data[skip:])
+            position = end
+        if position != result.size_bytes or digest.hexdigest() != result.sha256:
             log.error("stored result does not match its checksum", index=result.index)
             raise DataLoss("the stored result no longer matches its sha256; do not use it")
 
@@ -262,9 +254,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         structlog.contextvars.bind_contextvars(job_id=request.job_id)
         result = _result(job, request.index)
         key = result_key(result)
-        # A URL skips our download path's checksum: check the object is the recorded one first.
-        await self.storage.check_object(request.job_id, key, result.size_bytes, result.sha256)
         filename = result.name.rpartition("/")[2] or f"result-{result.index}"
+        # Signed first: signing makes no request, and a storage that hands out no URLs (local
+        # disk) refuses here, before the check below would read the whole object for nothing.
         presigned = await self.storage.presign(request.job_id, key, filename=filename)
         if job.HasField("results_expire_time"):
             # Never beyond the results' own expiry: the sweeper deletes them then anyway.
@@ -274,6 +266,8 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
                 presigned = await self.storage.presign(
                     request.job_id, key, expires_s=remaining, filename=filename
                 )
+        # A URL skips our download path's checksum: the object must be the recorded one.
+        await self.storage.check_object(request.job_id, key, result.size_bytes, result.sha256)
         response = operator_pb2.GetResultUrlResponse(url=presigned.url, result=result)
         response.expire_time.FromDatetime(presigned.expire_time)
         log.info("result url issued", index=result.index, expire_time=str(presigned.expire_time))
