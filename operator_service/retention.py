@@ -52,14 +52,13 @@ def _iso(timestamp: timestamp_pb2.Timestamp) -> str:
     return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def results_gone(job: job_pb2.Job, now_ns: int | None = None) -> bool:
+def results_gone(job: job_pb2.Job) -> bool:
     """Whether the job's results have expired (deleted, or due to be at the next sweep)."""
     if job.results_expired:
         return True
     if not job.HasField("results_expire_time"):
         return False
-    now = time.time_ns() if now_ns is None else now_ns
-    return job.results_expire_time.ToNanoseconds() <= now
+    return job.results_expire_time.ToNanoseconds() <= time.time_ns()
 
 
 def refuse_expired(job: job_pb2.Job) -> None:
@@ -96,19 +95,9 @@ class Retention:
         self._failed_at: float | None = None  # of the last failure, unless a list came since
         self._lock = asyncio.Lock()
 
-    def _learn(self, environments: list[job_pb2.Environment]) -> None:
-        """Takes the engine's environments as they are now."""
-        self._seconds = {
-            env.name: env.result_retention.ToNanoseconds() / _NANOS for env in environments
-        }
-        self._listed_at = time.monotonic()
-        self._failed_at = None
-
     async def refresh(self) -> None:
-        """Lists the engine's environments again (a failure is logged; the cache stays)."""
-        await self._list()
-
-    async def _list(self) -> None:
+        """Lists the engine's environments again, unless they were listed while this call
+        waited or a list failed moments ago (a failure is logged; the cache stays)."""
         asked = time.monotonic()
         async with self._lock:
             if self._listed_at is not None and self._listed_at >= asked:
@@ -126,7 +115,12 @@ class Retention:
                     code=error.code().name,
                 )
                 return
-            self._learn(list(response.environments))
+            self._seconds = {
+                env.name: env.result_retention.ToNanoseconds() / _NANOS
+                for env in response.environments
+            }
+            self._listed_at = time.monotonic()
+            self._failed_at = None
 
     async def seconds(self, environment: str) -> float | None:
         """The environment's retention in seconds, 0 when results are kept until the job is
@@ -134,7 +128,7 @@ class Retention:
         known and the engine cannot be asked now."""
         stale = self._listed_at is None or time.monotonic() - self._listed_at > _LIST_MAX_AGE_S
         if stale or environment not in self._seconds:
-            await self._list()
+            await self.refresh()
         if environment in self._seconds:
             return self._seconds[environment]
         if self._failed_at is not None or self._listed_at is None:
