@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import os
 
-from mesh.s3 import S3Settings, parse_s3_url
+from mesh.s3 import S3Settings, error_code, parse_s3_url
 
 # The longest the check may take: a dead endpoint must not hang `c2d up`.
 _CHECK_TIMEOUT_S = 15.0
@@ -67,7 +67,7 @@ async def _check_bucket(settings: S3Settings, bucket: str, *, create: bool) -> N
             try:
                 await s3.head_bucket(Bucket=bucket)
             except ClientError as error:
-                code = error.response.get("Error", {}).get("Code", "")
+                code = error_code(error)
                 if code not in ("404", "NoSuchBucket") or not create:
                     raise
                 await s3.create_bucket(Bucket=bucket)
@@ -76,7 +76,7 @@ async def _check_bucket(settings: S3Settings, bucket: str, *, create: bool) -> N
             f"the S3 endpoint {where} did not answer in {_CHECK_TIMEOUT_S:g} s"
         ) from None
     except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
+        code = error_code(error)
         if code in ("404", "NoSuchBucket"):
             raise ValueError(
                 f"bucket {bucket} does not exist at {where} (create it, or pass --create-bucket)"

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
+    from botocore.exceptions import ClientError
     from types_aiobotocore_s3 import S3Client
 
 # S3's own bucket naming rules (3-63 lowercase letters, digits, dots and hyphens).
@@ -108,3 +109,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if "\x00" in key:
         raise ValueError("an S3 key has no NUL character")
     return bucket, key
+
+
+def error_code(error: ClientError) -> str:
+    """The store's code for a refusal (NoSuchKey, AccessDenied, a bare 404 on HEAD...), "" when
+    it gives none: a short fixed word, never the bucket, key or credentials."""
+    return str(error.response.get("Error", {}).get("Code", ""))

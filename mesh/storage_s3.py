@@ -38,7 +38,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from mesh.errors import DataLoss, FailedPrecondition, NotFound
-from mesh.s3 import S3Settings, parse_s3_url
+from mesh.s3 import S3Settings, error_code, parse_s3_url
 from mesh.storage import (
     CHUNK_SIZE,
     RESULT_URL_TTL_S,
@@ -168,10 +168,6 @@ class _LoopThread:
             loop.close()
 
 
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
 @contextlib.contextmanager
 def _s3_errors(what: str, job_id: str, key: str = "") -> Iterator[None]:
     """Turns what the S3 client raises into domain errors: a missing object is NotFound, any
@@ -180,7 +176,7 @@ def _s3_errors(what: str, job_id: str, key: str = "") -> Iterator[None]:
     try:
         yield
     except ClientError as error:
-        code = _error_code(error)
+        code = error_code(error)
         if code in _NOT_FOUND_CODES:
             raise NotFound(f"result {key} of job {job_id} is not stored") from None
         log.warning("storage.s3_refused", job_id=job_id, key=key, operation=what, code=code)
@@ -471,8 +467,8 @@ class S3Storage:
         try:
             await client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
         except ClientError as error:
-            if _error_code(error) != "NoSuchUpload":  # completed or aborted already
-                log.warning("storage.abort_failed", job_id=job_id, key=key, code=_error_code(error))
+            if error_code(error) != "NoSuchUpload":  # completed or aborted already
+                log.warning("storage.abort_failed", job_id=job_id, key=key, code=error_code(error))
         except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as error:
             # The store is gone: the bucket's lifecycle rule for incomplete uploads, or
             # delete_job, removes the parts later.
@@ -659,7 +655,7 @@ class _Download:
             try:
                 reply = await client.get_object(**request)
             except ClientError as error:
-                code = _error_code(error)
+                code = error_code(error)
                 if code == "InvalidRange":  # at or past the end: nothing (more) to read
                     self._done = True
                     return
