@@ -6,9 +6,11 @@ URL with our own code, not by asking the server."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,25 @@ SECRET_ACCESS_KEY = "testing-secret-key"
 REGION = "us-east-1"
 
 
+def settings_at(endpoint_url: str) -> S3Settings:
+    """The tests' credentials, for a store at `endpoint_url` (the server, a relay to it, or
+    nothing at all)."""
+    return S3Settings(
+        endpoint_url=endpoint_url,
+        region=REGION,
+        access_key_id=ACCESS_KEY_ID,
+        secret_access_key=SECRET_ACCESS_KEY,
+    )
+
+
+def dead_endpoint() -> str:
+    """An endpoint on 127.0.0.1 that nobody listens on: S3 down."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
 @dataclass(frozen=True)
 class S3Server:
     """A running server: its endpoint and settings that reach it."""
@@ -28,12 +49,7 @@ class S3Server:
 
     @property
     def settings(self) -> S3Settings:
-        return S3Settings(
-            endpoint_url=self.endpoint_url,
-            region=REGION,
-            access_key_id=ACCESS_KEY_ID,
-            secret_access_key=SECRET_ACCESS_KEY,
-        )
+        return settings_at(self.endpoint_url)
 
     @property
     def env(self) -> dict[str, str]:
@@ -45,18 +61,23 @@ class S3Server:
             "C2D_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         }
 
-    def create_bucket(self, name: str | None = None) -> str:
-        """Makes a bucket (a fresh name unless given) and returns its name."""
+    def client(self) -> Any:
+        """A plain boto3 client on the server (close it): what another writer, or an operator,
+        does beside the services."""
         import boto3
 
-        bucket = name or f"test-{uuid.uuid4().hex[:16]}"
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=REGION,
             aws_access_key_id=ACCESS_KEY_ID,
             aws_secret_access_key=SECRET_ACCESS_KEY,
         )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Makes a bucket (a fresh name unless given) and returns its name."""
+        bucket = name or f"test-{uuid.uuid4().hex[:16]}"
+        client = self.client()
         client.create_bucket(Bucket=bucket)
         client.close()
         return bucket

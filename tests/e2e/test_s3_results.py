@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import grpc
 import httpx
 import pytest
@@ -27,7 +26,7 @@ from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root, new_key, start_local_mesh
 from tests.e2e.test_job import error_info, publish_pair, run_to_end
 from tests.mesh.test_storage_s3 import FlakyLink
-from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
 
 pytestmark = needs_root
 
@@ -80,13 +79,7 @@ async def s3_node(
     monkeypatch.setenv("C2D_RESULT_URL_TTL_S", str(URL_TTL_S))
     spill = tmp_path / "spill"
     monkeypatch.setenv("C2D_STORAGE_SPILL", str(spill))
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_ACCESS_KEY,
-    )
+    s3 = s3_server.client()
     try:
         async with start_local_mesh(tmp_path, storage_url=f"s3://{bucket}/{PREFIX}") as mesh:
             yield S3Node(mesh, bucket, spill, s3)

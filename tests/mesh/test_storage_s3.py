@@ -12,7 +12,6 @@ import hmac
 import io
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import boto3
 import httpx
 import pytest
 import structlog
@@ -33,7 +31,6 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from mesh.errors import DataLoss, FailedPrecondition, NotFound
-from mesh.s3 import S3Settings
 from mesh.storage import (
     LocalStorage,
     StorageUnavailable,
@@ -42,7 +39,14 @@ from mesh.storage import (
     storage_from_url,
 )
 from mesh.storage_s3 import MIN_PART_SIZE, SHA256_FIELD, S3Storage
-from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.s3_server import (
+    ACCESS_KEY_ID,
+    REGION,
+    SECRET_ACCESS_KEY,
+    S3Server,
+    dead_endpoint,
+    settings_at,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = "0123456789abcdef0123456789abcdef"
@@ -81,13 +85,7 @@ def store(s3_server: S3Server, s3_bucket: str) -> Iterator[S3Storage]:
 @pytest.fixture
 def s3(s3_server: S3Server) -> Iterator[Any]:
     """A plain boto3 client on the same server: what another writer, or an operator, does."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_ACCESS_KEY,
-    )
+    client = s3_server.client()
     yield client
     client.close()
 
@@ -237,21 +235,8 @@ async def test_a_source_failing_mid_upload_leaves_no_object_and_no_upload(
     assert pending_uploads(s3, s3_bucket) == []
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def unreachable(**kwargs: int) -> S3Storage:
-    settings = S3Settings(
-        endpoint_url=f"http://127.0.0.1:{closed_port()}",
-        region=REGION,
-        access_key_id=ACCESS_KEY_ID,
-        secret_access_key=SECRET_ACCESS_KEY,
-    )
-    return S3Storage(settings, "results-bucket", PREFIX, **kwargs)
+    return S3Storage(settings_at(dead_endpoint()), "results-bucket", PREFIX, **kwargs)
 
 
 def assert_clean(error: StorageUnavailable) -> None:
@@ -395,13 +380,9 @@ async def link(s3_server: S3Server) -> AsyncIterator[FlakyLink]:
 
 
 def through(link: FlakyLink, bucket: str, **kwargs: Any) -> S3Storage:
-    settings = S3Settings(
-        endpoint_url=link.endpoint_url,
-        region=REGION,
-        access_key_id=ACCESS_KEY_ID,
-        secret_access_key=SECRET_ACCESS_KEY,
+    return S3Storage(
+        settings_at(link.endpoint_url), bucket, PREFIX, part_size=MIN_PART_SIZE, **kwargs
     )
-    return S3Storage(settings, bucket, PREFIX, part_size=MIN_PART_SIZE, **kwargs)
 
 
 async def test_a_dropped_download_resumes_where_it_stopped(
@@ -496,17 +477,36 @@ def program_env(s3_server: S3Server) -> dict[str, str]:
     return {**os.environ, **s3_server.env, "C2D_LOG_FORMAT": "json", "PYTHONWARNINGS": "default"}
 
 
+def run_python(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def run_publish(
+    env: dict[str, str], workspace: Path, storage_url: str, max_total_bytes: int, *more: str
+) -> subprocess.CompletedProcess[str]:
+    """The publish stage as the program a backend starts, for JOB."""
+    return run_python(
+        env,
+        "-m",
+        "pods.publish",
+        "--workspace",
+        str(workspace),
+        "--storage",
+        storage_url,
+        "--job-id",
+        JOB,
+        "--max-total-bytes",
+        str(max_total_bytes),
+        *more,
+    )
+
+
 async def test_put_blocking_from_a_program_with_no_event_loop(
     store: S3Storage, s3_server: S3Server, s3_bucket: str
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PUT_PROGRAM, f"s3://{s3_bucket}/{PREFIX}", JOB],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=program_env(s3_server),
-    )
+    done = run_python(program_env(s3_server), "-c", PUT_PROGRAM, f"s3://{s3_bucket}/{PREFIX}", JOB)
     assert done.returncode == 0, done.stderr
     # The client is closed at exit: no warning about an unclosed session or connector.
     assert "Unclosed" not in done.stderr
@@ -525,27 +525,13 @@ async def test_the_publish_program_stores_results_in_s3(
     (workspace / "outputs" / "nested" / "big.bin").write_bytes(big)
     (workspace / "outputs" / "small.txt").write_bytes(b"small")
     (workspace / "logs" / "algorithm.log").write_bytes(b"algorithm said hello\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pods.publish",
-            "--workspace",
-            str(workspace),
-            "--storage",
-            f"s3://{s3_bucket}/{PREFIX}",
-            "--job-id",
-            JOB,
-            "--max-total-bytes",
-            str(100 * MIB),
-            "--listing-key",
-            "publish-listing",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=program_env(s3_server),
+    done = run_publish(
+        program_env(s3_server),
+        workspace,
+        f"s3://{s3_bucket}/{PREFIX}",
+        100 * MIB,
+        "--listing-key",
+        "publish-listing",
     )
     assert done.returncode == 0, done.stderr
     listing = json.loads(done.stdout)
@@ -569,27 +555,8 @@ async def test_publishing_to_an_unreachable_s3_fails_cleanly(
     workspace = tmp_path / "ws"
     (workspace / "outputs").mkdir(parents=True)
     (workspace / "outputs" / "r.txt").write_bytes(b"result")
-    env = {**program_env(s3_server), "C2D_S3_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pods.publish",
-            "--workspace",
-            str(workspace),
-            "--storage",
-            "s3://results-bucket/results",
-            "--job-id",
-            JOB,
-            "--max-total-bytes",
-            "1000",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    env = {**program_env(s3_server), "C2D_S3_ENDPOINT": dead_endpoint()}
+    done = run_publish(env, workspace, "s3://results-bucket/results", 1000)
     assert done.returncode == 4, done.stderr
     assert json.loads(done.stdout)["reason"] == "FAILURE_REASON_PUBLISH_FAILED"
     # The publish log is still kept locally, saying what failed.
@@ -980,29 +947,10 @@ async def test_the_publish_program_keeps_its_logs_in_the_spill_when_s3_is_down(
     spill = tmp_path / "spill"
     env = {
         **program_env(s3_server),
-        "C2D_S3_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "C2D_S3_ENDPOINT": dead_endpoint(),
         "C2D_STORAGE_SPILL": str(spill),
     }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pods.publish",
-            "--workspace",
-            str(workspace),
-            "--storage",
-            "s3://results-bucket/results",
-            "--job-id",
-            JOB,
-            "--max-total-bytes",
-            "1000",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    done = run_publish(env, workspace, "s3://results-bucket/results", 1000)
     assert done.returncode == 4, done.stderr
     outcome = json.loads(done.stdout)
     assert outcome["reason"] == "FAILURE_REASON_PUBLISH_FAILED"

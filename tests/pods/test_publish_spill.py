@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,13 +14,18 @@ import pytest
 import structlog
 from c2d.common.v1 import job_pb2
 
-from mesh.s3 import S3Settings
 from mesh.storage import LocalStorage, Source, Storage, StoredObject
 from mesh.storage_s3 import S3Storage
 from pods import publish as publish_module
 from pods.publish import PublishError, publish
 from tests.mesh.test_storage_s3 import FlakyLink
-from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.s3_server import (
+    ACCESS_KEY_ID,
+    SECRET_ACCESS_KEY,
+    S3Server,
+    dead_endpoint,
+    settings_at,
+)
 
 JOB = "0123456789abcdef0123456789abcdef"
 Kind = job_pb2.ResultFile
@@ -46,32 +50,22 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
-def settings(endpoint_url: str) -> S3Settings:
-    return S3Settings(
-        endpoint_url=endpoint_url,
-        region=REGION,
-        access_key_id=ACCESS_KEY_ID,
-        secret_access_key=SECRET_ACCESS_KEY,
-    )
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-@pytest.fixture
-def s3_down(tmp_path: Path) -> Iterator[S3Storage]:
-    """Results in an S3 nobody listens for (each call tried once), logs spilled to disk."""
-    storage = S3Storage(
-        settings(f"http://127.0.0.1:{closed_port()}"),
-        "results-bucket",
+def spilling(endpoint_url: str, bucket: str, tmp_path: Path) -> S3Storage:
+    """Results in S3 at `endpoint_url` (each call tried once), logs spilled to the test's disk
+    when it is down."""
+    return S3Storage(
+        settings_at(endpoint_url),
+        bucket,
         "results",
         attempts=1,
         spill=LocalStorage(tmp_path / "spill"),
     )
+
+
+@pytest.fixture
+def s3_down(tmp_path: Path) -> Iterator[S3Storage]:
+    """Results in an S3 nobody listens for, logs spilled to disk."""
+    storage = spilling(dead_endpoint(), "results-bucket", tmp_path)
     yield storage
     storage.close()
 
@@ -111,13 +105,7 @@ async def test_s3_down_fails_the_publish_but_keeps_and_lists_the_logs(
 
     # What the Operator Service of the node reads (a storage of its own on the same spill),
     # with the listed size and sha256, while S3 is still down.
-    reader = S3Storage(
-        settings(f"http://127.0.0.1:{closed_port()}"),
-        "results-bucket",
-        "results",
-        attempts=1,
-        spill=LocalStorage(tmp_path / "spill"),
-    )
+    reader = spilling(dead_endpoint(), "results-bucket", tmp_path)
     try:
         for result in error.results:
             data = await read_all(reader, result.index)
@@ -186,13 +174,7 @@ async def test_s3_down_after_the_outputs_keeps_the_logs_and_the_job_publishes(
     (workspace / "logs" / "algorithm.log").write_bytes(b"l" * (64 << 10))
     # Down in the middle of the first log's upload, once the output is in.
     link.down_after_upload_bytes = (64 << 10) + (16 << 10)
-    storage = S3Storage(
-        settings(link.endpoint_url),
-        s3_bucket,
-        "results",
-        attempts=1,
-        spill=LocalStorage(tmp_path / "spill"),
-    )
+    storage = spilling(link.endpoint_url, s3_bucket, tmp_path)
     try:
         result = await publish(workspace, storage, JOB, max_total_bytes=1 << 20)
         assert [r.name for r in result.results] == ["a.txt"] + [name for name, _ in LOGS]
