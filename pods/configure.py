@@ -25,7 +25,7 @@ import secrets
 import shlex
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,13 +162,12 @@ class _Remote:
     dataset_id: str
     index: int
     source: engine_pb2.DatasetFileSource = field(repr=False)
-    # The S3 settings for an s3_url, else None; the headers for an http_url.
-    s3: S3Settings | None = field(repr=False)
-    headers: dict[str, str] = field(repr=False)
+    # The S3 settings for an s3_url; the headers for an http_url.
+    access: S3Settings | dict[str, str] = field(repr=False)
 
     @property
     def kind(self) -> str:
-        return "S3" if self.s3 is not None else "HTTP"
+        return "S3" if isinstance(self.access, S3Settings) else "HTTP"
 
 
 @dataclass(frozen=True)
@@ -374,22 +373,21 @@ def _plan_remote(
     problem = _url_problem(location, source)
     if problem:
         raise DataProvisioningError(f"{label}: {problem}")
-    s3: S3Settings | None = None
-    headers: dict[str, str] = {}
+    access: S3Settings | dict[str, str] = {}
     # The problem is kept and raised after the handler, so no exception chain holds the
     # lookup's own error.
     try:
         if location == "s3_url":
-            s3 = sources.s3_settings(source.credentials)
+            access = sources.s3_settings(source.credentials)
         else:
-            headers = sources.http_headers(source.credentials)
+            access = sources.http_headers(source.credentials)
     except UnknownCredentials as error:
         problem = str(error)
     except ValueError:
         problem = "the node's default S3 settings are unusable"
     if problem:
         raise DataProvisioningError(f"{label}: {problem}")
-    return _Remote(label, dataset_id, index, source, s3, headers)
+    return _Remote(label, dataset_id, index, source, access)
 
 
 def _url_problem(location: str, source: engine_pb2.DatasetFileSource) -> str:
@@ -451,52 +449,22 @@ def _fetch_all(remote: list[_Remote], stage: _Stage) -> None:
 
 
 def _fetch_one(item: _Remote, stage: _Stage) -> fetch.Fetched:
-    """Fetches one file into a temporary file of the workspace, renamed into place once its
-    size and sha256 are right; nothing is left behind otherwise."""
+    """Fetches one file into place once its size and sha256 are right; nothing is left
+    behind otherwise."""
     final = stage.ws.dataset_input(item.dataset_id, item.index)
-    temp = final.parent / f".{item.index}.{secrets.token_hex(8)}.tmp"
-    source = item.source
     failure: str | None = None
     stopped = False
-    fd = open_new_file(stage.ws.root, temp)
     try:
-        try:
-            if item.s3 is not None:
-                done = fetch.fetch_s3(
-                    item.s3,
-                    source.s3_url,
-                    fd,
-                    source.size_bytes,
-                    source.sha256,
-                    stage.sources,
-                    stage.stopped,
-                )
-            else:
-                done = fetch.fetch_http(
-                    source.http_url,
-                    item.headers,
-                    fd,
-                    source.size_bytes,
-                    source.sha256,
-                    stage.sources,
-                    stage.stopped,
-                )
-            os.fchmod(fd, _FETCHED_MODE)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
+        with _replacing(stage.ws, final, _FETCHED_MODE) as fd:
+            done = fetch.fetch(item.source, item.access, fd, stage.sources, stage.stopped)
     except fetch.FetchError as error:
         failure = str(error)
     except fetch.Stopped:
         stopped = True
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     # Raised here, after the handlers: no chain carries the library's error.
-    if failure is not None or stopped:
-        temp.unlink(missing_ok=True)
-        if stopped:
-            raise ConfigureStopped
+    if stopped:
+        raise ConfigureStopped
+    if failure is not None:
         raise DataProvisioningError(f"{item.label}: {failure}")
     return done
 
@@ -600,17 +568,26 @@ def _make_dir(path: Path, mode: int) -> None:
 
 
 def _write_file(ws: Workspace, directory: Path, name: str, data: bytes, mode: int) -> None:
-    """Writes `directory/name` whole or not at all: a temporary file (never following a link)
-    renamed over the target, so a rerun replaces a read-only file and a crash leaves no half.
-    The temporary file is one made ahead in the workspace when there is one (see
-    pods.workspace), else a new one."""
-    temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    """Writes `directory/name` whole or not at all (see _replacing)."""
+    with _replacing(ws, directory / name, mode) as fd, os.fdopen(fd, "wb", closefd=False) as out:
+        out.write(data)
+
+
+@contextlib.contextmanager
+def _replacing(ws: Workspace, target: Path, mode: int) -> Iterator[int]:
+    """An open temporary file beside `target` (never following a link), given `mode` and
+    renamed over `target` when the block ends, removed when it raises: a rerun replaces a
+    read-only file and a crash leaves no half. The temporary file is one made ahead in the
+    workspace when there is one (see pods.workspace), else a new one."""
+    temp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
     fd = open_new_file(ws.root, temp)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            os.fchmod(out.fileno(), mode)
-        os.replace(temp, directory / name)
+        try:
+            yield fd
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from c2d.engine.v1 import engine_pb2
 
 from mesh.s3 import S3Settings, parse_s3_url
 from operator_engine.sources import SourceSettings
@@ -129,32 +130,31 @@ class _Sink:
         return Fetched(self.size, digest, time.monotonic() - self.started)
 
 
-# -- HTTP(S) ---------------------------------------------------------------------------------
-
-
-def fetch_http(
-    url: str,
-    headers: Mapping[str, str],
+def fetch(
+    source: engine_pb2.DatasetFileSource,
+    access: S3Settings | Mapping[str, str],
     out: int,
-    size_bytes: int,
-    sha256: str,
     sources: SourceSettings,
     stopped: Callable[[], bool],
 ) -> Fetched:
-    """GETs `url` into the open file `out`, sending `headers` (never after a redirect to
-    another origin), following at most MAX_REDIRECTS redirects, never from https to http."""
-    sink = _Sink(out, size_bytes, sources.timeout_s, stopped)
-    return _finish(_http_stream(url, headers, sink, sources), sink, sha256)
-
-
-def _finish(outcome: str | int | None, sink: _Sink, sha256: str) -> Fetched:
-    """Raises what the stream's outcome says (a failure's description, or a local write's
-    errno), outside every handler; else checks the size and digest."""
+    """Fetches `source` into the open file `out`: its s3_url with the S3 settings `access`,
+    or its http_url sending the headers `access`. Either way through one sink, within
+    `sources.timeout_s`, checked against the recorded size and sha256."""
+    sink = _Sink(out, source.size_bytes, sources.timeout_s, stopped)
+    if isinstance(access, S3Settings):
+        bucket, key = parse_s3_url(source.s3_url)
+        outcome = asyncio.run(_s3_stream(access, bucket, key, sink))
+    else:
+        outcome = _http_stream(source.http_url, access, sink, sources)
+    # Raised here, outside every handler: a failure's description, or a local write's errno.
     if isinstance(outcome, str):
         raise FetchError(outcome)
     if isinstance(outcome, int):
         raise OSError(outcome, os.strerror(outcome))
-    return sink.finish(sha256)
+    return sink.finish(source.sha256)
+
+
+# -- HTTP(S) ---------------------------------------------------------------------------------
 
 
 def _http_stream(
@@ -185,6 +185,8 @@ def _http_stream(
 
 
 def _get(client: httpx.Client, target: httpx.URL, headers: dict[str, str], sink: _Sink) -> None:
+    """GETs `target` into `sink`, sending `headers` (never after a redirect to another origin),
+    following at most MAX_REDIRECTS redirects, never from https to http."""
     # The file's bytes as stored: a compressed body would be another size and digest.
     sent = {**headers, "Accept-Encoding": "identity"}
     for _ in range(MAX_REDIRECTS + 1):
@@ -224,21 +226,6 @@ def _announced(value: str | None) -> int | None:
 
 
 # -- S3 --------------------------------------------------------------------------------------
-
-
-def fetch_s3(
-    settings: S3Settings,
-    url: str,
-    out: int,
-    size_bytes: int,
-    sha256: str,
-    sources: SourceSettings,
-    stopped: Callable[[], bool],
-) -> Fetched:
-    """Gets the object `url` (s3://bucket/key) into the open file `out`."""
-    bucket, key = parse_s3_url(url)
-    sink = _Sink(out, size_bytes, sources.timeout_s, stopped)
-    return _finish(asyncio.run(_s3_stream(settings, bucket, key, sink)), sink, sha256)
 
 
 async def _s3_stream(settings: S3Settings, bucket: str, key: str, sink: _Sink) -> str | int | None:
