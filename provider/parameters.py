@@ -86,6 +86,18 @@ def _refusal(spec: pb.ParameterSpec, value: Any) -> str | None:
     return None
 
 
+def check_range(message: pb.ParameterSpec | pb.ParameterBound, at: str) -> None:
+    """INVALID_ARGUMENT naming `<at>.minimum` or `<at>.maximum` unless each end that is set is
+    finite and the minimum is not above the maximum: a declaration's range and a policy's
+    bound alike."""
+    for end in ("minimum", "maximum"):
+        if message.HasField(end) and not math.isfinite(getattr(message, end)):
+            raise InvalidArgument(f"{at}.{end} must be a finite number", field=f"{at}.{end}")
+    minimum, maximum = _optional(message, "minimum"), _optional(message, "maximum")
+    if minimum is not None and maximum is not None and minimum > maximum:
+        raise InvalidArgument(f"{at}.minimum must not be above {at}.maximum", field=f"{at}.minimum")
+
+
 def check_declaration(specs: Sequence[pb.ParameterSpec]) -> None:
     """INVALID_ARGUMENT naming `parameters[i].<field>` unless `specs` is a well-formed
     declaration: valid unique names, a type each, a default and options of that type (and a
@@ -107,20 +119,14 @@ def check_declaration(specs: Sequence[pb.ParameterSpec]) -> None:
             raise InvalidArgument(
                 f"{at}.type must be STRING, INTEGER, NUMBER or BOOLEAN", field=f"{at}.type"
             )
-        for end in ("minimum", "maximum"):
-            if not spec.HasField(end):
-                continue
-            if spec.type not in NUMERIC:
-                raise InvalidArgument(
-                    f"{at}.{end}: only INTEGER and NUMBER parameters take a range",
-                    field=f"{at}.{end}",
-                )
-            if not math.isfinite(getattr(spec, end)):
-                raise InvalidArgument(f"{at}.{end} must be a finite number", field=f"{at}.{end}")
-        if spec.HasField("minimum") and spec.HasField("maximum") and spec.minimum > spec.maximum:
-            raise InvalidArgument(
-                f"{at}.minimum must not be above {at}.maximum", field=f"{at}.minimum"
-            )
+        if spec.type not in NUMERIC:
+            for end in ("minimum", "maximum"):
+                if spec.HasField(end):
+                    raise InvalidArgument(
+                        f"{at}.{end}: only INTEGER and NUMBER parameters take a range",
+                        field=f"{at}.{end}",
+                    )
+        check_range(spec, at)
         for j, option in enumerate(spec.options):
             if not is_of_type(plain(option), spec.type):
                 raise InvalidArgument(

@@ -3,7 +3,6 @@ use the network? Deny by default."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -62,13 +61,7 @@ def _check_bound(bound: provider_pb2.ParameterBound, field: str) -> None:
             f"{field}.algorithm_did must be empty or did:c2d:<64 hex>",
             field=f"{field}.algorithm_did",
         )
-    for end in ("minimum", "maximum"):
-        if bound.HasField(end) and not math.isfinite(getattr(bound, end)):
-            raise InvalidArgument(f"{field}.{end} must be a finite number", field=f"{field}.{end}")
-    if bound.HasField("minimum") and bound.HasField("maximum") and bound.minimum > bound.maximum:
-        raise InvalidArgument(
-            f"{field}.minimum must not be above {field}.maximum", field=f"{field}.minimum"
-        )
+    parameters.check_range(bound, field)
 
 
 def check_trusted(dataset: provider_pb2.Dataset, algorithm: provider_pb2.Algorithm | None) -> Basis:
