@@ -218,11 +218,9 @@ def measure(requested: Sequence[RequestedFile], data_root: Path) -> list[FileSou
             path, size = configure.check_dataset_file(source.location, root, item.field)
         except DataProvisioningError as error:
             raise InvalidArgument(str(error), field=item.field) from None
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        measured.append(FileSource("path", str(path), size=size, sha256=digest.hexdigest()))
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        measured.append(FileSource("path", str(path), size=size, sha256=digest))
     return measured
 
 

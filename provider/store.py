@@ -270,10 +270,9 @@ class ProviderStore:
         """Replaces the policy as the next version and returns the dataset. NOT_FOUND for an
         unknown dataset; ABORTED when `expected_version` is not 0 and not the current one. No
         await inside: no job can start between the check and the change."""
-        found = self._dataset(dataset_id)
-        if found is None:
+        dataset = self._record(dataset_id)
+        if dataset is None:
             raise NotFound(f"no dataset datasets/{dataset_id}", reason="DATASET_NOT_FOUND")
-        dataset = found[0]
         if expected_version and expected_version != dataset.policy_version:
             raise PolicyVersionMismatch(
                 f"{dataset.name} is at policy version {dataset.policy_version}, "
@@ -306,9 +305,6 @@ class ProviderStore:
         self, dataset_id: str
     ) -> tuple[provider_pb2.Dataset, list[FileSource]] | None:
         """The dataset's public record, and where its files are (for the engine only)."""
-        return self._dataset(dataset_id)
-
-    def _dataset(self, dataset_id: str) -> tuple[provider_pb2.Dataset, list[FileSource]] | None:
         row = self.db.execute(
             f"SELECT d.files, {_RECORD_COLUMNS} FROM datasets d WHERE id = ?",  # noqa: S608
             (dataset_id,),
@@ -316,6 +312,14 @@ class ProviderStore:
         if row is None:
             return None
         return _dataset_of(row[1], row[2]), [FileSource.from_json(f) for f in json.loads(row[0])]
+
+    def _record(self, dataset_id: str) -> provider_pb2.Dataset | None:
+        """The dataset's public record alone: its files' locations are not parsed for it."""
+        row = self.db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM datasets d WHERE id = ?",  # noqa: S608
+            (dataset_id,),
+        ).fetchone()
+        return None if row is None else _dataset_of(row[0], row[1])
 
     async def datasets(self, limit: int, after_seq: int) -> list[tuple[int, provider_pb2.Dataset]]:
         rows = self.db.execute(

@@ -261,17 +261,15 @@ class Client:
         """An algorithm's code from `offset`. A public one's needs no credentials; a private
         one's only its publisher (or an owner reviewing it) may read."""
         request = pb.DownloadAlgorithmRequest(name=asset_name("algorithms", ref), offset=offset)
-        metadata: list[tuple[str, str]] = []
-        if credentials == "token":
-            metadata = await self.token_metadata()
-        elif credentials == "signature":
+        if credentials == "signature":
             async with self._signing:
                 metadata = self.signature_metadata("DownloadAlgorithm", request)
                 call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
                 # Until the server has taken the nonce: nonces must arrive in order.
                 await call.initial_metadata()
-                return b"".join([response.data async for response in call])
-        call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
+        else:
+            metadata = await self.token_metadata() if credentials == "token" else []
+            call = self.stub.DownloadAlgorithm(request, metadata=metadata, timeout=TIMEOUT)
         return b"".join([response.data async for response in call])
 
     async def get_dataset(self, ref: str) -> pb.Dataset:
@@ -397,11 +395,9 @@ class Client:
         with open(partial, "ab") as f:
             async for response in call:
                 f.write(response.data)
-        digest = hashlib.sha256()
         with open(partial, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        if digest.hexdigest() != result.sha256:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != result.sha256:
             partial.unlink()
             raise ValueError(f"result {result.index} failed its sha256 check; download again")
         partial.replace(dest)
