@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 from c2d.provider.v1 import provider_pb2 as pb
 
@@ -17,7 +17,8 @@ from cli import owner
 from cli.main import build_parser
 from tests.cli.test_cli import Node, node  # noqa: F401  (the fixture)
 from tests.conftest import needs_root
-from tests.provider.http_files import HttpFiles, http_files  # noqa: F401 (the fixture)
+from tests.pods.http_source import HttpSource, running_http_source
+from tests.pods.test_configure_sources import put_object
 from tests.s3_server import S3Server
 
 ALGORITHM = """\
@@ -178,6 +179,12 @@ def test_the_owner_reviews_approves_audits_and_proves_what_ran(
 HEX = "ab" * 32
 
 
+@pytest.fixture
+def http_source() -> Iterator[HttpSource]:
+    with running_http_source() as source:
+        yield source
+
+
 def dataset_files(*argv: str) -> list[str | pb.DatasetFileLocation]:
     """The files `c2d dataset publish ARGV` would publish, in order."""
     args = build_parser().parse_args(["dataset", "publish", *argv])
@@ -193,8 +200,7 @@ def mistake(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def test_the_file_flags_keep_their_order_and_refuse_mistakes(
-    capsys: pytest.CaptureFixture[str],
-    http_files: HttpFiles,  # noqa: F811
+    capsys: pytest.CaptureFixture[str], http_source: HttpSource
 ) -> None:
     assert dataset_files("/d/a.csv", "/d/b.csv") == ["/d/a.csv", "/d/b.csv"]
     assert dataset_files(
@@ -220,29 +226,21 @@ def test_the_file_flags_keep_their_order_and_refuse_mistakes(
         capsys, "--file", "/d/a", "--remote", "s3://l/b", "--sha256", HEX
     )
     assert "an s3://, http:// or https:// URL" in mistake(capsys, "--remote", "ftp://h/x")
-    missing = mistake(capsys, "--remote", f"{http_files.url}/missing.csv")
+    missing = mistake(capsys, "--remote", http_source.url("/files/missing.csv"))
     assert "file 0 could not be measured (HTTP 404)" in missing
 
 
 def test_a_remote_file_without_its_facts_is_measured_on_the_owners_side(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    http_files: HttpFiles,  # noqa: F811
+    http_source: HttpSource,
     s3_server: S3Server,
     s3_bucket: str,
 ) -> None:
     served = bytes(range(256)) * 8192 + b"tail"  # 2 MiB and a bit: several chunks
-    http_url = http_files.add("big.bin", served)
+    http_url = http_source.serve("big.bin", served)
     s3_content = b"s3 object\n"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=s3_server.settings.region,
-        aws_access_key_id=s3_server.settings.access_key_id,
-        aws_secret_access_key=s3_server.settings.secret_access_key,
-    )
-    s3.put_object(Bucket=s3_bucket, Key="k/object.txt", Body=s3_content)
-    s3.close()
+    put_object(s3_server, s3_bucket, "k/object.txt", s3_content)
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
 
@@ -276,11 +274,11 @@ def test_a_remote_file_without_its_facts_is_measured_on_the_owners_side(
 @needs_root
 def test_the_owner_publishes_local_and_remote_files_from_the_command_line(
     node: Node,  # noqa: F811
-    http_files: HttpFiles,  # noqa: F811
+    http_source: HttpSource,
 ) -> None:
     local = node.data_file("visits.csv", "1,a\n2,b\n")
     remote = b"code,label\n"
-    http_url = http_files.add("codes.csv", remote)
+    http_url = http_source.serve("codes.csv", remote)
     s3_url = "s3://lake/visits/2024.parquet"
     published = json.loads(
         ok(

@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -383,14 +384,17 @@ def test_bad_job_ids_are_refused(data_root: Path, workspace: Path, bad_job: str)
     assert not isinstance(ValueError(), ProvisioningError)
 
 
-def run_program(*args: str) -> subprocess.CompletedProcess[str]:
+def run_program(
+    *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m pods.configure ARGS`, with `env` added to this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "pods.configure", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=30,
-        env={**os.environ, "C2D_LOG_FORMAT": "json"},
+        timeout=60,
+        env={**os.environ, "C2D_LOG_FORMAT": "json", **(env or {})},
     )
 
 

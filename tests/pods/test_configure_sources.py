@@ -9,9 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,10 +33,9 @@ from pods.configure import (
 )
 from tests.conftest import needs_root
 from tests.pods.http_source import TOKEN, HttpSource, running_http_source
-from tests.pods.test_configure import DS1, DS2, make_file, spec
+from tests.pods.test_configure import DS1, DS2, make_file, mode_of, run_program, spec
 from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
 
-REPO = Path(__file__).resolve().parents[2]
 KEY = "warehouse/2024/sales-q3.csv"
 CONTENT = b"".join(f"{n}\n".encode() for n in range(1000))
 # Secrets that must never show up anywhere the consumer or a log reader looks.
@@ -107,10 +103,6 @@ def datasets(
 
 def local(path: Path) -> engine_pb2.DatasetFileSource:
     return engine_pb2.DatasetFileSource(path=str(path))
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(os.stat(path, follow_symlinks=False).st_mode)
 
 
 def configuration_log(workspace: Path) -> str:
@@ -516,17 +508,6 @@ def test_no_message_or_log_names_a_source_or_a_secret(
         assert secret not in everything, secret
     for secret in (TOKEN, S3_SECRET, ACCESS_KEY_ID, silent_server, "refused.csv"):
         assert secret not in everything, secret
-
-
-def run_program(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pods.configure", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "C2D_LOG_FORMAT": "json", **env},
-    )
 
 
 def test_the_program_form_reads_the_credentials_file_and_limits(

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import grpc
 import pytest
 import rfc8785
@@ -35,7 +34,8 @@ from sdk.keys import Key
 from tests.conftest import LocalMesh, needs_root, new_key
 from tests.e2e.test_hostile import log_of
 from tests.e2e.test_job import error_info, run_to_end
-from tests.provider.http_files import HttpFiles, http_files  # noqa: F401 (the fixture)
+from tests.pods.http_source import HttpSource, running_http_source
+from tests.pods.test_configure_sources import put_object
 from tests.s3_server import S3Server
 
 # Part of every location and credential name these tests give, so that any echo shows.
@@ -88,6 +88,12 @@ async def lone_provider(tmp_path: Path) -> AsyncIterator[LoneProvider]:
     finally:
         await provider.server.stop(0.5)
         await provider.close()
+
+
+@pytest.fixture
+def http_source() -> Iterator[HttpSource]:
+    with running_http_source() as source:
+        yield source
 
 
 async def publish_raw(client: Client, request: pb.PublishDatasetRequest) -> pb.Dataset:
@@ -392,15 +398,13 @@ async def test_jobs_and_sample_runs_get_each_file_where_it_is(
     local_mesh: LocalMesh,
     s3_server: S3Server,
     s3_bucket: str,
-    http_files: HttpFiles,  # noqa: F811
+    http_source: HttpSource,
 ) -> None:
-    s3 = boto3.client("s3", **_boto_args(s3_server))
-    s3.put_object(Bucket=s3_bucket, Key="in/visits.csv", Body=S3_CONTENT)
-    s3.close()
+    put_object(s3_server, s3_bucket, "in/visits.csv", S3_CONTENT)
     local = local_mesh.data_file("mixed/local.csv", LOCAL)
     s3_url = f"s3://{s3_bucket}/in/visits.csv"
-    http_url = http_files.add("codes.csv", HTTP_CONTENT)
-    sample_url = http_files.add("codes-sample.csv", HTTP_CONTENT[:3])
+    http_url = http_source.serve("codes.csv", HTTP_CONTENT)
+    sample_url = http_source.serve("codes-sample.csv", HTTP_CONTENT[:3])
     async with (
         local_mesh.client(local_mesh.owner) as owner,
         local_mesh.client(new_key()) as consumer,
@@ -467,13 +471,3 @@ async def test_jobs_and_sample_runs_get_each_file_where_it_is(
         assert final.state in (final.STATE_SUCCEEDED, final.STATE_FAILED), final.message
         for ended in (final, sampled_final):
             assert not [s for s in (str(local), s3_url, http_url, sample_url) if s in ended.message]
-
-
-def _boto_args(server: S3Server) -> dict[str, str]:
-    settings = server.settings
-    return {
-        "endpoint_url": settings.endpoint_url,
-        "region_name": settings.region,
-        "aws_access_key_id": settings.access_key_id,
-        "aws_secret_access_key": settings.secret_access_key,
-    }
