@@ -27,7 +27,7 @@ from cli.common import parse_parameters, write_file
 from cli.output import print_json, to_dict
 from mesh import jobs as job_facts
 from mesh.provenance import ProvenanceError, verify_document
-from mesh.s3 import S3Settings, parse_s3_url
+from mesh.s3 import S3Settings, error_code, parse_s3_url
 from sdk.client import asset_did, remote_file
 
 _BOUND = re.compile(
@@ -790,7 +790,7 @@ async def _s3_chunks(url: str) -> AsyncIterator[tuple[bytes, int | None]]:
                 async for chunk in body.iter_chunks(_MIB):
                     yield chunk, total
     except ClientError as error:
-        raise _MeasureError(str(error.response.get("Error", {}).get("Code", "S3 error"))) from None
+        raise _MeasureError(error_code(error) or "S3 error") from None
     except BotoCoreError as error:
         raise _MeasureError(type(error).__name__) from None
 

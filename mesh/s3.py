@@ -115,3 +115,12 @@ def error_code(error: ClientError) -> str:
     """The store's code for a refusal (NoSuchKey, AccessDenied, a bare 404 on HEAD...), "" when
     it gives none: a short fixed word, never the bucket, key or credentials."""
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def parse_s3_object(url: str) -> tuple[str, str]:
+    """`parse_s3_url` for a URL that must name one object: a key that is neither empty nor a
+    prefix (ending in `/`)."""
+    bucket, key = parse_s3_url(url)
+    if not key or key.endswith("/"):
+        raise ValueError("the s3:// URL names no object (s3://bucket/key), only a bucket or prefix")
+    return bucket, key

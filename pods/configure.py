@@ -37,7 +37,7 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import json_format
 
-from mesh.s3 import S3Settings, parse_s3_url
+from mesh.s3 import S3Settings, parse_s3_object
 from operator_engine.sources import SourceSettings, UnknownCredentials
 from pods import fetch
 from pods.workspace import (
@@ -57,6 +57,7 @@ from pods.workspace import (
     is_asset_id,
     open_new_file,
     sandbox_input_path,
+    write_termination_log,
 )
 
 # The placeholder an entrypoint uses for the code's path, as in the reference system.
@@ -394,10 +395,10 @@ def _url_problem(location: str, source: engine_pb2.DatasetFileSource) -> str:
     """What is wrong with the file's URL, in words that never echo it; empty when fine."""
     if location == "s3_url":
         try:
-            _, key = parse_s3_url(source.s3_url)
+            parse_s3_object(source.s3_url)
         except ValueError as error:
             return str(error)  # parse_s3_url's messages never echo the URL
-        return "" if key and not key.endswith("/") else "the s3:// URL names no object"
+        return ""
     try:
         parsed = urlparse(source.http_url)
         port = parsed.port  # ValueError for a port that is not a number
@@ -648,13 +649,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result.to_json()))
     write_termination_log(args.termination_log, json.dumps({"message": "configured"}))
     return EXIT_OK
-
-
-def write_termination_log(path: Path | None, text: str) -> None:
-    """Best effort: the exit code already says how the stage ended."""
-    if path is not None:
-        with contextlib.suppress(OSError):
-            path.write_text(text[:4000], "utf-8")
 
 
 if __name__ == "__main__":

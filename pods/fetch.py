@@ -21,12 +21,12 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 from c2d.engine.v1 import engine_pb2
 
-from mesh.s3 import S3Settings, parse_s3_url
+from mesh.s3 import S3Settings, error_code, parse_s3_url
 from operator_engine.sources import SourceSettings
 
 if TYPE_CHECKING:
@@ -273,9 +273,8 @@ async def _s3_stream(settings: S3Settings, bucket: str, key: str, sink: _Sink) -
 
 
 def _s3_refusal(error: ClientError) -> str:
-    details: Any = error.response
-    code = str(details.get("Error", {}).get("Code", ""))
-    status = details.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = error_code(error)
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in ("NoSuchKey", "NoSuchBucket", "404") or status == 404:
         return "not found in the store"
     denied = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403")

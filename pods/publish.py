@@ -44,7 +44,6 @@ from mesh.storage import (
     result_key,
     storage_from_url,
 )
-from pods.configure import write_termination_log
 from pods.workspace import (
     ALGORITHM_LOG,
     CONFIGURATION_LOG,
@@ -53,6 +52,7 @@ from pods.workspace import (
     PUBLISH_LOG,
     check_job_id,
     open_new_file,
+    write_termination_log,
 )
 
 if TYPE_CHECKING:

@@ -169,3 +169,11 @@ class Workspace:
     @property
     def publish_log(self) -> Path:
         return self.logs / PUBLISH_LOG
+
+
+def write_termination_log(path: Path | None, text: str) -> None:
+    """What a stage program leaves for Kubernetes to read (`--termination-log`). Best effort:
+    the exit code already says how the stage ended."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.write_text(text[:4000], "utf-8")

@@ -19,7 +19,7 @@ from c2d.engine.v1 import engine_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
 from mesh.errors import InvalidArgument
-from mesh.s3 import parse_s3_url
+from mesh.s3 import parse_s3_object
 from pods import configure
 from pods.configure import DataProvisioningError
 
@@ -190,15 +190,10 @@ def _check_url(url: str, field: str) -> Kind:
 
 def _check_s3_url(url: str, field: str) -> None:
     try:
-        _, key = parse_s3_url(url)
+        parse_s3_object(url)
     except ValueError as error:
         # parse_s3_url's messages never echo the URL.
         raise InvalidArgument(f"{field}: {error}", field=field) from None
-    if not key or key.endswith("/"):
-        raise InvalidArgument(
-            f"{field} must name an object (s3://bucket/key), not a bucket or a prefix",
-            field=field,
-        )
 
 
 def measure(requested: Sequence[RequestedFile], data_root: Path) -> list[FileSource]:
