@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from provider.config import ProviderConfig
 from provider.server import build as build_provider
 from sdk.client import Client
 from sdk.keys import Key
+from tests.pods.http_source import HttpSource, running_http_source
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixtures for every test)
 
 needs_root = pytest.mark.skipif(
@@ -276,3 +277,10 @@ async def silent_server() -> AsyncIterator[str]:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def http_source() -> Iterator[HttpSource]:
+    """A threaded HTTP file server on 127.0.0.1 (tests.pods.http_source) for remote datasets."""
+    with running_http_source() as source:
+        yield source

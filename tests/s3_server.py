@@ -61,6 +61,14 @@ class S3Server:
             "C2D_S3_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
         }
 
+    def put_object(self, bucket: str, key: str, data: bytes) -> None:
+        """Stores `data` at `key`, as an owner filling a bucket would."""
+        client = self.client()
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data)
+        finally:
+            client.close()
+
     def client(self) -> Any:
         """A plain boto3 client on the server (close it): what another writer, or an operator,
         does beside the services."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ from cli import owner
 from cli.main import build_parser
 from tests.cli.test_cli import Node, node  # noqa: F401  (the fixture)
 from tests.conftest import needs_root
-from tests.pods.http_source import HttpSource, running_http_source
-from tests.pods.test_configure_sources import put_object
+from tests.pods.http_source import HttpSource
 from tests.s3_server import S3Server
 
 ALGORITHM = """\
@@ -179,12 +177,6 @@ def test_the_owner_reviews_approves_audits_and_proves_what_ran(
 HEX = "ab" * 32
 
 
-@pytest.fixture
-def http_source() -> Iterator[HttpSource]:
-    with running_http_source() as source:
-        yield source
-
-
 def dataset_files(*argv: str) -> list[str | pb.DatasetFileLocation]:
     """The files `c2d dataset publish ARGV` would publish, in order."""
     args = build_parser().parse_args(["dataset", "publish", *argv])
@@ -240,7 +232,7 @@ def test_a_remote_file_without_its_facts_is_measured_on_the_owners_side(
     served = bytes(range(256)) * 8192 + b"tail"  # 2 MiB and a bit: several chunks
     http_url = http_source.serve("big.bin", served)
     s3_content = b"s3 object\n"
-    put_object(s3_server, s3_bucket, "k/object.txt", s3_content)
+    s3_server.put_object(s3_bucket, "k/object.txt", s3_content)
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
 

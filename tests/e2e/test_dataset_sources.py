@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +28,7 @@ from operator_engine.runner import Runner
 from operator_engine.server import build
 from operator_engine.sources import SourceSettings
 from tests.conftest import SandboxIdentity, engine_config, needs_root
-from tests.pods.http_source import TOKEN, HttpSource, running_http_source
-from tests.pods.test_configure_sources import put_object
+from tests.pods.http_source import TOKEN, HttpSource
 from tests.s3_server import ACCESS_KEY_ID, REGION, S3Server
 
 pytestmark = needs_root
@@ -88,12 +87,6 @@ class Engine:
     runner: Runner
     stub: engine_pb2_grpc.EngineServiceStub
     credentials_file: Path
-
-
-@pytest.fixture
-def http_source() -> Iterator[HttpSource]:
-    with running_http_source() as source:
-        yield source
 
 
 @pytest.fixture
@@ -186,7 +179,7 @@ async def test_a_job_reads_files_fetched_from_s3_and_http_and_never_sees_a_secre
     local = engine.config.data_root / "readings-local.csv"
     local.write_bytes(LOCAL)
     local.chmod(0o644)
-    put_object(s3_server, s3_bucket, KEY, FROM_S3)
+    s3_server.put_object(s3_bucket, KEY, FROM_S3)
     http_source.serve("readings.csv", FROM_HTTP)
     spec = job_spec(
         engine,
@@ -227,7 +220,7 @@ async def test_a_job_reads_files_fetched_from_s3_and_http_and_never_sees_a_secre
 async def test_a_checksum_mismatch_fails_the_job_as_data_provisioning_with_its_logs(
     engine: Engine, s3_server: S3Server, s3_bucket: str, http_source: HttpSource
 ) -> None:
-    put_object(s3_server, s3_bucket, KEY, FROM_S3)
+    s3_server.put_object(s3_bucket, KEY, FROM_S3)
     http_source.serve("readings.csv", FROM_HTTP)
     wrong = fetched(FROM_HTTP, http_url=http_source.url("/private/readings.csv"))
     wrong.credentials = "api"

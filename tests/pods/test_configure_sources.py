@@ -11,11 +11,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import structlog
 from c2d.common.v1 import job_pb2
@@ -32,9 +30,9 @@ from pods.configure import (
     configure,
 )
 from tests.conftest import needs_root
-from tests.pods.http_source import TOKEN, HttpSource, running_http_source
+from tests.pods.http_source import TOKEN, HttpSource
 from tests.pods.test_configure import DS1, DS2, make_file, mode_of, run_program, spec
-from tests.s3_server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, S3Server
+from tests.s3_server import ACCESS_KEY_ID, REGION, S3Server
 
 KEY = "warehouse/2024/sales-q3.csv"
 CONTENT = b"".join(f"{n}\n".encode() for n in range(1000))
@@ -44,18 +42,6 @@ S3_SECRET = "s3-secret-never-shown-4e1b"
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def put_object(server: S3Server, bucket: str, key: str, data: bytes) -> None:
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_ACCESS_KEY,
-    )
-    client.put_object(Bucket=bucket, Key=key, Body=data)
-    client.close()
 
 
 def sources(server: S3Server | None = None, **limits: Any) -> SourceSettings:
@@ -115,12 +101,6 @@ def leftovers(workspace: Path) -> list[str]:
 
 
 @pytest.fixture
-def http_source() -> Iterator[HttpSource]:
-    with running_http_source() as source:
-        yield source
-
-
-@pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     root.mkdir()
@@ -137,7 +117,7 @@ def workspace(tmp_path: Path) -> Path:
 def test_an_s3_file_is_fetched_checked_and_mounted_read_only(
     s3_server: S3Server, s3_bucket: str, data_root: Path, workspace: Path
 ) -> None:
-    put_object(s3_server, s3_bucket, KEY, CONTENT)
+    s3_server.put_object(s3_bucket, KEY, CONTENT)
     here = make_file(data_root / "local.csv")
     job = spec(
         [
@@ -184,7 +164,7 @@ def test_s3_without_a_credential_name_uses_the_nodes_s3_settings(
 ) -> None:
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
-    put_object(s3_server, s3_bucket, KEY, CONTENT)
+    s3_server.put_object(s3_bucket, KEY, CONTENT)
     job = spec([datasets(remote(s3_url=f"s3://{s3_bucket}/{KEY}"))])
     configure(job, workspace, data_root, SourceSettings())
     assert (workspace / "dataset-inputs" / DS1 / "0").read_bytes() == CONTENT
@@ -238,7 +218,7 @@ def test_without_credentials_a_private_url_fails(
 def test_a_checksum_mismatch_fails_and_leaves_nothing(
     s3_server: S3Server, s3_bucket: str, http_source: HttpSource, data_root: Path, workspace: Path
 ) -> None:
-    put_object(s3_server, s3_bucket, KEY, CONTENT)
+    s3_server.put_object(s3_bucket, KEY, CONTENT)
     tampered = b"9" + CONTENT[1:]
     url = http_source.serve("sales.csv", tampered)
     here = make_file(data_root / "local.csv")
@@ -297,7 +277,7 @@ def test_an_s3_object_of_another_size_than_recorded_fails(
     recorded: int,
     message: str,
 ) -> None:
-    put_object(s3_server, s3_bucket, KEY, CONTENT)
+    s3_server.put_object(s3_bucket, KEY, CONTENT)
     job = spec(
         [
             datasets(
@@ -466,7 +446,7 @@ def test_no_message_or_log_names_a_source_or_a_secret(
     """Successes and each kind of failure: the consumer's message, the configuration log, the
     structured log and the standard library's log (httpx logs URLs at INFO) hold no URL, host,
     bucket, key, token or secret."""
-    put_object(s3_server, s3_bucket, KEY, CONTENT)
+    s3_server.put_object(s3_bucket, KEY, CONTENT)
     url = http_source.serve("f.csv", CONTENT)
     s3_url = f"s3://{s3_bucket}/{KEY}"
     cases = [

@@ -34,8 +34,7 @@ from sdk.keys import Key
 from tests.conftest import LocalMesh, needs_root, new_key
 from tests.e2e.test_hostile import log_of
 from tests.e2e.test_job import error_info, run_to_end
-from tests.pods.http_source import HttpSource, running_http_source
-from tests.pods.test_configure_sources import put_object
+from tests.pods.http_source import HttpSource
 from tests.s3_server import S3Server
 
 # Part of every location and credential name these tests give, so that any echo shows.
@@ -88,12 +87,6 @@ async def lone_provider(tmp_path: Path) -> AsyncIterator[LoneProvider]:
     finally:
         await provider.server.stop(0.5)
         await provider.close()
-
-
-@pytest.fixture
-def http_source() -> Iterator[HttpSource]:
-    with running_http_source() as source:
-        yield source
 
 
 async def publish_raw(client: Client, request: pb.PublishDatasetRequest) -> pb.Dataset:
@@ -400,7 +393,7 @@ async def test_jobs_and_sample_runs_get_each_file_where_it_is(
     s3_bucket: str,
     http_source: HttpSource,
 ) -> None:
-    put_object(s3_server, s3_bucket, "in/visits.csv", S3_CONTENT)
+    s3_server.put_object(s3_bucket, "in/visits.csv", S3_CONTENT)
     local = local_mesh.data_file("mixed/local.csv", LOCAL)
     s3_url = f"s3://{s3_bucket}/in/visits.csv"
     http_url = http_source.serve("codes.csv", HTTP_CONTENT)
