@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cli.common import write_file
+from mesh.tls import ALLOWED_VAR, CA_VAR, CERT_VAR, KEY_VAR
 
 DEFAULT_NAMES = ("provider", "operator-service", "engine")
 DEFAULT_DAYS = 365
@@ -171,11 +172,10 @@ class ServiceFiles:
     ca: Path
 
     def env(self) -> dict[str, str]:
-        env = {"C2D_TLS_CERT": str(self.cert), "C2D_TLS_KEY": str(self.key)}
-        env["C2D_TLS_CA"] = str(self.ca)
+        env = {CERT_VAR: str(self.cert), KEY_VAR: str(self.key), CA_VAR: str(self.ca)}
         callers = CALLERS.get(self.name)
         if callers is not None:
-            env["C2D_TLS_ALLOWED_CLIENTS"] = ",".join(callers)
+            env[ALLOWED_VAR] = ",".join(callers)
         return env
 
 
@@ -216,7 +216,7 @@ def _report(ca: Path, services: list[ServiceFiles]) -> str:
         lines.append(f"\n{files.name}: {files.cert} {files.key}")
         lines.extend(f"  {name}={value}" for name, value in files.env().items())
         if files.name not in CALLERS:
-            lines.append("  (C2D_TLS_ALLOWED_CLIENTS: the names that may call it, if any)")
+            lines.append(f"  ({ALLOWED_VAR}: the names that may call it, if any)")
     return "\n".join(lines)
 
 

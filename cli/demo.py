@@ -135,10 +135,15 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"stopped in {time.monotonic() - stopping:.2f}s")
 
 
+def algorithm_code() -> bytes:
+    """The demos' algorithm: column statistics of the patients' file."""
+    return resources.files("cli").joinpath("demo_algorithm.py").read_bytes()
+
+
 async def _scenario(mesh: Mesh, home: Path, owner: Key, consumer: Key) -> int:
     data_file = home / "data" / "patients.csv"
     make_dataset(data_file)
-    code = resources.files("cli").joinpath("demo_algorithm.py").read_bytes()
+    code = algorithm_code()
 
     async with Client(mesh.provider, owner) as as_owner:
         step(f"data owner {owner.address} publishes an algorithm and a dataset")

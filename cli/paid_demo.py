@@ -16,7 +16,7 @@ from eth_account import Account
 from google.protobuf import duration_pb2
 
 from cli.chain import DEFAULT_CHAIN_ID, LocalChain, launch, order, tokens
-from cli.demo import finish, make_dataset, step
+from cli.demo import algorithm_code, finish, make_dataset, step
 from cli.supervisor import Mesh
 from mesh.errors import from_rpc_error
 from sdk.client import Client
@@ -58,7 +58,6 @@ async def start_chain(home: Path, funded: list[str]) -> tuple[Ganache, LocalChai
 async def paid_scenario(
     mesh: Mesh, home: Path, owner: Key, consumer: Key, local: LocalChain
 ) -> int:
-
     async with local.connect() as w3:
         return await _sell_and_buy(mesh, home, owner, consumer, local, w3)
 
@@ -70,7 +69,7 @@ async def _sell_and_buy(
 
     data_file = home / "data" / "patients.csv"
     make_dataset(data_file)
-    code = (Path(__file__).parent / "demo_algorithm.py").read_bytes()
+    code = algorithm_code()
     owner_account = Account.from_key(owner.private_key)
     consumer_account = Account.from_key(consumer.private_key)
 

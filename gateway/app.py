@@ -117,8 +117,8 @@ class Gateway:
         self.keepalive = keepalive_seconds
         self._channel = channel
         self._owns_channel = channel is None
+        # Made with the channel it calls on, and dropped with it.
         self._provider: provider_pb2_grpc.ProviderServiceAsyncStub | None = None
-        self._provider_channel: Any = None
         self._stopping: asyncio.Future[None] | None = None
         self._own_endpoints: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/healthz": self.healthz,
@@ -137,10 +137,9 @@ class Gateway:
     @property
     def provider(self) -> provider_pb2_grpc.ProviderServiceAsyncStub:
         """The Provider's own stub, for the reads the gateway makes beside a transcoded call."""
-        if self._provider is None or self._provider_channel is not self.channel:
+        if self._provider is None:
             channel: grpc.aio.Channel = self.channel
             self._provider = provider_pb2_grpc.ProviderServiceStub(channel)
-            self._provider_channel = self.channel
         return self._provider
 
     @property
@@ -160,6 +159,7 @@ class Gateway:
         if self._owns_channel and self._channel is not None:
             await self._channel.close()
             self._channel = None
+            self._provider = None
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ from mesh.chain_config import ZERO_ADDRESS as ZERO_ADDRESS
 log = structlog.get_logger(__name__)
 
 MAX_UINT256 = 2**256 - 1
-# What one order costs in datatokens: ERC20Template.startOrder takes exactly one.
 # The OCEAN minted to the deployer of a test chain (the token's cap is 1.41e9 OCEAN).
 _OCEAN_SUPPLY = 10**9 * ONE_TOKEN
 
@@ -164,15 +163,11 @@ async def send(
         # Legacy (type 0) transactions: every node takes them, and a test chain has no fee
         # market worth following.
         fields = {**fields, "chainId": chain_id, "gasPrice": gas_price, "nonce": nonce}
+        estimating = (
+            w3.eth.estimate_gas(fields) if isinstance(call, dict) else call.estimate_gas(fields)
+        )
         try:
-            if isinstance(call, dict):
-                estimate = await rpc(
-                    w3.eth.estimate_gas(fields), timeout_s=CALL_TIMEOUT_S, what="a gas estimate"
-                )
-            else:
-                estimate = await rpc(
-                    call.estimate_gas(fields), timeout_s=CALL_TIMEOUT_S, what="a gas estimate"
-                )
+            estimate = await rpc(estimating, timeout_s=CALL_TIMEOUT_S, what="a gas estimate")
         except _REVERTS as error:
             reason = _revert_message(error)
             raise OceanError(f"{what} would revert: {reason}", reason=reason) from error

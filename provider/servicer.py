@@ -113,6 +113,17 @@ def _dataset_ids(request: pb.StartComputeRequest | pb.InitializeComputeRequest) 
     return [job_facts.parse_name(n, "datasets", f) for n, f in zip(names, fields, strict=True)]
 
 
+def _result_name(name: str) -> tuple[str, int]:
+    """The job id and result index of `jobs/{job}/results/{index}`, the job bound to the log
+    context; INVALID_ARGUMENT naming `name` otherwise."""
+    match = _RESULT_NAME.fullmatch(name)
+    if match is None:
+        raise InvalidArgument("name must look like jobs/{job}/results/{index}", field="name")
+    job_id = match.group(1)
+    structlog.contextvars.bind_contextvars(job_id=job_id)
+    return job_id, int(match.group(2))
+
+
 def _start_details(
     algorithm: pb.Algorithm | None,
     datasets: Sequence[DecidedDataset],
@@ -726,11 +737,7 @@ class ProviderServicer(
         self, request: pb.DownloadResultRequest, context: Context
     ) -> AsyncIterator[pb.DownloadResultResponse]:
         caller = await self.auth.reader(context, "DownloadResult", request)
-        match = _RESULT_NAME.fullmatch(request.name)
-        if match is None:
-            raise InvalidArgument("name must look like jobs/{job}/results/{index}", field="name")
-        job_id, index = match.group(1), int(match.group(2))
-        structlog.contextvars.bind_contextvars(job_id=job_id)
+        job_id, index = _result_name(request.name)
         if request.offset < 0:
             raise InvalidArgument("offset must not be negative", field="offset")
         # Audited once per download, at its start (offset 0), not again at each resumption:
@@ -765,21 +772,12 @@ class ProviderServicer(
         self, request: pb.GetResultUrlRequest, context: Context
     ) -> pb.GetResultUrlResponse:
         caller = await self.auth.reader(context, "GetResultUrl", request)
-        match = _RESULT_NAME.fullmatch(request.name)
-        if match is None:
-            raise InvalidArgument("name must look like jobs/{job}/results/{index}", field="name")
-        job_id, index = match.group(1), int(match.group(2))
-        structlog.contextvars.bind_contextvars(job_id=job_id)
-        try:
+        job_id, index = _result_name(request.name)
+        async with self.audit.refusals(caller.address, "result.url", request.name):
             response = await self.operator.GetResultUrl(
                 operator_pb2.GetResultUrlRequest(job_id=job_id, owner=caller.address, index=index),
                 timeout=UNARY_TIMEOUT,
             )
-        except grpc.aio.AioRpcError as error:
-            await self.audit.record(
-                caller.address, "result.url", request.name, allowed=False, reason=error.code().name
-            )
-            raise
         # A URL is as good as a download: audited as one.
         await self.audit.record(caller.address, "result.url", request.name, allowed=True)
         return pb.GetResultUrlResponse(
