@@ -113,16 +113,15 @@ class OceanChain:
     mine: Callable[[int], Awaitable[None]]
     url: str = ""  # "" for the in-process chain
 
+    async def fund(self, address: str, *, ocean_wei: int) -> None:
+        """Gives `address` ETH for gas and `ocean_wei` OCEAN, from the deployer."""
+        await ocean.fund(
+            self.w3, self.contracts, self.deployer, address, ether=10 * ETHER, ocean=ocean_wei
+        )
+
     async def account(self, *, ocean_wei: int) -> LocalAccount:
         account: LocalAccount = Account.create()
-        await ocean.fund(
-            self.w3,
-            self.contracts,
-            self.deployer,
-            account.address,
-            ether=10 * ETHER,
-            ocean=ocean_wei,
-        )
+        await self.fund(account.address, ocean_wei=ocean_wei)
         return account
 
     async def sell(self, owner: LocalAccount, symbol: str) -> ocean.Datatoken:
@@ -285,6 +284,7 @@ async def measure_start_compute(
     args: argparse.Namespace, c: OceanChain, home: Path
 ) -> StartSamples | None:
     """StartCompute through a whole node on the chain: engine, operator service, Provider."""
+    from cli.chain import LocalChain
     from cli.supervisor import Mesh, Supervisor, free_address
     from sdk.client import Client
 
@@ -292,16 +292,11 @@ async def measure_start_compute(
     root = home / "node"
     owner = Key.load_or_create(root / "owner.json")
     owner_account: LocalAccount = Account.from_key(owner.private_key)
-    await ocean.fund(
-        c.w3,
-        c.contracts,
-        c.deployer,
-        owner.address,
-        ether=10 * ETHER,
-        ocean=rounds * (PRICE + OCEAN),
-    )
+    await c.fund(owner.address, ocean_wei=rounds * (PRICE + OCEAN))
     contracts_file = root / "contracts.json"
     c.contracts.save(contracts_file)
+    # What `c2d up` gives a Provider on the chain `c2d chain up` runs.
+    chain_env = LocalChain(c.url, c.contracts.chain_id, c.contracts, contracts_file).env()
     environments = root / "environments.json"
     environments.write_text(json.dumps([{"name": "default", "max_concurrent_jobs": 1}]))
     tag = uuid.uuid4().hex[:8]
@@ -309,9 +304,7 @@ async def measure_start_compute(
     mesh.env.update(
         {
             "C2D_ENVIRONMENTS_FILE": str(environments),
-            "C2D_CHAIN_URL": c.url,
-            "C2D_CHAIN_ID": str(c.contracts.chain_id),
-            "C2D_CHAIN_CONTRACTS": str(contracts_file),
+            **chain_env,
             "C2D_CHAIN_CONFIRMATIONS": str(args.confirmations),
             # A uid range, cgroup and stage of its own, as `python -m bench` has.
             "C2D_SANDBOX_UID_BASE": str(BENCH_UID_BASE),

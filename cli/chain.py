@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -27,6 +26,7 @@ from eth_utils.address import to_checksum_address
 
 from cli.common import emit, key
 from mesh import config as mesh_config
+from mesh.chain_config import ChainConfig
 from mesh.errors import MeshError
 from sdk.keys import Key
 
@@ -107,18 +107,22 @@ class LocalChain:
 
 
 def current_chain() -> LocalChain | None:
-    """The chain from the environment, else the one `c2d chain up` runs; None for neither."""
+    """The chain the environment names (read as the Provider reads it), else the one `c2d
+    chain up` runs; None for neither."""
+    try:
+        configured = ChainConfig.from_env()
+    except ValueError as error:
+        raise SystemExit(f"c2d: {error}") from None
+    if configured is None:
+        described = chain_dir() / "chain.json"
+        return LocalChain.load(described) if described.exists() else None
+    if configured.contracts_file is None:
+        raise SystemExit("c2d: C2D_CHAIN_URL needs C2D_CHAIN_CONTRACTS (Ocean's addresses)")
+    # Only now: a node with no chain never loads web3.
     from mesh import ocean
 
-    url = os.environ.get("C2D_CHAIN_URL", "")
-    if url:
-        named = os.environ.get("C2D_CHAIN_CONTRACTS", "")
-        if not named:
-            raise SystemExit("c2d: C2D_CHAIN_URL needs C2D_CHAIN_CONTRACTS (Ocean's addresses)")
-        contracts = ocean.Contracts.load(Path(named))
-        return LocalChain(url, contracts.chain_id, contracts, Path(named))
-    described = chain_dir() / "chain.json"
-    return LocalChain.load(described) if described.exists() else None
+    contracts = ocean.Contracts.load(configured.contracts_file)
+    return LocalChain(configured.url, configured.chain_id, contracts, configured.contracts_file)
 
 
 def require_chain() -> LocalChain:
