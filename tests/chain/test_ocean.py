@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from eth_account.signers.local import LocalAccount
 from web3.exceptions import TransactionNotFound
 
 from mesh import chain, chain_config, ganache, ocean
-from tests.chain.conftest import ETHER, OCEAN, PRICE, OceanChain
+from tests.chain.conftest import OceanChain
+from tests.chain.deployment import ETHER, OCEAN, PRICE, closed_port
 
 FEE = OCEAN // 10
 
@@ -230,15 +230,8 @@ async def test_wait_receipt_gives_up(tester_chain: OceanChain) -> None:
     assert time.monotonic() - started < 2
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 async def test_chain_down_is_unavailable() -> None:
-    w3 = chain.connect(f"http://127.0.0.1:{_closed_port()}", timeout_s=5.0)
+    w3 = chain.connect(f"http://127.0.0.1:{closed_port()}", timeout_s=5.0)
     started = time.monotonic()
     with pytest.raises(chain.ChainUnavailable) as down:
         await chain.rpc(w3.eth.chain_id, timeout_s=5.0, what="its chain id")

@@ -56,21 +56,33 @@ class Node:
         )
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    node = Node(tmp_path / "home")
-    node.process = subprocess.Popen(
-        [*C2D, "up"], env=node.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+def run_until_ready(
+    command: list[str], env: dict[str, str], ready: str, *, within_s: float = 60
+) -> tuple[subprocess.Popen[str], str]:
+    """Runs a long-lived `c2d` command until it prints `ready`; its output so far. Fails the
+    test (the command killed, its stderr shown) when it does not within `within_s`."""
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 30
-    assert node.process.stdout is not None
+    assert process.stdout is not None
     banner = ""
-    while time.monotonic() < deadline and "Ctrl-C" not in banner:
-        line = node.process.stdout.readline()
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and ready not in banner:
+        line = process.stdout.readline()
         if not line:
             break
         banner += line
-    assert "Ctrl-C" in banner, node.process.stderr.read() if node.process.stderr else banner
+    if ready not in banner:
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"{command} did not start:\n{banner}\n{stderr}")
+    return process, banner
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    node = Node(tmp_path / "home")
+    node.process, banner = run_until_ready([*C2D, "up"], node.env, "Ctrl-C", within_s=30)
     assert node.provider in banner and node.gateway in banner
     try:
         yield node

@@ -9,14 +9,13 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from cli.supervisor import free_address
 from mesh import ganache
-from tests.cli.test_cli import C2D, Node
+from tests.cli.test_cli import C2D, Node, run_until_ready
 from tests.conftest import needs_root, new_key, write_key
 
 pytestmark = [
@@ -30,28 +29,6 @@ ALGORITHM = "open('/data/outputs/rows.txt', 'w').write(str(len(open('/data/input
 ALGORITHM += (
     "__import__('json').loads(__import__('os').environ['DIDS'])[0] + '/0').readlines())))\n"
 )
-
-
-def _started(
-    command: list[str], env: dict[str, str], ready: str
-) -> tuple[subprocess.Popen[str], str]:
-    """Runs a long-lived `c2d` command until it prints `ready`; its output so far."""
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    banner = ""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and ready not in banner:
-        line = process.stdout.readline()
-        if not line:
-            break
-        banner += line
-    if ready not in banner:
-        process.kill()
-        _, stderr = process.communicate()
-        pytest.fail(f"{command} did not start:\n{banner}\n{stderr}")
-    return process, banner
 
 
 def _stop(process: subprocess.Popen[str]) -> int:
@@ -76,12 +53,12 @@ def test_paid_flow_from_the_cli(tmp_path: Path) -> None:
     write_key(Path(consumer), consumer_key)
 
     chain_up = [*C2D, "chain", "up", "--port", free_address().rpartition(":")[2]]
-    chain, banner = _started([*chain_up, "--fund", consumer_key.address], node.env, "Ctrl-C")
+    chain, banner = run_until_ready([*chain_up, "--fund", consumer_key.address], node.env, "Ctrl-C")
     up: subprocess.Popen[str] | None = None
     try:
         assert "local chain up: http://127.0.0.1:" in banner and "factory" in banner
         factory = next(line.split()[-1] for line in banner.splitlines() if "factory" in line)
-        up, up_banner = _started([*C2D, "up"], node.env, "Ctrl-C")
+        up, up_banner = run_until_ready([*C2D, "up"], node.env, "Ctrl-C")
         assert "chain          http://127.0.0.1:" in up_banner
 
         algo = tmp_path / "rows.py"
@@ -143,7 +120,7 @@ def test_paid_flow_from_the_cli(tmp_path: Path) -> None:
     assert not (node.home / "chain" / "chain.json").exists()
 
     # The chain's state outlives it: the same contracts, no second deployment.
-    chain, banner = _started(chain_up, node.env, "Ctrl-C")
+    chain, banner = run_until_ready(chain_up, node.env, "Ctrl-C")
     try:
         assert f"factory     {factory}" in banner
     finally:

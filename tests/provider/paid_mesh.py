@@ -3,23 +3,21 @@
 verifies orders on the chain, restartable on the same database with another view of the chain
 (none, a dead one, one asking for more confirmations).
 
-The contracts are deployed once per module, on the in-process py-evm chain (`deploy_tester`)
-or on a ganache node on 127.0.0.1 (`deploy_ganache`); each test starts from that state and the
-chain is rewound after it."""
+The contracts are deployed once per module (tests/chain/deployment.py), on the in-process
+py-evm chain or on a ganache node on 127.0.0.1; each test starts from that state and the chain
+is rewound after it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from c2d.provider.v1 import provider_pb2 as pb
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -33,99 +31,13 @@ from provider.server import Provider
 from provider.server import build as build_provider
 from sdk.client import Client
 from sdk.keys import Key
+from tests.chain.deployment import ETHER, OCEAN, PRICE, Deployment
 from tests.conftest import SandboxIdentity, engine_and_operator, engine_config, new_key, write_key
 
-ETHER = 10**18
-OCEAN = 10**18
-# What the fixed-rate exchange sells one datatoken for.
-PRICE = 2 * OCEAN
 # The "paid" environment's provider fee, per started minute of the fee's validity.
 FEE_PER_MINUTE = OCEAN // 100
 # The "paid" environment's longest job: also the fee's validity when none is asked for.
 PAID_MAX_DURATION_S = 60
-
-needs_ganache = pytest.mark.skipif(
-    ganache.find_ganache() is None,
-    reason="ganache is not installed (run `npm install` for node_modules/.bin/ganache)",
-)
-
-
-@dataclass
-class Deployment:
-    """Ocean's contracts on one chain, and the data owner, who holds ETH and owns `priced`
-    (a datatoken sold for PRICE OCEAN by the fixed-rate exchange)."""
-
-    deployer: LocalAccount
-    contracts: ocean.Contracts
-    owner: LocalAccount
-    priced: ocean.Datatoken
-    # The in-process chain (shared by every event loop) and its tester; None on ganache.
-    w3: AsyncWeb3[Any] | None = None
-    tester: Any = None
-    # ganache's node; None for the in-process chain.
-    node: ganache.Ganache | None = None
-
-
-async def _deploy(w3: AsyncWeb3[Any], deployer: LocalAccount) -> Deployment:
-    contracts = await ocean.deploy(w3, deployer)
-    owner: LocalAccount = Account.create()
-    await ocean.fund(w3, contracts, deployer, owner.address, ether=100 * ETHER)
-    priced = await ocean.create_datatoken(
-        w3, contracts, owner, name="Weather 2024", symbol="WX24", price=PRICE
-    )
-    return Deployment(deployer=deployer, contracts=contracts, owner=owner, priced=priced)
-
-
-def deploy_tester() -> Deployment:
-    """The in-process chain with Ocean's contracts (its web3 holds no event-loop state, so one
-    deployment serves every test's loop)."""
-    w3, tester = chain.in_process()
-    deployer: LocalAccount = Account.create()
-
-    async def deploy() -> Deployment:
-        rich = (await w3.eth.accounts)[0]
-        await w3.eth.send_transaction(
-            {"from": rich, "to": deployer.address, "value": 10**5 * ETHER}
-        )
-        return await _deploy(w3, deployer)
-
-    deployed = asyncio.run(deploy())
-    deployed.w3, deployed.tester = w3, tester
-    return deployed
-
-
-@contextlib.contextmanager
-def deploy_ganache() -> Iterator[Deployment]:
-    """A ganache node on an ephemeral loopback port with Ocean's contracts, stopped at the end.
-    A plain process, not tied to an event loop: it serves every test's loop."""
-    if ganache.find_ganache() is None:
-        pytest.skip("ganache is not installed (run `npm install` for node_modules/.bin/ganache)")
-    deployer: LocalAccount = Account.create()
-    node = asyncio.run(ganache.start(accounts=[(bytes(deployer.key), 10**6 * ETHER)]))
-
-    async def deploy() -> Deployment:
-        w3 = chain.connect(node.url, 10.0)
-        try:
-            return await _deploy(w3, deployer)
-        finally:
-            await chain.disconnect(w3)
-
-    try:
-        deployed = asyncio.run(deploy())
-        deployed.node = node
-        yield deployed
-    finally:
-        asyncio.run(node.stop())
-
-
-@contextlib.contextmanager
-def rewound(deployment: Deployment) -> Iterator[None]:
-    """The in-process chain as it is now, again when the block ends."""
-    snapshot = deployment.tester.take_snapshot()
-    try:
-        yield
-    finally:
-        deployment.tester.revert_to_snapshot(snapshot)
 
 
 def as_key(account: LocalAccount) -> Key:

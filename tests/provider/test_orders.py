@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
@@ -30,20 +29,19 @@ from gateway.app import create_app, run_in_background
 from mesh import chain, ganache, ocean
 from provider.orders import fee_of
 from sdk.client import Client
-from tests.conftest import needs_root
-from tests.e2e.test_job import error_info, run_to_end
-from tests.provider.paid_mesh import (
-    FEE_PER_MINUTE,
-    PAID_MAX_DURATION_S,
+from tests.chain.deployment import (
     PRICE,
     Deployment,
-    PaidMesh,
+    closed_port,
     deploy_ganache,
     deploy_tester,
+    ganache_rewound,
     needs_ganache,
-    open_mesh,
     rewound,
 )
+from tests.conftest import needs_root
+from tests.e2e.test_job import error_info, run_to_end
+from tests.provider.paid_mesh import FEE_PER_MINUTE, PAID_MAX_DURATION_S, PaidMesh, open_mesh
 
 pytestmark = needs_root
 
@@ -78,15 +76,11 @@ async def tester_mesh(tester_deployment: Deployment, tmp_path: Path) -> AsyncIte
 @pytest.fixture
 async def ganache_mesh(ganache_deployment: Deployment, tmp_path: Path) -> AsyncIterator[PaidMesh]:
     """The node on ganache, rewound (evm_revert) to just after the deployment at the end."""
-    assert ganache_deployment.node is not None
-    w3 = chain.connect(ganache_deployment.node.url, 10.0)
-    snapshot = await ganache.snapshot(w3)
-    try:
-        async with open_mesh(tmp_path, ganache_deployment, w3) as mesh:
-            yield mesh
-    finally:
-        await ganache.revert(w3, snapshot)
-        await chain.disconnect(w3)
+    async with (
+        ganache_rewound(ganache_deployment) as w3,
+        open_mesh(tmp_path, ganache_deployment, w3) as mesh,
+    ):
+        yield mesh
 
 
 @pytest.fixture(params=["tester", pytest.param("ganache", marks=needs_ganache)])
@@ -146,11 +140,13 @@ async def paid_setup(
     return owner, trusted, dataset
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+async def quoted_fee(
+    client: Client, dataset: pb.Dataset, algorithm: pb.Algorithm
+) -> ocean.ProviderFee:
+    """The provider fee InitializeCompute quotes for `algorithm` on `dataset` in the default
+    environment (free: a signed fee of nothing)."""
+    quote = await client.initialize_compute([dataset.did], algorithm=algorithm.did)
+    return fee_of(quote.provider_fee)
 
 
 # -- the paid flow ---------------------------------------------------------------------------
@@ -318,9 +314,7 @@ async def test_orders_for_another_datatoken_or_service_are_refused(
     mesh = tester_mesh
     owner, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    free_fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    free_fee = await quoted_fee(client, dataset, algorithm)
 
     other = await mesh.datatoken("OTHER")
     on_other = await mesh.order(consumer, other, free_fee)
@@ -364,9 +358,7 @@ async def test_an_order_pays_for_one_asset_only(tester_mesh: PaidMesh) -> None:
     mesh = tester_mesh
     owner, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
     await succeeds(
         client, await client.start_compute([dataset.did], algorithm=algorithm.did, orders=[tx])
@@ -402,9 +394,7 @@ async def test_an_order_serves_its_payer_and_its_named_consumer_only(
     mesh = tester_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     _, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     third_party = await mesh.account()
     somebody = await mesh.account(ocean_wei=0)
 
@@ -435,9 +425,7 @@ async def test_an_expired_order_is_refused(ganache_mesh: PaidMesh) -> None:
     _, (algorithm,), dataset = await paid_setup(mesh, timeout_s=timeout_s)
     assert dataset.policy.timeout.seconds == timeout_s
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
     job = await client.start_compute([dataset.did], algorithm=algorithm.did, orders=[tx])
 
@@ -479,8 +467,7 @@ async def test_a_priced_environment_needs_its_provider_fee(
         fee = mesh.provider_fee(environment="paid", signer=bytes(consumer.key))
         assert fee.address == consumer.address
     elif kind == "for the free environment":
-        quote = await client.initialize_compute([dataset.did], algorithm=algorithm.did)
-        fee = fee_of(quote.provider_fee)
+        fee = await quoted_fee(client, dataset, algorithm)
         assert fee.amount == 0 and fee.address == mesh.provider_key.address
     elif kind == "expired":
         fee = mesh.provider_fee(environment="paid", valid_for_s=-60)
@@ -511,9 +498,7 @@ async def test_a_chain_that_is_down_starts_nothing(tester_mesh: PaidMesh) -> Non
     owner, (algorithm,), dataset = await paid_setup(mesh)
     free = await mesh.publish(owner, [algorithm])
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
 
     down = mesh.connect(f"http://127.0.0.1:{closed_port()}", 5.0)
@@ -545,9 +530,7 @@ async def test_a_slow_chain_is_unavailable_within_the_timeout(
     mesh = tester_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
 
     timeout_s = 0.5
@@ -569,9 +552,7 @@ async def test_an_order_waits_for_its_confirmations(tester_mesh: PaidMesh) -> No
     mesh = tester_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
 
     await mesh.start(mesh.chain_access(confirmations=3, confirmation_wait_s=0.3))
@@ -609,9 +590,7 @@ async def test_a_reorganisation_while_the_provider_waits_starts_nothing(
     mesh = ganache_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     await ocean.buy(mesh.w3, mesh.contracts, consumer, mesh.deployment.priced.exchange_id)
     before_order = await ganache.snapshot(mesh.w3)
     tx = await ocean.start_order(mesh.w3, consumer, mesh.deployment.priced.datatoken,
@@ -641,9 +620,7 @@ async def test_an_order_removed_by_a_reorganisation_starts_nothing(
     mesh = ganache_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    fee = fee_of(
-        (await client.initialize_compute([dataset.did], algorithm=algorithm.did)).provider_fee
-    )
+    fee = await quoted_fee(client, dataset, algorithm)
     before_order = await ganache.snapshot(mesh.w3)
     tx = await mesh.order(consumer, mesh.deployment.priced, fee)
     assert await ganache.revert(mesh.w3, before_order)
