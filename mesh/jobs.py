@@ -38,6 +38,11 @@ def is_asset_id(value: str) -> bool:
     return _ASSET_ID.fullmatch(value) is not None
 
 
+def is_sha256_hex(value: str) -> bool:
+    """True for a sha256 digest as the contract writes it: 64 lowercase hex digits."""
+    return _ASSET_ID.fullmatch(value) is not None
+
+
 # Reference status codes by state; provisioning failures have codes of their own.
 _STATUS = {
     State.STATE_QUEUED: (1, "Warming up"),

@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import secrets
 import shlex
 import stat
@@ -37,6 +36,7 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import json_format
 
+from mesh.jobs import is_sha256_hex
 from mesh.s3 import S3Settings, parse_s3_object
 from operator_engine.sources import SourceSettings, UnknownCredentials
 from pods import fetch
@@ -69,7 +69,6 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATA_PROVISIONING_FAILED = 31
 EXIT_ALGORITHM_PROVISIONING_FAILED = 32
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # A fetched file: only root (the engine) writes it; the sandbox's unrelated uid reads it
 # through its read-only mount.
 _FETCHED_MODE = 0o444
@@ -367,7 +366,7 @@ def _plan_remote(
     location = source.WhichOneof("location")
     if location is None:
         raise DataProvisioningError(f"{label}: no location")
-    if not _SHA256_RE.fullmatch(source.sha256):
+    if not is_sha256_hex(source.sha256):
         raise DataProvisioningError(f"{label}: no recorded sha256 to check it against")
     if source.size_bytes < 0:
         raise DataProvisioningError(f"{label}: its recorded size is negative")

@@ -12,13 +12,13 @@ from c2d.provider.v1 import provider_pb2
 
 from mesh.auth import checksum
 from mesh.errors import Aborted, InvalidArgument, PermissionDenied
+from mesh.jobs import is_sha256_hex
 from provider import parameters
 
 # Why a dataset let an algorithm run: the audit log and provenance record name it.
 Basis = Literal["trusted_algorithm", "trusted_publisher", "all_publishers", "raw_allowed"]
 
 _DID = re.compile(r"did:c2d:[0-9a-f]{64}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class PolicyVersionMismatch(Aborted):
@@ -35,7 +35,7 @@ def check_policy(policy: provider_pb2.ComputePolicy) -> None:
         if not _DID.fullmatch(trusted.did):
             raise InvalidArgument(f"{field}.did must be did:c2d:<64 hex>", field=f"{field}.did")
         for name in ("files_checksum", "container_section_checksum"):
-            if not _HEX64.fullmatch(getattr(trusted, name)):
+            if not is_sha256_hex(getattr(trusted, name)):
                 raise InvalidArgument(
                     f"{field}.{name} must be 64 lowercase hex digits", field=f"{field}.{name}"
                 )

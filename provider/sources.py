@@ -19,6 +19,7 @@ from c2d.engine.v1 import engine_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
 from mesh.errors import InvalidArgument
+from mesh.jobs import is_sha256_hex
 from mesh.s3 import parse_s3_object
 from pods import configure
 from pods.configure import DataProvisioningError
@@ -27,7 +28,6 @@ MAX_DATASET_FILES = 1000
 MAX_URL_CHARS = 4096
 # A name in the engine's sources file (C2D_SOURCE_CREDENTIALS), never the secret itself.
 CREDENTIALS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 Kind = Literal["path", "s3_url", "http_url"]
 KINDS: tuple[Kind, ...] = ("path", "s3_url", "http_url")
@@ -126,7 +126,7 @@ def _requested(field: str, location: pb.DatasetFileLocation) -> RequestedFile:
             f"{field}.size_bytes must give the remote file's size in bytes (1 or more)",
             field=f"{field}.size_bytes",
         )
-    if not SHA256_HEX.fullmatch(location.sha256):
+    if not is_sha256_hex(location.sha256):
         raise InvalidArgument(
             f"{field}.sha256 must be the remote file's sha256 as 64 lowercase hex digits",
             field=f"{field}.sha256",
