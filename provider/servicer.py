@@ -297,7 +297,10 @@ class ProviderServicer(
         return pb.UpdateDatasetPolicyResponse(dataset=dataset)
 
     async def _dataset(self, name: str, field: str = "name") -> pb.Dataset:
-        return (await self._dataset_with_files(name, field))[0]
+        found = await self.store.dataset_record(job_facts.parse_name(name, "datasets", field))
+        if found is None:
+            raise NotFound(f"no dataset {name}", reason="DATASET_NOT_FOUND")
+        return found
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: Context

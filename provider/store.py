@@ -313,8 +313,11 @@ class ProviderStore:
             return None
         return _dataset_of(row[1], row[2]), [FileSource.from_json(f) for f in json.loads(row[0])]
 
-    def _record(self, dataset_id: str) -> provider_pb2.Dataset | None:
+    async def dataset_record(self, dataset_id: str) -> provider_pb2.Dataset | None:
         """The dataset's public record alone: its files' locations are not parsed for it."""
+        return self._record(dataset_id)
+
+    def _record(self, dataset_id: str) -> provider_pb2.Dataset | None:
         row = self.db.execute(
             f"SELECT {_RECORD_COLUMNS} FROM datasets d WHERE id = ?",  # noqa: S608
             (dataset_id,),
