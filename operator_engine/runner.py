@@ -28,30 +28,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
-from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from mesh import containers
 from mesh import jobs as job_facts
-from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
-from operator_engine.images import ImageCache, ImageError, PreparedImage
-from operator_engine.private_log import CodeRedactor, split_utf8
+from operator_engine.images import ImageCache, ImageError
+from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout, job_limits
+from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
 from pods.configure import (
@@ -75,10 +73,6 @@ _OUTCOME_REASON = {
     Outcome.DISK_FULL: job_pb2.FAILURE_REASON_DISK_FULL,
     Outcome.SANDBOX_FAILED: job_pb2.FAILURE_REASON_SANDBOX_FAILED,
 }
-_LOG_CHUNK = 64 * 1024
-# While a job is not final, watchers hear from it at least this often: the Operator Service
-# renews the job's lease with each message and ends the job when the engine falls silent.
-HEARTBEAT_S = 2.0
 _SPEC_FILE = "spec.pb"
 _JOB_FILE = "job.pb"
 _OUTCOME_FILE = "outcome.json"
@@ -94,51 +88,12 @@ _PREPARED_RESULTS = 4
 # code or DDOs to hash and write, many dataset files to check) go to a thread.
 _INLINE_CONFIGURE_BYTES = 64 * 1024
 _INLINE_CONFIGURE_FILES = 8
-_NANOS = 1_000_000_000
 
 
-@dataclass
-class EngineJob:
-    """One job and what watchers wait on."""
+class Runner(JobBook):
+    """Owns every job of this engine, run in local sandboxes."""
 
-    spec: engine_pb2.JobSpec
-    job: job_pb2.Job
-    workspace: Path
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    log_size: int = 0
-    log_dropped: bool = False
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-    # The job's own disk, holding its outputs from compute until they are published.
-    disk: Path | None = None
-    # The container image its algorithm runs in, in use from configure to the job's end.
-    image: PreparedImage | None = None
-    # Kubernetes backend: how much of the pod's own log (before filtering) the log holds.
-    raw_log_size: int = 0
-
-    @property
-    def log_path(self) -> Path:
-        return self.workspace / layout.LOGS / layout.ALGORITHM_LOG
-
-    async def update(self, *, persist: bool = True, **fields: object) -> None:
-        """Changes the job, keeps it on disk (unless not `persist`), and wakes every watcher."""
-        async with self.changed:
-            for key, value in fields.items():
-                setattr(self.job, key, value)
-            job_facts.set_status_code(self.job)
-            snapshot = self.job.SerializeToString()
-            self.changed.notify_all()
-        if persist:
-            # Inline: a write of a few hundred bytes costs less than a hop to a thread.
-            _write_atomic(self.workspace / _JOB_FILE, snapshot)
-
-    async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
-
-
-class Runner:
-    """Owns every job of this engine."""
+    backend = "local"
 
     def __init__(
         self,
@@ -148,22 +103,11 @@ class Runner:
         disks: JobDisks,
         images: ImageCache,
     ) -> None:
-        self.config = config
+        super().__init__(config)
         self.sandbox = sandbox
         self.storage = storage
         self.disks = disks
         self.images = images
-        self.environments = {env.name: env for env in config.environments}
-        self.jobs: dict[str, EngineJob] = {}
-        self._slots = {
-            env.name: asyncio.Semaphore(env.max_concurrent_jobs) for env in config.environments
-        }
-        self._waiting: dict[str, list[str]] = {env.name: [] for env in config.environments}
-        # Jobs holding a slot, per environment: the queue's length is what waits beyond them.
-        self._holding: dict[str, int] = {env.name: 0 for env in config.environments}
-        # Set while the engine shuts down: queued jobs stay queued for the next engine, and
-        # running ones end `engine lost` rather than `cancelled` (nobody asked to stop them).
-        self.stopping = False
         # Workspaces made ahead of time (see _make_spare), one per job that can run at once.
         self._spares: list[Path] = []
         self._spares_wanted = sum(env.max_concurrent_jobs for env in config.environments)
@@ -171,46 +115,27 @@ class Runner:
 
     # -- the API -------------------------------------------------------------------------
 
-    def environment_list(self) -> list[job_pb2.Environment]:
-        return [_environment_message(env) for env in self.environments.values()]
-
-    async def submit(self, spec: engine_pb2.JobSpec) -> job_pb2.Job:
-        job_facts.check_job_id(spec.job_id, "spec.job_id")
-        existing = self.jobs.get(spec.job_id)
-        if existing is not None:
-            return existing.job
-        env, job = new_job(spec, self.environments)
-        env_name = env.name
-        self._check_queue(env)
+    async def _accept(self, spec: engine_pb2.JobSpec, job: job_pb2.Job) -> None:
         entry = EngineJob(spec=spec, job=job, workspace=self.config.workspace_root / spec.job_id)
         # Inline: a rename, or a few small local writes; cheaper than hops to a thread.
         if not self._take_spare(entry.workspace):
             _make_workspace(entry.workspace)
         _write_atomic(entry.workspace / _SPEC_FILE, spec.SerializeToString())
-        await entry.update()
+        await self._keep(entry)
         self._start(entry)
-        log.info("job accepted", job_id=spec.job_id, environment=env_name)
-        return job
 
-    def _check_queue(self, env: EnvironmentSpec) -> None:
-        """RESOURCE_EXHAUSTED when one more job would wait beyond the environment's bound. Jobs
-        just accepted that a free slot will take at once are in the waiting list too, for a
-        moment: the free slots make up for them."""
-        free = env.max_concurrent_jobs - self._holding[env.name]
-        if len(self._waiting[env.name]) + 1 - free > env.max_queued_jobs:
-            raise ResourceExhausted(
-                f"the queue of environment {env.name!r} is full ({env.max_queued_jobs} jobs "
-                "waiting); try again later",
-                reason="QUEUE_FULL",
-            )
+    async def _keep(self, entry: EngineJob, **fields: object) -> None:
+        snapshot = await entry.update(**fields)
+        # Inline: a write of a few hundred bytes costs less than a hop to a thread.
+        _write_atomic(entry.workspace / _JOB_FILE, snapshot)
+
+    async def _forget(self, entry: EngineJob) -> None:
+        await self._release_disk(entry)
 
     def _start(self, entry: EngineJob, *, resume_publish: bool = False) -> None:
-        self.jobs[entry.spec.job_id] = entry
         if not resume_publish:
-            self._waiting[entry.job.environment].append(entry.spec.job_id)
-        entry.task = asyncio.create_task(
-            self._run(entry, resume_publish=resume_publish), name=f"job-{entry.spec.job_id}"
-        )
+            self._enqueue(entry)
+        self._launch(entry, self._run(entry, resume_publish=resume_publish))
 
     async def recover(self) -> None:
         """Picks up the jobs a previous engine left in the workspace root, once the job disks
@@ -253,40 +178,6 @@ class Runner:
                     self._start(entry, resume_publish=True)
         self._refill_spares()
 
-    def get(self, job_id: str) -> EngineJob:
-        entry = self.jobs.get(job_id)
-        if entry is None:
-            raise NotFound("no such job on this engine", reason="JOB_NOT_FOUND")
-        return entry
-
-    def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
-        """The job now, then after every change; ends after a final state."""
-        return watch_entry(self.get(job_id))
-
-    def stream_log(self, job_id: str, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
-        """The algorithm log from `offset`, live; ends once the job is final and all is sent."""
-        if offset < 0:
-            raise InvalidArgument("offset must not be negative", field="offset")
-        return stream_entry_log(self.get(job_id), offset)
-
-    async def stop(self, job_id: str) -> job_pb2.Job:
-        entry = self.get(job_id)
-        if not job_facts.is_final(entry.job.state):
-            log.info("stop requested", job_id=job_id)
-            entry.cancel.set()
-            if entry.task is not None:
-                await asyncio.shield(_wait_quietly(entry.task))
-        return entry.job
-
-    async def delete(self, job_id: str) -> None:
-        entry = self.get(job_id)
-        if not job_facts.is_final(entry.job.state):
-            raise FailedPrecondition("the job is still running; stop it first")
-        del self.jobs[job_id]
-        await self._release_disk(entry)
-        await asyncio.to_thread(shutil.rmtree, entry.workspace, True)
-        log.info("job deleted", job_id=job_id)
-
     async def close(self) -> None:
         """Stops the engine's work: running jobs end `engine lost` with their logs published,
         queued jobs stay queued on disk for the engine that comes next."""
@@ -319,15 +210,14 @@ class Runner:
                 await self._resume_publish(entry, env)
                 return
             try:
-                await self._queue(entry, env)
-            except asyncio.CancelledError:
+                await self._take_slot(entry, env)
+            except QueueStopped:
                 if not self.stopping:
                     await self._finish(entry, State.STATE_CANCELLED, message="stopped while queued")
                 return
-            except _QueueTimeout:
+            except QueueTimeout:
                 await self._time_out(entry, env)
                 return
-            slot = self._slots[env.name]
             started = time.perf_counter()
             try:
                 await self._stages(entry, env)
@@ -340,9 +230,7 @@ class Runner:
                     message="internal engine error; the operator has the details",
                 )
             finally:
-                slot.release()
-                self._holding[env.name] -= 1
-                self._waiting_changed(env.name)
+                self._give_slot(env)
                 image, entry.image = entry.image, None
                 if image is not None:
                     self.images.release(image)
@@ -389,48 +277,6 @@ class Runner:
         except OSError as error:
             log.warning("could not prepare storage ahead of time", error=str(error))
 
-    async def _queue(self, entry: EngineJob, env: EnvironmentSpec) -> None:
-        """Waits for a slot in the environment. Raises CancelledError when the job is stopped
-        (or the engine stops) first, _QueueTimeout once it has waited the environment's
-        longest wait, counted from its creation (an engine restart does not start it again)."""
-        slot = self._slots[env.name]
-        waiting = self._waiting[env.name]
-        created = entry.job.create_time.ToNanoseconds() / 1e9
-        remaining = created + env.max_queue_wait_s - time.time()
-        if remaining <= 0 and not entry.cancel.is_set():
-            waiting.remove(entry.spec.job_id)
-            self._waiting_changed(env.name)
-            raise _QueueTimeout
-        if waiting[0] == entry.spec.job_id and not slot.locked() and not entry.cancel.is_set():
-            # A free slot and nobody ahead: taken at once, without the race below, which costs
-            # a few turns of the event loop and would show the job at queue position 1. (The
-            # jobs behind it have not queued yet: each one's own _queue sets its position.)
-            await slot.acquire()  # does not wait: the slot is free
-            waiting.pop(0)
-            self._holding[env.name] += 1
-            return
-        self._waiting_changed(env.name)
-        acquire = asyncio.ensure_future(slot.acquire())
-        cancel = asyncio.ensure_future(entry.cancel.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {acquire, cancel}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            cancel.cancel()
-            self._waiting[env.name].remove(entry.spec.job_id)
-        if acquire not in done:
-            acquire.cancel()
-            # The acquire may have won the race after all: give the slot back.
-            if acquire.done() and not acquire.cancelled():
-                slot.release()
-            self._waiting_changed(env.name)
-            if entry.cancel.is_set():
-                raise asyncio.CancelledError
-            raise _QueueTimeout
-        self._holding[env.name] += 1
-        self._waiting_changed(env.name)
-
     async def _time_out(self, entry: EngineJob, env: EnvironmentSpec) -> None:
         """Ends a job that waited too long in the queue: FAILED, `queue timeout`, with its logs
         published like any failure's. It stays QUEUED while they are (it never ran): an engine
@@ -450,18 +296,11 @@ class Runner:
             publishing_state=False,
         )
 
-    def _waiting_changed(self, env_name: str) -> None:
-        for position, job_id in enumerate(self._waiting[env_name], start=1):
-            entry = self.jobs.get(job_id)
-            if entry is not None and entry.job.queue_position != position:
-                entry.job.queue_position = position
-                asyncio.get_running_loop().create_task(entry.notify())
-
     async def _stages(self, entry: EngineJob, env: EnvironmentSpec) -> None:
         job_id = entry.spec.job_id
         ws = entry.workspace
         entry.job.start_time.GetCurrentTime()
-        await entry.update(state=State.STATE_CONFIGURING, queue_position=0)
+        await self._keep(entry, state=State.STATE_CONFIGURING, queue_position=0)
 
         sources = self.config.sources
         try:
@@ -530,18 +369,20 @@ class Runner:
                 redactor = CodeRedactor.for_code(code)
             else:
                 redactor = await asyncio.to_thread(CodeRedactor.for_code, code)
-        await entry.update(state=State.STATE_RUNNING, persist=False)
+        await entry.update(state=State.STATE_RUNNING)
         log_file = _open_log(entry.workspace)
+        # Inline: the chunk is small and the log's readers are waiting for it.
+        write = functools.partial(_write_flush, log_file)
         try:
 
             async def on_output(data: bytes) -> None:
-                await self._append_log(entry, log_file, data)
+                await self._append_log(entry, data, write)
 
             async def on_output_redacted(data: bytes) -> None:
                 assert redactor is not None
                 kept = redactor.feed(data)
                 if kept:
-                    await self._append_log(entry, log_file, kept)
+                    await self._append_log(entry, kept, write)
 
             result = await self.sandbox.run(
                 SandboxSpec(
@@ -576,7 +417,7 @@ class Runner:
                 # The last line, when the output did not end with a newline.
                 rest = redactor.finish()
                 if rest:
-                    await self._append_log(entry, log_file, rest)
+                    await self._append_log(entry, rest, write)
         finally:
             log_file.close()
         log.info(
@@ -651,19 +492,6 @@ class Runner:
         except OSError as error:
             log.warning("could not trim the image cache", error=str(error))
 
-    async def _append_log(self, entry: EngineJob, log_file: BinaryIO, data: bytes) -> None:
-        room = self.config.log_cap_bytes - entry.log_size
-        if room <= 0:
-            if not entry.log_dropped:
-                entry.log_dropped = True
-                log.warning("algorithm log cap reached; dropping the rest")
-            return
-        data = data[:room]
-        # Inline: the chunk is small and the log's readers are waiting for it.
-        _write_flush(log_file, data)
-        entry.log_size += len(data)
-        await entry.notify()
-
     async def _resume_publish(self, entry: EngineJob, env: EnvironmentSpec) -> None:
         """Ends a job a previous engine was running: publishing again what it was publishing,
         or ending it `engine lost` with whatever logs it had."""
@@ -701,7 +529,7 @@ class Runner:
             _write_atomic(
                 entry.workspace / _OUTCOME_FILE, json.dumps([state, reason, message]).encode()
             )
-            await entry.update(state=State.STATE_PUBLISHING)
+            await self._keep(entry, state=State.STATE_PUBLISHING)
         try:
             published = await publish(
                 entry.workspace,
@@ -767,157 +595,6 @@ class Runner:
         if disk is not None:
             (entry.workspace / _DISK_FILE).unlink(missing_ok=True)
             await self.disks.release(disk)
-
-    async def _finish(
-        self, entry: EngineJob, state: int, *, reason: int = 0, message: str = ""
-    ) -> None:
-        entry.job.end_time.GetCurrentTime()
-        if not message and reason:
-            message = job_facts.format_reason(reason)
-        await entry.update(state=state, failure_reason=reason, message=message, queue_position=0)
-        log.info(
-            "job final",
-            state=job_pb2.Job.State.Name(state),  # type: ignore[arg-type]
-            failure_reason=reason,
-        )
-
-
-async def watch_entry(entry: EngineJob) -> AsyncIterator[job_pb2.Job]:
-    """The job now, then after every change (at least every HEARTBEAT_S); ends after a final
-    state."""
-    last: bytes | None = None
-    while True:
-        async with entry.changed:
-            snapshot = entry.job.SerializeToString(deterministic=True)
-            if snapshot == last:
-                try:
-                    await asyncio.wait_for(entry.changed.wait(), HEARTBEAT_S)
-                except TimeoutError:
-                    last = None  # nothing changed: send it again, as a heartbeat
-                continue
-        last = snapshot
-        job = job_pb2.Job.FromString(snapshot)
-        yield job
-        if job_facts.is_final(job.state):
-            return
-
-
-async def stream_entry_log(entry: EngineJob, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
-    """The algorithm log kept at `entry.log_path` from `offset`, live; ends once the job is
-    final and all is sent."""
-    position = offset  # how far the file has been read
-    sent = offset  # where the next chunk starts; `pending` holds the bytes in between
-    pending = b""
-    while True:
-        async with entry.changed:
-            final = job_facts.is_final(entry.job.state)
-            available = entry.log_size
-            if position >= available and not final:
-                await entry.changed.wait()
-                continue
-        if position < available:
-            data = await asyncio.to_thread(_read_at, entry.log_path, position, _LOG_CHUNK)
-            if not data:
-                return  # the workspace is gone: nothing more to send
-            position += len(data)
-            at_end = final and position >= available
-            complete, pending = split_utf8(pending + data, final=at_end)
-            if complete:
-                yield job_pb2.LogChunk(
-                    offset=sent,
-                    next_offset=sent + len(complete),
-                    text=complete.decode("utf-8", errors="replace"),
-                )
-                sent += len(complete)
-            continue
-        if pending:
-            yield job_pb2.LogChunk(
-                offset=sent,
-                next_offset=sent + len(pending),
-                text=pending.decode("utf-8", errors="replace"),
-            )
-        return
-
-
-def new_job(
-    spec: engine_pb2.JobSpec, environments: dict[str, EnvironmentSpec]
-) -> tuple[EnvironmentSpec, job_pb2.Job]:
-    """The job a valid spec makes, QUEUED in its environment; NOT_FOUND for an unknown
-    environment, INVALID_ARGUMENT for a spec no backend may run."""
-    env_name = spec.environment or "default"
-    env = environments.get(env_name)
-    if env is None:
-        raise NotFound(f"no environment named {env_name!r}", reason="ENVIRONMENT_NOT_FOUND")
-    if not spec.datasets:
-        raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
-    job_facts.check_viewers(spec.owner, spec.viewers)
-    job_facts.check_resources(spec.resources, _environment_message(env))
-    job = job_pb2.Job(
-        name=job_facts.job_name(spec.job_id),
-        owner=spec.owner,
-        dataset_ids=[d.id for d in spec.datasets],
-        algorithm_id=spec.algorithm.id,
-        environment=env_name,
-        state=State.STATE_QUEUED,
-        exit_code=0,
-        viewers=spec.viewers,
-        limits=job_limits(env, spec.resources),
-    )
-    job.create_time.GetCurrentTime()
-    job_facts.set_status_code(job)
-    return env, job
-
-
-class _QueueTimeout(Exception):
-    """A job waited its environment's longest wait in the queue."""
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    duration = duration_pb2.Duration()
-    duration.FromNanoseconds(round(seconds * _NANOS))
-    return duration
-
-
-def _environment_message(env: EnvironmentSpec) -> job_pb2.Environment:
-    return job_pb2.Environment(
-        name=env.name,
-        cpus=env.cpus,
-        memory_bytes=env.memory_bytes,
-        disk_bytes=env.disk_bytes,
-        max_processes=env.max_processes,
-        max_duration=_duration(env.max_duration_s),
-        max_concurrent_jobs=env.max_concurrent_jobs,
-        network_allowed=env.network_allowed,
-        free=env.free,
-        max_queue_wait=_duration(env.max_queue_wait_s),
-        max_queued_jobs=env.max_queued_jobs,
-        price=None
-        if env.free
-        else job_pb2.EnvironmentPrice(
-            token=env.fee_token, amount_per_minute=str(env.fee_per_minute)
-        ),
-        # Unset when results are kept until the job is deleted.
-        result_retention=_duration(env.result_retention_s) if env.result_retention_s else None,
-    )
-
-
-def job_limits(env: EnvironmentSpec, asked: job_pb2.Resources) -> job_pb2.Resources:
-    """The limits a job runs under: the environment's, lowered where the job asked for less
-    (a zero field takes the environment's). Never above the environment's, even for a job
-    accepted under an environment that has since changed."""
-    env_ns = round(env.max_duration_s * _NANOS)
-    asked_ns = asked.max_duration.seconds * _NANOS + asked.max_duration.nanos
-    limits = job_pb2.Resources(
-        cpus=min(asked.cpus, env.cpus) if asked.cpus > 0 else env.cpus,
-        memory_bytes=min(asked.memory_bytes, env.memory_bytes)
-        if asked.memory_bytes > 0
-        else env.memory_bytes,
-        disk_bytes=min(asked.disk_bytes, env.disk_bytes)
-        if asked.disk_bytes > 0
-        else env.disk_bytes,
-    )
-    limits.max_duration.FromNanoseconds(min(asked_ns, env_ns) if asked_ns > 0 else env_ns)
-    return limits
 
 
 def _configure_is_small(spec: engine_pb2.JobSpec) -> bool:
@@ -1054,15 +731,6 @@ def _make_spare(root: Path) -> Path:
     return spare
 
 
-def _read_at(path: Path, offset: int, size: int) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-    except FileNotFoundError:
-        return b""
-
-
 def _open_log(ws: Path) -> BinaryIO:
     """The algorithm log, to append to; closed by the caller when compute ends."""
     path = ws / layout.LOGS / layout.ALGORITHM_LOG
@@ -1077,9 +745,3 @@ def _open_log(ws: Path) -> BinaryIO:
 def _write_flush(f: BinaryIO, data: bytes) -> None:
     f.write(data)
     f.flush()
-
-
-async def _wait_quietly(task: asyncio.Task[None]) -> None:
-    # The job's own task reports its errors; the stopper only waits for it to end.
-    with contextlib.suppress(BaseException):
-        await task

@@ -10,7 +10,7 @@ from typing import Protocol
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 
-from operator_engine.runner import EngineJob
+from operator_engine.jobs import EngineJob
 
 
 class Backend(Protocol):

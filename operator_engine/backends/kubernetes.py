@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -40,19 +41,13 @@ from kubernetes_asyncio import watch as kube_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mesh import jobs as job_facts
-from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from mesh.errors import InvalidArgument
 from mesh.storage import Storage, result_key
 from operator_engine.backends import kube_objects as objects
 from operator_engine.backends.kubernetes_config import KubernetesSettings
 from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout
 from operator_engine.private_log import CodeRedactor
-from operator_engine.runner import (
-    EngineJob,
-    _environment_message,
-    new_job,
-    stream_entry_log,
-    watch_entry,
-)
 from operator_engine.sources import parse_credentials
 from pods import configure as configure_exit
 from pods import publish as publish_exit
@@ -108,8 +103,10 @@ async def connect(settings: KubernetesSettings) -> kube.ApiClient:
     return kube.ApiClient(configuration)
 
 
-class KubernetesBackend:
+class KubernetesBackend(JobBook):
     """Owns every job of this engine, run in the cluster. The same API as the local Runner."""
+
+    backend = "kubernetes"
 
     def __init__(
         self,
@@ -118,23 +115,14 @@ class KubernetesBackend:
         api: kube.ApiClient,
         storage: Storage,
     ) -> None:
-        self.config = config
+        super().__init__(config)
         self.settings = settings
         self.api = api
         self.core = kube.CoreV1Api(api)
         self.networking = kube.NetworkingV1Api(api)
         self.storage = storage
-        self.environments = {env.name: env for env in config.environments}
-        self.jobs: dict[str, EngineJob] = {}
-        self._slots = {
-            env.name: asyncio.Semaphore(env.max_concurrent_jobs) for env in config.environments
-        }
-        self._waiting: dict[str, list[str]] = {env.name: [] for env in config.environments}
-        # Jobs holding a slot, per environment: the queue's length is what waits beyond them.
-        self._holding: dict[str, int] = {env.name: 0 for env in config.environments}
         # Jobs recording their end: the engine's stop lets them finish (see close).
         self._finishing: set[str] = set()
-        self.stopping = False
 
     # -- the API -------------------------------------------------------------------------
 
@@ -199,27 +187,14 @@ class KubernetesBackend:
         if problem:
             raise ClusterUnavailable(problem)
 
-    def environment_list(self) -> list[job_pb2.Environment]:
-        return [_environment_message(env) for env in self.environments.values()]
-
-    async def submit(self, spec: engine_pb2.JobSpec) -> job_pb2.Job:
-        job_facts.check_job_id(spec.job_id, "spec.job_id")
-        existing = self.jobs.get(spec.job_id)
-        if existing is not None:
-            return existing.job
-        env, job = new_job(spec, self.environments)
+    def _check_spec(self, spec: engine_pb2.JobSpec) -> None:
         if len(objects.spec_json(spec)) > objects.MAX_SPEC_JSON_BYTES:
             raise InvalidArgument(
                 "the Kubernetes backend takes jobs up to 700 KiB of code and metadata",
                 field="spec.algorithm.code",
             )
-        free = env.max_concurrent_jobs - self._holding[env.name]
-        if len(self._waiting[env.name]) + 1 - free > env.max_queued_jobs:
-            raise ResourceExhausted(
-                f"the queue of environment {env.name!r} is full ({env.max_queued_jobs} jobs "
-                "waiting); try again later",
-                reason="QUEUE_FULL",
-            )
+
+    async def _accept(self, spec: engine_pb2.JobSpec, job: job_pb2.Job) -> None:
         entry = self._entry(spec, job)
         # Known before the first await: a retried RunJob meanwhile gets this job, not a twin.
         self.jobs[spec.job_id] = entry
@@ -231,41 +206,9 @@ class KubernetesBackend:
             del self.jobs[spec.job_id]
             raise
         self._start(entry)
-        log.info("job accepted", job_id=spec.job_id, environment=env.name, backend="kubernetes")
-        return job
 
-    def get(self, job_id: str) -> EngineJob:
-        entry = self.jobs.get(job_id)
-        if entry is None:
-            raise NotFound("no such job on this engine", reason="JOB_NOT_FOUND")
-        return entry
-
-    def watch(self, job_id: str) -> AsyncIterator[job_pb2.Job]:
-        return watch_entry(self.get(job_id))
-
-    def stream_log(self, job_id: str, offset: int) -> AsyncIterator[job_pb2.LogChunk]:
-        if offset < 0:
-            raise InvalidArgument("offset must not be negative", field="offset")
-        return stream_entry_log(self.get(job_id), offset)
-
-    async def stop(self, job_id: str) -> job_pb2.Job:
-        entry = self.get(job_id)
-        if not job_facts.is_final(entry.job.state):
-            log.info("stop requested", job_id=job_id)
-            entry.cancel.set()
-            if entry.task is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(entry.task)
-        return entry.job
-
-    async def delete(self, job_id: str) -> None:
-        entry = self.get(job_id)
-        if not job_facts.is_final(entry.job.state):
-            raise FailedPrecondition("the job is still running; stop it first")
-        del self.jobs[job_id]
-        await self._delete_objects(job_id, with_secret=True)
-        await asyncio.to_thread(shutil.rmtree, entry.workspace, True)
-        log.info("job deleted", job_id=job_id)
+    async def _forget(self, entry: EngineJob) -> None:
+        await self._delete_objects(entry.spec.job_id, with_secret=True)
 
     async def close(self) -> None:
         """Lets go of the jobs without stopping them: they run on in the cluster, and the
@@ -329,15 +272,11 @@ class KubernetesBackend:
         return EngineJob(spec=spec, job=job, workspace=workspace)
 
     def _start(self, entry: EngineJob, *, recovering: bool = False) -> None:
-        self.jobs[entry.spec.job_id] = entry
-        entry.task = asyncio.create_task(
-            self._run(entry, recovering=recovering), name=f"job-{entry.spec.job_id}"
-        )
+        self._launch(entry, self._run(entry, recovering=recovering))
 
-    async def _set(self, entry: EngineJob, *, forget_spec: bool = False, **fields: Any) -> None:
-        """Keeps the changed job on its Secret (without the spec, when `forget_spec`), then
-        changes it here and wakes its watchers: nobody sees a state the cluster does not
-        hold."""
+    async def _keep(self, entry: EngineJob, **fields: object) -> None:
+        """Keeps the changed job on its Secret (a final one without its spec), then changes it
+        here and wakes its watchers: nobody sees a state the cluster does not hold."""
         changed = job_pb2.Job()
         changed.CopyFrom(entry.job)
         for key, value in fields.items():
@@ -346,11 +285,11 @@ class KubernetesBackend:
         patch: dict[str, Any] = {
             "metadata": {"annotations": {objects.JOB_ANNOTATION: objects.encode_job(changed)}}
         }
-        if forget_spec:
+        if job_facts.is_final(changed.state):
             # A final job's record keeps its state, not its spec (code, dataset locations).
             patch["data"] = {objects.SPEC_KEY: None}
         await self._patch_secret(entry, patch)
-        await entry.update(persist=False, **fields)
+        await entry.update(**fields)
 
     async def _patch_secret(self, entry: EngineJob, patch: dict[str, Any]) -> None:
         try:
@@ -372,15 +311,13 @@ class KubernetesBackend:
                 pods = await self._job_pods(job_id) if recovering else {}
                 if recovering and (pods or entry.job.state != State.STATE_QUEUED):
                     # It held a slot before the restart: it takes one now without queueing.
-                    await self._slots[env.name].acquire()
+                    await self._hold_slot(env)
                 elif not await self._queue(entry, env):
                     return
-                self._holding[env.name] += 1
                 try:
                     await self._stages(entry, env, pods)
                 finally:
-                    self._holding[env.name] -= 1
-                    self._slots[env.name].release()
+                    self._give_slot(env)
             except asyncio.CancelledError:
                 if self.stopping:
                     return  # the job runs on in the cluster
@@ -396,29 +333,13 @@ class KubernetesBackend:
 
     async def _queue(self, entry: EngineJob, env: EnvironmentSpec) -> bool:
         """Waits for a slot; False when the job ended meanwhile (stopped, timed out)."""
-        waiting = self._waiting[env.name]
-        waiting.append(entry.spec.job_id)
-        self._positions(env.name)
-        created = entry.job.create_time.ToNanoseconds() / 1e9
-        remaining = created + env.max_queue_wait_s - time.time()
-        acquire = asyncio.ensure_future(self._slots[env.name].acquire())
-        cancel = asyncio.ensure_future(entry.cancel.wait())
+        self._enqueue(entry)
         try:
-            done, _ = await asyncio.wait(
-                {acquire, cancel}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            cancel.cancel()
-            waiting.remove(entry.spec.job_id)
-            self._positions(env.name)
-        if acquire in done:
-            return True
-        acquire.cancel()
-        if acquire.done() and not acquire.cancelled():
-            self._slots[env.name].release()
-        if entry.cancel.is_set():
+            await self._take_slot(entry, env)
+        except QueueStopped:
             await self._finish(entry, State.STATE_CANCELLED, 0, "stopped while queued")
-        else:
+            return False
+        except QueueTimeout:
             await self._finish(
                 entry,
                 State.STATE_FAILED,
@@ -426,14 +347,8 @@ class KubernetesBackend:
                 f"queue timeout: the job waited {env.max_queue_wait_s:g} s for a free slot in "
                 f"environment {env.name!r} and never ran",
             )
-        return False
-
-    def _positions(self, env_name: str) -> None:
-        for position, job_id in enumerate(self._waiting[env_name], start=1):
-            entry = self.jobs.get(job_id)
-            if entry is not None and entry.job.queue_position != position:
-                entry.job.queue_position = position
-                asyncio.get_running_loop().create_task(entry.notify())
+            return False
+        return True
 
     async def _stages(
         self, entry: EngineJob, env: EnvironmentSpec, pods: dict[str, dict[str, Any]]
@@ -458,7 +373,7 @@ class KubernetesBackend:
         if objects.ALGORITHM not in pods:
             if not entry.job.HasField("start_time"):
                 entry.job.start_time.GetCurrentTime()
-            await self._set(entry, state=State.STATE_CONFIGURING, queue_position=0)
+            await self._keep(entry, state=State.STATE_CONFIGURING, queue_position=0)
             try:
                 configured = await self._configure(entry, pods.get(objects.CONFIGURE))
             except _Stopped:
@@ -543,7 +458,7 @@ class KubernetesBackend:
                     str(error),
                 )
             await self._create(self.core.create_namespaced_pod, manifest)
-        await self._set(entry, state=State.STATE_RUNNING)
+        await self._keep(entry, state=State.STATE_RUNNING)
         redactor = (
             CodeRedactor.for_code(entry.spec.algorithm.code)
             if entry.spec.algorithm.private
@@ -572,7 +487,7 @@ class KubernetesBackend:
         await self._patch_secret(
             entry, {"metadata": {"annotations": {objects.OUTCOME_ANNOTATION: outcome}}}
         )
-        await self._set(entry, state=State.STATE_PUBLISHING)
+        await self._keep(entry, state=State.STATE_PUBLISHING)
         name = objects.object_name(job_id, objects.PUBLISH)
         await self._delete_pod(objects.object_name(job_id, objects.ALGORITHM))
         await self._delete_pod(objects.object_name(job_id, objects.CONFIGURE))
@@ -646,31 +561,18 @@ class KubernetesBackend:
         result.sha256 = stored.sha256
         results.append(result)
 
-    async def _finish(self, entry: EngineJob, state: int, reason: int, message: str) -> None:
+    async def _finish(
+        self, entry: EngineJob, state: int, reason: int = 0, message: str = ""
+    ) -> None:
         """Removes the job's objects, then records its final state: a final job has nothing
         left running or held in the cluster but its record."""
         self._finishing.add(entry.spec.job_id)
         try:
             # The publish pod is the only one left by now (or none, for a queued job).
             await self._delete_objects(entry.spec.job_id)
-            entry.job.end_time.GetCurrentTime()
-            if not message and reason:
-                message = job_facts.format_reason(reason)
-            await self._set(
-                entry,
-                forget_spec=True,
-                state=state,
-                failure_reason=reason,
-                message=message,
-                queue_position=0,
-            )
+            await super()._finish(entry, state, reason, message)
         finally:
             self._finishing.discard(entry.spec.job_id)
-        log.info(
-            "job final",
-            state=job_pb2.Job.State.Name(state),  # type: ignore[arg-type]
-            failure_reason=reason,
-        )
 
     async def _saved_outcome(self, job_id: str) -> tuple[int, int, str]:
         secret = await self._read(self.core.read_namespaced_secret, objects.object_name(job_id))
@@ -707,14 +609,7 @@ class KubernetesBackend:
                 await asyncio.sleep(_RETRY_S)
                 continue
             try:
-                response: Any = await self.core.read_namespaced_pod_log(
-                    pod_name,
-                    self.settings.namespace,
-                    container=objects.ALGORITHM,
-                    follow=True,
-                    _preload_content=False,
-                )
-                await self._copy_log(entry, response, redactor)
+                await self._copy_log(entry, pod_name, redactor, follow=True)
             except (TimeoutError, ApiException, OSError) as error:
                 log.info("log stream broke off; resuming", error=str(error))
             if "terminated" in status.get("state", {}):
@@ -729,23 +624,24 @@ class KubernetesBackend:
     ) -> None:
         """The whole log once more, once the container has ended: what the stream missed."""
         with contextlib.suppress(ApiException, OSError, asyncio.TimeoutError):
-            response: Any = await self.core.read_namespaced_pod_log(
-                pod_name,
-                self.settings.namespace,
-                container=objects.ALGORITHM,
-                _preload_content=False,
-                _request_timeout=_API_TIMEOUT_S,
-            )
-            await self._copy_log(entry, response, redactor)
+            await self._copy_log(entry, pod_name, redactor, _request_timeout=_API_TIMEOUT_S)
         if redactor is not None:
             rest = redactor.finish()
             if rest:
-                await self._write_log(entry, rest)
+                await self._append_log(entry, rest, functools.partial(_append_file, entry.log_path))
 
     async def _copy_log(
-        self, entry: EngineJob, response: Any, redactor: CodeRedactor | None
+        self, entry: EngineJob, pod_name: str, redactor: CodeRedactor | None, **options: Any
     ) -> None:
-        """Appends a pod log response (read from its start) to the job's log."""
+        """Appends the algorithm container's log, read from its start (followed, or within a
+        timeout: `options`), to the job's log."""
+        response: Any = await self.core.read_namespaced_pod_log(
+            pod_name,
+            self.settings.namespace,
+            container=objects.ALGORITHM,
+            _preload_content=False,
+            **options,
+        )
         _check_status(response)
         try:
             seen = 0
@@ -767,21 +663,8 @@ class KubernetesBackend:
             if redactor is not None:
                 new = redactor.feed(new)
             if new:
-                await self._write_log(entry, new)
+                await self._append_log(entry, new, functools.partial(_append_file, entry.log_path))
         return end
-
-    async def _write_log(self, entry: EngineJob, data: bytes) -> None:
-        room = self.config.log_cap_bytes - entry.log_size
-        if room <= 0:
-            if not entry.log_dropped:
-                entry.log_dropped = True
-                log.warning("algorithm log cap reached; dropping the rest")
-            return
-        data = data[:room]
-        with entry.log_path.open("ab") as f:
-            f.write(data)
-        entry.log_size += len(data)
-        await entry.notify()
 
     async def _restore_log(self, entry: EngineJob) -> None:
         """A final job's log for its readers, from storage, after a restart."""
@@ -1019,6 +902,11 @@ async def _body(response: Any) -> bytes:
     if not 200 <= response.status <= 299:
         raise ApiException(status=response.status, reason=data[:300].decode("utf-8", "replace"))
     return data
+
+
+def _append_file(path: Path, data: bytes) -> None:
+    with path.open("ab") as f:
+        f.write(data)
 
 
 def _check_status(response: Any) -> None:

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from c2d.engine.v1 import engine_pb2
 from kubernetes_asyncio import client as kube_client
 
 from mesh import jobs as job_facts
+from mesh.errors import NotFound, ResourceExhausted
 from mesh.storage import storage_from_url
 from operator_engine.backends import kube_objects as objects
 from operator_engine.backends.kubernetes import ClusterUnavailable, KubernetesBackend, connect
@@ -38,6 +40,10 @@ DATASET = "ab" * 32
 ALGORITHM_ID = "cd" * 32
 CODE = b"print('hello')\n"
 State = job_pb2.Job.State
+# One job at a time and one waiting; one job at a time, each waiting at most QUEUE_WAIT_S.
+ONE_SLOT = EnvironmentSpec(name="one", max_concurrent_jobs=1, max_queued_jobs=1)
+QUEUE_WAIT_S = 2.0
+BRIEF_WAIT = EnvironmentSpec(name="brief", max_concurrent_jobs=1, max_queue_wait_s=QUEUE_WAIT_S)
 Script = Callable[[KubeStandIn, dict[str, Any]], Awaitable[None]]
 
 
@@ -52,10 +58,10 @@ class Cluster:
     created: list[dict[str, Any]]
     algorithm: list[Script]
 
-    async def backend(self) -> KubernetesBackend:
+    async def backend(self, config: EngineConfig | None = None) -> KubernetesBackend:
         api = await connect(self.settings)
         backend = KubernetesBackend(
-            self.config, self.settings, api, storage_from_url(str(self.results))
+            config or self.config, self.settings, api, storage_from_url(str(self.results))
         )
         await backend.check()
         await backend.recover()
@@ -90,6 +96,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             environments=(
                 EnvironmentSpec(max_duration_s=60),
                 EnvironmentSpec(name="networked", network_allowed=True),
+                ONE_SLOT,
+                BRIEF_WAIT,
             ),
         )
         kubelet = RunLocally(tmp_path / "kubelet")
@@ -182,6 +190,16 @@ async def final(backend: KubernetesBackend, job_id: str, timeout: float = 30) ->
     return await asyncio.wait_for(last(), timeout)
 
 
+async def run_to_end(cluster: Cluster, job_spec: engine_pb2.JobSpec) -> job_pb2.Job:
+    """Runs one job on an engine of its own, to its final state."""
+    backend = await cluster.backend()
+    try:
+        await backend.submit(job_spec)
+        return await final(backend, job_spec.job_id)
+    finally:
+        await backend.close()
+
+
 async def read_result(cluster: Cluster, job: job_pb2.Job, kind: int) -> bytes:
     storage = storage_from_url(str(cluster.results))
     (result,) = [r for r in job.results if r.kind == kind]
@@ -239,21 +257,17 @@ async def test_a_job_runs_through_its_pods_and_leaves_only_its_record(cluster: C
 
 async def test_every_pod_is_hardened_and_sees_only_its_inputs(cluster: Cluster) -> None:
     plays(cluster, [])
-    backend = await cluster.backend()
-    try:
-        image = container_pb2.Container(
-            image="registry.example/algo", tag="1", checksum="sha256:" + "ef" * 32
-        )
-        job_spec = with_data(
-            cluster,
-            parameters_json='{"rounds": 3}',
-            resources=job_pb2.Resources(cpus=0.5, memory_bytes=256 << 20),
-        )
-        job_spec.algorithm.container.CopyFrom(image)
-        job = await final(backend, (await backend.submit(job_spec)).name.removeprefix("jobs/"))
-        assert job.state == State.STATE_SUCCEEDED, job.message
-    finally:
-        await backend.close()
+    image = container_pb2.Container(
+        image="registry.example/algo", tag="1", checksum="sha256:" + "ef" * 32
+    )
+    job_spec = with_data(
+        cluster,
+        parameters_json='{"rounds": 3}',
+        resources=job_pb2.Resources(cpus=0.5, memory_bytes=256 << 20),
+    )
+    job_spec.algorithm.container.CopyFrom(image)
+    job = await run_to_end(cluster, job_spec)
+    assert job.state == State.STATE_SUCCEEDED, job.message
     for pod in cluster.created:
         spec_ = pod["spec"]
         assert spec_["restartPolicy"] == "Never"
@@ -310,34 +324,21 @@ async def test_how_the_algorithm_pod_ended_is_the_jobs_reason(
     cluster: Cluster, ended: Terminated, pod_reason: str | None, reason: int
 ) -> None:
     plays(cluster, ["working"], ended, pod_reason=pod_reason)
-    backend = await cluster.backend()
-    try:
-        job_spec = with_data(cluster)
-        await backend.submit(job_spec)
-        job = await final(backend, job_spec.job_id)
-        assert (job.state, job.failure_reason) == (State.STATE_FAILED, reason), job.message
-        # The logs are published whatever the end.
-        assert (
-            await read_result(cluster, job, job_pb2.ResultFile.KIND_ALGORITHM_LOG) == b"working\n"
-        )
-        assert cluster.kube.objects("pods", NS) == []
-    finally:
-        await backend.close()
+    job = await run_to_end(cluster, with_data(cluster))
+    assert (job.state, job.failure_reason) == (State.STATE_FAILED, reason), job.message
+    # The logs are published whatever the end.
+    assert await read_result(cluster, job, job_pb2.ResultFile.KIND_ALGORITHM_LOG) == b"working\n"
+    assert cluster.kube.objects("pods", NS) == []
 
 
 async def test_a_missing_dataset_file_fails_in_configure(cluster: Cluster) -> None:
     plays(cluster, [])
-    backend = await cluster.backend()
-    try:
-        job_spec = spec()
-        job_spec.datasets[0].files.add(path=str(cluster.data / "gone.csv"))
-        await backend.submit(job_spec)
-        job = await final(backend, job_spec.job_id)
-        assert job.failure_reason == job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED
-        assert "gone.csv" not in job.message  # never a dataset's location
-        assert [pod_stage(p) for p in cluster.created] == [objects.CONFIGURE, objects.PUBLISH]
-    finally:
-        await backend.close()
+    job_spec = spec()
+    job_spec.datasets[0].files.add(path=str(cluster.data / "gone.csv"))
+    job = await run_to_end(cluster, job_spec)
+    assert job.failure_reason == job_pb2.FAILURE_REASON_DATA_PROVISIONING_FAILED
+    assert "gone.csv" not in job.message  # never a dataset's location
+    assert [pod_stage(p) for p in cluster.created] == [objects.CONFIGURE, objects.PUBLISH]
 
 
 async def test_an_image_that_cannot_be_pulled_fails_the_algorithm(cluster: Cluster) -> None:
@@ -352,15 +353,9 @@ async def test_an_image_that_cannot_be_pulled_fails_the_algorithm(cluster: Clust
         )
 
     cluster.algorithm[:] = [unpullable]
-    backend = await cluster.backend()
-    try:
-        job_spec = with_data(cluster)
-        await backend.submit(job_spec)
-        job = await final(backend, job_spec.job_id)
-        assert job.failure_reason == job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED
-        assert "image" in job.message
-    finally:
-        await backend.close()
+    job = await run_to_end(cluster, with_data(cluster))
+    assert job.failure_reason == job_pb2.FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED
+    assert "image" in job.message
 
 
 async def test_a_stopped_job_loses_its_pod_and_ends_cancelled(cluster: Cluster) -> None:
@@ -570,19 +565,14 @@ async def test_remote_files_are_fetched_by_the_configure_pod_alone(cluster: Clus
     cluster.algorithm[:] = [reading]
     with running_http_source() as http:
         http.serve("remote.csv", content)
-        backend = await cluster.backend()
-        try:
-            job_spec = with_data(cluster)
-            job_spec.datasets[0].files.add(
-                http_url=http.url("/private/remote.csv"),
-                credentials="api",
-                size_bytes=len(content),
-                sha256=hashlib.sha256(content).hexdigest(),
-            )
-            await backend.submit(job_spec)
-            job = await final(backend, job_spec.job_id)
-        finally:
-            await backend.close()
+        job_spec = with_data(cluster)
+        job_spec.datasets[0].files.add(
+            http_url=http.url("/private/remote.csv"),
+            credentials="api",
+            size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+        )
+        job = await run_to_end(cluster, job_spec)
         assert http.seen == [("/private/remote.csv", f"Bearer {TOKEN}")]
     assert job.state == State.STATE_SUCCEEDED, job.message
     assert seen == [content]
@@ -630,13 +620,7 @@ async def test_a_job_without_remote_files_gets_no_egress_and_no_secret(cluster: 
     cluster.kube.add(sources_secret("c2d-sources", {}), NS)
     cluster.settings = dataclasses.replace(cluster.settings, sources_secret="c2d-sources")
     plays(cluster, [])
-    backend = await cluster.backend()
-    try:
-        job_spec = with_data(cluster)
-        await backend.submit(job_spec)
-        assert (await final(backend, job_spec.job_id)).state == State.STATE_SUCCEEDED
-    finally:
-        await backend.close()
+    assert (await run_to_end(cluster, with_data(cluster))).state == State.STATE_SUCCEEDED
     configure = next(p for p in cluster.created if pod_stage(p) == objects.CONFIGURE)
     assert [v["name"] for v in configure["spec"]["volumes"]] == ["job", "tmp", "spec", "data"]
     posted = [
@@ -675,3 +659,109 @@ async def test_the_engine_refuses_a_missing_or_bad_sources_secret(
     assert message in str(caught.value)
     assert "C2D_K8S_SOURCES_SECRET 'c2d-sources'" in str(caught.value)
     assert "hidden-value" not in str(caught.value)
+
+
+async def until(
+    backend: KubernetesBackend, job_id: str, seen: Callable[[job_pb2.Job], bool]
+) -> None:
+    async with asyncio.timeout(20):
+        async for job in backend.watch(job_id):
+            if seen(job):
+                return
+    raise AssertionError(f"the job ended without {seen}")
+
+
+def pods_of(cluster: Cluster, job_id: str) -> list[str]:
+    return [
+        pod_stage(p)
+        for p in cluster.created
+        if p["metadata"]["labels"][objects.JOB_LABEL] == job_id
+    ]
+
+
+async def test_a_full_queue_refuses_and_a_job_stopped_in_it_never_runs(cluster: Cluster) -> None:
+    gate = asyncio.Event()
+    plays(cluster, ["busy"], gate=gate)
+    backend = await cluster.backend()
+    try:
+        running = with_data(cluster, environment=ONE_SLOT.name)
+        await backend.submit(running)
+        await until(backend, running.job_id, lambda job: job.state == State.STATE_RUNNING)
+        waiting = with_data(cluster, environment=ONE_SLOT.name)
+        assert (await backend.submit(waiting)).state == State.STATE_QUEUED
+        await until(backend, waiting.job_id, lambda job: job.queue_position == 1)
+        refused = with_data(cluster, environment=ONE_SLOT.name)
+        with pytest.raises(ResourceExhausted) as full:
+            await backend.submit(refused)
+        assert full.value.reason == "QUEUE_FULL"
+        with pytest.raises(NotFound):
+            backend.get(refused.job_id)
+
+        stopped = await asyncio.wait_for(backend.stop(waiting.job_id), 20)
+        assert (stopped.state, stopped.message) == (State.STATE_CANCELLED, "stopped while queued")
+        assert stopped.queue_position == 0
+        gate.set()
+        done = await final(backend, running.job_id)
+        assert done.state == State.STATE_SUCCEEDED, done.message
+    finally:
+        await backend.close()
+    assert pods_of(cluster, waiting.job_id) == []
+    assert pods_of(cluster, refused.job_id) == []
+
+
+async def test_a_job_that_waits_too_long_ends_queue_timeout(cluster: Cluster) -> None:
+    gate = asyncio.Event()
+    plays(cluster, ["busy"], gate=gate)
+    backend = await cluster.backend()
+    try:
+        running = with_data(cluster, environment=BRIEF_WAIT.name)
+        await backend.submit(running)
+        await until(backend, running.job_id, lambda job: job.state == State.STATE_RUNNING)
+        waiting = with_data(cluster, environment=BRIEF_WAIT.name)
+        await backend.submit(waiting)
+        timed_out = await final(backend, waiting.job_id)
+        assert timed_out.state == State.STATE_FAILED, timed_out.message
+        assert timed_out.failure_reason == job_pb2.FAILURE_REASON_QUEUE_TIMEOUT
+        assert "queue timeout" in timed_out.message and "never ran" in timed_out.message
+        gate.set()
+        assert (await final(backend, running.job_id)).state == State.STATE_SUCCEEDED
+    finally:
+        await backend.close()
+    assert pods_of(cluster, waiting.job_id) == []
+
+
+async def test_a_wait_that_ran_out_while_no_engine_ran_ends_the_job_at_once(
+    cluster: Cluster,
+) -> None:
+    """The wait counts from the job's creation: the next engine ends it `queue timeout` even
+    with a slot free, rather than run it late."""
+    gate = asyncio.Event()
+    plays(cluster, ["busy"], gate=gate)
+    first = await cluster.backend()
+    try:
+        running = with_data(cluster, environment=BRIEF_WAIT.name)
+        await first.submit(running)
+        await until(first, running.job_id, lambda job: job.state == State.STATE_RUNNING)
+        waiting = with_data(cluster, environment=BRIEF_WAIT.name)
+        created = (await first.submit(waiting)).create_time.ToNanoseconds() / 1e9
+        await until(first, waiting.job_id, lambda job: job.queue_position == 1)
+    finally:
+        await first.close()
+    await asyncio.sleep(max(0.0, created + QUEUE_WAIT_S - time.time()) + 0.2)
+    # A slot is free for it in the next engine.
+    wider = dataclasses.replace(
+        cluster.config,
+        environments=tuple(
+            dataclasses.replace(env, max_concurrent_jobs=2) if env == BRIEF_WAIT else env
+            for env in cluster.config.environments
+        ),
+    )
+    second = await cluster.backend(wider)
+    try:
+        timed_out = await final(second, waiting.job_id)
+        assert timed_out.failure_reason == job_pb2.FAILURE_REASON_QUEUE_TIMEOUT, timed_out.message
+        gate.set()
+        assert (await final(second, running.job_id)).state == State.STATE_SUCCEEDED
+    finally:
+        await second.close()
+    assert pods_of(cluster, waiting.job_id) == []
