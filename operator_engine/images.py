@@ -76,12 +76,12 @@ from operator_engine.sandbox import (
     IMAGE_MOUNT_DIRS,
     IMAGE_MOUNT_FILES,
     ImageRoot,
+    is_env_variable,
 )
 
 _log = structlog.get_logger(__name__)
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -640,9 +640,9 @@ def _image_env(config: Mapping[str, Any]) -> dict[str, str]:
     inner = config.get("config")
     items = inner.get("Env") if isinstance(inner, dict) else None
     for item in items if isinstance(items, list) else []:
-        if isinstance(item, str) and "=" in item and "\0" not in item:
+        if isinstance(item, str) and "=" in item:
             name, _, value = item.partition("=")
-            if _ENV_NAME_RE.fullmatch(name):
+            if is_env_variable(name, value):
                 env[name] = value
     return env
 
@@ -657,13 +657,17 @@ def _read_config(fetched: Path, manifest: bytes, ref: ImageRef) -> dict[str, Any
     data = _read_bounded(fetched / match.group(1), _MAX_MANIFEST_BYTES)
     if hashlib.sha256(data).hexdigest() != match.group(1):
         raise ImageError(f"image {ref}: its config does not match its digest")
+    return _json_object(data, ref, "config")
+
+
+def _json_object(data: bytes, ref: ImageRef, what: str) -> dict[str, Any]:
     try:
-        config = json.loads(data)
+        value = json.loads(data)
     except ValueError:
-        config = None
-    if not isinstance(config, dict):
-        raise ImageError(f"image {ref}: its config is not a JSON object")
-    return config
+        value = None
+    if not isinstance(value, dict):
+        raise ImageError(f"image {ref}: its {what} is not a JSON object")
+    return value
 
 
 def _check_manifest(ref: ImageRef, manifest: bytes, limit: int) -> int:
@@ -675,12 +679,7 @@ def _check_manifest(ref: ImageRef, manifest: bytes, limit: int) -> int:
             f"image {ref.image}: its manifest's digest is sha256:{actual}, not the "
             f"{ref.digest} the algorithm names"
         )
-    try:
-        document = json.loads(manifest)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict):
-        raise ImageError(f"image {ref}: its manifest is not a JSON object")
+    document = _json_object(manifest, ref, "manifest")
     if document.get("mediaType") in _INDEX_TYPES or "manifests" in document:
         raise ImageError(
             f"image {ref}: the digest names an image index (several platforms); name the "

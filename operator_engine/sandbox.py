@@ -276,6 +276,12 @@ class ImageRoot:
     shell: Path
 
 
+def is_env_variable(name: str, value: str) -> bool:
+    """Whether a sandbox takes `name=value` into a job's environment (its spec's or its
+    image's): a plain name, and no NUL byte in the value."""
+    return _ENV_NAME_RE.fullmatch(name) is not None and "\0" not in value
+
+
 @dataclass(frozen=True)
 class SandboxSpec:
     job_id: str
@@ -1029,13 +1035,13 @@ def _check_spec(spec: SandboxSpec) -> None:
     if any("\0" in arg for arg in spec.argv):
         raise ValueError("an argument holds a NUL byte")
     for name, value in spec.env.items():
-        if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+        if not is_env_variable(name, value):
             raise ValueError(f"bad environment variable {name!r}")
     if spec.image is not None:
         if not (spec.image.rootfs.is_absolute() and spec.image.shell.is_absolute()):
             raise ValueError("an image's rootfs and shell must be absolute paths")
         for name, value in spec.image.env.items():
-            if not _ENV_NAME_RE.fullmatch(name) or "\0" in value:
+            if not is_env_variable(name, value):
                 raise ValueError(f"bad environment variable {name!r} in the image")
     seen: set[str] = set()
     for mount in spec.mounts:
