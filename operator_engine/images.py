@@ -72,6 +72,7 @@ from c2d.common.v1 import container_pb2
 
 from mesh import containers
 from mesh.errors import InvalidArgument
+from mesh.jobs import is_sha256_hex
 from operator_engine.sandbox import (
     IMAGE_MOUNT_DIRS,
     IMAGE_MOUNT_FILES,
@@ -82,7 +83,6 @@ from operator_engine.sandbox import (
 _log = structlog.get_logger(__name__)
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
-_HEX_RE = re.compile(r"[0-9a-f]{64}")
 _INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -296,7 +296,7 @@ class ImageCache:
         """(hex digest, size, last use) of each image in the cache."""
         found = []
         for entry in os.scandir(self.cache):
-            if not _HEX_RE.fullmatch(entry.name):
+            if not is_sha256_hex(entry.name):
                 continue
             try:
                 info = os.stat(Path(entry.path) / _IMAGE_FILE)
