@@ -26,29 +26,45 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x32\x64/common/v1/job.proto\x12\rc2d.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\x06\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x61taset_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x61lgorithm_id\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.c2d.common.v1.Job.State\x12\x34\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\x0e\x32\x1c.c2d.common.v1.FailureReason\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x13\n\x0bstatus_code\x18\t \x01(\x05\x12\x13\n\x0bstatus_text\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07results\x18\x0e \x03(\x0b\x32\x19.c2d.common.v1.ResultFile\x12\x11\n\texit_code\x18\x0f \x01(\x05\x12\x16\n\x0equeue_position\x18\x10 \x01(\x05\x12\x0f\n\x07viewers\x18\x11 \x03(\t\x12(\n\x06limits\x18\x12 \x01(\x0b\x32\x18.c2d.common.v1.Resources\x12\x37\n\x13results_expire_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fresults_expired\x18\x14 \x01(\x08\"\xac\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x15\n\x11STATE_CONFIGURING\x10\x02\x12\x11\n\rSTATE_RUNNING\x10\x03\x12\x14\n\x10STATE_PUBLISHING\x10\x04\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x13\n\x0fSTATE_CANCELLED\x10\x07\"t\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x03 \x01(\x03\x12/\n\x0cmax_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf4\x01\n\nResultFile\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.c2d.common.v1.ResultFile.Kind\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"w\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_OUTPUT\x10\x01\x12\x16\n\x12KIND_ALGORITHM_LOG\x10\x02\x12\x1a\n\x16KIND_CONFIGURATION_LOG\x10\x03\x12\x14\n\x10KIND_PUBLISH_LOG\x10\x04\"\x90\x03\n\x0b\x45nvironment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63pus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\x12\x15\n\rmax_processes\x18\x05 \x01(\x05\x12/\n\x0cmax_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13max_concurrent_jobs\x18\x07 \x01(\x05\x12\x17\n\x0fnetwork_allowed\x18\x08 \x01(\x08\x12\x0c\n\x04\x66ree\x18\t \x01(\x08\x12\x31\n\x0emax_queue_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_queued_jobs\x18\x0b \x01(\x05\x12.\n\x05price\x18\x0c \x01(\x0b\x32\x1f.c2d.common.v1.EnvironmentPrice\x12\x33\n\x10result_retention\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x10\x45nvironmentPrice\x12\r\n\x05token\x18\x01 \x01(\t\x12\x19\n\x11\x61mount_per_minute\x18\x02 \x01(\t\"=\n\x08LogChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t*\xeb\x03\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12)\n%FAILURE_REASON_ALGORITHM_EXIT_NONZERO\x10\x01\x12\x1c\n\x18\x46\x41ILURE_REASON_TIMED_OUT\x10\x02\x12 \n\x1c\x46\x41ILURE_REASON_OUT_OF_MEMORY\x10\x03\x12%\n!FAILURE_REASON_TOO_MANY_PROCESSES\x10\x04\x12#\n\x1f\x46\x41ILURE_REASON_OUTPUT_TOO_LARGE\x10\x05\x12\x1c\n\x18\x46\x41ILURE_REASON_DISK_FULL\x10\x06\x12+\n\'FAILURE_REASON_DATA_PROVISIONING_FAILED\x10\x07\x12\x30\n,FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED\x10\x08\x12!\n\x1d\x46\x41ILURE_REASON_PUBLISH_FAILED\x10\t\x12\x1e\n\x1a\x46\x41ILURE_REASON_ENGINE_LOST\x10\n\x12!\n\x1d\x46\x41ILURE_REASON_SANDBOX_FAILED\x10\x0b\x12 \n\x1c\x46\x41ILURE_REASON_QUEUE_TIMEOUT\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x32\x64/common/v1/job.proto\x12\rc2d.common.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x07\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x61taset_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x61lgorithm_id\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.c2d.common.v1.Job.State\x12\x34\n\x0e\x66\x61ilure_reason\x18\x07 \x01(\x0e\x32\x1c.c2d.common.v1.FailureReason\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\x13\n\x0bstatus_code\x18\t \x01(\x05\x12\x13\n\x0bstatus_text\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07results\x18\x0e \x03(\x0b\x32\x19.c2d.common.v1.ResultFile\x12\x11\n\texit_code\x18\x0f \x01(\x05\x12\x16\n\x0equeue_position\x18\x10 \x01(\x05\x12\x0f\n\x07viewers\x18\x11 \x03(\t\x12(\n\x06limits\x18\x12 \x01(\x0b\x32\x18.c2d.common.v1.Resources\x12\x37\n\x13results_expire_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fresults_expired\x18\x14 \x01(\x08\x12\x38\n\x10result_selection\x18\x15 \x01(\x0e\x32\x1e.c2d.common.v1.ResultSelection\x12/\n\x08\x64\x65livery\x18\x16 \x01(\x0b\x32\x1d.c2d.common.v1.DeliveryStatus\"\xac\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x15\n\x11STATE_CONFIGURING\x10\x02\x12\x11\n\rSTATE_RUNNING\x10\x03\x12\x14\n\x10STATE_PUBLISHING\x10\x04\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x13\n\x0fSTATE_CANCELLED\x10\x07\"z\n\x0eResultDelivery\x12\'\n\x02s3\x18\x01 \x01(\x0b\x32\x19.c2d.common.v1.S3DeliveryH\x00\x12\x30\n\x0bupload_urls\x18\x02 \x01(\x0b\x32\x19.c2d.common.v1.UploadUrlsH\x00\x42\r\n\x0b\x64\x65stination\"\x97\x01\n\nS3Delivery\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x15\n\raccess_key_id\x18\x05 \x01(\t\x12\x19\n\x11secret_access_key\x18\x06 \x01(\t\x12\x15\n\rsession_token\x18\x07 \x01(\t\"l\n\nUploadUrls\x12\x31\n\x04urls\x18\x01 \x03(\x0b\x32#.c2d.common.v1.UploadUrls.UrlsEntry\x1a+\n\tUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0e\x44\x65liveryStatus\x12\x32\n\x05state\x18\x01 \x01(\x0e\x32#.c2d.common.v1.DeliveryStatus.State\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x17\n\x0f\x64\x65livered_count\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"X\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x13\n\x0fSTATE_DELIVERED\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\"t\n\tResources\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x03 \x01(\x03\x12/\n\x0cmax_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf4\x01\n\nResultFile\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.c2d.common.v1.ResultFile.Kind\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"w\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_OUTPUT\x10\x01\x12\x16\n\x12KIND_ALGORITHM_LOG\x10\x02\x12\x1a\n\x16KIND_CONFIGURATION_LOG\x10\x03\x12\x14\n\x10KIND_PUBLISH_LOG\x10\x04\"\x90\x03\n\x0b\x45nvironment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63pus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x12\n\ndisk_bytes\x18\x04 \x01(\x03\x12\x15\n\rmax_processes\x18\x05 \x01(\x05\x12/\n\x0cmax_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13max_concurrent_jobs\x18\x07 \x01(\x05\x12\x17\n\x0fnetwork_allowed\x18\x08 \x01(\x08\x12\x0c\n\x04\x66ree\x18\t \x01(\x08\x12\x31\n\x0emax_queue_wait\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_queued_jobs\x18\x0b \x01(\x05\x12.\n\x05price\x18\x0c \x01(\x0b\x32\x1f.c2d.common.v1.EnvironmentPrice\x12\x33\n\x10result_retention\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\"<\n\x10\x45nvironmentPrice\x12\r\n\x05token\x18\x01 \x01(\t\x12\x19\n\x11\x61mount_per_minute\x18\x02 \x01(\t\"=\n\x08LogChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t*\x93\x01\n\x0fResultSelection\x12 \n\x1cRESULT_SELECTION_UNSPECIFIED\x10\x00\x12%\n!RESULT_SELECTION_OUTPUTS_AND_LOGS\x10\x01\x12\x1c\n\x18RESULT_SELECTION_OUTPUTS\x10\x02\x12\x19\n\x15RESULT_SELECTION_LOGS\x10\x03*\xeb\x03\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12)\n%FAILURE_REASON_ALGORITHM_EXIT_NONZERO\x10\x01\x12\x1c\n\x18\x46\x41ILURE_REASON_TIMED_OUT\x10\x02\x12 \n\x1c\x46\x41ILURE_REASON_OUT_OF_MEMORY\x10\x03\x12%\n!FAILURE_REASON_TOO_MANY_PROCESSES\x10\x04\x12#\n\x1f\x46\x41ILURE_REASON_OUTPUT_TOO_LARGE\x10\x05\x12\x1c\n\x18\x46\x41ILURE_REASON_DISK_FULL\x10\x06\x12+\n\'FAILURE_REASON_DATA_PROVISIONING_FAILED\x10\x07\x12\x30\n,FAILURE_REASON_ALGORITHM_PROVISIONING_FAILED\x10\x08\x12!\n\x1d\x46\x41ILURE_REASON_PUBLISH_FAILED\x10\t\x12\x1e\n\x1a\x46\x41ILURE_REASON_ENGINE_LOST\x10\n\x12!\n\x1d\x46\x41ILURE_REASON_SANDBOX_FAILED\x10\x0b\x12 \n\x1c\x46\x41ILURE_REASON_QUEUE_TIMEOUT\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'c2d.common.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILUREREASON']._serialized_start=1802
-  _globals['_FAILUREREASON']._serialized_end=2293
+  _globals['_UPLOADURLS_URLSENTRY']._loaded_options = None
+  _globals['_UPLOADURLS_URLSENTRY']._serialized_options = b'8\001'
+  _globals['_RESULTSELECTION']._serialized_start=2521
+  _globals['_RESULTSELECTION']._serialized_end=2668
+  _globals['_FAILUREREASON']._serialized_start=2671
+  _globals['_FAILUREREASON']._serialized_end=3162
   _globals['_JOB']._serialized_start=108
-  _globals['_JOB']._serialized_end=906
-  _globals['_JOB_STATE']._serialized_start=734
-  _globals['_JOB_STATE']._serialized_end=906
-  _globals['_RESOURCES']._serialized_start=908
-  _globals['_RESOURCES']._serialized_end=1024
-  _globals['_RESULTFILE']._serialized_start=1027
-  _globals['_RESULTFILE']._serialized_end=1271
-  _globals['_RESULTFILE_KIND']._serialized_start=1152
-  _globals['_RESULTFILE_KIND']._serialized_end=1271
-  _globals['_ENVIRONMENT']._serialized_start=1274
-  _globals['_ENVIRONMENT']._serialized_end=1674
-  _globals['_ENVIRONMENTPRICE']._serialized_start=1676
-  _globals['_ENVIRONMENTPRICE']._serialized_end=1736
-  _globals['_LOGCHUNK']._serialized_start=1738
-  _globals['_LOGCHUNK']._serialized_end=1799
+  _globals['_JOB']._serialized_end=1013
+  _globals['_JOB_STATE']._serialized_start=841
+  _globals['_JOB_STATE']._serialized_end=1013
+  _globals['_RESULTDELIVERY']._serialized_start=1015
+  _globals['_RESULTDELIVERY']._serialized_end=1137
+  _globals['_S3DELIVERY']._serialized_start=1140
+  _globals['_S3DELIVERY']._serialized_end=1291
+  _globals['_UPLOADURLS']._serialized_start=1293
+  _globals['_UPLOADURLS']._serialized_end=1401
+  _globals['_UPLOADURLS_URLSENTRY']._serialized_start=1358
+  _globals['_UPLOADURLS_URLSENTRY']._serialized_end=1401
+  _globals['_DELIVERYSTATUS']._serialized_start=1404
+  _globals['_DELIVERYSTATUS']._serialized_end=1625
+  _globals['_DELIVERYSTATUS_STATE']._serialized_start=1537
+  _globals['_DELIVERYSTATUS_STATE']._serialized_end=1625
+  _globals['_RESOURCES']._serialized_start=1627
+  _globals['_RESOURCES']._serialized_end=1743
+  _globals['_RESULTFILE']._serialized_start=1746
+  _globals['_RESULTFILE']._serialized_end=1990
+  _globals['_RESULTFILE_KIND']._serialized_start=1871
+  _globals['_RESULTFILE_KIND']._serialized_end=1990
+  _globals['_ENVIRONMENT']._serialized_start=1993
+  _globals['_ENVIRONMENT']._serialized_end=2393
+  _globals['_ENVIRONMENTPRICE']._serialized_start=2395
+  _globals['_ENVIRONMENTPRICE']._serialized_end=2455
+  _globals['_LOGCHUNK']._serialized_start=2457
+  _globals['_LOGCHUNK']._serialized_end=2518
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ResultSelection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultSelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultSelection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_SELECTION_UNSPECIFIED: _ResultSelection.ValueType  # 0
+    """Not given: outputs and logs."""
+    RESULT_SELECTION_OUTPUTS_AND_LOGS: _ResultSelection.ValueType  # 1
+    """The outputs and the logs."""
+    RESULT_SELECTION_OUTPUTS: _ResultSelection.ValueType  # 2
+    """The outputs only: the algorithm's and the configure stage's logs are not
+    stored (they still stream live while the job runs).
+    """
+    RESULT_SELECTION_LOGS: _ResultSelection.ValueType  # 3
+    """The logs only: no output is stored."""
+
+class ResultSelection(_ResultSelection, metaclass=_ResultSelectionEnumTypeWrapper):
+    """Which of a job's results are kept, as the consumer chose at start. The
+    publish log is kept in every case: it says what the publish stage did.
+    """
+
+RESULT_SELECTION_UNSPECIFIED: ResultSelection.ValueType  # 0
+"""Not given: outputs and logs."""
+RESULT_SELECTION_OUTPUTS_AND_LOGS: ResultSelection.ValueType  # 1
+"""The outputs and the logs."""
+RESULT_SELECTION_OUTPUTS: ResultSelection.ValueType  # 2
+"""The outputs only: the algorithm's and the configure stage's logs are not
+stored (they still stream live while the job runs).
+"""
+RESULT_SELECTION_LOGS: ResultSelection.ValueType  # 3
+"""The logs only: no output is stored."""
+Global___ResultSelection: _TypeAlias = ResultSelection  # noqa: Y015
+
 class _FailureReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -171,6 +205,8 @@ class Job(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     RESULTS_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RESULTS_EXPIRED_FIELD_NUMBER: _builtins.int
+    RESULT_SELECTION_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `jobs/{job}`, where `{job}` is 32 lowercase hex digits."""
     owner: _builtins.str
@@ -202,6 +238,8 @@ class Job(_message.Message):
     lists them (names, sizes, checksums), but they can no longer be
     downloaded.
     """
+    result_selection: Global___ResultSelection.ValueType
+    """Which results the consumer asked the job to keep."""
     @_builtins.property
     def dataset_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The datasets the job reads, as 64-hex dataset ids, the main dataset first."""
@@ -240,6 +278,13 @@ class Job(_message.Message):
         `result_retention`; unset when they are kept until the job is deleted.
         """
 
+    @_builtins.property
+    def delivery(self) -> Global___DeliveryStatus:
+        """Where the results are delivered besides the Provider's download, and how
+        far that went; unset when the consumer asked for no delivery. Never holds
+        credentials or upload URLs.
+        """
+
     def __init__(
         self,
         *,
@@ -263,14 +308,224 @@ class Job(_message.Message):
         limits: Global___Resources | None = ...,
         results_expire_time: _timestamp_pb2.Timestamp | None = ...,
         results_expired: _builtins.bool = ...,
+        result_selection: Global___ResultSelection.ValueType = ...,
+        delivery: Global___DeliveryStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "limits", b"limits", "results_expire_time", b"results_expire_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delivery", b"delivery", "end_time", b"end_time", "limits", b"limits", "results_expire_time", b"results_expire_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "limits", b"limits", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "results", b"results", "results_expire_time", b"results_expire_time", "results_expired", b"results_expired", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm_id", b"algorithm_id", "create_time", b"create_time", "dataset_ids", b"dataset_ids", "delivery", b"delivery", "end_time", b"end_time", "environment", b"environment", "exit_code", b"exit_code", "failure_reason", b"failure_reason", "limits", b"limits", "message", b"message", "name", b"name", "owner", b"owner", "queue_position", b"queue_position", "result_selection", b"result_selection", "results", b"results", "results_expire_time", b"results_expire_time", "results_expired", b"results_expired", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_text", b"status_text", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class ResultDelivery(_message.Message):
+    """Where a job's results go besides the Provider's download: the consumer's
+    own storage. Its secrets (keys, upload URLs) are held in memory for the
+    job only: never written to disk, never returned, never logged. A job whose
+    engine restarts before delivery ends with its delivery failed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    S3_FIELD_NUMBER: _builtins.int
+    UPLOAD_URLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def s3(self) -> Global___S3Delivery:
+        """An S3 bucket (or S3-compatible store) the consumer names, with keys
+        that may write to it.
+        """
+
+    @_builtins.property
+    def upload_urls(self) -> Global___UploadUrls:
+        """Presigned upload URLs the consumer made, one per result name."""
+
+    def __init__(
+        self,
+        *,
+        s3: Global___S3Delivery | None = ...,
+        upload_urls: Global___UploadUrls | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "s3", b"s3", "upload_urls", b"upload_urls"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "s3", b"s3", "upload_urls", b"upload_urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_destination: _TypeAlias = _typing.Literal["s3", "upload_urls"]  # noqa: Y015
+    _WhichOneofArgType_destination: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_destination) -> _WhichOneofReturnType_destination | None: ...
+
+Global___ResultDelivery: _TypeAlias = ResultDelivery  # noqa: Y015
+
+@_typing.final
+class S3Delivery(_message.Message):
+    """A consumer's S3 bucket. Each result is written to
+    `{prefix}{job id}/{result name}`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_ID_FIELD_NUMBER: _builtins.int
+    SECRET_ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """The endpoint URL, for example `https://s3.example.org`; empty for AWS.
+    Plain `http://`, and addresses that are not public, only for hosts the
+    node allows (C2D_DELIVERY_ALLOW_HOSTS). Addressed path-style.
+    """
+    region: _builtins.str
+    """The region; empty for `us-east-1`."""
+    bucket: _builtins.str
+    """The bucket's name (3 to 63 lowercase letters, digits, dots and hyphens)."""
+    prefix: _builtins.str
+    """A key prefix, for example `results/`; empty for none. At most 512
+    characters, no `..` segment, no leading `/`.
+    """
+    access_key_id: _builtins.str
+    """The access key id."""
+    secret_access_key: _builtins.str
+    """The secret access key."""
+    session_token: _builtins.str
+    """The session token of temporary credentials; empty for none."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        region: _builtins.str = ...,
+        bucket: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        access_key_id: _builtins.str = ...,
+        secret_access_key: _builtins.str = ...,
+        session_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key_id", b"access_key_id", "bucket", b"bucket", "endpoint", b"endpoint", "prefix", b"prefix", "region", b"region", "secret_access_key", b"secret_access_key", "session_token", b"session_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___S3Delivery: _TypeAlias = S3Delivery  # noqa: Y015
+
+@_typing.final
+class UploadUrls(_message.Message):
+    """Presigned upload (HTTP PUT) URLs, by result name, for example
+    `{"summary.json": "https://bucket.s3.amazonaws.com/...?X-Amz-Signature=..."}`.
+    A kept result without a URL is not delivered; a URL whose result does not
+    exist is reported. At most 1000.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class UrlsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def urls(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Result name to `https://` URL (plain `http://`, and addresses that are
+        not public, only for hosts the node allows).
+        """
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadUrls: _TypeAlias = UploadUrls  # noqa: Y015
+
+@_typing.final
+class DeliveryStatus(_message.Message):
+    """How a job's delivery to the consumer's storage went."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[DeliveryStatus._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: DeliveryStatus._State.ValueType  # 0
+        """Never sent; the zero value of the enum."""
+        STATE_PENDING: DeliveryStatus._State.ValueType  # 1
+        """Waiting for the results, or under way."""
+        STATE_DELIVERED: DeliveryStatus._State.ValueType  # 2
+        """Every kept result that had a destination was delivered."""
+        STATE_FAILED: DeliveryStatus._State.ValueType  # 3
+        """Some or all results could not be delivered; `message` says why. The
+        results can still be downloaded from the Provider.
+        """
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where a delivery is."""
+
+    STATE_UNSPECIFIED: DeliveryStatus.State.ValueType  # 0
+    """Never sent; the zero value of the enum."""
+    STATE_PENDING: DeliveryStatus.State.ValueType  # 1
+    """Waiting for the results, or under way."""
+    STATE_DELIVERED: DeliveryStatus.State.ValueType  # 2
+    """Every kept result that had a destination was delivered."""
+    STATE_FAILED: DeliveryStatus.State.ValueType  # 3
+    """Some or all results could not be delivered; `message` says why. The
+    results can still be downloaded from the Provider.
+    """
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    DELIVERED_COUNT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    state: Global___DeliveryStatus.State.ValueType
+    """Where the delivery is."""
+    destination: _builtins.str
+    """The destination without secrets: `s3://{bucket}/{prefix}{job id}/` (with
+    the endpoint's host when not AWS), or `upload URLs (N)`.
+    """
+    delivered_count: _builtins.int
+    """How many results were delivered."""
+    message: _builtins.str
+    """What went wrong, or what was left out (results without an upload URL)."""
+    def __init__(
+        self,
+        *,
+        state: Global___DeliveryStatus.State.ValueType = ...,
+        destination: _builtins.str = ...,
+        delivered_count: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered_count", b"delivered_count", "destination", b"destination", "message", b"message", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):

@@ -26,7 +26,7 @@ from c2d.common.v1 import container_pb2 as c2d_dot_common_dot_v1_dot_container__
 from c2d.common.v1 import job_pb2 as c2d_dot_common_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x32\x64/engine/v1/engine.proto\x12\rc2d.engine.v1\x1a\x1d\x63\x32\x64/common/v1/container.proto\x1a\x17\x63\x32\x64/common/v1/job.proto\"o\n\x0c\x44\x61tasetInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x64o_json\x18\x03 \x01(\t\x12/\n\x05\x66iles\x18\x04 \x03(\x0b\x32 .c2d.engine.v1.DatasetFileSourceJ\x04\x08\x02\x10\x03R\nfile_paths\"\x8e\x01\n\x11\x44\x61tasetFileSource\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x10\n\x06s3_url\x18\x02 \x01(\tH\x00\x12\x12\n\x08http_url\x18\x03 \x01(\tH\x00\x12\x13\n\x0b\x63redentials\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\tB\n\n\x08location\"\x91\x01\n\x0e\x41lgorithmInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63ode_sha256\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x01(\t\x12\x0f\n\x07private\x18\x05 \x01(\x08\x12+\n\tcontainer\x18\x06 \x01(\x0b\x32\x18.c2d.common.v1.Container\"\x8c\x02\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12-\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x1b.c2d.engine.v1.DatasetInput\x12\x30\n\talgorithm\x18\x04 \x01(\x0b\x32\x1d.c2d.engine.v1.AlgorithmInput\x12\x17\n\x0fparameters_json\x18\x05 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x06 \x01(\t\x12\x15\n\rallow_network\x18\x07 \x01(\x08\x12\x0f\n\x07viewers\x18\x08 \x03(\t\x12+\n\tresources\x18\t \x01(\x0b\x32\x18.c2d.common.v1.Resources\"5\n\rRunJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.c2d.engine.v1.JobSpec\"1\n\x0eRunJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x10WatchJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"6\n\x14StreamJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"?\n\x15StreamJobLogsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.c2d.common.v1.LogChunk\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0fStopJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\x19\n\x17ListEnvironmentsRequest\"L\n\x18ListEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.c2d.common.v1.Environment2\xc9\x04\n\rEngineService\x12\x45\n\x06RunJob\x12\x1c.c2d.engine.v1.RunJobRequest\x1a\x1d.c2d.engine.v1.RunJobResponse\x12\x45\n\x06GetJob\x12\x1c.c2d.engine.v1.GetJobRequest\x1a\x1d.c2d.engine.v1.GetJobResponse\x12M\n\x08WatchJob\x12\x1e.c2d.engine.v1.WatchJobRequest\x1a\x1f.c2d.engine.v1.WatchJobResponse0\x01\x12\\\n\rStreamJobLogs\x12#.c2d.engine.v1.StreamJobLogsRequest\x1a$.c2d.engine.v1.StreamJobLogsResponse0\x01\x12H\n\x07StopJob\x12\x1d.c2d.engine.v1.StopJobRequest\x1a\x1e.c2d.engine.v1.StopJobResponse\x12N\n\tDeleteJob\x12\x1f.c2d.engine.v1.DeleteJobRequest\x1a .c2d.engine.v1.DeleteJobResponse\x12\x63\n\x10ListEnvironments\x12&.c2d.engine.v1.ListEnvironmentsRequest\x1a\'.c2d.engine.v1.ListEnvironmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x32\x64/engine/v1/engine.proto\x12\rc2d.engine.v1\x1a\x1d\x63\x32\x64/common/v1/container.proto\x1a\x17\x63\x32\x64/common/v1/job.proto\"o\n\x0c\x44\x61tasetInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x64o_json\x18\x03 \x01(\t\x12/\n\x05\x66iles\x18\x04 \x03(\x0b\x32 .c2d.engine.v1.DatasetFileSourceJ\x04\x08\x02\x10\x03R\nfile_paths\"\xa0\x01\n\x11\x44\x61tasetFileSource\x12\x0e\n\x04path\x18\x01 \x01(\tH\x00\x12\x10\n\x06s3_url\x18\x02 \x01(\tH\x00\x12\x12\n\x08http_url\x18\x03 \x01(\tH\x00\x12\x10\n\x06stored\x18\x07 \x01(\tH\x00\x12\x13\n\x0b\x63redentials\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\tB\n\n\x08location\"\x91\x01\n\x0e\x41lgorithmInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63ode_sha256\x18\x03 \x01(\t\x12\x12\n\nentrypoint\x18\x04 \x01(\t\x12\x0f\n\x07private\x18\x05 \x01(\x08\x12+\n\tcontainer\x18\x06 \x01(\x0b\x32\x18.c2d.common.v1.Container\"\xee\x02\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12-\n\x08\x64\x61tasets\x18\x03 \x03(\x0b\x32\x1b.c2d.engine.v1.DatasetInput\x12\x30\n\talgorithm\x18\x04 \x01(\x0b\x32\x1d.c2d.engine.v1.AlgorithmInput\x12\x17\n\x0fparameters_json\x18\x05 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x06 \x01(\t\x12\x15\n\rallow_network\x18\x07 \x01(\x08\x12\x0f\n\x07viewers\x18\x08 \x03(\t\x12+\n\tresources\x18\t \x01(\x0b\x32\x18.c2d.common.v1.Resources\x12/\n\x07results\x18\n \x01(\x0e\x32\x1e.c2d.common.v1.ResultSelection\x12/\n\x08\x64\x65livery\x18\x0b \x01(\x0b\x32\x1d.c2d.common.v1.ResultDelivery\"5\n\rRunJobRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.c2d.engine.v1.JobSpec\"1\n\x0eRunJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"1\n\x0eGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x10WatchJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"6\n\x14StreamJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"?\n\x15StreamJobLogsResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x17.c2d.common.v1.LogChunk\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"2\n\x0fStopJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.c2d.common.v1.Job\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"\x19\n\x17ListEnvironmentsRequest\"L\n\x18ListEnvironmentsResponse\x12\x30\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32\x1a.c2d.common.v1.Environment2\xc9\x04\n\rEngineService\x12\x45\n\x06RunJob\x12\x1c.c2d.engine.v1.RunJobRequest\x1a\x1d.c2d.engine.v1.RunJobResponse\x12\x45\n\x06GetJob\x12\x1c.c2d.engine.v1.GetJobRequest\x1a\x1d.c2d.engine.v1.GetJobResponse\x12M\n\x08WatchJob\x12\x1e.c2d.engine.v1.WatchJobRequest\x1a\x1f.c2d.engine.v1.WatchJobResponse0\x01\x12\\\n\rStreamJobLogs\x12#.c2d.engine.v1.StreamJobLogsRequest\x1a$.c2d.engine.v1.StreamJobLogsResponse0\x01\x12H\n\x07StopJob\x12\x1d.c2d.engine.v1.StopJobRequest\x1a\x1e.c2d.engine.v1.StopJobResponse\x12N\n\tDeleteJob\x12\x1f.c2d.engine.v1.DeleteJobRequest\x1a .c2d.engine.v1.DeleteJobResponse\x12\x63\n\x10ListEnvironments\x12&.c2d.engine.v1.ListEnvironmentsRequest\x1a\'.c2d.engine.v1.ListEnvironmentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,39 +36,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASETINPUT']._serialized_start=101
   _globals['_DATASETINPUT']._serialized_end=212
   _globals['_DATASETFILESOURCE']._serialized_start=215
-  _globals['_DATASETFILESOURCE']._serialized_end=357
-  _globals['_ALGORITHMINPUT']._serialized_start=360
-  _globals['_ALGORITHMINPUT']._serialized_end=505
-  _globals['_JOBSPEC']._serialized_start=508
-  _globals['_JOBSPEC']._serialized_end=776
-  _globals['_RUNJOBREQUEST']._serialized_start=778
-  _globals['_RUNJOBREQUEST']._serialized_end=831
-  _globals['_RUNJOBRESPONSE']._serialized_start=833
-  _globals['_RUNJOBRESPONSE']._serialized_end=882
-  _globals['_GETJOBREQUEST']._serialized_start=884
-  _globals['_GETJOBREQUEST']._serialized_end=915
-  _globals['_GETJOBRESPONSE']._serialized_start=917
-  _globals['_GETJOBRESPONSE']._serialized_end=966
-  _globals['_WATCHJOBREQUEST']._serialized_start=968
-  _globals['_WATCHJOBREQUEST']._serialized_end=1001
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1003
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1054
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=1056
-  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=1110
-  _globals['_STREAMJOBLOGSRESPONSE']._serialized_start=1112
-  _globals['_STREAMJOBLOGSRESPONSE']._serialized_end=1175
-  _globals['_STOPJOBREQUEST']._serialized_start=1177
-  _globals['_STOPJOBREQUEST']._serialized_end=1209
-  _globals['_STOPJOBRESPONSE']._serialized_start=1211
-  _globals['_STOPJOBRESPONSE']._serialized_end=1261
-  _globals['_DELETEJOBREQUEST']._serialized_start=1263
-  _globals['_DELETEJOBREQUEST']._serialized_end=1297
-  _globals['_DELETEJOBRESPONSE']._serialized_start=1299
-  _globals['_DELETEJOBRESPONSE']._serialized_end=1318
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1320
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1345
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1347
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1423
-  _globals['_ENGINESERVICE']._serialized_start=1426
-  _globals['_ENGINESERVICE']._serialized_end=2011
+  _globals['_DATASETFILESOURCE']._serialized_end=375
+  _globals['_ALGORITHMINPUT']._serialized_start=378
+  _globals['_ALGORITHMINPUT']._serialized_end=523
+  _globals['_JOBSPEC']._serialized_start=526
+  _globals['_JOBSPEC']._serialized_end=892
+  _globals['_RUNJOBREQUEST']._serialized_start=894
+  _globals['_RUNJOBREQUEST']._serialized_end=947
+  _globals['_RUNJOBRESPONSE']._serialized_start=949
+  _globals['_RUNJOBRESPONSE']._serialized_end=998
+  _globals['_GETJOBREQUEST']._serialized_start=1000
+  _globals['_GETJOBREQUEST']._serialized_end=1031
+  _globals['_GETJOBRESPONSE']._serialized_start=1033
+  _globals['_GETJOBRESPONSE']._serialized_end=1082
+  _globals['_WATCHJOBREQUEST']._serialized_start=1084
+  _globals['_WATCHJOBREQUEST']._serialized_end=1117
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1119
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1170
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_start=1172
+  _globals['_STREAMJOBLOGSREQUEST']._serialized_end=1226
+  _globals['_STREAMJOBLOGSRESPONSE']._serialized_start=1228
+  _globals['_STREAMJOBLOGSRESPONSE']._serialized_end=1291
+  _globals['_STOPJOBREQUEST']._serialized_start=1293
+  _globals['_STOPJOBREQUEST']._serialized_end=1325
+  _globals['_STOPJOBRESPONSE']._serialized_start=1327
+  _globals['_STOPJOBRESPONSE']._serialized_end=1377
+  _globals['_DELETEJOBREQUEST']._serialized_start=1379
+  _globals['_DELETEJOBREQUEST']._serialized_end=1413
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1415
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1434
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=1436
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=1461
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=1463
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=1539
+  _globals['_ENGINESERVICE']._serialized_start=1542
+  _globals['_ENGINESERVICE']._serialized_end=2127
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,7 @@ class DatasetFileSource(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     S3_URL_FIELD_NUMBER: _builtins.int
     HTTP_URL_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
@@ -78,6 +79,12 @@ class DatasetFileSource(_message.Message):
     """
     http_url: _builtins.str
     """An `http://` or `https://` URL, fetched into the job's inputs."""
+    stored: _builtins.str
+    """A file of a dataset made from a job's outputs: its key in the node's
+    results storage (`datasets/{dataset id}/{index}`, see
+    OperatorService.ExportResults), read with the engine's own storage
+    settings: bind-mounted from local disk, fetched from S3.
+    """
     credentials: _builtins.str
     """The name of a source credential in the engine's sources file (see
     C2D_SOURCE_CREDENTIALS): S3 endpoint and keys, or HTTP headers. Empty:
@@ -99,15 +106,16 @@ class DatasetFileSource(_message.Message):
         path: _builtins.str = ...,
         s3_url: _builtins.str = ...,
         http_url: _builtins.str = ...,
+        stored: _builtins.str = ...,
         credentials: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url", "stored", b"stored"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "http_url", b"http_url", "location", b"location", "path", b"path", "s3_url", b"s3_url", "sha256", b"sha256", "size_bytes", b"size_bytes", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["path", "s3_url", "http_url"]  # noqa: Y015
+    _WhichOneofReturnType_location: _TypeAlias = _typing.Literal["path", "s3_url", "http_url", "stored"]  # noqa: Y015
     _WhichOneofArgType_location: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_location) -> _WhichOneofReturnType_location | None: ...
 
@@ -186,6 +194,8 @@ class JobSpec(_message.Message):
     ALLOW_NETWORK_FIELD_NUMBER: _builtins.int
     VIEWERS_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job's id: 32 lowercase hex digits."""
     owner: _builtins.str
@@ -200,6 +210,8 @@ class JobSpec(_message.Message):
     """Whether the compute stage may use the network (only when the environment
     allows it too).
     """
+    results: _job_pb2.ResultSelection.ValueType
+    """Which results to keep; unset keeps outputs and logs."""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetInput]:
         """The datasets, the main one first."""
@@ -219,6 +231,13 @@ class JobSpec(_message.Message):
         environment's limits.
         """
 
+    @_builtins.property
+    def delivery(self) -> _job_pb2.ResultDelivery:
+        """Where to deliver the kept results besides the node's storage; unset for
+        nowhere. Its secrets are never written to disk: the stored copy of a spec
+        keeps only the destination's description.
+        """
+
     def __init__(
         self,
         *,
@@ -231,10 +250,12 @@ class JobSpec(_message.Message):
         allow_network: _builtins.bool = ...,
         viewers: _abc.Iterable[_builtins.str] | None = ...,
         resources: _job_pb2.Resources | None = ...,
+        results: _job_pb2.ResultSelection.ValueType = ...,
+        delivery: _job_pb2.ResultDelivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "delivery", b"delivery", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "allow_network", b"allow_network", "datasets", b"datasets", "environment", b"environment", "job_id", b"job_id", "owner", b"owner", "parameters_json", b"parameters_json", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "allow_network", b"allow_network", "datasets", b"datasets", "delivery", b"delivery", "environment", b"environment", "job_id", b"job_id", "owner", b"owner", "parameters_json", b"parameters_json", "resources", b"resources", "results", b"results", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

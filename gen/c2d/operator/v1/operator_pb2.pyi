@@ -501,6 +501,70 @@ class GetResultUrlResponse(_message.Message):
 Global___GetResultUrlResponse: _TypeAlias = GetResultUrlResponse  # noqa: Y015
 
 @_typing.final
+class ExportResultsRequest(_message.Message):
+    """The request of ExportResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id."""
+    owner: _builtins.str
+    """The caller's address; must own the job."""
+    dataset_id: _builtins.str
+    """The 64-hex id of the dataset the copies are for."""
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The outputs to copy, by result index, in the dataset's file order; empty
+        for every output.
+        """
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        indexes: _abc.Iterable[_builtins.int] | None = ...,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "indexes", b"indexes", "job_id", b"job_id", "owner", b"owner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportResultsRequest: _TypeAlias = ExportResultsRequest  # noqa: Y015
+
+@_typing.final
+class ExportResultsResponse(_message.Message):
+    """The response of ExportResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.ResultFile]:
+        """The copies, in the dataset's file order: `index` is the position in the
+        dataset, `name` the output's name, with its size and sha256.
+        """
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[_job_pb2.ResultFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportResultsResponse: _TypeAlias = ExportResultsResponse  # noqa: Y015
+
+@_typing.final
 class ListEnvironmentsRequest(_message.Message):
     """The request of ListEnvironments."""
 

@@ -86,6 +86,11 @@ class OperatorServiceStub:
                 request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.SerializeToString,
                 response_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.FromString,
                 _registered_method=True)
+        self.ExportResults = channel.unary_unary(
+                '/c2d.operator.v1.OperatorService/ExportResults',
+                request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsRequest.SerializeToString,
+                response_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsResponse.FromString,
+                _registered_method=True)
         self.ListEnvironments = channel.unary_unary(
                 '/c2d.operator.v1.OperatorService/ListEnvironments',
                 request_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ListEnvironmentsRequest.SerializeToString,
@@ -180,6 +185,20 @@ class OperatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportResults(self, request, context):
+        """Copies outputs of a succeeded job into the storage's dataset area
+        (`datasets/{dataset_id}/{i}`), where neither retention nor deleting the
+        job reaches them, for a dataset made from them. Each copy is checked
+        against the result's recorded size and sha256. Idempotent. NOT_FOUND
+        unless the caller owns the job (viewers too), and for expired results;
+        FAILED_PRECONDITION unless the job succeeded; INVALID_ARGUMENT for an
+        index that is not an output; DATA_LOSS when a stored result is not the
+        recorded one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListEnvironments(self, request, context):
         """Lists the engine's environments.
         """
@@ -234,6 +253,11 @@ def add_OperatorServiceServicer_to_server(servicer, server):
                     servicer.GetResultUrl,
                     request_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.FromString,
                     response_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.SerializeToString,
+            ),
+            'ExportResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportResults,
+                    request_deserializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsRequest.FromString,
+                    response_serializer=c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsResponse.SerializeToString,
             ),
             'ListEnvironments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEnvironments,
@@ -491,6 +515,33 @@ class OperatorService:
             '/c2d.operator.v1.OperatorService/GetResultUrl',
             c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlRequest.SerializeToString,
             c2d_dot_operator_dot_v1_dot_operator__pb2.GetResultUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.operator.v1.OperatorService/ExportResults',
+            c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsRequest.SerializeToString,
+            c2d_dot_operator_dot_v1_dot_operator__pb2.ExportResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

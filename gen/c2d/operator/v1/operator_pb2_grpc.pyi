@@ -81,6 +81,16 @@ class OperatorServiceStub:
     storage cannot presign (local disk); DATA_LOSS when the stored object's
     size or recorded sha256 is not the job's.
     """
+    ExportResults: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ExportResultsRequest, _operator_pb2.ExportResultsResponse]
+    """Copies outputs of a succeeded job into the storage's dataset area
+    (`datasets/{dataset_id}/{i}`), where neither retention nor deleting the
+    job reaches them, for a dataset made from them. Each copy is checked
+    against the result's recorded size and sha256. Idempotent. NOT_FOUND
+    unless the caller owns the job (viewers too), and for expired results;
+    FAILED_PRECONDITION unless the job succeeded; INVALID_ARGUMENT for an
+    index that is not an output; DATA_LOSS when a stored result is not the
+    recorded one.
+    """
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_operator_pb2.ListEnvironmentsRequest, _operator_pb2.ListEnvironmentsResponse]
     """Lists the engine's environments."""
 
@@ -136,6 +146,16 @@ class OperatorServiceAsyncStub(OperatorServiceStub):
     ReadResult, and for expired results; FAILED_PRECONDITION when the
     storage cannot presign (local disk); DATA_LOSS when the stored object's
     size or recorded sha256 is not the job's.
+    """
+    ExportResults: _aio.UnaryUnaryMultiCallable[_operator_pb2.ExportResultsRequest, _operator_pb2.ExportResultsResponse]  # type: ignore[assignment]
+    """Copies outputs of a succeeded job into the storage's dataset area
+    (`datasets/{dataset_id}/{i}`), where neither retention nor deleting the
+    job reaches them, for a dataset made from them. Each copy is checked
+    against the result's recorded size and sha256. Idempotent. NOT_FOUND
+    unless the caller owns the job (viewers too), and for expired results;
+    FAILED_PRECONDITION unless the job succeeded; INVALID_ARGUMENT for an
+    index that is not an output; DATA_LOSS when a stored result is not the
+    recorded one.
     """
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_operator_pb2.ListEnvironmentsRequest, _operator_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the engine's environments."""
@@ -243,6 +263,22 @@ class OperatorServiceServicer(metaclass=_abc_1.ABCMeta):
         ReadResult, and for expired results; FAILED_PRECONDITION when the
         storage cannot presign (local disk); DATA_LOSS when the stored object's
         size or recorded sha256 is not the job's.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportResults(
+        self,
+        request: _operator_pb2.ExportResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operator_pb2.ExportResultsResponse, _abc.Awaitable[_operator_pb2.ExportResultsResponse]]:
+        """Copies outputs of a succeeded job into the storage's dataset area
+        (`datasets/{dataset_id}/{i}`), where neither retention nor deleting the
+        job reaches them, for a dataset made from them. Each copy is checked
+        against the result's recorded size and sha256. Idempotent. NOT_FOUND
+        unless the caller owns the job (viewers too), and for expired results;
+        FAILED_PRECONDITION unless the job succeeded; INVALID_ARGUMENT for an
+        index that is not an output; DATA_LOSS when a stored result is not the
+        recorded one.
         """
 
     @_abc_1.abstractmethod

@@ -366,11 +366,16 @@ class ComputePolicy(_message.Message):
     ALLOW_NETWORK_ACCESS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     PARAMETER_BOUNDS_FIELD_NUMBER: _builtins.int
+    ALLOW_DERIVED_DATASETS_FIELD_NUMBER: _builtins.int
     allow_raw_algorithm: _builtins.bool
     """Whether raw code, sent with the request and not published, may run."""
     allow_network_access: _builtins.bool
     """Whether jobs on this dataset may use the network (also needs an
     environment that permits it).
+    """
+    allow_derived_datasets: _builtins.bool
+    """Whether the consumer of a job on this dataset may publish the job's
+    outputs as a new dataset on this node (PublishJobOutputs). Default false.
     """
     @_builtins.property
     def publisher_trusted_algorithms(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustedAlgorithm]:
@@ -403,10 +408,11 @@ class ComputePolicy(_message.Message):
         allow_network_access: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
         parameter_bounds: _abc.Iterable[Global___ParameterBound] | None = ...,
+        allow_derived_datasets: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_network_access", b"allow_network_access", "allow_raw_algorithm", b"allow_raw_algorithm", "parameter_bounds", b"parameter_bounds", "publisher_trusted_algorithm_publishers", b"publisher_trusted_algorithm_publishers", "publisher_trusted_algorithms", b"publisher_trusted_algorithms", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_derived_datasets", b"allow_derived_datasets", "allow_network_access", b"allow_network_access", "allow_raw_algorithm", b"allow_raw_algorithm", "parameter_bounds", b"parameter_bounds", "publisher_trusted_algorithm_publishers", b"publisher_trusted_algorithm_publishers", "publisher_trusted_algorithms", b"publisher_trusted_algorithms", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -504,6 +510,7 @@ class Dataset(_message.Message):
     SAMPLE_OF_FIELD_NUMBER: _builtins.int
     SAMPLE_FIELD_NUMBER: _builtins.int
     PRICING_FIELD_NUMBER: _builtins.int
+    DERIVED_FROM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name: `datasets/{id}`, where `{id}` is 64 lowercase hex digits."""
     did: _builtins.str
@@ -538,6 +545,12 @@ class Dataset(_message.Message):
     def pricing(self) -> Global___Pricing:
         """How the dataset is sold; unset for a free dataset."""
 
+    @_builtins.property
+    def derived_from(self) -> Global___DerivedFrom:
+        """For a dataset made from a job's outputs: where they came from; unset
+        otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -552,14 +565,53 @@ class Dataset(_message.Message):
         sample_of: _builtins.str = ...,
         sample: _builtins.str = ...,
         pricing: Global___Pricing | None = ...,
+        derived_from: Global___DerivedFrom | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "derived_from", b"derived_from", "metadata", b"metadata", "policy", b"policy", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "policy_version", b"policy_version", "pricing", b"pricing", "publisher", b"publisher", "sample", b"sample", "sample_of", b"sample_of"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "derived_from", b"derived_from", "did", b"did", "files", b"files", "metadata", b"metadata", "name", b"name", "policy", b"policy", "policy_version", b"policy_version", "pricing", b"pricing", "publisher", b"publisher", "sample", b"sample", "sample_of", b"sample_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class DerivedFrom(_message.Message):
+    """Where a dataset made from a job's outputs came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """The job, `jobs/{id}`."""
+    algorithm: _builtins.str
+    """The algorithm that ran, `algorithms/{id}`; empty for raw code."""
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The datasets the job read, each `datasets/{id}`, the main one first."""
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The outputs published, by name, in the dataset's file order."""
+
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+        algorithm: _builtins.str = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "datasets", b"datasets", "job", b"job", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DerivedFrom: _TypeAlias = DerivedFrom  # noqa: Y015
 
 @_typing.final
 class ParameterSpec(_message.Message):
@@ -1409,6 +1461,8 @@ class StartComputeRequest(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     REQUIRE_NETWORK_FIELD_NUMBER: _builtins.int
     ORDERS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Makes retries safe: a second request with the same id from the same
     address returns the first one's job. Up to 64 characters.
@@ -1423,6 +1477,8 @@ class StartComputeRequest(_message.Message):
     """Fail up front (PERMISSION_DENIED, NETWORK_NOT_ALLOWED) unless the job
     will have the network, instead of running without it.
     """
+    results: _job_pb2.ResultSelection.ValueType
+    """Which results to keep: outputs, logs, or both (unset)."""
     @_builtins.property
     def additional_datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """More datasets the job reads, each `datasets/{id}`; each one's policy must
@@ -1458,6 +1514,12 @@ class StartComputeRequest(_message.Message):
         most 20.
         """
 
+    @_builtins.property
+    def delivery(self) -> _job_pb2.ResultDelivery:
+        """Also deliver the kept results to the consumer's own storage; unset for
+        download from this Provider only.
+        """
+
     def __init__(
         self,
         *,
@@ -1472,10 +1534,12 @@ class StartComputeRequest(_message.Message):
         resources: _job_pb2.Resources | None = ...,
         require_network: _builtins.bool = ...,
         orders: _abc.Iterable[_builtins.str] | None = ...,
+        results: _job_pb2.ResultSelection.ValueType = ...,
+        delivery: _job_pb2.ResultDelivery | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "environment", b"environment", "orders", b"orders", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id", "require_network", b"require_network", "resources", b"resources", "viewers", b"viewers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["additional_datasets", b"additional_datasets", "algorithm", b"algorithm", "dataset", b"dataset", "delivery", b"delivery", "environment", b"environment", "orders", b"orders", "parameters", b"parameters", "raw_algorithm", b"raw_algorithm", "request_id", b"request_id", "require_network", b"require_network", "resources", b"resources", "results", b"results", "viewers", b"viewers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1504,6 +1568,76 @@ class StartComputeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartComputeResponse: _TypeAlias = StartComputeResponse  # noqa: Y015
+
+@_typing.final
+class PublishJobOutputsRequest(_message.Message):
+    """The request of PublishJobOutputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    RESULT_INDEXES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The job, `jobs/{id}`."""
+    request_id: _builtins.str
+    """Makes retries safe, as in PublishDatasetRequest."""
+    @_builtins.property
+    def metadata(self) -> Global___AssetMetadata:
+        """The new dataset's metadata."""
+
+    @_builtins.property
+    def result_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The outputs to publish, by result index, in the dataset's file order;
+        empty for every output of the job.
+        """
+
+    @_builtins.property
+    def policy(self) -> Global___ComputePolicy:
+        """The new dataset's policy; unset trusts no algorithm."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        metadata: Global___AssetMetadata | None = ...,
+        result_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        policy: Global___ComputePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "name", b"name", "policy", b"policy", "request_id", b"request_id", "result_indexes", b"result_indexes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishJobOutputsRequest: _TypeAlias = PublishJobOutputsRequest  # noqa: Y015
+
+@_typing.final
+class PublishJobOutputsResponse(_message.Message):
+    """The response of PublishJobOutputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The new dataset."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishJobOutputsResponse: _TypeAlias = PublishJobOutputsResponse  # noqa: Y015
 
 @_typing.final
 class InitializeComputeRequest(_message.Message):

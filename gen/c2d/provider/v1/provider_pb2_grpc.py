@@ -186,6 +186,11 @@ class ProviderServiceStub:
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.SerializeToString,
                 response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.FromString,
                 _registered_method=True)
+        self.PublishJobOutputs = channel.unary_unary(
+                '/c2d.provider.v1.ProviderService/PublishJobOutputs',
+                request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsRequest.SerializeToString,
+                response_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsResponse.FromString,
+                _registered_method=True)
         self.GetProvenance = channel.unary_unary(
                 '/c2d.provider.v1.ProviderService/GetProvenance',
                 request_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetProvenanceRequest.SerializeToString,
@@ -312,7 +317,8 @@ class ProviderServiceServicer:
         sha256]...], [allow_raw_algorithm, allow_network_access,
         timeout_seconds, [[did, files_checksum, container_section_checksum]...],
         [publisher_trusted_algorithm_publishers...],
-        [[name, algorithm_did, minimum, maximum]...]],
+        [[name, algorithm_did, minimum, maximum]...],
+        allow_derived_datasets],
         sample_of, [pricing.datatoken, pricing.service_index,
         pricing.exchange_id]]
         where `timeout_seconds` is the policy's `timeout` in whole seconds and an
@@ -332,8 +338,9 @@ class ProviderServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateDatasetPolicy(self, request, context):
-        """Replaces a dataset's compute policy. Only the node's data owners may;
-        PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+        """Replaces a dataset's compute policy. Only the node's data owners may,
+        and for a dataset made from a job's outputs (`derived_from`) its
+        publisher too; PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
         running job keeps the policy version it was allowed under (recorded in
         its provenance). Each change adds one to `policy_version`. ABORTED when
         `expected_policy_version` is set and the dataset is at another version.
@@ -493,7 +500,19 @@ class ProviderServiceServicer:
         raw_algorithm.container.checksum], parameters, environment,
         [viewers...], [resources.cpus, resources.memory_bytes,
         resources.disk_bytes, resources.max_duration.seconds],
-        require_network, [orders...]]
+        require_network, [orders...], results (the enum's number),
+        <delivery>]
+        where <delivery> is null when unset, [endpoint, region, bucket, prefix,
+        access_key_id, secret_access_key, session_token] for `delivery.s3`, and
+        {name: url, ...} (a JSON object) for `delivery.upload_urls`.
+
+        `results` picks the results kept: outputs, logs, or both (the default).
+        `delivery` also writes them to the consumer's own storage once stored:
+        an S3 bucket with keys, or presigned upload URLs. INVALID_ARGUMENT
+        naming the field for a malformed destination; PERMISSION_DENIED
+        (DELIVERY_NOT_ALLOWED) for an endpoint or URL that is plain http or not
+        a public address, unless the node allows its host. Delivery secrets are
+        never stored, returned or logged; the job's `delivery` reports progress.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -585,6 +604,27 @@ class ProviderServiceServicer:
         downloaded bytes against the result's sha256. Signed or token.
 
         Digest: [name]
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishJobOutputs(self, request, context):
+        """Publishes outputs of a succeeded job as a new dataset on this node, owned
+        by the caller (the job's owner), so that further jobs run on them without
+        the outputs leaving. Every dataset the job read must allow it
+        (`allow_derived_datasets` in its policy): PERMISSION_DENIED
+        (DERIVED_DATASETS_NOT_ALLOWED) otherwise, naming the dataset. The outputs
+        are copied within the node's storage, so the new dataset outlives the
+        job's retention and deletion. Its policy is `policy`, which, unset,
+        trusts no algorithm; the caller may change it later (UpdateDatasetPolicy).
+        NOT_FOUND as for GetJob, and for a viewer; FAILED_PRECONDITION
+        (JOB_NOT_SUCCEEDED) unless the job succeeded, (RESULTS_EXPIRED) once its
+        results expired; INVALID_ARGUMENT for an index that is not an output, or
+        a job without outputs. Signed; idempotent by `request_id`.
+
+        Digest: [name, request_id, [title, description, author, license,
+        [tags...]], [result_indexes...], <policy as in PublishDataset>]
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -809,6 +849,11 @@ def add_ProviderServiceServicer_to_server(servicer, server):
                     servicer.GetResultUrl,
                     request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.FromString,
                     response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.SerializeToString,
+            ),
+            'PublishJobOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishJobOutputs,
+                    request_deserializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsRequest.FromString,
+                    response_serializer=c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsResponse.SerializeToString,
             ),
             'GetProvenance': grpc.unary_unary_rpc_method_handler(
                     servicer.GetProvenance,
@@ -1492,6 +1537,33 @@ class ProviderService:
             '/c2d.provider.v1.ProviderService/GetResultUrl',
             c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlRequest.SerializeToString,
             c2d_dot_provider_dot_v1_dot_provider__pb2.GetResultUrlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishJobOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/c2d.provider.v1.ProviderService/PublishJobOutputs',
+            c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsRequest.SerializeToString,
+            c2d_dot_provider_dot_v1_dot_provider__pb2.PublishJobOutputsResponse.FromString,
             options,
             channel_credentials,
             insecure,

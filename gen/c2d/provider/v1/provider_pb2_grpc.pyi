@@ -101,7 +101,8 @@ class ProviderServiceStub:
              sha256]...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
-             [[name, algorithm_did, minimum, maximum]...]],
+             [[name, algorithm_did, minimum, maximum]...],
+             allow_derived_datasets],
              sample_of, [pricing.datatoken, pricing.service_index,
              pricing.exchange_id]]
     where `timeout_seconds` is the policy's `timeout` in whole seconds and an
@@ -117,8 +118,9 @@ class ProviderServiceStub:
     answer.
     """
     UpdateDatasetPolicy: _grpc.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]
-    """Replaces a dataset's compute policy. Only the node's data owners may;
-    PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+    """Replaces a dataset's compute policy. Only the node's data owners may,
+    and for a dataset made from a job's outputs (`derived_from`) its
+    publisher too; PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
     running job keeps the policy version it was allowed under (recorded in
     its provenance). Each change adds one to `policy_version`. ABORTED when
     `expected_policy_version` is set and the dataset is at another version.
@@ -235,7 +237,19 @@ class ProviderServiceStub:
              raw_algorithm.container.checksum], parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
-             require_network, [orders...]]
+             require_network, [orders...], results (the enum's number),
+             <delivery>]
+    where <delivery> is null when unset, [endpoint, region, bucket, prefix,
+    access_key_id, secret_access_key, session_token] for `delivery.s3`, and
+    {name: url, ...} (a JSON object) for `delivery.upload_urls`.
+
+    `results` picks the results kept: outputs, logs, or both (the default).
+    `delivery` also writes them to the consumer's own storage once stored:
+    an S3 bucket with keys, or presigned upload URLs. INVALID_ARGUMENT
+    naming the field for a malformed destination; PERMISSION_DENIED
+    (DELIVERY_NOT_ALLOWED) for an endpoint or URL that is plain http or not
+    a public address, unless the node allows its host. Delivery secrets are
+    never stored, returned or logged; the job's `delivery` reports progress.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]
     """Returns a job the caller owns or views. NOT_FOUND for a job that is
@@ -295,6 +309,23 @@ class ProviderServiceStub:
     downloaded bytes against the result's sha256. Signed or token.
 
     Digest: [name]
+    """
+    PublishJobOutputs: _grpc.UnaryUnaryMultiCallable[_provider_pb2.PublishJobOutputsRequest, _provider_pb2.PublishJobOutputsResponse]
+    """Publishes outputs of a succeeded job as a new dataset on this node, owned
+    by the caller (the job's owner), so that further jobs run on them without
+    the outputs leaving. Every dataset the job read must allow it
+    (`allow_derived_datasets` in its policy): PERMISSION_DENIED
+    (DERIVED_DATASETS_NOT_ALLOWED) otherwise, naming the dataset. The outputs
+    are copied within the node's storage, so the new dataset outlives the
+    job's retention and deletion. Its policy is `policy`, which, unset,
+    trusts no algorithm; the caller may change it later (UpdateDatasetPolicy).
+    NOT_FOUND as for GetJob, and for a viewer; FAILED_PRECONDITION
+    (JOB_NOT_SUCCEEDED) unless the job succeeded, (RESULTS_EXPIRED) once its
+    results expired; INVALID_ARGUMENT for an index that is not an output, or
+    a job without outputs. Signed; idempotent by `request_id`.
+
+    Digest: [name, request_id, [title, description, author, license,
+             [tags...]], [result_indexes...], <policy as in PublishDataset>]
     """
     GetProvenance: _grpc.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]
     """Returns a final job's provenance record, signed by the provider's key:
@@ -441,7 +472,8 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
              sha256]...], [allow_raw_algorithm, allow_network_access,
              timeout_seconds, [[did, files_checksum, container_section_checksum]...],
              [publisher_trusted_algorithm_publishers...],
-             [[name, algorithm_did, minimum, maximum]...]],
+             [[name, algorithm_did, minimum, maximum]...],
+             allow_derived_datasets],
              sample_of, [pricing.datatoken, pricing.service_index,
              pricing.exchange_id]]
     where `timeout_seconds` is the policy's `timeout` in whole seconds and an
@@ -457,8 +489,9 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     answer.
     """
     UpdateDatasetPolicy: _aio.UnaryUnaryMultiCallable[_provider_pb2.UpdateDatasetPolicyRequest, _provider_pb2.UpdateDatasetPolicyResponse]  # type: ignore[assignment]
-    """Replaces a dataset's compute policy. Only the node's data owners may;
-    PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+    """Replaces a dataset's compute policy. Only the node's data owners may,
+    and for a dataset made from a job's outputs (`derived_from`) its
+    publisher too; PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
     running job keeps the policy version it was allowed under (recorded in
     its provenance). Each change adds one to `policy_version`. ABORTED when
     `expected_policy_version` is set and the dataset is at another version.
@@ -575,7 +608,19 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
              raw_algorithm.container.checksum], parameters, environment,
              [viewers...], [resources.cpus, resources.memory_bytes,
              resources.disk_bytes, resources.max_duration.seconds],
-             require_network, [orders...]]
+             require_network, [orders...], results (the enum's number),
+             <delivery>]
+    where <delivery> is null when unset, [endpoint, region, bucket, prefix,
+    access_key_id, secret_access_key, session_token] for `delivery.s3`, and
+    {name: url, ...} (a JSON object) for `delivery.upload_urls`.
+
+    `results` picks the results kept: outputs, logs, or both (the default).
+    `delivery` also writes them to the consumer's own storage once stored:
+    an S3 bucket with keys, or presigned upload URLs. INVALID_ARGUMENT
+    naming the field for a malformed destination; PERMISSION_DENIED
+    (DELIVERY_NOT_ALLOWED) for an endpoint or URL that is plain http or not
+    a public address, unless the node allows its host. Delivery secrets are
+    never stored, returned or logged; the job's `delivery` reports progress.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetJobRequest, _provider_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns a job the caller owns or views. NOT_FOUND for a job that is
@@ -635,6 +680,23 @@ class ProviderServiceAsyncStub(ProviderServiceStub):
     downloaded bytes against the result's sha256. Signed or token.
 
     Digest: [name]
+    """
+    PublishJobOutputs: _aio.UnaryUnaryMultiCallable[_provider_pb2.PublishJobOutputsRequest, _provider_pb2.PublishJobOutputsResponse]  # type: ignore[assignment]
+    """Publishes outputs of a succeeded job as a new dataset on this node, owned
+    by the caller (the job's owner), so that further jobs run on them without
+    the outputs leaving. Every dataset the job read must allow it
+    (`allow_derived_datasets` in its policy): PERMISSION_DENIED
+    (DERIVED_DATASETS_NOT_ALLOWED) otherwise, naming the dataset. The outputs
+    are copied within the node's storage, so the new dataset outlives the
+    job's retention and deletion. Its policy is `policy`, which, unset,
+    trusts no algorithm; the caller may change it later (UpdateDatasetPolicy).
+    NOT_FOUND as for GetJob, and for a viewer; FAILED_PRECONDITION
+    (JOB_NOT_SUCCEEDED) unless the job succeeded, (RESULTS_EXPIRED) once its
+    results expired; INVALID_ARGUMENT for an index that is not an output, or
+    a job without outputs. Signed; idempotent by `request_id`.
+
+    Digest: [name, request_id, [title, description, author, license,
+             [tags...]], [result_indexes...], <policy as in PublishDataset>]
     """
     GetProvenance: _aio.UnaryUnaryMultiCallable[_provider_pb2.GetProvenanceRequest, _provider_pb2.GetProvenanceResponse]  # type: ignore[assignment]
     """Returns a final job's provenance record, signed by the provider's key:
@@ -796,7 +858,8 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
                  sha256]...], [allow_raw_algorithm, allow_network_access,
                  timeout_seconds, [[did, files_checksum, container_section_checksum]...],
                  [publisher_trusted_algorithm_publishers...],
-                 [[name, algorithm_did, minimum, maximum]...]],
+                 [[name, algorithm_did, minimum, maximum]...],
+                 allow_derived_datasets],
                  sample_of, [pricing.datatoken, pricing.service_index,
                  pricing.exchange_id]]
         where `timeout_seconds` is the policy's `timeout` in whole seconds and an
@@ -818,8 +881,9 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _provider_pb2.UpdateDatasetPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_provider_pb2.UpdateDatasetPolicyResponse, _abc.Awaitable[_provider_pb2.UpdateDatasetPolicyResponse]]:
-        """Replaces a dataset's compute policy. Only the node's data owners may;
-        PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
+        """Replaces a dataset's compute policy. Only the node's data owners may,
+        and for a dataset made from a job's outputs (`derived_from`) its
+        publisher too; PERMISSION_DENIED for anyone else. Applies to jobs started afterwards; a
         running job keeps the policy version it was allowed under (recorded in
         its provenance). Each change adds one to `policy_version`. ABORTED when
         `expected_policy_version` is set and the dataset is at another version.
@@ -996,7 +1060,19 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
                  raw_algorithm.container.checksum], parameters, environment,
                  [viewers...], [resources.cpus, resources.memory_bytes,
                  resources.disk_bytes, resources.max_duration.seconds],
-                 require_network, [orders...]]
+                 require_network, [orders...], results (the enum's number),
+                 <delivery>]
+        where <delivery> is null when unset, [endpoint, region, bucket, prefix,
+        access_key_id, secret_access_key, session_token] for `delivery.s3`, and
+        {name: url, ...} (a JSON object) for `delivery.upload_urls`.
+
+        `results` picks the results kept: outputs, logs, or both (the default).
+        `delivery` also writes them to the consumer's own storage once stored:
+        an S3 bucket with keys, or presigned upload URLs. INVALID_ARGUMENT
+        naming the field for a malformed destination; PERMISSION_DENIED
+        (DELIVERY_NOT_ALLOWED) for an endpoint or URL that is plain http or not
+        a public address, unless the node allows its host. Delivery secrets are
+        never stored, returned or logged; the job's `delivery` reports progress.
         """
 
     @_abc_1.abstractmethod
@@ -1104,6 +1180,29 @@ class ProviderServiceServicer(metaclass=_abc_1.ABCMeta):
         downloaded bytes against the result's sha256. Signed or token.
 
         Digest: [name]
+        """
+
+    @_abc_1.abstractmethod
+    def PublishJobOutputs(
+        self,
+        request: _provider_pb2.PublishJobOutputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_pb2.PublishJobOutputsResponse, _abc.Awaitable[_provider_pb2.PublishJobOutputsResponse]]:
+        """Publishes outputs of a succeeded job as a new dataset on this node, owned
+        by the caller (the job's owner), so that further jobs run on them without
+        the outputs leaving. Every dataset the job read must allow it
+        (`allow_derived_datasets` in its policy): PERMISSION_DENIED
+        (DERIVED_DATASETS_NOT_ALLOWED) otherwise, naming the dataset. The outputs
+        are copied within the node's storage, so the new dataset outlives the
+        job's retention and deletion. Its policy is `policy`, which, unset,
+        trusts no algorithm; the caller may change it later (UpdateDatasetPolicy).
+        NOT_FOUND as for GetJob, and for a viewer; FAILED_PRECONDITION
+        (JOB_NOT_SUCCEEDED) unless the job succeeded, (RESULTS_EXPIRED) once its
+        results expired; INVALID_ARGUMENT for an index that is not an output, or
+        a job without outputs. Signed; idempotent by `request_id`.
+
+        Digest: [name, request_id, [title, description, author, license,
+                 [tags...]], [result_indexes...], <policy as in PublishDataset>]
         """
 
     @_abc_1.abstractmethod
