@@ -176,6 +176,13 @@ def describe(delivery: job_pb2.ResultDelivery, job_id: str) -> str:
     return ""
 
 
+def pending(delivery: job_pb2.ResultDelivery, job_id: str) -> job_pb2.DeliveryStatus:
+    """What a job shows of its delivery from its acceptance until the delivery is over."""
+    return job_pb2.DeliveryStatus(
+        state=job_pb2.DeliveryStatus.STATE_PENDING, destination=describe(delivery, job_id)
+    )
+
+
 def allowed_hosts(environ: Mapping[str, str] | None = None) -> frozenset[str]:
     """The hosts (`host` or `host:port`, lowercase) the node lets deliveries reach over plain
     http or at addresses that are not public: C2D_DELIVERY_ALLOW_HOSTS, comma-separated."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh import config as mesh_config
+from mesh import delivery as delivery_rules
 
 # The least an environment, or a job within it, may have.
 from mesh.jobs import MIN_DISK_BYTES, MIN_MEMORY_BYTES
@@ -85,6 +86,39 @@ class EnvironmentSpec:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    """How the engine delivers results to a consumer's own storage (operator_engine.delivery).
+    `allow_hosts`: the hosts (`host` or `host:port`) a delivery may reach over plain http or at
+    addresses that are not public (C2D_DELIVERY_ALLOW_HOSTS, comma-separated); by default the
+    environment's, so that an engine built in a process sees what its Provider sees.
+    `timeout_s` bounds one job's whole delivery (C2D_DELIVERY_TIMEOUT_S); each connection and
+    read has its own timeouts, and each request is tried `attempts` times. `part_size` is the
+    multipart part size of an S3 delivery (5 MiB to 5 GiB): what one upload holds in memory."""
+
+    allow_hosts: frozenset[str] = field(default_factory=delivery_rules.allowed_hosts)
+    timeout_s: float = 900.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    attempts: int = 3
+    part_size: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout_s < float("inf"):
+            raise ValueError("C2D_DELIVERY_TIMEOUT_S must be a positive number of seconds")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0 or self.attempts < 1:
+            raise ValueError("delivery timeouts must be positive and attempts at least 1")
+        if not 5 << 20 <= self.part_size <= 5 << 30:
+            raise ValueError("a delivery's S3 part is 5 MiB to 5 GiB")
+
+    @classmethod
+    def from_env(cls) -> DeliverySettings:
+        return cls(
+            allow_hosts=delivery_rules.allowed_hosts(),
+            timeout_s=mesh_config.env_float("C2D_DELIVERY_TIMEOUT_S", 900.0),
+        )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     listen: str
     workspace_root: Path
@@ -117,6 +151,8 @@ class EngineConfig:
     # Dataset files fetched from S3 or HTTP(S): the credentials file (C2D_SOURCE_CREDENTIALS,
     # read and checked at start; its secrets never shown in a repr) and the fetch limits.
     sources: SourceSettings = field(default_factory=SourceSettings)
+    # Results delivered to the consumer's own storage (C2D_DELIVERY_*).
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     @classmethod
     def from_env(cls) -> EngineConfig:
@@ -147,6 +183,7 @@ class EngineConfig:
             image_cache_bytes=mesh_config.env_int("C2D_IMAGE_CACHE_BYTES", 32 * GIB),
             tls=TlsConfig.from_env(),
             sources=SourceSettings.from_env(),
+            delivery=DeliverySettings.from_env(),
         )
 
 

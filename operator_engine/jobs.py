@@ -1,8 +1,14 @@
 """The engine's jobs as both backends keep them (the local Runner and the Kubernetes backend):
 the job table by id, each environment's queue (its slots, the jobs waiting in turn, the bounds
 on how many wait and for how long), the algorithm log within its cap, and what readers get of
-a job (the job, each change, the live log). A backend adds how a job runs and where its state
-is kept (`JobBook._accept`, `_keep`, `_forget`)."""
+a job (the job, each change, the live log), and the delivery of its results to the consumer's
+own storage, between its publishing and its final state (`JobBook._settle_delivery`). A
+backend adds how a job runs and where its state is kept (`JobBook._accept`, `_keep`,
+`_forget`).
+
+A delivery's secrets (keys, upload URLs) live only in the job's spec in memory: every copy a
+backend keeps (`stored_spec`) holds the destination without them, so a job picked up again
+after a restart has none, and its delivery ends failed, saying so."""
 
 from __future__ import annotations
 
@@ -20,14 +26,19 @@ import structlog
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import duration_pb2
+from google.protobuf.message import Message
 
+from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from operator_engine import delivery
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.private_log import split_utf8
+from pods import publish as publish_stage
 from pods import workspace as layout
 
 if TYPE_CHECKING:
+    from mesh.storage import Storage
     from operator_engine.images import PreparedImage
 
 log = structlog.get_logger()
@@ -60,6 +71,8 @@ class EngineJob:
     image: PreparedImage | None = None
     # Kubernetes backend: how much of the pod's own log (before filtering) the log holds.
     raw_log_size: int = 0
+    # How its delivery ended, once it has (see JobBook._settle_delivery).
+    delivered: job_pb2.DeliveryStatus | None = None
 
     @property
     def log_path(self) -> Path:
@@ -68,8 +81,7 @@ class EngineJob:
     async def update(self, **fields: object) -> bytes:
         """Changes the job and wakes every watcher; returns the job as it is now, serialized."""
         async with self.changed:
-            for key, value in fields.items():
-                setattr(self.job, key, value)
+            set_fields(self.job, fields)
             job_facts.set_status_code(self.job)
             snapshot = self.job.SerializeToString()
             self.changed.notify_all()
@@ -78,6 +90,15 @@ class EngineJob:
     async def notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
+
+
+def set_fields(job: job_pb2.Job, fields: dict[str, object]) -> None:
+    """Sets the job's fields, message fields (its delivery) by copy."""
+    for key, value in fields.items():
+        if isinstance(value, Message):
+            getattr(job, key).CopyFrom(value)
+        else:
+            setattr(job, key, value)
 
 
 class QueueStopped(Exception):
@@ -93,6 +114,8 @@ class JobBook(abc.ABC):
 
     # Named in the log line of each job accepted.
     backend: ClassVar[str]
+    # Where the job's results are stored, for the delivery to read them back.
+    storage: Storage
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -156,6 +179,10 @@ class JobBook(abc.ABC):
         if not job_facts.is_final(entry.job.state):
             raise FailedPrecondition("the job is still running; stop it first")
         del self.jobs[job_id]
+        if entry.task is not None:
+            # Its cleanup after the final state (the spec rewritten, its disk released) ends
+            # first: removing the workspace under it would race it.
+            await asyncio.shield(_wait_quietly(entry.task))
         await self._forget(entry)
         await asyncio.to_thread(shutil.rmtree, entry.workspace, True)
         log.info("job deleted", job_id=job_id)
@@ -190,18 +217,53 @@ class JobBook(abc.ABC):
         self, entry: EngineJob, state: int, reason: int = 0, message: str = ""
     ) -> None:
         """Keeps the job's final state, with its end time and, when no message is given, its
-        reason's."""
+        reason's; a delivery asked for is over first, and kept with it."""
+        delivered = await self._settle_delivery(entry)
         entry.job.end_time.GetCurrentTime()
         if not message and reason:
             message = job_facts.format_reason(reason)
+        fields: dict[str, object] = {"delivery": delivered} if delivered is not None else {}
         await self._keep(
-            entry, state=state, failure_reason=reason, message=message, queue_position=0
+            entry,
+            state=state,
+            failure_reason=reason,
+            message=message,
+            queue_position=0,
+            **fields,
         )
         log.info(
             "job final",
             state=job_pb2.Job.State.Name(state),  # type: ignore[arg-type]
             failure_reason=reason,
         )
+
+    async def _settle_delivery(self, entry: EngineJob) -> job_pb2.DeliveryStatus | None:
+        """Delivers the job's results (those it lists now) to the consumer's storage when it
+        asked for it, once: the outcome, for its final state; None when no delivery was asked.
+        The job stays as it is meanwhile (PUBLISHING, once published). Its secrets are
+        dropped from memory afterwards."""
+        if entry.job.delivery.state != job_pb2.DeliveryStatus.STATE_PENDING:
+            return None
+        if entry.delivered is None:
+            target = entry.spec.delivery
+            if self.stopping:
+                entry.delivered = delivery.failed(
+                    target, entry.spec.job_id, delivery.ENGINE_STOPPED
+                )
+            else:
+                entry.delivered = await delivery.deliver(
+                    self.storage,
+                    entry.spec.job_id,
+                    list(entry.job.results),
+                    target,
+                    self.config.delivery,
+                )
+            # A spec kept without its delivery (a recovered job) still has its destination.
+            entry.delivered.destination = (
+                entry.delivered.destination or entry.job.delivery.destination
+            )
+            entry.spec.delivery.CopyFrom(delivery_rules.without_secrets(target))
+        return entry.delivered
 
     async def _append_log(
         self, entry: EngineJob, data: bytes, write: Callable[[bytes], object]
@@ -368,6 +430,14 @@ def new_job(
         raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
     job_facts.check_viewers(spec.owner, spec.viewers)
     job_facts.check_resources(spec.resources, environment_message(env))
+    try:
+        publish_stage.check_selection(spec.results)
+    except ValueError:
+        raise InvalidArgument(
+            "results is RESULT_SELECTION_OUTPUTS_AND_LOGS, _OUTPUTS or _LOGS (or unset)",
+            field="spec.results",
+        ) from None
+    check_delivery(spec.delivery)
     job = job_pb2.Job(
         name=job_facts.job_name(spec.job_id),
         owner=spec.owner,
@@ -378,10 +448,46 @@ def new_job(
         exit_code=0,
         viewers=spec.viewers,
         limits=job_limits(env, spec.resources),
+        result_selection=spec.results,
     )
+    if delivery_rules.is_set(spec.delivery):
+        job.delivery.CopyFrom(delivery_rules.pending(spec.delivery, spec.job_id))
     job.create_time.GetCurrentTime()
     job_facts.set_status_code(job)
     return env, job
+
+
+def check_delivery(target: job_pb2.ResultDelivery) -> None:
+    """INVALID_ARGUMENT (naming spec.delivery...) unless the delivery is unset or well formed.
+    A stored copy (without its secrets: a job handed over again from the Operator Service's
+    registry) is accepted when its destination is well formed: its delivery then fails."""
+    if not delivery_rules.is_set(target) or delivery_rules.has_secrets(target):
+        delivery_rules.check_delivery(target, "spec.delivery")
+        return
+    if delivery_rules.without_secrets(target) != target:
+        # Some secrets but not all: not a stored copy, and malformed.
+        delivery_rules.check_delivery(target, "spec.delivery")
+        return
+    stand_in = job_pb2.ResultDelivery()
+    stand_in.CopyFrom(target)
+    if target.WhichOneof("destination") == "s3":
+        # Placeholders, checked for their shape only.
+        stand_in.s3.access_key_id = stand_in.s3.secret_access_key = "stored"  # noqa: S105
+    else:
+        for name in stand_in.upload_urls.urls:
+            stand_in.upload_urls.urls[name] = "https://stored.invalid/"
+    delivery_rules.check_delivery(stand_in, "spec.delivery")
+
+
+def stored_spec(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
+    """What a backend keeps of a job's spec on disk or in the cluster: all but the delivery's
+    secrets (see the module docstring)."""
+    if not delivery_rules.is_set(spec.delivery):
+        return spec
+    kept = engine_pb2.JobSpec()
+    kept.CopyFrom(spec)
+    kept.delivery.CopyFrom(delivery_rules.without_secrets(spec.delivery))
+    return kept
 
 
 def environment_message(env: EnvironmentSpec) -> job_pb2.Environment:

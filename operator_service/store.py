@@ -19,6 +19,7 @@ from pathlib import Path
 from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 
+from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.sqlite import connect, transaction
 
@@ -98,6 +99,15 @@ def may_read(job: job_pb2.Job, address: str) -> bool:
     return owns(job, address) or any(v.lower() == lowered for v in job.viewers)
 
 
+def _without_delivery_secrets(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
+    if not delivery_rules.is_set(spec.delivery):
+        return spec
+    kept = engine_pb2.JobSpec()
+    kept.CopyFrom(spec)
+    kept.delivery.CopyFrom(delivery_rules.without_secrets(spec.delivery))
+    return kept
+
+
 class JobStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -117,7 +127,10 @@ class JobStore:
 
     async def insert(self, spec: engine_pb2.JobSpec, job: job_pb2.Job, lease_until: float) -> bool:
         """Adds a job, with its owner and viewers as its readers; False when its id exists
-        already (a retried create)."""
+        already (a retried create). The spec is kept without its delivery's secrets (keys,
+        upload URLs), which never reach the disk: a job handed to the engine again from here
+        has none, and its delivery fails, saying so."""
+        kept = _without_delivery_secrets(spec)
         with transaction(self.db):
             # All rows fetched: the statement is done before the commit.
             rows = self.db.execute(
@@ -128,7 +141,7 @@ class JobStore:
                     spec.job_id,
                     spec.owner,
                     job.state,
-                    spec.SerializeToString(),
+                    kept.SerializeToString(),
                     job.SerializeToString(),
                     lease_until,
                 ),

@@ -11,9 +11,14 @@ When an output cannot be stored, the outputs stop there but the logs are still s
 listed: when the store is down (S3 unreachable), on the node's own disk (see
 `Storage.put_log_blocking`), so that a failed job still says what happened.
 
+The consumer's choice of results (`ResultSelection`) decides what is stored: with logs only,
+no output is even looked at; with outputs only, the algorithm's and the configure stage's logs
+are left out. publish.log is stored in every case, and says what was left out and why.
+
 Also a program, for backends that run stages as containers:
 
-    python -m pods.publish --workspace DIR --storage DIR --job-id ID --max-total-bytes N"""
+    python -m pods.publish --workspace DIR --storage DIR --job-id ID --max-total-bytes N \
+        [--results outputs|logs|both]"""
 
 from __future__ import annotations
 
@@ -88,6 +93,38 @@ _LOGS = (
     (ALGORITHM_LOG, job_pb2.ResultFile.KIND_ALGORITHM_LOG),
     (CONFIGURATION_LOG, job_pb2.ResultFile.KIND_CONFIGURATION_LOG),
 )
+
+Selection = job_pb2.ResultSelection
+# The program's --results values.
+SELECTION_FLAGS: dict[str, job_pb2.ResultSelection.ValueType] = {
+    "outputs": job_pb2.RESULT_SELECTION_OUTPUTS,
+    "logs": job_pb2.RESULT_SELECTION_LOGS,
+    "both": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
+}
+
+
+def check_selection(selection: int) -> job_pb2.ResultSelection.ValueType:
+    """`selection` when it is a value of ResultSelection, else ValueError."""
+    if selection not in Selection.values():
+        raise ValueError(f"unknown result selection {selection}")
+    return job_pb2.ResultSelection.ValueType(selection)
+
+
+def keeps_outputs(selection: int) -> bool:
+    """Whether the consumer's choice keeps the outputs (unset keeps outputs and logs)."""
+    return selection != job_pb2.RESULT_SELECTION_LOGS
+
+
+def keeps_logs(selection: int) -> bool:
+    """Whether the consumer's choice keeps the algorithm's and the configure stage's logs."""
+    return selection != job_pb2.RESULT_SELECTION_OUTPUTS
+
+
+def selection_flag(selection: int) -> str:
+    """The program's --results value for a selection (unset: both)."""
+    if not keeps_outputs(selection):
+        return "logs"
+    return "both" if keeps_logs(selection) else "outputs"
 
 
 class PublishError(Exception):
@@ -176,6 +213,7 @@ class _Target:
     job_id: str
     record: _PublishLog
     result: PublishResult
+    selection: job_pb2.ResultSelection.ValueType = job_pb2.RESULT_SELECTION_UNSPECIFIED
     # Set once the store is found unavailable: the logs left go straight to the node's own
     # disk, instead of waiting for the store's retries once more each.
     store_down: bool = False
@@ -201,9 +239,12 @@ async def publish(
     max_total_bytes: int,
     max_entries: int | None = None,
     outputs: Path | None = None,
+    results: int = job_pb2.RESULT_SELECTION_UNSPECIFIED,
 ) -> PublishResult:
     """Stores the outputs under `workspace/outputs` and the logs under `workspace/logs` as the
-    job's results, and writes logs/publish.log (stored last, so it is complete).
+    job's results, and writes logs/publish.log (stored last, so it is complete). `results` is
+    the consumer's ResultSelection: outputs only leaves the algorithm's and the configuration
+    log out, logs only leaves every output out (unwalked); publish.log is always stored.
 
     At most `max_files` outputs and `max_total_bytes` of them are stored: past either cap the
     remaining outputs are not stored and `too_large` is set; the logs are published anyway.
@@ -212,7 +253,7 @@ async def publish(
     algorithm cannot make publishing slow. `outputs` names the outputs folder when it is not
     `workspace/outputs` (the engine's job disk). Raises `PublishError` when storing fails (the
     logs are still stored, and listed in its `results`) and ValueError for a malformed job
-    id.
+    id or an unknown selection.
 
     The whole stage (walk, reads, stores, the final flush) runs in one worker thread: for a
     typical job of a few small files, hops to a thread per file cost more than the files."""
@@ -225,6 +266,7 @@ async def publish(
         max_total_bytes=max_total_bytes,
         max_entries=max_entries,
         outputs=outputs,
+        results=results,
     )
 
 
@@ -238,11 +280,13 @@ def publish_blocking(
     max_entries: int | None = None,
     outputs: Path | None = None,
     algorithm_log: bool = True,
+    results: int = job_pb2.RESULT_SELECTION_UNSPECIFIED,
 ) -> PublishResult:
     """`publish`, blocking: for a worker thread or the program form. Without `algorithm_log`,
     the algorithm's log is left to the caller (an engine that holds it, as the Kubernetes
     backend's does)."""
     check_job_id(job_id)
+    selection = check_selection(results)
     if max_files < 0 or max_total_bytes < 0:
         raise ValueError("caps must not be negative")
     entry_budget = max_entries if max_entries is not None else max(10 * max_files, 1000)
@@ -250,7 +294,7 @@ def publish_blocking(
     record = _PublishLog()
     record.add(f"publish: job {job_id}")
     result = PublishResult()
-    target = _Target(storage, job_id, record, result)
+    target = _Target(storage, job_id, record, result, selection)
     try:
         # The workspace itself is the engine's own directory: following a link to it is fine.
         ws_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -268,7 +312,13 @@ def publish_blocking(
     try:
         failure: PublishError | None = None
         try:
-            _publish_outputs((base_fd, out_name), target, max_files, max_total_bytes, entry_budget)
+            if keeps_outputs(selection):
+                _publish_outputs(
+                    (base_fd, out_name), target, max_files, max_total_bytes, entry_budget
+                )
+            else:
+                # Not even walked: nothing the algorithm left there is looked at.
+                record.add("outputs: not stored, the consumer asked for logs only")
         except PublishError as error:
             # The outputs stop at the first that could not be stored; the logs are stored all
             # the same, to tell what happened.
@@ -616,6 +666,9 @@ def _list(target: _Target, entry: job_pb2.ResultFile, stored: StoredObject) -> N
 def _publish_logs(ws_fd: int, target: _Target, *, algorithm_log: bool) -> None:
     record, result = target.record, target.result
     for name, kind in _LOGS:
+        if not keeps_logs(target.selection):
+            record.add(f"{name}: not stored, the consumer asked for outputs only")
+            continue
         if name == ALGORITHM_LOG and not algorithm_log:
             record.add(f"{name}: stored by the engine, after these results")
             continue
@@ -715,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--termination-log", type=Path, help="also write a one-line outcome there")
     parser.add_argument(
+        "--results",
+        choices=sorted(SELECTION_FLAGS),
+        default="both",
+        help="which results the consumer asked for (publish.log is stored in every case)",
+    )
+    parser.add_argument(
         "--algorithm-log-by-engine",
         action="store_true",
         help="leave the algorithm's log out: the engine that holds it stores it",
@@ -735,6 +794,7 @@ def main(argv: list[str] | None = None) -> int:
             max_files=args.max_files,
             max_total_bytes=args.max_total_bytes,
             algorithm_log=not args.algorithm_log_by_engine,
+            results=SELECTION_FLAGS[args.results],
         )
     except PublishError as error:
         outcome = json.dumps({"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": str(error)})

@@ -27,13 +27,15 @@ from kubernetes_asyncio import client as kube_client
 from mesh import jobs as job_facts
 from mesh.errors import NotFound, ResourceExhausted
 from mesh.storage import storage_from_url
+from operator_engine import delivery as delivery_module
 from operator_engine.backends import kube_objects as objects
 from operator_engine.backends.kubernetes import ClusterUnavailable, KubernetesBackend, connect
 from operator_engine.backends.kubernetes_config import KubernetesSettings
-from operator_engine.config import EngineConfig, EnvironmentSpec
+from operator_engine.config import DeliverySettings, EngineConfig, EnvironmentSpec
 from tests.kube_schemas import validate_strict
 from tests.operator_engine.kube_standin import KubeStandIn, RunLocally, Running, Terminated
 from tests.pods.http_source import TOKEN, running_http_source
+from tests.s3_server import S3Server
 
 NS = "c2d-jobs"
 DATASET = "ab" * 32
@@ -765,3 +767,111 @@ async def test_a_wait_that_ran_out_while_no_engine_ran_ends_the_job_at_once(
     finally:
         await second.close()
     assert pods_of(cluster, waiting.job_id) == []
+
+
+def consumer_bucket(s3_server: S3Server, bucket: str) -> job_pb2.ResultDelivery:
+    """The consumer's own bucket on moto's S3 server, with keys of its own."""
+    return job_pb2.ResultDelivery(
+        s3=job_pb2.S3Delivery(
+            endpoint=s3_server.endpoint_url,
+            bucket=bucket,
+            prefix="mine/",
+            access_key_id="consumer-key",
+            secret_access_key=CONSUMER_SECRET,
+        )
+    )
+
+
+def delivered_to(s3_server: S3Server, bucket: str) -> dict[str, bytes]:
+    client = s3_server.client()
+    try:
+        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        return {
+            o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed
+        }
+    finally:
+        client.close()
+
+
+CONSUMER_SECRET = "consumer-secret-never-in-the-cluster"
+LOOPBACK_ALLOWED = DeliverySettings(allow_hosts=frozenset({"127.0.0.1"}), timeout_s=30)
+
+
+async def test_the_publish_pod_keeps_the_choice_and_the_engine_delivers_after_it(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    plays(cluster, ["working"], outputs={"answer.txt": b"6\n"})
+    config = dataclasses.replace(cluster.config, delivery=LOOPBACK_ALLOWED)
+    backend = await cluster.backend(config)
+    try:
+        job_spec = with_data(cluster, results=job_pb2.RESULT_SELECTION_OUTPUTS)
+        job_spec.delivery.CopyFrom(consumer_bucket(s3_server, s3_bucket))
+        accepted = await backend.submit(job_spec)
+        assert accepted.delivery.state == job_pb2.DeliveryStatus.STATE_PENDING
+        job = await final(backend, job_spec.job_id)
+    finally:
+        await backend.close()
+    assert job.state == State.STATE_SUCCEEDED, job.message
+    # The publish pod was told the choice; the engine kept the algorithm's log out too.
+    (publish,) = [p for p in cluster.created if pod_stage(p) == objects.PUBLISH]
+    args = publish["spec"]["containers"][0]["args"]
+    assert args[args.index("--results") + 1] == "outputs"
+    assert [r.name for r in job.results] == ["answer.txt", "publish.log"]
+    # Delivered by the engine, read back from the node's storage after the pod.
+    assert job.delivery.state == job_pb2.DeliveryStatus.STATE_DELIVERED, job.delivery.message
+    assert job.delivery.delivered_count == 2
+    found = delivered_to(s3_server, s3_bucket)
+    assert set(found) == {
+        f"mine/{job_spec.job_id}/answer.txt",
+        f"mine/{job_spec.job_id}/publish.log",
+    }
+    assert found[f"mine/{job_spec.job_id}/answer.txt"] == b"6\n"
+    # No request to the cluster ever carried the consumer's secret: the job's Secret holds
+    # its spec without it.
+    specs = 0
+    for request in cluster.kube.requests:
+        body = request.body or {}
+        assert CONSUMER_SECRET not in json.dumps(body)
+        spec_data = (body.get("data") or {}).get(objects.SPEC_KEY)
+        if spec_data:
+            specs += 1
+            assert CONSUMER_SECRET not in base64.b64decode(spec_data).decode()
+    assert specs == 1
+    (secret,) = cluster.kube.objects("secrets", NS)
+    recorded = objects.decode_job(secret["metadata"]["annotations"][objects.JOB_ANNOTATION])
+    assert recorded.delivery == job.delivery
+
+
+async def test_a_job_picked_up_by_another_engine_fails_its_delivery(
+    cluster: Cluster, s3_server: S3Server, s3_bucket: str
+) -> None:
+    gate = asyncio.Event()
+    plays(cluster, ["before the restart"], outputs={"out.txt": b"x"}, gate=gate)
+    config = dataclasses.replace(cluster.config, delivery=LOOPBACK_ALLOWED)
+    first = await cluster.backend(config)
+    job_spec = with_data(cluster)
+    job_spec.delivery.CopyFrom(consumer_bucket(s3_server, s3_bucket))
+    try:
+        await first.submit(job_spec)
+        await until(first, job_spec.job_id, lambda job: job.state == State.STATE_RUNNING)
+    finally:
+        await first.close()
+    # What the cluster holds of the job: its spec without the delivery's secrets.
+    secret = cluster.kube.get("secrets", NS, objects.object_name(job_spec.job_id))
+    assert secret is not None
+    kept = json.loads(base64.b64decode(secret["data"][objects.SPEC_KEY]))
+    assert kept["delivery"]["s3"] == {
+        "endpoint": s3_server.endpoint_url,
+        "bucket": s3_bucket,
+        "prefix": "mine/",
+    }
+    second = await cluster.backend(config)
+    try:
+        gate.set()
+        job = await final(second, job_spec.job_id)
+    finally:
+        await second.close()
+    assert job.state == State.STATE_SUCCEEDED, job.message
+    assert job.delivery.state == job_pb2.DeliveryStatus.STATE_FAILED
+    assert job.delivery.message == delivery_module.NO_SECRETS
+    assert delivered_to(s3_server, s3_bucket) == {}
