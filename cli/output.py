@@ -39,3 +39,34 @@ def describe(job: job_pb2.Job) -> str:
 
 def kind_name(kind: int) -> str:
     return job_pb2.ResultFile.Kind.Name(kind).removeprefix("KIND_").lower()  # type: ignore[arg-type]
+
+
+_SELECTIONS: dict[int, str] = {
+    job_pb2.RESULT_SELECTION_OUTPUTS: "outputs only",
+    job_pb2.RESULT_SELECTION_LOGS: "logs only",
+}
+
+
+_DELIVERY_STATES: dict[int, str] = {
+    job_pb2.DeliveryStatus.STATE_PENDING: "pending",
+    job_pb2.DeliveryStatus.STATE_DELIVERED: "delivered",
+    job_pb2.DeliveryStatus.STATE_FAILED: "failed",
+}
+
+
+def selection_text(selection: int) -> str:
+    """Which results a job keeps, as `c2d compute status` shows it."""
+    return _SELECTIONS.get(selection, "outputs and logs")
+
+
+def delivery_text(job: job_pb2.Job) -> str:
+    """How the job's delivery to the consumer's storage went; "" when it asked for none."""
+    if not job.HasField("delivery"):
+        return ""
+    status = job.delivery
+    text = f"delivery to {status.destination}: {_DELIVERY_STATES.get(status.state, 'not started')}"
+    if status.delivered_count:
+        text += f" ({status.delivered_count} delivered)"
+    if status.message:
+        text += f": {status.message}"
+    return text

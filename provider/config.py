@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh import config as mesh_config
+from mesh import delivery
 from mesh.auth import checksum
 from mesh.chain_config import ChainConfig
 from mesh.tls import TlsConfig
@@ -33,6 +34,11 @@ class ProviderConfig:
     # The name the Operator Service's certificate must carry (C2D_OPERATOR_TLS_NAME); "": the
     # host of operator_address.
     operator_tls_name: str = ""
+    # The hosts (`host` or `host:port`) a consumer's delivery may reach over plain http or at
+    # an address that is not public (C2D_DELIVERY_ALLOW_HOSTS, comma-separated). Read from
+    # the environment by default, so that a node built in code follows the variable as its
+    # engine does; empty: only https:// to public addresses.
+    delivery_allow_hosts: frozenset[str] = field(default_factory=delivery.allowed_hosts)
 
     @property
     def provider_key_path(self) -> Path:
@@ -61,4 +67,5 @@ class ProviderConfig:
             chain=ChainConfig.from_env(),
             tls=TlsConfig.from_env(),
             operator_tls_name=os.environ.get("C2D_OPERATOR_TLS_NAME", ""),
+            delivery_allow_hosts=delivery.allowed_hosts(),
         )

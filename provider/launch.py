@@ -17,11 +17,30 @@ from c2d.engine.v1 import engine_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
-from mesh import containers
+from mesh import containers, delivery
 from mesh import jobs as job_facts
+from mesh.errors import InvalidArgument
 from provider import assets
 from provider.auth import Caller
 from provider.sources import FileSource
+
+# A result selection as the provenance record and the audit log write it.
+RESULT_WORDS: dict[int, str] = {
+    job_pb2.RESULT_SELECTION_UNSPECIFIED: "outputs_and_logs",
+    job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS: "outputs_and_logs",
+    job_pb2.RESULT_SELECTION_OUTPUTS: "outputs",
+    job_pb2.RESULT_SELECTION_LOGS: "logs",
+}
+
+
+def check_results(results: int) -> None:
+    """INVALID_ARGUMENT naming `results` unless it is a ResultSelection this node knows."""
+    if results not in RESULT_WORDS:
+        raise InvalidArgument(
+            "results must be RESULT_SELECTION_OUTPUTS_AND_LOGS, RESULT_SELECTION_OUTPUTS or "
+            "RESULT_SELECTION_LOGS (or unset for outputs and logs)",
+            field="results",
+        )
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,11 @@ class JobPlan:
     resources: job_pb2.Resources = dataclasses.field(default_factory=job_pb2.Resources)
     # The order transaction that paid for each paid asset, by asset name.
     orders: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Which results the job keeps, as the consumer asked (checked: a known value).
+    results: job_pb2.ResultSelection.ValueType = job_pb2.RESULT_SELECTION_UNSPECIFIED
+    # Where they are delivered besides this node's storage (checked); unset for nowhere. It
+    # holds the consumer's secrets: the spec carries it to the engine, nothing else keeps it.
+    delivery: job_pb2.ResultDelivery = dataclasses.field(default_factory=job_pb2.ResultDelivery)
 
     @functools.cached_property
     def values(self) -> Any:
@@ -99,11 +123,14 @@ def job_spec(plan: JobPlan) -> engine_pb2.JobSpec:
         allow_network=plan.allow_network,
         viewers=plan.viewers,
         resources=plan.resources,
+        results=plan.results,
+        delivery=plan.delivery if delivery.is_set(plan.delivery) else None,
     )
 
 
-def provenance_facts(plan: JobPlan) -> dict[str, Any]:
-    """What the job's provenance record says it was started with (ProvenanceBook.job_started)."""
+def provenance_facts(plan: JobPlan, job_id: str) -> dict[str, Any]:
+    """What the job's provenance record says it was started with (ProvenanceBook.job_started).
+    Of a delivery only its description (mesh.delivery.describe): never a key or a URL."""
     return {
         "consumer": plan.owner.address,
         "viewers": plan.viewers,
@@ -122,6 +149,9 @@ def provenance_facts(plan: JobPlan) -> dict[str, Any]:
         "environment": _limits(plan.environment, plan.resources, plan.allow_network),
         # The order transaction that paid for each paid asset (none for a free job).
         "orders": plan.orders,
+        # Not "results": the record's outcome lists the results themselves under that key.
+        "result_selection": RESULT_WORDS[plan.results],
+        "delivery": delivery.describe(plan.delivery, job_id),
     }
 
 

@@ -71,6 +71,10 @@ async def test_a_node_client_runs_a_whole_job(local_mesh: LocalMesh) -> None:
     assert checks["reused_nonce"] == 16
     assert checks["lower_nonce"] == 16
     assert checks["wrong_digest"] == 16
+    # StartCompute's digest with a result selection and a delivery (S3, upload URLs) matched:
+    # refused for the destination (PERMISSION_DENIED), not for the signature.
+    assert checks["delivery_s3"] == 7
+    assert checks["delivery_upload_urls"] == 7
     # A dataset of a local and a remote file, published with `files` and its digest: the
     # local file measured by the Provider, the remote one as declared.
     assert checks["files_published"] == [

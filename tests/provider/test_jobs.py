@@ -121,6 +121,8 @@ async def test_every_dataset_is_checked_and_laid_out_in_order(local_mesh: LocalM
                 "network": False,
             },
             "orders": {},
+            "result_selection": "outputs_and_logs",
+            "delivery": "",
         }
         starts = await owner.list_audit_events(action="compute.start")
         assert [(e.outcome, e.resource) for e in starts] == [
