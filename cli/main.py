@@ -18,14 +18,22 @@ from c2d.common.v1 import container_pb2, job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 
 from cli import chain as paid
-from cli import owner, storage
+from cli import delivery, owner, storage
 from cli.certs import register as register_certs
 from cli.common import client as _client
 from cli.common import emit as _emit
 from cli.common import key as _key
 from cli.common import parse_parameters
 from cli.follow import follow
-from cli.output import describe, kind_name, print_json, state_name, to_dict
+from cli.output import (
+    delivery_text,
+    describe,
+    kind_name,
+    print_json,
+    selection_text,
+    state_name,
+    to_dict,
+)
 from mesh import config as mesh_config
 from mesh import containers
 from mesh import jobs as job_facts
@@ -285,6 +293,8 @@ async def cmd_compute_order(args: argparse.Namespace) -> int:
 async def cmd_compute_start(args: argparse.Namespace) -> int:
     if bool(args.algorithm) == bool(args.raw):
         raise SystemExit("c2d: give exactly one of --algorithm DID or --raw FILE")
+    # Read before connecting: a missing key or a bad URL file stops the command up front.
+    deliver = delivery.from_args(args)
     async with _client(args) as client:
         job = await client.start_compute(
             args.dataset,
@@ -297,6 +307,8 @@ async def cmd_compute_start(args: argparse.Namespace) -> int:
             resources=_resources(args),
             require_network=args.require_network,
             orders=args.order,
+            results=args.results or job_pb2.RESULT_SELECTION_UNSPECIFIED,
+            delivery=deliver,
         )
         job_id = job.name.removeprefix("jobs/")
         if not args.follow:
@@ -309,6 +321,8 @@ async def cmd_compute_start(args: argparse.Namespace) -> int:
         print_json(to_dict(final))
     else:
         print(f"job {job_id}: {describe(final)}", file=sys.stderr)
+        if delivery_text(final):
+            print(f"  {delivery_text(final)}", file=sys.stderr)
     return 0 if final.state == final.STATE_SUCCEEDED else 1
 
 
@@ -319,6 +333,9 @@ async def cmd_compute_status(args: argparse.Namespace) -> int:
         f"{job.name.removeprefix('jobs/')}: {describe(job)} (status {job.status_code} "
         f"{job.status_text})"
     )
+    text += f"\n  keeps {selection_text(job.result_selection)}"
+    if delivery_text(job):
+        text += f"\n  {delivery_text(job)}"
     expiry = _results_expiry(job)
     if expiry:
         text += f"\n  {expiry}"
@@ -441,6 +458,30 @@ async def cmd_compute_delete(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         await client.delete_job(args.job)
     _emit(args, {"deleted": args.job}, f"deleted {args.job}")
+    return 0
+
+
+def _result_indexes(text: str) -> list[int]:
+    """`0,2`: result indexes, in the order given."""
+    try:
+        indexes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"result indexes like 0,2, not {text!r}") from None
+    if any(index < 0 for index in indexes):
+        raise argparse.ArgumentTypeError("a result index is never negative")
+    return indexes
+
+
+async def cmd_compute_publish_outputs(args: argparse.Namespace) -> int:
+    policy = owner.read_policy_file(args.policy_file) if args.policy_file else None
+    async with _client(args) as client:
+        dataset = await client.publish_job_outputs(
+            args.job,
+            metadata=pb.AssetMetadata(title=args.title, description=args.description),
+            result_indexes=args.outputs,
+            policy=policy,
+        )
+    _emit(args, to_dict(dataset), f"{dataset.did}\n{owner.describe_policy(dataset)}")
     return 0
 
 
@@ -592,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TX",
         help="an order transaction paying for a paid asset (see `c2d compute order`)",
     )
+    delivery.add_flags(start)
     start.add_argument(
         "--follow",
         "-f",
@@ -664,6 +706,31 @@ def build_parser() -> argparse.ArgumentParser:
     results.set_defaults(run=cmd_compute_results)
     listing = compute.add_parser("list", parents=[common], help="your jobs and those you view")
     listing.set_defaults(run=cmd_compute_list)
+    outputs = compute.add_parser(
+        "publish-outputs",
+        parents=[common],
+        help="publish a succeeded job's outputs as a dataset of yours on the node (they never "
+        "leave it), where the datasets it read allow it",
+    )
+    outputs.add_argument("job")
+    outputs.add_argument(
+        "--outputs",
+        type=_result_indexes,
+        default=[],
+        metavar="INDEXES",
+        help="the outputs' result indexes, e.g. 0,2, in the dataset's file order (default: "
+        "every output)",
+    )
+    outputs.add_argument("--title", required=True)
+    outputs.add_argument("--description", default="")
+    outputs.add_argument(
+        "--policy-file",
+        metavar="FILE",
+        help="the dataset's compute policy as JSON, e.g. "
+        '{"publisherTrustedAlgorithms": [...]} (default: it trusts no algorithm; change it '
+        "later with c2d dataset policy)",
+    )
+    outputs.set_defaults(run=cmd_compute_publish_outputs)
 
     register_certs(commands)
     owner.register(commands, dataset, algorithm, common)

@@ -82,6 +82,8 @@ def describe_policy(dataset: pb.Dataset) -> str:
         lines.append("  trusts no algorithm")
     lines.append(f"  raw code {'allowed' if policy.allow_raw_algorithm else 'refused'}")
     lines.append(f"  network {'allowed' if policy.allow_network_access else 'refused'}")
+    derived = "allowed" if policy.allow_derived_datasets else "refused"
+    lines.append(f"  datasets of jobs' outputs {derived}")
     for bound in policy.parameter_bounds:
         lines.append(f"  bound {_describe_bound(bound)}")
     if policy.timeout.seconds:
@@ -90,6 +92,11 @@ def describe_policy(dataset: pb.Dataset) -> str:
         lines.append(f"  sample {dataset.sample}")
     if dataset.sample_of:
         lines.append(f"  sample of {dataset.sample_of}")
+    if dataset.HasField("derived_from"):
+        origin = dataset.derived_from
+        lines.append(f"  made from the outputs of {origin.job} ({', '.join(origin.outputs)})")
+        lines.append(f"    which read {', '.join(origin.datasets)}")
+        lines.append(f"    publisher {dataset.publisher}")
     return "\n".join(lines)
 
 
@@ -130,15 +137,24 @@ def add_policy_flags(parser: argparse.ArgumentParser, *, editing: bool) -> None:
             action="store_true",
             help="let jobs use the network (the environment must permit it too)",
         )
-        return
-    for flag, what in (("raw", "raw code"), ("network", "the network")):
-        group = parser.add_mutually_exclusive_group()
-        group.add_argument(
-            f"--allow-{flag}", dest=f"allow_{flag}", action="store_const", const=True
+        parser.add_argument(
+            "--allow-derived-datasets",
+            action="store_true",
+            help="let a job's consumer publish its outputs as a dataset of its own on this "
+            "node (c2d compute publish-outputs); they never leave the node",
         )
+        return
+    for flag, what in (
+        ("raw", "raw code"),
+        ("network", "the network"),
+        ("derived-datasets", "datasets made from jobs' outputs"),
+    ):
+        group = parser.add_mutually_exclusive_group()
+        dest = f"allow_{flag.replace('-', '_')}"
+        group.add_argument(f"--allow-{flag}", dest=dest, action="store_const", const=True)
         group.add_argument(
             f"--forbid-{flag}",
-            dest=f"allow_{flag}",
+            dest=dest,
             action="store_const",
             const=False,
             help=f"allow or forbid {what}",
@@ -177,8 +193,20 @@ async def apply_policy_flags(
         policy.allow_raw_algorithm = args.allow_raw
     if args.allow_network is not None:
         policy.allow_network_access = args.allow_network
+    if args.allow_derived_datasets is not None:
+        policy.allow_derived_datasets = args.allow_derived_datasets
     if args.timeout is not None:
         policy.timeout.CopyFrom(duration_pb2.Duration(seconds=args.timeout))
+
+
+def read_policy_file(path: str) -> pb.ComputePolicy:
+    """A compute policy from a JSON file, as the API writes one (proto3 JSON: field names in
+    lowerCamelCase or as in the proto), e.g. {"publisherTrustedAlgorithms": [{"did": ...,
+    "filesChecksum": ..., "containerSectionChecksum": ...}], "allowDerivedDatasets": true}."""
+    try:
+        return json_format.Parse(Path(path).read_text("utf-8"), pb.ComputePolicy())
+    except (OSError, UnicodeDecodeError, json_format.ParseError) as error:
+        raise SystemExit(f"c2d: --policy-file {path}: {error}") from None
 
 
 async def cmd_dataset_policy(args: argparse.Namespace) -> int:

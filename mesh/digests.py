@@ -47,6 +47,7 @@ def _policy(p: pb.ComputePolicy) -> list[Any]:
             [b.name, b.algorithm_did, _optional(b, "minimum"), _optional(b, "maximum")]
             for b in p.parameter_bounds
         ],
+        p.allow_derived_datasets,
     ]
 
 
@@ -97,6 +98,25 @@ def _job(r: pb.StartComputeRequest | pb.InitializeComputeRequest) -> list[Any]:
     ]
 
 
+def _delivery(d: job_pb2.ResultDelivery) -> Any:
+    """A delivery destination with its secrets (a signature binds them): null when unset."""
+    kind = d.WhichOneof("destination")
+    if kind == "s3":
+        s = d.s3
+        return [
+            s.endpoint,
+            s.region,
+            s.bucket,
+            s.prefix,
+            s.access_key_id,
+            s.secret_access_key,
+            s.session_token,
+        ]
+    if kind == "upload_urls":
+        return dict(d.upload_urls.urls)
+    return None
+
+
 def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
     return [
         r.request_id,
@@ -105,6 +125,8 @@ def _start_compute(r: pb.StartComputeRequest) -> list[Any]:
         _resources(r.resources),
         r.require_network,
         list(r.orders),
+        r.results,
+        _delivery(r.delivery),
     ]
 
 
@@ -153,6 +175,13 @@ _FIELDS: dict[str, Callable[[Any], list[Any]]] = {
     "StreamJobLogs": lambda r: [r.name, r.offset],
     "DownloadResult": lambda r: [r.name, r.offset],
     "GetResultUrl": lambda r: [r.name],
+    "PublishJobOutputs": lambda r: [
+        r.name,
+        r.request_id,
+        _metadata(r.metadata),
+        list(r.result_indexes),
+        _policy(r.policy),
+    ],
     "GetProvenance": lambda r: [r.name],
     "CreateApprovalRequest": lambda r: [
         r.request_id,

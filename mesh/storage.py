@@ -7,7 +7,13 @@ above this module knows where bytes live.
 
 A job's logs must outlive an outage of a remote store: `put_log_blocking` keeps them on the
 node's own disk (the spill, `C2D_STORAGE_SPILL`) when the store cannot take them, and every read
-of the storage finds them there."""
+of the storage finds them there.
+
+Beside the jobs' objects, the dataset area (`datasets/{dataset id}/{index}`) holds the files of
+datasets made from jobs' outputs: `export_result` copies an output there (checked against its
+recorded size and sha256), where deleting the job and the retention sweeper never reach, and
+the configure stage reads them back (`read_dataset_file_blocking`, or on local disk the file
+itself, `LocalStorage.dataset_file`)."""
 
 from __future__ import annotations
 
@@ -17,9 +23,10 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +38,7 @@ from c2d.common.v1 import job_pb2
 
 from mesh import config as mesh_config
 from mesh.errors import DataLoss, FailedPrecondition, NotFound, Unavailable
-from mesh.jobs import is_job_id
+from mesh.jobs import is_job_id, is_sha256_hex
 
 log = structlog.get_logger()
 
@@ -47,6 +54,16 @@ _TEMP_PREFIX = ".part-"
 _SPARE_DIR = ".spare"
 _READY_PREFIX = ".ready-"
 _T = TypeVar("_T")
+
+# The dataset area: the files of datasets made from jobs' outputs, at `datasets/{id}/{index}`
+# beside the jobs' folders (a job id is never `datasets`), so that deleting a job or expiring
+# its results (both remove one job's folder or prefix) never reaches them.
+DATASETS_AREA = "datasets"
+_DATASET_KEY_RE = re.compile(r"datasets/([0-9a-f]{64})/([0-9]{4,6})")
+MAX_DATASET_FILE_INDEX = 999_999
+# What a dataset-area file is made: readable by the sandbox's unrelated uid (it is bind-mounted
+# into jobs), written by nobody.
+_DATASET_FILE_MODE = 0o444
 
 # How long a presigned result URL works unless configured (C2D_RESULT_URL_TTL_S), and the
 # longest SigV4 allows.
@@ -164,6 +181,25 @@ class Storage(Protocol):
         down): the caller then streams the object itself."""
         ...
 
+    async def export_result(
+        self, job_id: str, key: str, dataset_id: str, index: int, *, size: int, sha256: str
+    ) -> None:
+        """Copies the job's object `key` into the dataset area as file `index` of dataset
+        `dataset_id` (`dataset_key`), where neither `delete_job` nor the retention sweeper
+        reaches it, durably. Raises `DataLoss` unless the object (and so its copy) is `size`
+        bytes with this sha256, `NotFound` when there is no such object. Idempotent: a copy
+        already there with this size and sha256 is kept."""
+        ...
+
+    def read_dataset_file_blocking(
+        self, dataset_id: str, index: int, *, size: int, sha256: str, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        """Yields file `index` of dataset `dataset_id` from the dataset area in chunks, never
+        past `size` bytes, and raises `DataLoss` (at the latest once the last chunk is out)
+        unless it is `size` bytes with this sha256; `NotFound` when there is no such file.
+        Blocking: for a worker thread (the configure stage)."""
+        ...
+
 
 def result_key(result: job_pb2.ResultFile) -> str:
     """The storage key of a job's result. Keys come from the index, never from the name the
@@ -171,6 +207,49 @@ def result_key(result: job_pb2.ResultFile) -> str:
     if result.index < 0:
         raise ValueError("a result index is never negative")
     return f"{result.index:04d}"
+
+
+def dataset_key(dataset_id: str, index: int) -> str:
+    """The key of file `index` of a dataset made from a job's outputs, in the dataset area:
+    `datasets/{dataset_id}/{index:04d}` (its place under a storage's root or prefix)."""
+    if not is_sha256_hex(dataset_id):
+        raise ValueError("a dataset id is 64 lowercase hex digits")
+    if not 0 <= index <= MAX_DATASET_FILE_INDEX:
+        raise ValueError(f"a dataset file's index is 0 to {MAX_DATASET_FILE_INDEX}")
+    return f"{DATASETS_AREA}/{dataset_id}/{index:04d}"
+
+
+def parse_dataset_key(key: str) -> tuple[str, int]:
+    """The dataset id and file index of a dataset-area key; ValueError for anything else
+    (only the one spelling `dataset_key` makes, so no two keys name one file)."""
+    match = _DATASET_KEY_RE.fullmatch(key)
+    if match is None or dataset_key(match[1], int(match[2])) != key:
+        raise ValueError("not a dataset file's key (datasets/{64 hex}/{index, 4 digits})")
+    return match[1], int(match[2])
+
+
+def verified_chunks(chunks: Iterable[bytes], size: int, sha256: str, what: str) -> Iterator[bytes]:
+    """`chunks` passed on while they hash and count to no more than `size` bytes; DataLoss
+    naming `what` as soon as they pass it, and after the last one unless they made exactly
+    `size` bytes with this sha256."""
+    digest = hashlib.sha256()
+    seen = 0
+    try:
+        for chunk in chunks:
+            seen += len(chunk)
+            if seen > size:
+                raise DataLoss(f"{what} is larger than its recorded size")
+            digest.update(chunk)
+            yield chunk
+    finally:
+        # A read stopped early (refused, or its reader gone) lets go of its file or connection.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if seen != size:
+        raise DataLoss(f"{what} is smaller than its recorded size")
+    if digest.hexdigest() != sha256:
+        raise DataLoss(f"{what} does not match its recorded sha256")
 
 
 def check_job_id(job_id: str) -> None:
@@ -426,6 +505,113 @@ class LocalStorage:
             "through the Provider",
             reason="RESULT_URLS_UNAVAILABLE",
         )
+
+    # -- the dataset area -----------------------------------------------------------------
+
+    def dataset_file(self, dataset_id: str, index: int) -> Path:
+        """Where file `index` of a dataset made from a job's outputs is kept (mode 0444), for
+        the engine to bind-mount read-only; whether it is there is not checked."""
+        return self.root / dataset_key(dataset_id, index)
+
+    async def export_result(
+        self, job_id: str, key: str, dataset_id: str, index: int, *, size: int, sha256: str
+    ) -> None:
+        await asyncio.to_thread(
+            self._export_blocking, job_id, key, self.dataset_file(dataset_id, index), size, sha256
+        )
+
+    def _export_blocking(self, job_id: str, key: str, target: Path, size: int, sha256: str) -> None:
+        what = f"result {key} of job {job_id}"
+        if _holds(target, size, sha256):
+            log.info("storage.export_kept", job_id=job_id, key=key)
+            return
+        source = self._object_path(job_id, key)
+        if not source.is_file():
+            raise NotFound(f"{what} is not stored")
+        self._make_root()
+        for folder in (target.parent.parent, target.parent):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(mode=0o700)
+        temp = target.parent / f"{_TEMP_PREFIX}{os.urandom(8).hex()}"
+        try:
+            # One inode for both: no bytes are copied, and deleting the job leaves this name.
+            os.link(source, temp, follow_symlinks=False)
+            linked = True
+        except OSError:
+            linked = False  # another file system, or links refused: a copy instead
+        try:
+            if linked:
+                _check_file(temp, size, sha256, what)
+            else:
+                _copy_checked(source, temp, size, sha256, what)
+            # 0444 also for the job's own name of a linked inode: its folder is 0700 anyway.
+            os.chmod(temp, _DATASET_FILE_MODE)
+            _fsync_file(temp)
+            os.replace(temp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(target.parent)
+        _fsync_dir(target.parent.parent)
+        log.info("storage.exported", job_id=job_id, key=key, size=size, linked=linked)
+
+    def read_dataset_file_blocking(
+        self, dataset_id: str, index: int, *, size: int, sha256: str, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        check_read(0, chunk_size)
+        path = self.dataset_file(dataset_id, index)
+        what = f"file {index} of dataset {dataset_id}"
+        return verified_chunks(_file_chunks(path, chunk_size, what), size, sha256, what)
+
+
+def _file_chunks(path: Path, chunk_size: int, what: str) -> Iterator[bytes]:
+    """The file's bytes in chunks, opened without following a link; NotFound when absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(f"{what} is not stored") from None
+    with os.fdopen(fd, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            yield chunk
+
+
+def _holds(path: Path, size: int, sha256: str) -> bool:
+    """Whether `path` is a regular file of `size` bytes with this sha256 (a copy made before)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    try:
+        _check_file(path, size, sha256, "the copy")
+    except DataLoss:
+        log.warning("storage.export_replacing_a_bad_copy")
+        return False
+    return True
+
+
+def _check_file(path: Path, size: int, sha256: str, what: str) -> None:
+    """DataLoss naming `what` unless the file is `size` bytes with this sha256."""
+    for _ in verified_chunks(_file_chunks(path, CHUNK_SIZE, what), size, sha256, what):
+        pass
+
+
+def _copy_checked(source: Path, temp: Path, size: int, sha256: str, what: str) -> None:
+    """Streams `source` into a new file `temp` (0600 until it is whole), checked as it goes."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        for chunk in verified_chunks(_file_chunks(source, CHUNK_SIZE, what), size, sha256, what):
+            out.write(chunk)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _rmtree_if_present(path: Path) -> None:

@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import io
+import math
 import os
 import threading
 import weakref
@@ -53,6 +54,8 @@ from mesh.storage import (
     check_key,
     check_read,
     check_url_ttl,
+    dataset_key,
+    verified_chunks,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import (
         CompletedPartTypeDef,
+        CopySourceTypeDef,
         GetObjectRequestTypeDef,
         ObjectIdentifierTypeDef,
     )
@@ -73,6 +77,9 @@ MAX_PARTS = 10_000
 PART_SIZE = 8 << 20
 # Parts uploading at once: enough to keep a link busy, few enough to bound memory.
 MAX_IN_FLIGHT = 4
+# The largest object one CopyObject copies; a larger one is copied part by part
+# (UploadPartCopy), server-side either way.
+MAX_COPY_BYTES = 5 << 30
 # The sha256 of an object: a metadata entry (x-amz-meta-c2d-sha256) or, for multipart
 # objects, a tag of the same name.
 SHA256_FIELD = "c2d-sha256"
@@ -178,7 +185,8 @@ def _s3_errors(what: str, job_id: str, key: str = "") -> Iterator[None]:
     except ClientError as error:
         code = error_code(error)
         if code in _NOT_FOUND_CODES:
-            raise NotFound(f"result {key} of job {job_id} is not stored") from None
+            what = f"result {key} of job {job_id}" if job_id else f"object {key}"
+            raise NotFound(f"{what} is not stored") from None
         log.warning("storage.s3_refused", job_id=job_id, key=key, operation=what, code=code)
         raise StorageUnavailable(
             f"the results storage refused to {what} ({code or 'no error code'})"
@@ -245,15 +253,17 @@ def _expire_time(url: str) -> datetime:
 
 
 class S3Storage:
-    """A job's results as objects under `<prefix>/<job_id>/` in one bucket.
+    """A job's results as objects under `<prefix>/<job_id>/` in one bucket, and the files of
+    datasets made from them under `<prefix>/datasets/` (see `mesh.storage.dataset_key`).
 
     `part_size` (5 MiB to 5 GiB) is both the largest object stored by one PutObject and the
     multipart part size; `max_in_flight` parts upload at once. `url_ttl_s` is how long a
     presigned URL works unless `presign` is told otherwise. `attempts` bounds botocore's
     standard retries of each call (with their backoff of up to 1, 2, 4 s between tries), so
     that an unreachable store fails a call in seconds. `spill` is where logs go while S3 is
-    down (none: a log S3 cannot take is lost, as any object). `close` (or the process's exit)
-    closes the client."""
+    down (none: a log S3 cannot take is lost, as any object). `copy_part_size` (5 MiB to
+    5 GiB) is the largest object `export_result` copies with one CopyObject, and the part of a
+    larger copy. `close` (or the process's exit) closes the client."""
 
     def __init__(
         self,
@@ -267,10 +277,13 @@ class S3Storage:
         attempts: int = 3,
         max_connections: int = 64,
         spill: LocalStorage | None = None,
+        copy_part_size: int = MAX_COPY_BYTES,
     ) -> None:
         parse_s3_url(f"s3://{bucket}")  # checks the bucket's name
         if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
             raise ValueError("an S3 part is 5 MiB to 5 GiB")
+        if not MIN_PART_SIZE <= copy_part_size <= MAX_COPY_BYTES:
+            raise ValueError("an S3 copy's part is 5 MiB to 5 GiB")
         if max_in_flight < 1 or attempts < 1 or max_connections < 1:
             raise ValueError("max_in_flight, attempts and max_connections are at least 1")
         self.bucket = bucket
@@ -279,6 +292,8 @@ class S3Storage:
         self.max_in_flight = max_in_flight
         self.url_ttl_s = check_url_ttl(url_ttl_s)
         self.spill = spill
+        # The largest object one CopyObject copies, and the part size of larger copies.
+        self.copy_part_size = copy_part_size
         # Downloads hold a connection while their reader is slow: a pool that size of them.
         self._loop = _LoopThread(settings, max(max_connections, max_in_flight), attempts)
         # Runs once: at close(), when the storage is collected, or at the process's exit.
@@ -530,6 +545,11 @@ class S3Storage:
 
     async def _recorded(self, job_id: str, key: str, name: str) -> tuple[int, str]:
         """The object's size and the sha256 recorded when it was stored ("" when none is)."""
+        size, sha256, _ = await self._described(job_id, key, name)
+        return size, sha256
+
+    async def _described(self, job_id: str, key: str, name: str) -> tuple[int, str, str]:
+        """`_recorded`, with the object's ETag (which pins this very version of it)."""
         head = await self._head(job_id, key, name)
         sha256 = str(head.get("Metadata", {}).get(SHA256_FIELD, ""))
         if not sha256 and head.get("TagCount"):
@@ -537,7 +557,7 @@ class S3Storage:
             with _s3_errors("look up a result's sha256", job_id, key):
                 tags = await client.get_object_tagging(Bucket=self.bucket, Key=name)
             sha256 = next((t["Value"] for t in tags["TagSet"] if t["Key"] == SHA256_FIELD), "")
-        return int(head["ContentLength"]), sha256
+        return int(head["ContentLength"]), sha256, str(head.get("ETag", ""))
 
     async def presign(
         self, job_id: str, key: str, expires_s: int | None = None, filename: str = ""
@@ -568,6 +588,66 @@ class S3Storage:
                 },
                 ExpiresIn=ttl,
             )
+
+    # -- the dataset area -----------------------------------------------------------------
+
+    def _dataset_name(self, dataset_id: str, index: int) -> str:
+        return f"{self.prefix}/{dataset_key(dataset_id, index)}"
+
+    async def export_result(
+        self, job_id: str, key: str, dataset_id: str, index: int, *, size: int, sha256: str
+    ) -> None:
+        source = self._name(job_id, key)
+        target = self._dataset_name(dataset_id, index)
+        await self._loop.call_async(self._export(job_id, key, source, target, size, sha256))
+
+    async def _export(
+        self, job_id: str, key: str, source: str, target: str, size: int, sha256: str
+    ) -> None:
+        """Copies `source` to `target` in the store (no byte passes through here), once the
+        source is the recorded object; the copy carries its sha256 as metadata."""
+        what = f"result {key} of job {job_id}"
+        if await self._copy_recorded(target) == (size, sha256):
+            log.info("storage.export_kept", job_id=job_id, key=key)
+            return
+        found_size, found_sha256, etag = await self._described(job_id, key, source)
+        if (found_size, found_sha256) != (size, sha256):
+            log.error("storage.export_mismatch", job_id=job_id, key=key)
+            raise DataLoss(f"{what} is not the recorded one (its size or sha256 differ)")
+        copy = _Copy(self, job_id, key, source, target, etag)
+        parts = await copy.run(size, sha256)
+        # What the store now holds under the copy's name: a copy that is not whole is refused.
+        if await self._copy_recorded(target) != (size, sha256):
+            log.error("storage.export_copy_mismatch", job_id=job_id, key=key)
+            raise DataLoss(f"the copy of {what} is not the recorded one")
+        log.info("storage.exported", job_id=job_id, key=key, size=size, parts=parts)
+
+    async def _copy_recorded(self, name: str) -> tuple[int, str] | None:
+        """The size and sha256 a dataset-area object carries; None when there is none."""
+        try:
+            return await self._recorded("", name, name)
+        except NotFound:
+            return None
+
+    def read_dataset_file_blocking(
+        self, dataset_id: str, index: int, *, size: int, sha256: str, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
+        check_read(0, chunk_size)
+        name = self._dataset_name(dataset_id, index)
+        what = f"file {index} of dataset {dataset_id}"
+        chunks = self._download_blocking(dataset_key(dataset_id, index), name, chunk_size)
+        return verified_chunks(chunks, size, sha256, what)
+
+    def _download_blocking(self, key: str, name: str, chunk_size: int) -> Iterator[bytes]:
+        """The object's bytes, read on the storage's loop for a thread that has none."""
+        download = _Download(self, "", key, name, 0)
+        try:
+            while chunk := self._loop.call(download.next(chunk_size)):
+                yield chunk
+        finally:
+            if download.open:
+                with contextlib.suppress(Exception):  # the read's own failure is the one
+                    self._loop.call(download.close())
 
     # -- the rest of the protocol ---------------------------------------------------------
 
@@ -626,6 +706,111 @@ class S3Storage:
                 for upload in listing.get("Uploads", []):
                     await self._abort(job_id, "", upload["Key"], upload["UploadId"])
         return deleted
+
+
+class _Copy:
+    """One server-side copy of an object within the bucket, pinned to the source's ETag (a
+    source replaced meanwhile fails it): one CopyObject up to the storage's `copy_part_size`,
+    else a multipart upload of UploadPartCopy ranges, a few at once, aborted on any failure.
+    Either way the copy gets the sha256 as metadata (known ahead, unlike a put's). Its
+    methods run on the storage's loop."""
+
+    def __init__(
+        self, storage: S3Storage, job_id: str, key: str, source: str, target: str, etag: str
+    ) -> None:
+        self._storage = storage
+        self._job_id = job_id
+        self._key = key
+        self._target = target
+        self._source: CopySourceTypeDef = {"Bucket": storage.bucket, "Key": source}
+        self._etag = etag
+
+    async def run(self, size: int, sha256: str) -> int:
+        """Copies the object; returns how many parts it took (1 for one CopyObject)."""
+        storage = self._storage
+        if size <= storage.copy_part_size:
+            client = await storage._loop.client()
+            with self._errors("copy a result"):
+                await client.copy_object(
+                    Bucket=storage.bucket,
+                    Key=self._target,
+                    CopySource=self._source,
+                    CopySourceIfMatch=self._etag,
+                    MetadataDirective="REPLACE",
+                    Metadata={SHA256_FIELD: sha256},
+                    ContentType=_CONTENT_TYPE,
+                )
+            return 1
+        # At most MAX_PARTS parts: larger ones for an object that would need more.
+        part = max(storage.copy_part_size, math.ceil(size / MAX_PARTS))
+        ranges = [(start, min(start + part, size) - 1) for start in range(0, size, part)]
+        upload_id = await self._create(sha256)
+        try:
+            gate = asyncio.Semaphore(storage.max_in_flight)
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._part(upload_id, number, first, last, gate))
+                    for number, (first, last) in enumerate(ranges, start=1)
+                ]
+            parts: list[CompletedPartTypeDef] = [task.result() for task in tasks]
+            client = await storage._loop.client()
+            with self._errors("complete a copy"):
+                await client.complete_multipart_upload(
+                    Bucket=storage.bucket,
+                    Key=self._target,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException as error:
+            with contextlib.suppress(Exception):
+                await storage._abort(self._job_id, self._key, self._target, upload_id)
+            if isinstance(error, BaseExceptionGroup):
+                raise error.exceptions[0] from None  # the first part's failure says why
+            raise
+        return len(ranges)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            with _s3_errors(what, self._job_id, self._key):
+                yield
+        except StorageUnavailable as error:
+            if isinstance(error.__cause__, ClientError) and error_code(error.__cause__) in (
+                "PreconditionFailed",
+                "412",
+            ):
+                raise DataLoss(
+                    f"result {self._key} of job {self._job_id} was replaced while being copied"
+                ) from None
+            raise
+
+    async def _create(self, sha256: str) -> str:
+        client = await self._storage._loop.client()
+        with self._errors("start a copy"):
+            reply = await client.create_multipart_upload(
+                Bucket=self._storage.bucket,
+                Key=self._target,
+                ContentType=_CONTENT_TYPE,
+                Metadata={SHA256_FIELD: sha256},
+            )
+        return reply["UploadId"]
+
+    async def _part(
+        self, upload_id: str, number: int, first: int, last: int, gate: asyncio.Semaphore
+    ) -> CompletedPartTypeDef:
+        async with gate:
+            client = await self._storage._loop.client()
+            with self._errors("copy a part"):
+                reply = await client.upload_part_copy(
+                    Bucket=self._storage.bucket,
+                    Key=self._target,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=self._source,
+                    CopySourceIfMatch=self._etag,
+                    CopySourceRange=f"bytes={first}-{last}",
+                )
+        return {"PartNumber": number, "ETag": reply["CopyPartResult"]["ETag"]}
 
 
 class _Download:

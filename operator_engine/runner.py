@@ -6,6 +6,10 @@ an engine that restarts, even after kill -9, picks every job up again: queued jo
 jobs cut off while configuring or running end `failed: engine lost` with their logs published,
 jobs cut off while publishing are published again and end as they would have.
 
+`spec.pb` never holds a delivery's secrets (keys, upload URLs: `jobs.stored_spec`); only the
+job's spec in memory does, so a job picked up after a restart ends with its delivery failed,
+saying why. A delivery runs after publishing, before the job's final state (JobBook._finish).
+
 RUNNING is not written to `job.pb`: recovery ends a job cut off while configuring or running
 alike, and the job's `disk` file, written just before, marks that it got as far as running.
 
@@ -48,7 +52,14 @@ from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
 from operator_engine.images import ImageCache, ImageError
-from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout, job_limits
+from operator_engine.jobs import (
+    EngineJob,
+    JobBook,
+    QueueStopped,
+    QueueTimeout,
+    job_limits,
+    stored_spec,
+)
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout
@@ -59,6 +70,7 @@ from pods.configure import (
     configure,
     make_layout,
     remote_files,
+    stored_files,
 )
 from pods.publish import PublishError, publish
 
@@ -120,7 +132,7 @@ class Runner(JobBook):
         # Inline: a rename, or a few small local writes; cheaper than hops to a thread.
         if not self._take_spare(entry.workspace):
             _make_workspace(entry.workspace)
-        _write_atomic(entry.workspace / _SPEC_FILE, spec.SerializeToString())
+        _write_atomic(entry.workspace / _SPEC_FILE, stored_spec(spec).SerializeToString())
         await self._keep(entry)
         self._start(entry)
 
@@ -307,6 +319,8 @@ class Runner(JobBook):
             if _configure_is_small(entry.spec):
                 prepared = configure(entry.spec, ws, self.config.data_root, sources)
             else:
+                # Files of datasets made from jobs' outputs are read from this engine's own
+                # results storage (its credentials stay here, never in the sandbox).
                 # A fetch looks at the job's stop between chunks: a stop (or the engine's)
                 # does not wait for a download to end.
                 prepared = await asyncio.to_thread(
@@ -316,6 +330,7 @@ class Runner(JobBook):
                     self.config.data_root,
                     sources,
                     stopped=entry.cancel.is_set,
+                    storage=self.storage,
                 )
         except ProvisioningError as error:
             reason = (
@@ -538,6 +553,7 @@ class Runner(JobBook):
                 max_files=env.max_output_files,
                 max_total_bytes=entry.job.limits.disk_bytes,
                 outputs=entry.disk,
+                results=entry.job.result_selection,
             )
         except PublishError as error:
             # What was stored all the same (the logs, kept on the node's disk when the store
@@ -606,6 +622,7 @@ def _configure_is_small(spec: engine_pb2.JobSpec) -> bool:
         size <= _INLINE_CONFIGURE_BYTES
         and files <= _INLINE_CONFIGURE_FILES
         and not remote_files(spec)
+        and not stored_files(spec)
     )
 
 

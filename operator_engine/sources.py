@@ -17,7 +17,11 @@ the sandbox sees. Nothing here prints a secret value, and the objects' reprs sho
 only.
 
 Limits, from the environment: `C2D_SOURCE_MAX_BYTES` (default 64 GiB), the most one job may
-fetch in all; `C2D_SOURCE_TIMEOUT_S` (default 600), the longest one file's fetch may take."""
+fetch in all; `C2D_SOURCE_TIMEOUT_S` (default 600), the longest one file's fetch may take.
+
+None of this is for a dataset made from a job's outputs (a `stored` file): its copies are in the
+node's own results storage, read with the engine's storage settings (C2D_STORAGE, and C2D_S3_*
+for S3), never with a source credential."""
 
 from __future__ import annotations
 

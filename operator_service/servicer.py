@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2, engine_pb2_grpc
 from c2d.operator.v1 import operator_pb2, operator_pb2_grpc
 
+from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
@@ -83,7 +84,10 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             environment=spec.environment or "default",
             state=State.STATE_QUEUED,
             viewers=spec.viewers,
+            result_selection=spec.results,
         )
+        if delivery_rules.is_set(spec.delivery):
+            job.delivery.CopyFrom(delivery_rules.pending(spec.delivery, spec.job_id))
         job.create_time.GetCurrentTime()
         job_facts.set_status_code(job)
         if not await self.store.insert(spec, job, time.time() + self.tracker.lease_s):
@@ -273,6 +277,41 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         log.info("result url issued", index=result.index, expire_time=str(presigned.expire_time))
         return response
 
+    async def ExportResults(
+        self, request: operator_pb2.ExportResultsRequest, context: Context
+    ) -> operator_pb2.ExportResultsResponse:
+        job = await self._owned(request.job_id, request.owner)
+        structlog.contextvars.bind_contextvars(job_id=request.job_id)
+        if job.state != State.STATE_SUCCEEDED:
+            raise FailedPrecondition(
+                "only a succeeded job's outputs can be exported", reason="JOB_NOT_SUCCEEDED"
+            )
+        refuse_expired(job)
+        if not job_facts.is_sha256_hex(request.dataset_id):
+            raise InvalidArgument("dataset_id must be 64 lowercase hex digits", field="dataset_id")
+        files = []
+        for position, result in enumerate(_outputs(job, request.indexes)):
+            # Checked against the recorded size and sha256 by the storage (DATA_LOSS).
+            await self.storage.export_result(
+                request.job_id,
+                result_key(result),
+                request.dataset_id,
+                position,
+                size=result.size_bytes,
+                sha256=result.sha256,
+            )
+            files.append(
+                job_pb2.ResultFile(
+                    index=position,
+                    name=result.name,
+                    kind=job_pb2.ResultFile.KIND_OUTPUT,
+                    size_bytes=result.size_bytes,
+                    sha256=result.sha256,
+                )
+            )
+        log.info("results exported", dataset_id=request.dataset_id, files=len(files))
+        return operator_pb2.ExportResultsResponse(files=files)
+
     async def ListEnvironments(
         self, request: operator_pb2.ListEnvironmentsRequest, context: Context
     ) -> operator_pb2.ListEnvironmentsResponse:
@@ -280,6 +319,25 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
         )
         return operator_pb2.ListEnvironmentsResponse(environments=response.environments)
+
+
+def _outputs(job: job_pb2.Job, indexes: Sequence[int]) -> list[job_pb2.ResultFile]:
+    """The job's outputs at `indexes`, in that order (every output, by index, when empty);
+    INVALID_ARGUMENT for a job without outputs, an index that is not an output's, or one given
+    twice."""
+    outputs = {r.index: r for r in job.results if r.kind == job_pb2.ResultFile.KIND_OUTPUT}
+    if not outputs:
+        raise InvalidArgument("the job has no outputs", field="indexes")
+    if not indexes:
+        return [outputs[index] for index in sorted(outputs)]
+    for i, index in enumerate(indexes):
+        if index not in outputs:
+            raise InvalidArgument(
+                f"result {index} is not one of the job's outputs", field=f"indexes[{i}]"
+            )
+        if index in indexes[:i]:
+            raise InvalidArgument(f"result {index} is listed twice", field=f"indexes[{i}]")
+    return [outputs[index] for index in indexes]
 
 
 def _result(job: job_pb2.Job, index: int) -> job_pb2.ResultFile:

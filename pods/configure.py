@@ -9,6 +9,11 @@ A dataset file under the data root is checked and bind-mounted, never copied. A 
 behind an HTTP(S) URL is fetched into the workspace (pods.fetch) with the node's source
 credentials and limits (operator_engine.sources), checked against its recorded size and sha256,
 and mounted read-only like the others; every file's cheap checks come before the first fetch.
+A file of a dataset made from a job's outputs (`stored`) is read from the node's results storage
+with the engine's own storage settings, checked against its recorded size and sha256: on local
+disk it is then bind-mounted where it is, from S3 (or with `--copy-stored`, as a Kubernetes
+configure pod does) it is copied into the workspace like a fetched file. The storage's
+credentials stay in the stage: the algorithm's environment is never more than `algorithm_env`.
 
 Nothing here ever names a dataset file's location in an error or a log line: the consumer reads
 both, and where the owner keeps data is the owner's business."""
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +30,7 @@ import secrets
 import shlex
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,8 +43,16 @@ from c2d.common.v1 import job_pb2
 from c2d.engine.v1 import engine_pb2
 from google.protobuf import json_format
 
+from mesh.errors import DataLoss, NotFound
 from mesh.jobs import is_sha256_hex
 from mesh.s3 import S3Settings, parse_s3_object
+from mesh.storage import (
+    LocalStorage,
+    Storage,
+    StorageUnavailable,
+    parse_dataset_key,
+    storage_from_url,
+)
 from operator_engine.sources import SourceSettings, UnknownCredentials
 from pods import fetch
 from pods.workspace import (
@@ -171,6 +186,20 @@ class _Remote:
 
 
 @dataclass(frozen=True)
+class _Stored:
+    """A file of a dataset made from a job's outputs, checked as far as can be done without
+    reading it: where it goes, and, on local disk, the file to mount (None: copied)."""
+
+    label: str
+    dataset_id: str
+    index: int
+    source: engine_pb2.DatasetFileSource = field(repr=False)
+    # Its place in the storage's dataset area (mesh.storage.dataset_key).
+    area: tuple[str, int]
+    host_path: Path | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class _Stage:
     """What the dataset steps need besides the spec."""
 
@@ -180,6 +209,11 @@ class _Stage:
     sources: SourceSettings
     stopped: Callable[[], bool]
     log: structlog.typing.FilteringBoundLogger
+    # The node's results storage, for `stored` files (None: the stage has none to read).
+    storage: Storage | None = None
+    # Copy `stored` files into the workspace even from local disk (a pod that cannot mount
+    # the results volume into the algorithm's pod).
+    copy_stored: bool = False
 
 
 def configure(
@@ -189,10 +223,13 @@ def configure(
     sources: SourceSettings | None = None,
     *,
     stopped: Callable[[], bool] | None = None,
+    storage: Storage | None = None,
+    copy_stored: bool = False,
 ) -> ConfigureResult:
     """Verifies the job's inputs, fetches its remote dataset files with `sources` (the node's
-    credentials and limits; none and the defaults when None), and lays out `workspace` (see
-    `pods.workspace`).
+    credentials and limits; none and the defaults when None), reads its `stored` files from
+    `storage` (the node's results storage: bind-mounted from local disk unless `copy_stored`,
+    else copied into the workspace), and lays out `workspace` (see `pods.workspace`).
 
     Blocking (file I/O, downloads); an async caller runs it with `asyncio.to_thread`. Raises
     `DataProvisioningError` or `AlgorithmProvisioningError` when the job must fail with that
@@ -203,7 +240,16 @@ def configure(
     ws = Workspace(Path(workspace))
     record = _ConfigurationLog()
     log = structlog.get_logger().bind(job_id=spec.job_id, stage="configure")
-    stage = _Stage(ws, Path(data_root), record, sources or SourceSettings(), stopped or _never, log)
+    stage = _Stage(
+        ws,
+        Path(data_root),
+        record,
+        sources or SourceSettings(),
+        stopped or _never,
+        log,
+        storage=storage,
+        copy_stored=copy_stored,
+    )
     try:
         check_job_id(spec.job_id)
         record.add(f"configure: job {spec.job_id}")
@@ -309,6 +355,7 @@ def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Sta
     root: Path | None = None
     mounts: list[Mount] = []
     remote: list[_Remote] = []
+    stored: list[_Stored] = []
     seen: set[str] = set()
     for dataset in datasets:
         if not is_asset_id(dataset.id):
@@ -327,6 +374,12 @@ def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Sta
                 host_path, size = check_dataset_file(source.path, root, label)
                 record.add(f"{label}: {size} bytes, regular file readable by the sandbox")
                 mounts.append(Mount(host_path, target))
+            elif source.WhichOneof("location") == "stored":
+                item = _plan_stored(dataset.id, index, source, stage, label)
+                stored.append(item)
+                mounts.append(Mount(item.host_path or ws.dataset_input(dataset.id, index), target))
+                size = source.size_bytes
+                fetched += item.host_path is None
             else:
                 remote.append(_plan_remote(dataset.id, index, source, stage.sources, label))
                 mounts.append(Mount(ws.dataset_input(dataset.id, index), target))
@@ -340,8 +393,140 @@ def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Sta
             f"dataset {dataset.id}: {len(dataset.files)} files{to_fetch}, {total} bytes; "
             f"ddo {len(ddo)} bytes, sha256 {hashlib.sha256(ddo).hexdigest()}"
         )
+    _read_stored(stored, sum(item.source.size_bytes for item in remote), stage)
     _fetch_all(remote, stage)
     return mounts
+
+
+def stored_files(spec: engine_pb2.JobSpec) -> list[engine_pb2.DatasetFileSource]:
+    """The job's dataset files that are copies of outputs in the node's results storage."""
+    return [
+        source
+        for dataset in spec.datasets
+        for source in dataset.files
+        if source.WhichOneof("location") == "stored"
+    ]
+
+
+def _plan_stored(
+    dataset_id: str,
+    index: int,
+    source: engine_pb2.DatasetFileSource,
+    stage: _Stage,
+    label: str,
+) -> _Stored:
+    """Checks what can be checked before reading a stored file: its key, its recorded size
+    and sha256, a storage to read it from, and on local disk the file itself (there, of the
+    recorded size, readable by the sandbox)."""
+    problem = ""
+    area: tuple[str, int] = ("", 0)
+    try:
+        area = parse_dataset_key(source.stored)
+    except ValueError:
+        problem = "not a file of this node's dataset area"
+    if not problem and not is_sha256_hex(source.sha256):
+        problem = "no recorded sha256 to check it against"
+    if not problem and source.size_bytes < 0:
+        problem = "its recorded size is negative"
+    if not problem and source.credentials:
+        problem = "a file in the node's storage takes no source credentials"
+    if not problem and stage.storage is None:
+        problem = "this stage has no results storage to read it from"
+    if problem:
+        raise DataProvisioningError(f"{label}: {problem}")
+    if not isinstance(stage.storage, LocalStorage) or stage.copy_stored:
+        return _Stored(label, dataset_id, index, source, area)
+    path = stage.storage.dataset_file(*area)
+    info: os.stat_result | None = None
+    with contextlib.suppress(OSError):
+        info = os.stat(path, follow_symlinks=False)
+    # Raised after the suppressed error: no exception context carries the path.
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise DataProvisioningError(f"{label}: not stored on this node")
+    if info.st_size != source.size_bytes:
+        raise DataProvisioningError(
+            f"{label}: {info.st_size} bytes stored, not its recorded {source.size_bytes}"
+        )
+    if not info.st_mode & stat.S_IROTH:
+        raise DataProvisioningError(f"{label}: not readable by the sandbox")
+    return _Stored(label, dataset_id, index, source, area, host_path=path)
+
+
+def _read_stored(items: list[_Stored], remote_bytes: int, stage: _Stage) -> None:
+    """Checks each stored file against its recorded size and sha256 as it is read: a local
+    one in place (it is then mounted as it is), the others into the workspace, once they
+    and the remote files (`remote_bytes`) fit its free space."""
+    if not items:
+        return
+    copies = [item for item in items if item.host_path is None]
+    total = sum(item.source.size_bytes for item in copies)
+    room = _free_bytes(stage.ws.root)
+    if copies and room is not None and total + remote_bytes > room:
+        raise DataProvisioningError(
+            f"the dataset files to copy and fetch ({total + remote_bytes} bytes) do not fit "
+            f"the {room} bytes left for the job's inputs"
+        )
+    if copies:
+        _make_dir(stage.ws.dataset_inputs, 0o700)
+    for item in items:
+        started = time.monotonic()
+        if item.host_path is None:
+            _make_dir(stage.ws.dataset_inputs / item.dataset_id, 0o700)
+            target = stage.ws.dataset_input(item.dataset_id, item.index)
+            with _replacing(stage.ws, target, _FETCHED_MODE) as fd:
+                _copy_stored(item, stage, fd)
+            done = "copied from the node's storage"
+        else:
+            _copy_stored(item, stage, None)
+            done = "in the node's storage"
+        seconds = time.monotonic() - started
+        stage.record.add(
+            f"{item.label}: {item.source.size_bytes} bytes {done} in {seconds:.2f} s, "
+            f"sha256 {item.source.sha256} verified"
+        )
+        stage.log.info(
+            "configure.stored_file_read",
+            dataset_id=item.dataset_id,
+            index=item.index,
+            copied=item.host_path is None,
+            bytes=item.source.size_bytes,
+            seconds=round(seconds, 3),
+        )
+
+
+def _copy_stored(item: _Stored, stage: _Stage, out: int | None) -> None:
+    """Reads a stored file through its checks, into `out` when it is given; a refusal
+    fails the job (data provisioning failed), naming the file by its position only."""
+    assert stage.storage is not None  # _plan_stored saw to it
+    chunks = stage.storage.read_dataset_file_blocking(
+        *item.area, size=item.source.size_bytes, sha256=item.source.sha256
+    )
+    problem = ""
+    try:
+        for chunk in chunks:
+            if stage.stopped():
+                raise ConfigureStopped
+            if out is not None:
+                _write_all(out, chunk)
+    except DataLoss:
+        problem = "the stored copy does not match its recorded size and sha256"
+    except NotFound:
+        problem = "not stored on this node"
+    except StorageUnavailable as error:
+        problem = f"the node's storage could not be read ({error.message})"
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        problem = "no room left for the job's inputs"
+    # Raised here, outside the handlers: no chain carries the storage's own error.
+    if problem:
+        raise DataProvisioningError(f"{item.label}: {problem}")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def remote_files(spec: engine_pb2.JobSpec) -> list[engine_pb2.DatasetFileSource]:
@@ -621,6 +806,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the outcome there (Kubernetes reads a container's /dev/termination-log "
         "into its status)",
     )
+    parser.add_argument(
+        "--storage",
+        default="",
+        help="the node's results storage (a path or s3://BUCKET/PREFIX, reached with the "
+        "C2D_S3_* settings), for dataset files made from jobs' outputs",
+    )
+    parser.add_argument(
+        "--copy-stored",
+        action="store_true",
+        help="copy such files into the workspace even from a local storage",
+    )
     args = parser.parse_args(argv)
     configure_logging("configure")
     try:
@@ -637,7 +833,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configure: bad source settings: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        result = configure(spec, args.workspace, args.data_root, sources)
+        storage = storage_from_url(args.storage) if args.storage else None
+    except ValueError as error:
+        print(f"configure: bad storage: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = configure(
+            spec,
+            args.workspace,
+            args.data_root,
+            sources,
+            storage=storage,
+            copy_stored=args.copy_stored,
+        )
     except ProvisioningError as error:
         outcome = json.dumps(
             {"reason": job_pb2.FailureReason.Name(error.reason), "message": str(error)}

@@ -1,5 +1,6 @@
 """The dataset's compute policy: is it well formed, does it trust this algorithm, may the job
-use the network? Deny by default."""
+use the network, may a job's outputs become a dataset (`allow_derived_datasets`)? Deny by
+default."""
 
 from __future__ import annotations
 
@@ -118,3 +119,14 @@ def network_allowed(
             reason="NETWORK_NOT_ALLOWED",
         )
     return True
+
+
+def check_derived_allowed(datasets: Sequence[provider_pb2.Dataset]) -> None:
+    """PERMISSION_DENIED (DERIVED_DATASETS_NOT_ALLOWED) naming the first of the datasets a job
+    read whose current policy does not let its outputs become a dataset of their own."""
+    for dataset in datasets:
+        if not dataset.policy.allow_derived_datasets:
+            raise PermissionDenied(
+                f"{dataset.name} does not allow datasets made from the outputs of jobs on it",
+                reason="DERIVED_DATASETS_NOT_ALLOWED",
+            )

@@ -20,7 +20,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 from c2d.provider.v1 import provider_pb2_grpc
 from google.protobuf import json_format, timestamp_pb2
 
-from mesh import containers
+from mesh import containers, delivery
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import (
@@ -30,7 +30,7 @@ from mesh.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from provider import assets, launch, orders, parameters, request_fields, sources
+from provider import assets, derived, launch, orders, parameters, request_fields, sources
 from provider.approvals import ApprovalBook, ApprovalsMixin
 from provider.audit import AuditLog, AuditMixin
 from provider.auth import Authenticator, require_owner
@@ -138,6 +138,16 @@ def _start_details(
             for d in datasets
         ],
         "environment": environment.name,
+    }
+
+
+def _delivery_details(request: pb.StartComputeRequest, job_id: str | None) -> dict[str, Any]:
+    """The results asked for and the delivery destination, as the audit log names them: its
+    description for `job_id` (never a key or a URL), or only its kind when `job_id` is None."""
+    kind = request.delivery.WhichOneof("destination") or ""
+    return {
+        "result_selection": launch.RESULT_WORDS.get(request.results, str(request.results)),
+        "delivery": kind if job_id is None else delivery.describe(request.delivery, job_id),
     }
 
 
@@ -273,7 +283,8 @@ class ProviderServicer(
         dataset_id = job_facts.parse_name(request.name, "datasets")
         action = "dataset.policy.update"
         async with self.audit.refusals(caller.address, action, request.name):
-            require_owner(caller, self.config.owners, "change a dataset's policy")
+            # The node's owners, and for a dataset made from a job's outputs its publisher.
+            await derived.require_policy_editor(self.store, caller, self.config.owners, dataset_id)
             check_policy(request.policy)
             if request.expected_policy_version < 0:
                 raise InvalidArgument(
@@ -505,6 +516,7 @@ class ProviderServicer(
         previous = await self.store.request_resource(caller.address, request.request_id)
         if previous is not None:
             return pb.StartComputeResponse(job=await self._job(previous, caller.address))
+        await self._check_results_and_delivery(caller.address, request)
         viewers = job_facts.check_viewers(caller.address, request.viewers, at_the_edge=True)
         dataset_ids = _dataset_ids(request)
         algorithm, code = await self._resolve_algorithm(request)
@@ -546,6 +558,8 @@ class ProviderServicer(
                 viewers=viewers,
                 resources=request.resources,
                 orders=paid_by,
+                results=request.results,
+                delivery=request.delivery,
             )
         )
         await self.store.remember_request(caller.address, request.request_id, job.name)
@@ -555,14 +569,49 @@ class ProviderServicer(
             job.name,
             allowed=True,
             reason=",".join(d.basis for d in decided),
-            details={**_start_details(algorithm, decided, environment), "orders": paid_by},
+            details={
+                **_start_details(algorithm, decided, environment),
+                "orders": paid_by,
+                **_delivery_details(request, job_facts.parse_name(job.name, "jobs")),
+            },
         )
         log.info(
             "compute started",
             datasets=len(decided),
             algorithm=algorithm.did if algorithm else "raw",
+            results=launch.RESULT_WORDS[request.results],
+            delivery=request.delivery.WhichOneof("destination") or "none",
         )
         return pb.StartComputeResponse(job=job)
+
+    async def _check_results_and_delivery(
+        self, caller: str, request: pb.StartComputeRequest
+    ) -> None:
+        """The consumer's choice of results and its delivery destination, checked before any
+        lookup, chain or payment work (a destination's host is resolved, never connected to):
+        INVALID_ARGUMENT naming the field, or PERMISSION_DENIED (DELIVERY_NOT_ALLOWED). Each
+        refusal is audited, the destination named by its description only."""
+        described = False
+        try:
+            launch.check_results(request.results)
+            delivery.check_delivery(request.delivery)
+            described = True
+            await delivery.check_destination(request.delivery, self.config.delivery_allow_hosts)
+        except (InvalidArgument, PermissionDenied) as refusal:
+            await self.audit.record(
+                caller,
+                "compute.start",
+                request.dataset,
+                allowed=False,
+                reason=refusal.reason,
+                details={
+                    # A malformed destination is named by its kind: its fields are unchecked.
+                    **_delivery_details(request, "{job}" if described else None),
+                    "field": refusal.field or "",
+                    "message": refusal.message,
+                },
+            )
+            raise
 
     async def _decide(
         self,
@@ -618,7 +667,9 @@ class ProviderServicer(
         response = await self.operator.CreateJob(
             operator_pb2.CreateJobRequest(spec=spec), timeout=UNARY_TIMEOUT
         )
-        await self.provenance.job_started(response.job.name, launch.provenance_facts(plan))
+        await self.provenance.job_started(
+            response.job.name, launch.provenance_facts(plan, spec.job_id)
+        )
         return response.job
 
     async def _dataset_with_files(
@@ -786,3 +837,16 @@ class ProviderServicer(
         return pb.GetResultUrlResponse(
             url=response.url, expire_time=response.expire_time, result=response.result
         )
+
+    async def PublishJobOutputs(
+        self, request: pb.PublishJobOutputsRequest, context: Context
+    ) -> pb.PublishJobOutputsResponse:
+        caller = await self.auth.signed(context, "PublishJobOutputs", request)
+        dataset = await derived.publish_outputs(
+            store=self.store,
+            operator=self.operator,
+            audit=self.audit,
+            caller=caller,
+            request=request,
+        )
+        return pb.PublishJobOutputsResponse(dataset=dataset)

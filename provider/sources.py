@@ -1,5 +1,6 @@
 """Where a dataset's files are: the locations an owner gives at publication (local paths
-under the data root, S3 objects, HTTP(S) URLs), checked without echoing them, kept in the
+under the data root, S3 objects, HTTP(S) URLs), checked without echoing them, or, for a dataset
+made from a job's outputs, their copies in the node's results storage (`stored`), kept in the
 Provider's store, and handed to the engine as its job's `DatasetFileSource`s.
 
 A location never leaves these hops: responses, errors, audit entries and log lines name a file
@@ -21,6 +22,7 @@ from c2d.provider.v1 import provider_pb2 as pb
 from mesh.errors import InvalidArgument
 from mesh.jobs import is_sha256_hex
 from mesh.s3 import parse_s3_object
+from mesh.storage import dataset_key
 from pods import configure
 from pods.configure import DataProvisioningError
 
@@ -29,14 +31,15 @@ MAX_URL_CHARS = 4096
 # A name in the engine's sources file (C2D_SOURCE_CREDENTIALS), never the secret itself.
 CREDENTIALS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-Kind = Literal["path", "s3_url", "http_url"]
-KINDS: tuple[Kind, ...] = ("path", "s3_url", "http_url")
+Kind = Literal["path", "s3_url", "http_url", "stored"]
+KINDS: tuple[Kind, ...] = ("path", "s3_url", "http_url", "stored")
 
 
 @dataclass(frozen=True)
 class FileSource:
     """One file of a dataset: where it is, and the size and sha256 it had at publication
-    (measured by the Provider for a local file, declared by the owner for a remote one)."""
+    (measured by the Provider for a local file, declared by the owner for a remote one, the
+    job's recorded ones for a copy of its output in the results storage)."""
 
     kind: Kind
     location: str
@@ -47,7 +50,8 @@ class FileSource:
 
     @property
     def remote(self) -> bool:
-        return self.kind != "path"
+        """Whether the file is the owner's, outside the node (S3, HTTP)."""
+        return self.kind in ("s3_url", "http_url")
 
     def to_json(self) -> dict[str, Any]:
         """As the store keeps it: the engine's field names, so the row reads like the spec."""
@@ -217,6 +221,12 @@ def measure(requested: Sequence[RequestedFile], data_root: Path) -> list[FileSou
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         measured.append(FileSource("path", str(path), size=size, sha256=digest))
     return measured
+
+
+def stored_file(dataset_id: str, index: int, size: int, sha256: str) -> FileSource:
+    """File `index` of a dataset made from a job's outputs: the copy of an output in the
+    results storage's dataset area (OperatorService.ExportResults), with its size and sha256."""
+    return FileSource("stored", dataset_key(dataset_id, index), size=size, sha256=sha256)
 
 
 def public_files(sources: Sequence[FileSource]) -> list[pb.DatasetFile]:

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     record BLOB NOT NULL,            -- provider.v1.Dataset, the public part, current policy
     sample_of TEXT,                  -- the id of the dataset this one is the sample of
     -- JSON list of provider.sources.FileSource: where the files are (paths, S3 or HTTP URLs,
-    -- credential names). Never leaves the node's internal hops.
+    -- credential names, keys in the results storage). Never leaves the node's internal hops.
     files TEXT NOT NULL
 );
 -- Every version of every dataset's policy, so that a job's provenance names the exact one.

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,8 @@ from mesh.digests import digest_for
 from sdk.keys import Key
 
 TIMEOUT = 60.0
+# PublishJobOutputs waits for the outputs' copies (provider.derived.EXPORT_TIMEOUT_S).
+PUBLISH_OUTPUTS_TIMEOUT = 960.0
 DID_PREFIX = "did:c2d:"
 
 
@@ -84,6 +86,62 @@ def remote_file(
     return pb.DatasetFileLocation(
         url=url, size_bytes=size_bytes, sha256=sha256, credentials=credentials
     )
+
+
+# The words for a ResultSelection, as `start_compute(results=...)` and `c2d compute start
+# --results` take them.
+RESULT_SELECTIONS: dict[str, job_pb2.ResultSelection.ValueType] = {
+    "outputs": job_pb2.RESULT_SELECTION_OUTPUTS,
+    "logs": job_pb2.RESULT_SELECTION_LOGS,
+    "both": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
+    "outputs_and_logs": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
+}
+
+
+def result_selection(results: str | int) -> job_pb2.ResultSelection.ValueType:
+    """The ResultSelection of a word (`outputs`, `logs`, `both`), or of an enum value as it
+    is (the Provider refuses one it does not know). ValueError for another word."""
+    if isinstance(results, int):
+        return results  # type: ignore[return-value]
+    try:
+        return RESULT_SELECTIONS[results.lower()]
+    except KeyError:
+        raise ValueError(
+            f"results is one of {', '.join(RESULT_SELECTIONS)}, not {results!r}"
+        ) from None
+
+
+def s3_delivery(
+    bucket: str,
+    prefix: str = "",
+    *,
+    endpoint: str = "",
+    region: str = "",
+    access_key_id: str,
+    secret_access_key: str,
+    session_token: str = "",
+) -> job_pb2.ResultDelivery:
+    """Delivery of a job's kept results to the consumer's S3 bucket (or an S3-compatible
+    store at `endpoint`, such as `https://s3.example.org`; empty for AWS), each at
+    `{prefix}{job id}/{result name}`, with keys that may write there. The keys go to the node
+    for this job only, never stored or shown."""
+    return job_pb2.ResultDelivery(
+        s3=job_pb2.S3Delivery(
+            endpoint=endpoint,
+            region=region,
+            bucket=bucket,
+            prefix=prefix,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            session_token=session_token,
+        )
+    )
+
+
+def upload_urls(urls: Mapping[str, str]) -> job_pb2.ResultDelivery:
+    """Delivery of a job's kept results to presigned upload (HTTP PUT) URLs, by result name
+    (`out.csv`, `logs/algorithm.log`...): a result without a URL is not delivered."""
+    return job_pb2.ResultDelivery(upload_urls=job_pb2.UploadUrls(urls=dict(urls)))
 
 
 def _node_path(path: str | Path) -> str:
@@ -304,11 +362,15 @@ class Client:
         resources: job_pb2.Resources | None = None,
         require_network: bool = False,
         orders: Sequence[str] = (),
+        results: str | int = job_pb2.RESULT_SELECTION_UNSPECIFIED,
+        delivery: job_pb2.ResultDelivery | None = None,
     ) -> job_pb2.Job:
         """Starts a job on `datasets` (the main one first). `viewers` may read it too;
         `resources` lowers the environment's limits; `require_network` refuses up front
         unless the job will have the network; `orders` are the transactions that paid for its
-        paid assets."""
+        paid assets. `results` picks what is kept: `outputs`, `logs` or `both` (the default),
+        or a ResultSelection; `delivery` (`s3_delivery`, `upload_urls`) also writes the kept
+        results to the consumer's own storage."""
         request = pb.StartComputeRequest(
             request_id=request_id or uuid.uuid4().hex,
             **_job_fields(datasets, algorithm, raw_code, raw_entrypoint, parameters),
@@ -317,6 +379,8 @@ class Client:
             resources=resources,
             require_network=require_network,
             orders=orders,
+            results=result_selection(results),
+            delivery=delivery,
         )
         response = await self._signed("StartCompute", request)
         return response.job  # type: ignore[no-any-return]
@@ -413,6 +477,36 @@ class Client:
             timeout=TIMEOUT,
         )
         return response
+
+    async def publish_job_outputs(
+        self,
+        ref: str,
+        *,
+        metadata: pb.AssetMetadata | None = None,
+        result_indexes: Sequence[int] = (),
+        policy: pb.ComputePolicy | None = None,
+        request_id: str = "",
+    ) -> pb.Dataset:
+        """Publishes outputs of a succeeded job of yours as a new dataset on this node, owned
+        by you: the results at `result_indexes` (every output when empty), in that order, as
+        its files 0, 1, ... The outputs never leave the node. `policy` is its compute policy
+        (unset: it trusts no algorithm; change it later with `update_policy`). Every dataset
+        the job read must allow it (`allow_derived_datasets`): PERMISSION_DENIED otherwise."""
+        request = pb.PublishJobOutputsRequest(
+            name=job_ref(ref),
+            request_id=request_id or uuid.uuid4().hex,
+            metadata=metadata,
+            result_indexes=result_indexes,
+            policy=policy,
+        )
+        async with self._signing:
+            # Longer than other calls: the node copies the outputs within its storage first.
+            response: pb.PublishJobOutputsResponse = await self.stub.PublishJobOutputs(
+                request,
+                metadata=self.signature_metadata("PublishJobOutputs", request),
+                timeout=PUBLISH_OUTPUTS_TIMEOUT,
+            )
+        return response.dataset
 
     # -- owner's control: approval requests, audit log, provenance ---------------------------
 

@@ -10,7 +10,11 @@ algorithm pod mounts file by file, read-only.
 
 When results go to S3, the publish pod alone reaches the store (`publish_network_policy`, its
 endpoint's port only) and gets its credentials, from the Secret named by
-C2D_K8S_STORAGE_SECRET as environment variables; no pod mounts a results volume then.
+C2D_K8S_STORAGE_SECRET as environment variables; no pod mounts a results volume then. The one
+exception is a job on a dataset made from jobs' outputs (`stored` files): its configure pod
+reads them from the results storage (the results volume read-only, or S3 with the same Secret
+and an egress policy of its own, `configure_store_network_policy`) and copies them, checked,
+onto the job's volume, where the algorithm pod mounts them as it mounts fetched files.
 
 Every pod is hardened the same way: non-root, read-only root file system, every capability
 dropped, no privilege escalation, seccomp RuntimeDefault, no service-account token, no service
@@ -39,7 +43,8 @@ from mesh import containers
 from operator_engine.backends.kubernetes_config import KubernetesSettings
 from operator_engine.sources import CREDENTIALS_VARIABLE, SourceSettings
 from pods import workspace as layout
-from pods.configure import algorithm_env, entrypoint_argv, remote_files
+from pods.configure import algorithm_env, entrypoint_argv, remote_files, stored_files
+from pods.publish import selection_flag
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "c2d-engine"
@@ -127,7 +132,8 @@ def spec_json(spec: engine_pb2.JobSpec) -> str:
 def job_secret(
     settings: KubernetesSettings, spec: engine_pb2.JobSpec, job: job_pb2.Job
 ) -> dict[str, Any]:
-    """The job's anchor: its spec (code, dataset locations: hence a Secret) and its state."""
+    """The job's anchor: its spec (code, dataset locations: hence a Secret) and its state. The
+    spec as stored: never with a delivery's secrets (the caller strips them)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -282,11 +288,13 @@ def configure_pod(
     sources: SourceSettings | None = None,
     *,
     remote_files: int = 0,
+    stored_files: int = 0,
 ) -> dict[str, Any]:
     """Verifies the inputs and lays out the job's volume: the same program as the local
     backend's configure stage. With `remote_files` to fetch, it gets `sources`'s limits, the
     source credentials Secret when there is one, and time for each fetch besides the stage's
-    own deadline."""
+    own deadline. With `stored_files` to copy from the results storage, it gets the storage
+    (`_stored_access`) and time for each copy."""
     volumes = [
         *_stage_volumes(settings, job_id),
         {"name": "spec", "secret": {"secretName": object_name(job_id), "defaultMode": 0o400}},
@@ -315,7 +323,7 @@ def configure_pod(
         )
         mounts.append({"name": "sources", "mountPath": SOURCES_MOUNT, "readOnly": True})
         env.append({"name": CREDENTIALS_VARIABLE, "value": f"{SOURCES_MOUNT}/{SOURCES_KEY}"})
-    container = {
+    container: dict[str, Any] = {
         "image": settings.pods_image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["python", "-m", "pods.configure"],
@@ -333,7 +341,60 @@ def configure_pod(
         "resources": _resources(_STAGE_CPU, _STAGE_MEMORY, _STAGE_TMP),
         "volumeMounts": mounts,
     }
+    if stored_files:
+        _stored_access(settings, container, volumes)
+        deadline += stored_files * (sources or SourceSettings()).timeout_s
     return _pod(settings, job_id, CONFIGURE, container, volumes, deadline)
+
+
+def _stored_access(
+    settings: KubernetesSettings, container: dict[str, Any], volumes: list[dict[str, Any]]
+) -> None:
+    """Lets the configure container read the results storage, for `stored` files: the
+    results volume read-only, or S3 with the store's settings and the credentials Secret as
+    environment variables (this pod's and the publish pod's only: never the algorithm's)."""
+    if settings.results_in_s3:
+        storage = settings.storage_url
+        container["env"] += [{"name": k, "value": v} for k, v in settings.storage_env.items()]
+        container["envFrom"] = [{"secretRef": {"name": settings.storage_secret}}]
+    else:
+        storage = settings.results_mount
+        volumes.append({"name": "results", **_read_only(settings.results_volume)})
+        container["volumeMounts"].append(
+            {"name": "results", "mountPath": settings.results_mount, "readOnly": True}
+        )
+    container["args"] += ["--storage", storage, "--copy-stored"]
+
+
+def stored_inputs(spec: engine_pb2.JobSpec) -> tuple[int, int]:
+    """How many dataset files the configure pod copies from the results storage, and their
+    recorded bytes."""
+    found = stored_files(spec)
+    return len(found), sum(max(0, source.size_bytes) for source in found)
+
+
+def stored_files_problem(settings: KubernetesSettings) -> str:
+    """Why this engine's configure pods cannot read the results storage for `stored` files;
+    empty when they can."""
+    if settings.results_in_s3:
+        if not settings.storage_secret:
+            return "no Secret (C2D_K8S_STORAGE_SECRET) holds the results store's credentials"
+        return ""
+    if not settings.results_volume:
+        return "no results volume (C2D_K8S_RESULTS_VOLUME) to mount into the configure pods"
+    if "emptyDir" in settings.results_volume:
+        return "the results volume is an emptyDir, which no other pod sees"
+    return ""
+
+
+def configure_store_network_policy(settings: KubernetesSettings, job_id: str) -> dict[str, Any]:
+    """Lets the job's configure pod, and no other pod, reach the results store (as
+    `publish_network_policy` lets the publish pod), for a job with `stored` files in S3 and no
+    remote files (whose own policy lets the pod reach anything already)."""
+    policy = publish_network_policy(settings, job_id)
+    policy["metadata"] = _metadata(settings, job_id, CONFIGURE)
+    policy["spec"]["podSelector"]["matchLabels"][STAGE_LABEL] = CONFIGURE
+    return policy
 
 
 def remote_inputs(spec: engine_pb2.JobSpec) -> tuple[int, int]:
@@ -465,10 +526,16 @@ def _endpoint_port(endpoint: str) -> int:
 
 
 def publish_pod(
-    settings: KubernetesSettings, job_id: str, *, max_files: int, max_total_bytes: int
+    settings: KubernetesSettings,
+    job_id: str,
+    *,
+    max_files: int,
+    max_total_bytes: int,
+    results: int = job_pb2.RESULT_SELECTION_UNSPECIFIED,
 ) -> dict[str, Any]:
     """Stores the outputs and the stage logs and lists them: the same program as the local
-    backend's publish stage. The algorithm's log is stored by the engine, which holds it.
+    backend's publish stage, keeping what the consumer chose (`results`, a ResultSelection).
+    The algorithm's log is stored by the engine, which holds it.
 
     Results go to the results volume, or, when the engine's storage is S3, to S3: the pod then
     mounts no results volume and gets the store's settings as environment variables, its
@@ -500,6 +567,8 @@ def publish_pod(
             str(max_files),
             "--max-total-bytes",
             str(max_total_bytes),
+            "--results",
+            selection_flag(results),
             "--listing-key",
             LISTING_KEY,
             "--algorithm-log-by-engine",

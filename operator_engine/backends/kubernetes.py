@@ -13,6 +13,13 @@ it broke off) into the engine's workspace, through the private-code filter when 
 is private, and the engine stores it as the job's last result: the unfiltered log never
 reaches the job's volume or storage.
 
+The consumer's choice of results reaches the publish pod as its --results flag, and the
+engine stores the algorithm's log only when that choice keeps the logs. A delivery to the
+consumer's own storage runs in the engine after the publish pod, reading the results back
+from storage (JobBook._settle_delivery), before the job's objects go and its final state is
+kept. The job's Secret holds its spec without the delivery's secrets (`jobs.stored_spec`):
+an engine that picks a job up after a restart has none, and its delivery ends failed.
+
 Known limits: a pod's deadline (activeDeadlineSeconds) counts from the pod's start, image pull
 included; the process limit is the node's (kubelet's podPidsLimit), not the environment's; an
 output quota holds only where the job volume's storage class enforces sizes; a spec (code
@@ -41,12 +48,19 @@ from kubernetes_asyncio import watch as kube_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from mesh import jobs as job_facts
-from mesh.errors import InvalidArgument
+from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.storage import Storage, result_key
 from operator_engine.backends import kube_objects as objects
 from operator_engine.backends.kubernetes_config import KubernetesSettings
 from operator_engine.config import EngineConfig, EnvironmentSpec
-from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout
+from operator_engine.jobs import (
+    EngineJob,
+    JobBook,
+    QueueStopped,
+    QueueTimeout,
+    set_fields,
+    stored_spec,
+)
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sources import parse_credentials
 from pods import configure as configure_exit
@@ -188,10 +202,26 @@ class KubernetesBackend(JobBook):
             raise ClusterUnavailable(problem)
 
     def _check_spec(self, spec: engine_pb2.JobSpec) -> None:
-        if len(objects.spec_json(spec)) > objects.MAX_SPEC_JSON_BYTES:
+        if len(objects.spec_json(stored_spec(spec))) > objects.MAX_SPEC_JSON_BYTES:
             raise InvalidArgument(
                 "the Kubernetes backend takes jobs up to 700 KiB of code and metadata",
                 field="spec.algorithm.code",
+            )
+        self._check_stored(spec)
+
+    def _check_stored(self, spec: engine_pb2.JobSpec) -> None:
+        """FAILED_PRECONDITION (STORED_DATASETS_UNREACHABLE) for a job on a dataset made from
+        jobs' outputs when the configure pods cannot read the results storage: refused now,
+        not failed in configure."""
+        if not configure_exit.stored_files(spec):
+            return
+        problem = objects.stored_files_problem(self.settings)
+        if problem:
+            log.error("job refused: its stored dataset files are out of reach", problem=problem)
+            raise FailedPrecondition(
+                "this node cannot run jobs on datasets made from jobs' outputs: "
+                f"its configure stage cannot read the results storage ({problem})",
+                reason="STORED_DATASETS_UNREACHABLE",
             )
 
     async def _accept(self, spec: engine_pb2.JobSpec, job: job_pb2.Job) -> None:
@@ -200,7 +230,8 @@ class KubernetesBackend(JobBook):
         self.jobs[spec.job_id] = entry
         try:
             await self._create(
-                self.core.create_namespaced_secret, objects.job_secret(self.settings, spec, job)
+                self.core.create_namespaced_secret,
+                objects.job_secret(self.settings, stored_spec(spec), job),
             )
         except BaseException:
             del self.jobs[spec.job_id]
@@ -279,8 +310,7 @@ class KubernetesBackend(JobBook):
         here and wakes its watchers: nobody sees a state the cluster does not hold."""
         changed = job_pb2.Job()
         changed.CopyFrom(entry.job)
-        for key, value in fields.items():
-            setattr(changed, key, value)
+        set_fields(changed, fields)
         job_facts.set_status_code(changed)
         patch: dict[str, Any] = {
             "metadata": {"annotations": {objects.JOB_ANNOTATION: objects.encode_job(changed)}}
@@ -395,10 +425,15 @@ class KubernetesBackend(JobBook):
         """Runs the configure pod; None when the job may run, else (reason, message)."""
         job_id = entry.spec.job_id
         fetches, fetched_bytes = objects.remote_inputs(entry.spec)
+        copies, copied_bytes = objects.stored_inputs(entry.spec)
+        # Copies from S3 need the store; a job that fetches may reach it already.
+        store_egress = bool(copies) and self.settings.results_in_s3 and not fetches
         if pod is None:
             await self._create(
                 self.core.create_namespaced_persistent_volume_claim,
-                objects.workspace_claim(self.settings, job_id, entry.job.limits, fetched_bytes),
+                objects.workspace_claim(
+                    self.settings, job_id, entry.job.limits, fetched_bytes + copied_bytes
+                ),
             )
             network = (
                 entry.spec.allow_network
@@ -413,14 +448,23 @@ class KubernetesBackend(JobBook):
                     self.networking.create_namespaced_network_policy,
                     objects.configure_network_policy(self.settings, job_id),
                 )
+            elif store_egress:
+                await self._create(
+                    self.networking.create_namespaced_network_policy,
+                    objects.configure_store_network_policy(self.settings, job_id),
+                )
             await self._create(
                 self.core.create_namespaced_pod,
                 objects.configure_pod(
-                    self.settings, job_id, self.config.sources, remote_files=fetches
+                    self.settings,
+                    job_id,
+                    self.config.sources,
+                    remote_files=fetches,
+                    stored_files=copies,
                 ),
             )
         end = await self._wait_stage(entry, objects.object_name(job_id, objects.CONFIGURE))
-        if fetches:
+        if fetches or store_egress:
             # The fetching is over: no egress is left open for the job.
             await self._delete(
                 self.networking.delete_namespaced_network_policy,
@@ -505,6 +549,7 @@ class KubernetesBackend(JobBook):
                     job_id,
                     max_files=env.max_output_files,
                     max_total_bytes=entry.job.limits.disk_bytes,
+                    results=entry.job.result_selection,
                 ),
             )
         try:
@@ -543,7 +588,10 @@ class KubernetesBackend(JobBook):
     async def _store_algorithm_log(
         self, entry: EngineJob, results: list[job_pb2.ResultFile]
     ) -> None:
-        """Stores the algorithm's log (filtered already) as the job's next result."""
+        """Stores the algorithm's log (filtered already) as the job's next result, unless the
+        consumer asked for the outputs only."""
+        if not publish_exit.keeps_logs(entry.job.result_selection):
+            return
         if not entry.log_path.exists():
             return
         result = job_pb2.ResultFile(
@@ -564,8 +612,10 @@ class KubernetesBackend(JobBook):
     async def _finish(
         self, entry: EngineJob, state: int, reason: int = 0, message: str = ""
     ) -> None:
-        """Removes the job's objects, then records its final state: a final job has nothing
-        left running or held in the cluster but its record."""
+        """Delivers its results when asked (while the engine's stop may still cut it off: the
+        next engine then publishes again), removes the job's objects, then records its final
+        state: a final job has nothing left running or held in the cluster but its record."""
+        await self._settle_delivery(entry)
         self._finishing.add(entry.spec.job_id)
         try:
             # The publish pod is the only one left by now (or none, for a queued job).

@@ -649,6 +649,7 @@ async def test_openapi_lists_every_annotated_path(edge: Edge) -> None:
         ("delete", "/v1/jobs/{job}"),
         ("get", "/v1/jobs/{job}/results/{result}:download"),
         ("get", "/v1/jobs/{job}/results/{result}:url"),
+        ("post", "/v1/jobs/{job}:publishOutputs"),
         ("post", "/v1/datasets/{dataset}:setPolicy"),
         ("post", "/v1/algorithms/{algorithm}:update"),
         ("get", "/v1/algorithms/{algorithm}:download"),

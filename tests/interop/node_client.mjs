@@ -117,6 +117,32 @@ const pricing = (p = {}) => [p.datatoken ?? "", p.service_index ?? 0, p.exchange
 
 const container = (c = {}) => [c.image ?? "", c.tag ?? "", c.checksum ?? ""];
 
+// An enum field digests as its number; requests here spell it by name (or leave it out: 0).
+function enumNumber(type, value) {
+  if (value === undefined || typeof value === "number") return value ?? 0;
+  const found = definition[type].type.value.find((v) => v.name === value);
+  if (!found) throw new Error(`${type} has no value ${value}`);
+  return found.number;
+}
+
+// <delivery>: null when unset, the S3 fields in order, or the upload URLs as an object.
+function deliveryFields(d) {
+  if (d?.s3) {
+    const s = d.s3;
+    return [
+      s.endpoint ?? "",
+      s.region ?? "",
+      s.bucket ?? "",
+      s.prefix ?? "",
+      s.access_key_id ?? "",
+      s.secret_access_key ?? "",
+      s.session_token ?? "",
+    ];
+  }
+  if (d?.upload_urls) return { ...(d.upload_urls.urls ?? {}) };
+  return null;
+}
+
 const DIGESTS = {
   CreateAuthToken: (r) => [Number(r.valid_for?.seconds ?? 0)],
   PublishAlgorithm: (r) => [
@@ -161,6 +187,7 @@ const DIGESTS = {
           b.minimum ?? null,
           b.maximum ?? null,
         ]),
+        p.allow_derived_datasets ?? false,
       ],
       r.sample_of ?? "",
       pricing(r.pricing),
@@ -185,6 +212,8 @@ const DIGESTS = {
     ],
     r.require_network ?? false,
     [...(r.orders ?? [])],
+    enumNumber("c2d.common.v1.ResultSelection", r.results),
+    deliveryFields(r.delivery),
   ],
   GetJob: (r) => [r.name ?? ""],
   StreamJobLogs: (r) => [r.name ?? "", Number(r.offset ?? 0)],
@@ -331,6 +360,41 @@ async function main() {
     algorithm: algorithm.name,
     // Keys out of order at both levels, so the digest depends on RFC 8785's key sorting.
     parameters: toStruct({ x: 1, opts: { b: [true, null, "ü", 1.5], a: 0.25 } }),
+    // The default, spelled out: an enum that digests as its number (1).
+    results: "RESULT_SELECTION_OUTPUTS_AND_LOGS",
+  });
+  // A delivery in the digest, both forms. The signature is checked before anything else, so
+  // PERMISSION_DENIED (7: a loopback destination this node does not allow), not
+  // UNAUTHENTICATED (16), shows that the digest matched.
+  const startDelivering = (delivery) =>
+    statusOf(() =>
+      signed(client, wallet, "StartCompute", {
+        request_id: randomUUID(),
+        dataset: dataset.name,
+        algorithm: algorithm.name,
+        results: "RESULT_SELECTION_OUTPUTS",
+        delivery,
+      }),
+    );
+  checks.delivery_s3 = await startDelivering({
+    s3: {
+      endpoint: "https://127.0.0.1:9",
+      region: "eu-west-1",
+      bucket: "interop-results",
+      prefix: "runs/",
+      access_key_id: "AKIAINTEROP",
+      secret_access_key: "interop/secret+key",
+      session_token: "interop-session",
+    },
+  });
+  checks.delivery_upload_urls = await startDelivering({
+    upload_urls: {
+      // Out of order, so the digest depends on the object's key sorting.
+      urls: {
+        "result.txt": "https://127.0.0.1:9/put/result?X-Amz-Signature=ab",
+        "logs/algorithm.log": "https://127.0.0.1:9/put/log?X-Amz-Signature=cd",
+      },
+    },
   });
   const { token } = await signed(client, wallet, "CreateAuthToken", {
     valid_for: { seconds: 3600, nanos: 0 },

@@ -276,7 +276,7 @@ def test_the_digest_is_the_documented_list() -> None:
         ["t", "", "", "", ["a"]],
         [],
         [["/data/a.csv", "", "", 0, ""], ["", "s3://lake/b.csv", "lake", 12, GOOD_SHA]],
-        [False, False, 0, [], [], []],
+        [False, False, 0, [], [], [], False],
         "datasets/" + "c" * 64,
         ["", 0, ""],
     ]
