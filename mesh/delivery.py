@@ -21,12 +21,14 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from c2d.common.v1 import job_pb2
+from c2d.engine.v1 import engine_pb2
 
 from mesh.errors import InvalidArgument, PermissionDenied
 from mesh.s3 import parse_s3_url
 
 ALLOW_HOSTS_ENV = "C2D_DELIVERY_ALLOW_HOSTS"
 MAX_UPLOAD_URLS = 1000
+MAX_UPLOAD_HOSTS = 10
 MAX_URL_LENGTH = 8192
 MAX_PREFIX_LENGTH = 512
 MAX_NAME_LENGTH = 1024
@@ -104,6 +106,11 @@ def _check_upload_urls(upload: job_pb2.UploadUrls, field: str) -> None:
         if problem := result_name_problem(name):
             raise InvalidArgument(f"a result name {problem}", field=f"{field}.urls")
         _check_url(url, f"{field}.urls[{name}]", "an upload URL")
+    # Each host is resolved and checked before connecting: a bound keeps that cheap.
+    if len({urlsplit(url).netloc for url in upload.urls.values()}) > MAX_UPLOAD_HOSTS:
+        raise InvalidArgument(
+            f"upload URLs name at most {MAX_UPLOAD_HOSTS} different hosts", field=f"{field}.urls"
+        )
 
 
 def result_name_problem(name: str) -> str | None:
@@ -145,6 +152,17 @@ def without_secrets(delivery: job_pb2.ResultDelivery) -> job_pb2.ResultDelivery:
     elif kind == "upload_urls":
         for name in delivery.upload_urls.urls:
             kept.upload_urls.urls[name] = ""
+    return kept
+
+
+def stored_spec(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
+    """What any stored copy of a job's spec keeps (the operator's database, the engine's
+    spec.pb, the Kubernetes job Secret): all but the delivery's secrets."""
+    if not is_set(spec.delivery):
+        return spec
+    kept = engine_pb2.JobSpec()
+    kept.CopyFrom(spec)
+    kept.delivery.CopyFrom(without_secrets(spec.delivery))
     return kept
 
 

@@ -7,8 +7,8 @@ backend adds how a job runs and where its state is kept (`JobBook._accept`, `_ke
 `_forget`).
 
 A delivery's secrets (keys, upload URLs) live only in the job's spec in memory: every copy a
-backend keeps (`stored_spec`) holds the destination without them, so a job picked up again
-after a restart has none, and its delivery ends failed, saying so."""
+backend keeps (`mesh.delivery.stored_spec`) holds the destination without them, so a job
+picked up again after a restart has none, and its delivery ends failed, saying so."""
 
 from __future__ import annotations
 
@@ -477,17 +477,6 @@ def check_delivery(target: job_pb2.ResultDelivery) -> None:
         for name in stand_in.upload_urls.urls:
             stand_in.upload_urls.urls[name] = "https://stored.invalid/"
     delivery_rules.check_delivery(stand_in, "spec.delivery")
-
-
-def stored_spec(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
-    """What a backend keeps of a job's spec on disk or in the cluster: all but the delivery's
-    secrets (see the module docstring)."""
-    if not delivery_rules.is_set(spec.delivery):
-        return spec
-    kept = engine_pb2.JobSpec()
-    kept.CopyFrom(spec)
-    kept.delivery.CopyFrom(delivery_rules.without_secrets(spec.delivery))
-    return kept
 
 
 def environment_message(env: EnvironmentSpec) -> job_pb2.Environment:

@@ -6,9 +6,10 @@ an engine that restarts, even after kill -9, picks every job up again: queued jo
 jobs cut off while configuring or running end `failed: engine lost` with their logs published,
 jobs cut off while publishing are published again and end as they would have.
 
-`spec.pb` never holds a delivery's secrets (keys, upload URLs: `jobs.stored_spec`); only the
-job's spec in memory does, so a job picked up after a restart ends with its delivery failed,
-saying why. A delivery runs after publishing, before the job's final state (JobBook._finish).
+`spec.pb` never holds a delivery's secrets (keys, upload URLs: `mesh.delivery.stored_spec`);
+only the job's spec in memory does, so a job picked up after a restart ends with its delivery
+failed, saying why. A delivery runs after publishing, before the job's final state
+(JobBook._finish).
 
 RUNNING is not written to `job.pb`: recovery ends a job cut off while configuring or running
 alike, and the job's `disk` file, written just before, marks that it got as far as running.
@@ -47,6 +48,7 @@ from c2d.engine.v1 import engine_pb2
 from google.protobuf.message import DecodeError
 
 from mesh import containers
+from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
@@ -58,7 +60,6 @@ from operator_engine.jobs import (
     QueueStopped,
     QueueTimeout,
     job_limits,
-    stored_spec,
 )
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
@@ -132,7 +133,9 @@ class Runner(JobBook):
         # Inline: a rename, or a few small local writes; cheaper than hops to a thread.
         if not self._take_spare(entry.workspace):
             _make_workspace(entry.workspace)
-        _write_atomic(entry.workspace / _SPEC_FILE, stored_spec(spec).SerializeToString())
+        _write_atomic(
+            entry.workspace / _SPEC_FILE, delivery_rules.stored_spec(spec).SerializeToString()
+        )
         await self._keep(entry)
         self._start(entry)
 

@@ -99,15 +99,6 @@ def may_read(job: job_pb2.Job, address: str) -> bool:
     return owns(job, address) or any(v.lower() == lowered for v in job.viewers)
 
 
-def _without_delivery_secrets(spec: engine_pb2.JobSpec) -> engine_pb2.JobSpec:
-    if not delivery_rules.is_set(spec.delivery):
-        return spec
-    kept = engine_pb2.JobSpec()
-    kept.CopyFrom(spec)
-    kept.delivery.CopyFrom(delivery_rules.without_secrets(spec.delivery))
-    return kept
-
-
 class JobStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -130,7 +121,7 @@ class JobStore:
         already (a retried create). The spec is kept without its delivery's secrets (keys,
         upload URLs), which never reach the disk: a job handed to the engine again from here
         has none, and its delivery fails, saying so."""
-        kept = _without_delivery_secrets(spec)
+        kept = delivery_rules.stored_spec(spec)
         with transaction(self.db):
             # All rows fetched: the statement is done before the commit.
             rows = self.db.execute(

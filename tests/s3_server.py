@@ -82,6 +82,39 @@ class S3Server:
             aws_secret_access_key=SECRET_ACCESS_KEY,
         )
 
+    def objects(self, bucket: str) -> dict[str, bytes]:
+        """Every object in `bucket`, by key, with its content."""
+        client = self.client()
+        try:
+            listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            return {
+                o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+                for o in listed
+            }
+        finally:
+            client.close()
+
+    def presigned_put(self, bucket: str, key: str, key_id: str, secret: str) -> str:
+        """A SigV4 presigned PUT URL for `key`, as a consumer makes it with its own keys."""
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+        )
+        try:
+            url: str = client.generate_presigned_url(
+                "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600
+            )
+            return url
+        finally:
+            client.close()
+
     def create_bucket(self, name: str | None = None) -> str:
         """Makes a bucket (a fresh name unless given) and returns its name."""
         bucket = name or f"test-{uuid.uuid4().hex[:16]}"

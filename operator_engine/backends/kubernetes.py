@@ -17,7 +17,7 @@ The consumer's choice of results reaches the publish pod as its --results flag, 
 engine stores the algorithm's log only when that choice keeps the logs. A delivery to the
 consumer's own storage runs in the engine after the publish pod, reading the results back
 from storage (JobBook._settle_delivery), before the job's objects go and its final state is
-kept. The job's Secret holds its spec without the delivery's secrets (`jobs.stored_spec`):
+kept. The job's Secret holds its spec without the delivery's secrets (`mesh.delivery.stored_spec`):
 an engine that picks a job up after a restart has none, and its delivery ends failed.
 
 Known limits: a pod's deadline (activeDeadlineSeconds) counts from the pod's start, image pull
@@ -47,6 +47,7 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio import watch as kube_watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.errors import FailedPrecondition, InvalidArgument
 from mesh.storage import Storage, result_key
@@ -59,7 +60,6 @@ from operator_engine.jobs import (
     QueueStopped,
     QueueTimeout,
     set_fields,
-    stored_spec,
 )
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sources import parse_credentials
@@ -202,7 +202,7 @@ class KubernetesBackend(JobBook):
             raise ClusterUnavailable(problem)
 
     def _check_spec(self, spec: engine_pb2.JobSpec) -> None:
-        if len(objects.spec_json(stored_spec(spec))) > objects.MAX_SPEC_JSON_BYTES:
+        if len(objects.spec_json(delivery_rules.stored_spec(spec))) > objects.MAX_SPEC_JSON_BYTES:
             raise InvalidArgument(
                 "the Kubernetes backend takes jobs up to 700 KiB of code and metadata",
                 field="spec.algorithm.code",
@@ -231,7 +231,7 @@ class KubernetesBackend(JobBook):
         try:
             await self._create(
                 self.core.create_namespaced_secret,
-                objects.job_secret(self.settings, stored_spec(spec), job),
+                objects.job_secret(self.settings, delivery_rules.stored_spec(spec), job),
             )
         except BaseException:
             del self.jobs[spec.job_id]

@@ -42,39 +42,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def bucket_objects(s3_server: S3Server, bucket: str) -> dict[str, bytes]:
-    client = s3_server.client()
-    try:
-        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        return {
-            o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed
-        }
-    finally:
-        client.close()
-
-
-def presigned_put(s3_server: S3Server, bucket: str, key: str) -> str:
-    """A SigV4 presigned PUT URL, as the consumer makes it with its own keys."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=CONSUMER_KEY_ID,
-        aws_secret_access_key=CONSUMER_SECRET,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
-    try:
-        url: str = client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600
-        )
-        return url
-    finally:
-        client.close()
-
-
 def files_holding(root: Path, *needles: str) -> list[str]:
     """Every file under `root` (the node's databases and journals, job state, results, logs)
     that holds one of `needles`."""
@@ -140,7 +107,7 @@ async def test_outputs_and_logs_delivered_to_the_consumers_bucket(
         assert final.delivery.state == Status.STATE_DELIVERED, final.delivery.message
         assert final.delivery.delivered_count == 5
         # Every kept result is in the consumer's bucket, byte for byte as the job lists it.
-        found = bucket_objects(s3_server, s3_bucket)
+        found = s3_server.objects(s3_bucket)
         assert set(found) == {f"c2d/{job_id}/{name}" for name in names}
         for result in final.results:
             assert sha(found[f"c2d/{job_id}/{result.name}"]) == result.sha256
@@ -160,8 +127,12 @@ async def test_outputs_only_to_upload_urls(
     mesh: LocalMesh, tmp_path: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:
     urls = {
-        "tables/sum.csv": presigned_put(s3_server, s3_bucket, "inbox/sum.csv"),
-        "algorithm.log": presigned_put(s3_server, s3_bucket, "inbox/algorithm.log"),
+        "tables/sum.csv": s3_server.presigned_put(
+            s3_bucket, "inbox/sum.csv", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
+        "algorithm.log": s3_server.presigned_put(
+            s3_bucket, "inbox/algorithm.log", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
     }
     signatures = [u.split("X-Amz-Signature=", 1)[1].split("&", 1)[0] for u in urls.values()]
     async with mesh.client(mesh.owner) as owner, mesh.client(new_key()) as consumer:
@@ -181,7 +152,7 @@ async def test_outputs_only_to_upload_urls(
             in final.delivery.message
         )
         assert "upload URLs naming no result of the job: algorithm.log" in final.delivery.message
-        assert bucket_objects(s3_server, s3_bucket) == {"inbox/sum.csv": b"sum\n6\n"}
+        assert s3_server.objects(s3_bucket) == {"inbox/sum.csv": b"sum\n6\n"}
         for signature in signatures:
             assert signature not in str(final)
     assert files_holding(tmp_path, *signatures) == []
@@ -219,7 +190,7 @@ async def test_a_refused_delivery_leaves_the_job_and_its_logs_downloadable(
         assert "InvalidAccessKeyId" in final.delivery.message
         for secret in (CONSUMER_SECRET, CONSUMER_KEY_ID, s3_server.endpoint_url):
             assert secret not in final.delivery.message
-        assert bucket_objects(s3_server, s3_bucket) == {}
+        assert s3_server.objects(s3_bucket) == {}
         from_provider = await downloaded(consumer, final, tmp_path)
         assert from_provider["algorithm.log"] == b"trained\n"
         assert (

@@ -112,39 +112,6 @@ def s3_target(endpoint: str, bucket: str, prefix: str = "deliveries/") -> job_pb
     )
 
 
-def bucket_objects(s3_server: S3Server, bucket: str) -> dict[str, bytes]:
-    client = s3_server.client()
-    try:
-        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        return {
-            o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed
-        }
-    finally:
-        client.close()
-
-
-def presigned_put(s3_server: S3Server, bucket: str, key: str) -> str:
-    """A SigV4 presigned PUT URL, as a consumer would make with its own keys."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=CONSUMER_KEY_ID,
-        aws_secret_access_key=CONSUMER_SECRET,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
-    try:
-        url: str = client.generate_presigned_url(
-            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600
-        )
-        return url
-    finally:
-        client.close()
-
-
 def signature(url: str) -> str:
     return url.split("X-Amz-Signature=", 1)[1].split("&", 1)[0]
 
@@ -174,7 +141,7 @@ async def test_s3_delivery_of_outputs_and_logs(
     assert status.message == ""
     host = s3_server.endpoint_url.removeprefix("http://")
     assert status.destination == f"s3://{s3_bucket}/deliveries/{stored.job_id}/ at {host}"
-    found = bucket_objects(s3_server, s3_bucket)
+    found = s3_server.objects(s3_bucket)
     assert found == {f"deliveries/{stored.job_id}/{n}": d for n, d in stored.content.items()}
     # Each object says its sha256, as the job lists it.
     client = s3_server.client()
@@ -298,7 +265,7 @@ async def test_a_copy_that_does_not_match_its_record_never_lands(
         status.message
     )
     assert "large.bin (its stored copy" in status.message
-    assert set(bucket_objects(s3_server, s3_bucket)) == {f"{stored.job_id}/fine.txt"}
+    assert set(s3_server.objects(s3_bucket)) == {f"{stored.job_id}/fine.txt"}
     # The multipart upload was aborted: no part is left in the bucket.
     client = s3_server.client()
     try:
@@ -323,7 +290,7 @@ async def test_refused_credentials_fail_the_delivery_without_naming_them(
     assert "delivered 0 of 5 results" in status.message
     for text in (status.message, status.destination, repr(logs)):
         assert_no_secret(text, CONSUMER_KEY_ID, s3_server.endpoint_url)
-    assert bucket_objects(s3_server, s3_bucket) == {}
+    assert s3_server.objects(s3_bucket) == {}
 
 
 async def test_a_dead_endpoint_fails_quickly_and_stops_trying(
@@ -355,9 +322,15 @@ async def test_upload_urls_deliver_the_named_results_and_report_the_rest(
 ) -> None:
     stored = await typical(node_storage)
     urls = {
-        "answer.txt": presigned_put(s3_server, s3_bucket, "mine/answer"),
-        "algorithm.log": presigned_put(s3_server, s3_bucket, "mine/log"),
-        "missing.csv": presigned_put(s3_server, s3_bucket, "mine/missing"),
+        "answer.txt": s3_server.presigned_put(
+            s3_bucket, "mine/answer", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
+        "algorithm.log": s3_server.presigned_put(
+            s3_bucket, "mine/log", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
+        "missing.csv": s3_server.presigned_put(
+            s3_bucket, "mine/missing", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
     }
     target = job_pb2.ResultDelivery(upload_urls=job_pb2.UploadUrls(urls=urls))
     with structlog.testing.capture_logs() as logs:
@@ -369,7 +342,7 @@ async def test_upload_urls_deliver_the_named_results_and_report_the_rest(
         "kept results without an upload URL, not delivered: tables/mean.csv, configuration.log, "
         "publish.log; upload URLs naming no result of the job: missing.csv"
     )
-    assert bucket_objects(s3_server, s3_bucket) == {
+    assert s3_server.objects(s3_bucket) == {
         "mine/answer": b"42\n",
         "mine/log": b"computing\ndone\n",
     }
@@ -381,8 +354,8 @@ async def test_an_upload_url_that_refuses_fails_with_its_status_only(
     node_storage: LocalStorage, s3_server: S3Server, s3_bucket: str
 ) -> None:
     stored = await typical(node_storage)
-    good = presigned_put(s3_server, s3_bucket, "ok")
-    gone = presigned_put(s3_server, "no-such-bucket-anywhere", "x")
+    good = s3_server.presigned_put(s3_bucket, "ok", CONSUMER_KEY_ID, CONSUMER_SECRET)
+    gone = s3_server.presigned_put("no-such-bucket-anywhere", "x", CONSUMER_KEY_ID, CONSUMER_SECRET)
     target = job_pb2.ResultDelivery(
         upload_urls=job_pb2.UploadUrls(urls={"answer.txt": gone, "publish.log": good})
     )
@@ -392,7 +365,7 @@ async def test_an_upload_url_that_refuses_fails_with_its_status_only(
     assert "answer.txt (its upload URL refused it (HTTP 404))" in status.message
     assert "delivered 1 of 2 results" in status.message
     assert_no_secret(status.message, gone, signature(gone), "no-such-bucket")
-    assert bucket_objects(s3_server, s3_bucket) == {"ok": b"published 4 results\n"}
+    assert s3_server.objects(s3_bucket) == {"ok": b"published 4 results\n"}
 
 
 async def test_a_silent_destination_is_cut_off_by_the_deadline(
@@ -482,7 +455,7 @@ async def test_a_destination_the_node_does_not_allow_is_refused_before_connectin
     status = await delivery.deliver(node_storage, stored.job_id, stored.results, private, nobody)
     assert status.state == Status.STATE_FAILED
     assert "is not a public address" in status.message
-    assert bucket_objects(s3_server, s3_bucket) == {}
+    assert s3_server.objects(s3_bucket) == {}
 
 
 async def test_a_name_is_resolved_by_the_engine_at_delivery_time(
@@ -518,7 +491,7 @@ async def test_a_stored_copy_has_no_secrets_and_is_not_delivered(
     assert status.state == Status.STATE_FAILED
     assert status.message == delivery.NO_SECRETS
     assert "never kept on disk" in status.message and "Provider" in status.message
-    assert bucket_objects(s3_server, s3_bucket) == {}
+    assert s3_server.objects(s3_bucket) == {}
 
 
 # -- the engine ----------------------------------------------------------------------------
@@ -625,7 +598,7 @@ async def test_a_job_delivers_before_its_final_state_and_keeps_no_secret(
         assert final.delivery.state == Status.STATE_DELIVERED, final.delivery.message
         assert [r.name for r in final.results] == ["answer.txt", "publish.log"]
         assert final.delivery.delivered_count == 2
-        found = bucket_objects(s3_server, s3_bucket)
+        found = s3_server.objects(s3_bucket)
         assert found[f"jobs/{made.job_id}/answer.txt"] == b"42"
         assert set(found) == {f"jobs/{made.job_id}/answer.txt", f"jobs/{made.job_id}/publish.log"}
         publish_log = found[f"jobs/{made.job_id}/publish.log"].decode()
@@ -676,8 +649,12 @@ async def test_upload_urls_from_a_job_and_no_signature_on_disk(
 ) -> None:
     home = tmp_path / "home"
     urls = {
-        "answer.txt": presigned_put(s3_server, s3_bucket, "consumer/answer"),
-        "nothing.bin": presigned_put(s3_server, s3_bucket, "consumer/nothing"),
+        "answer.txt": s3_server.presigned_put(
+            s3_bucket, "consumer/answer", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
+        "nothing.bin": s3_server.presigned_put(
+            s3_bucket, "consumer/nothing", CONSUMER_KEY_ID, CONSUMER_SECRET
+        ),
     }
     async with running_node(home, delivery=QUICK) as node:
         owner = "0x" + "44" * 20
@@ -690,7 +667,7 @@ async def test_upload_urls_from_a_job_and_no_signature_on_disk(
         assert final.delivery.delivered_count == 1
         assert "algorithm.log" in final.delivery.message
         assert "upload URLs naming no result of the job: nothing.bin" in final.delivery.message
-        assert bucket_objects(s3_server, s3_bucket) == {"consumer/answer": b"42"}
+        assert s3_server.objects(s3_bucket) == {"consumer/answer": b"42"}
     needles = [signature(u) for u in urls.values()]
     assert files_holding(home, *needles) == []
 
@@ -720,7 +697,7 @@ async def test_a_job_picked_up_after_an_engine_restart_has_no_secrets(
         assert final.delivery.message == delivery.NO_SECRETS
         assert final.delivery.destination.startswith(f"s3://{s3_bucket}/deliveries/")
         assert final.results  # downloadable from the Provider, as the message says
-    assert bucket_objects(s3_server, s3_bucket) == {}
+    assert s3_server.objects(s3_bucket) == {}
 
 
 @needs_root

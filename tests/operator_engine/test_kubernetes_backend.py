@@ -782,17 +782,6 @@ def consumer_bucket(s3_server: S3Server, bucket: str) -> job_pb2.ResultDelivery:
     )
 
 
-def delivered_to(s3_server: S3Server, bucket: str) -> dict[str, bytes]:
-    client = s3_server.client()
-    try:
-        listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-        return {
-            o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed
-        }
-    finally:
-        client.close()
-
-
 CONSUMER_SECRET = "consumer-secret-never-in-the-cluster"
 LOOPBACK_ALLOWED = DeliverySettings(allow_hosts=frozenset({"127.0.0.1"}), timeout_s=30)
 
@@ -820,7 +809,7 @@ async def test_the_publish_pod_keeps_the_choice_and_the_engine_delivers_after_it
     # Delivered by the engine, read back from the node's storage after the pod.
     assert job.delivery.state == job_pb2.DeliveryStatus.STATE_DELIVERED, job.delivery.message
     assert job.delivery.delivered_count == 2
-    found = delivered_to(s3_server, s3_bucket)
+    found = s3_server.objects(s3_bucket)
     assert set(found) == {
         f"mine/{job_spec.job_id}/answer.txt",
         f"mine/{job_spec.job_id}/publish.log",
@@ -874,4 +863,4 @@ async def test_a_job_picked_up_by_another_engine_fails_its_delivery(
     assert job.state == State.STATE_SUCCEEDED, job.message
     assert job.delivery.state == job_pb2.DeliveryStatus.STATE_FAILED
     assert job.delivery.message == delivery_module.NO_SECRETS
-    assert delivered_to(s3_server, s3_bucket) == {}
+    assert s3_server.objects(s3_bucket) == {}

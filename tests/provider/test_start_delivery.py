@@ -138,6 +138,20 @@ REFUSALS: list[tuple[str, dict[str, Any], grpc.StatusCode, str, str]] = [
         "delivery.upload_urls",
     ),
     (
+        "upload URLs on too many hosts",
+        {
+            "delivery": upload_urls(
+                {
+                    f"{i}.json": f"https://h{i}.example.org/{i}?{URL_SIGNATURE}"
+                    for i in range(delivery.MAX_UPLOAD_HOSTS + 1)
+                }
+            )
+        },
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        "delivery.upload_urls.urls",
+    ),
+    (
         "a result name that climbs",
         {"delivery": urls(name="../total.json", host="uploads.example.org")},
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -187,6 +201,7 @@ async def test_refusals_name_the_field_come_first_are_audited_and_hold_no_secret
         "s3://consumer-results/runs/{job}/ at s3.example.org",
         "s3://consumer-results/runs/{job}/ at 127.0.0.1:9000",
         "upload URLs (1)",
+        "upload_urls",
         "upload_urls",
         "upload_urls",
         "",
