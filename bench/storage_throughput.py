@@ -194,7 +194,8 @@ def run_child(operation: str, url: str, path: Path, env: dict[str, str]) -> dict
 
 
 def measure(size_mib: int, work: Path) -> tuple[dict[str, dict[str, Any]], str]:
-    from mesh.storage_s3 import MAX_IN_FLIGHT, PART_SIZE
+    from mesh.s3 import PART_SIZE
+    from mesh.storage_s3 import MAX_IN_FLIGHT
 
     path = work / "result.bin"
     expected = make_file(path, size_mib)

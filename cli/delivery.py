@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from c2d.common.v1 import job_pb2
 
+from mesh.delivery import SELECTION_BY_WORD
 from mesh.s3 import parse_s3_url
 from sdk.client import s3_delivery, upload_urls
 
@@ -26,7 +27,7 @@ SESSION_TOKEN_ENV = "C2D_DELIVERY_SESSION_TOKEN"  # noqa: S105
 # A presigned URL is a few hundred bytes; a file far larger than 1000 of them is a mistake.
 MAX_URLS_FILE_BYTES = 16 << 20
 
-RESULTS_CHOICES = ("outputs", "logs", "both")
+RESULTS_CHOICES = tuple(SELECTION_BY_WORD)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

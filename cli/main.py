@@ -321,8 +321,8 @@ async def cmd_compute_start(args: argparse.Namespace) -> int:
         print_json(to_dict(final))
     else:
         print(f"job {job_id}: {describe(final)}", file=sys.stderr)
-        if delivery_text(final):
-            print(f"  {delivery_text(final)}", file=sys.stderr)
+        if shown := delivery_text(final):
+            print(f"  {shown}", file=sys.stderr)
     return 0 if final.state == final.STATE_SUCCEEDED else 1
 
 
@@ -334,8 +334,8 @@ async def cmd_compute_status(args: argparse.Namespace) -> int:
         f"{job.status_text})"
     )
     text += f"\n  keeps {selection_text(job.result_selection)}"
-    if delivery_text(job):
-        text += f"\n  {delivery_text(job)}"
+    if shown := delivery_text(job):
+        text += f"\n  {shown}"
     expiry = _results_expiry(job)
     if expiry:
         text += f"\n  {expiry}"

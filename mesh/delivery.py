@@ -42,6 +42,26 @@ def is_set(delivery: job_pb2.ResultDelivery) -> bool:
     return delivery.WhichOneof("destination") is not None
 
 
+# The consumer's choice of results as people write it: `c2d compute start --results`, the
+# SDK's `results=`, the publish program's --results.
+SELECTION_BY_WORD: dict[str, job_pb2.ResultSelection.ValueType] = {
+    "outputs": job_pb2.RESULT_SELECTION_OUTPUTS,
+    "logs": job_pb2.RESULT_SELECTION_LOGS,
+    "both": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
+}
+
+
+def check_results(results: int, field: str = "results") -> None:
+    """INVALID_ARGUMENT naming `field` unless `results` is a ResultSelection (the consumer's
+    choice of results, checked alike by the Provider and the engine)."""
+    if results not in job_pb2.ResultSelection.values():
+        raise InvalidArgument(
+            "results must be RESULT_SELECTION_OUTPUTS_AND_LOGS, RESULT_SELECTION_OUTPUTS or "
+            "RESULT_SELECTION_LOGS (or unset for outputs and logs)",
+            field=field,
+        )
+
+
 def check_delivery(delivery: job_pb2.ResultDelivery, field: str = "delivery") -> None:
     """INVALID_ARGUMENT, naming the field, unless `delivery` is unset or well formed. Never
     echoes a secret or a URL (a presigned URL is a credential)."""

@@ -196,3 +196,24 @@ def whole_numbers(value: Any) -> Any:
     if isinstance(value, list):
         return [whole_numbers(v) for v in value]
     return value
+
+
+def chosen_outputs(
+    job: job_pb2.Job, indexes: Sequence[int], field: str
+) -> list[job_pb2.ResultFile]:
+    """The job's outputs at `indexes`, in that order (every output, by index, when empty);
+    INVALID_ARGUMENT naming `field` (or `field[i]`) for a job without outputs, an index that
+    is not an output's, or one given twice."""
+    outputs = {r.index: r for r in job.results if r.kind == job_pb2.ResultFile.KIND_OUTPUT}
+    if not outputs:
+        raise InvalidArgument("the job has no outputs", field=field)
+    if not indexes:
+        return [outputs[index] for index in sorted(outputs)]
+    for i, index in enumerate(indexes):
+        if index not in outputs:
+            raise InvalidArgument(
+                f"result {index} is not one of the job's outputs", field=f"{field}[{i}]"
+            )
+        if index in indexes[:i]:
+            raise InvalidArgument(f"result {index} is listed twice", field=f"{field}[{i}]")
+    return [outputs[index] for index in indexes]

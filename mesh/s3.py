@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from botocore.exceptions import ClientError
     from types_aiobotocore_s3 import S3Client
 
+# S3's bounds on a multipart upload's parts: at least 5 MiB (but the last), at most 10,000;
+# here rather than in mesh.storage_s3 so that configuration can check a part size without
+# importing aioboto3.
+MIN_PART_SIZE = 5 << 20
+MAX_PART_SIZE = 5 << 30
+MAX_PARTS = 10_000
+PART_SIZE = 8 << 20
+
 # S3's own bucket naming rules (3-63 lowercase letters, digits, dots and hyphens).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 

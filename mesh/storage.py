@@ -228,27 +228,46 @@ def parse_dataset_key(key: str) -> tuple[str, int]:
     return match[1], int(match[2])
 
 
+class Tally:
+    """Bytes read back from storage, counted and hashed as they pass, against the size and
+    sha256 recorded when they were stored. Each reader says in its own words what a mismatch
+    means."""
+
+    def __init__(self, size: int, sha256: str) -> None:
+        self.size = size
+        self.sha256 = sha256
+        self.seen = 0
+        self._digest = hashlib.sha256()
+
+    def add(self, chunk: bytes) -> bool:
+        """Counts and hashes `chunk`; False once more than the recorded size has passed."""
+        self.seen += len(chunk)
+        self._digest.update(chunk)
+        return self.seen <= self.size
+
+    def matches(self) -> bool:
+        """Whether exactly the recorded bytes passed."""
+        return self.seen == self.size and self._digest.hexdigest() == self.sha256
+
+
 def verified_chunks(chunks: Iterable[bytes], size: int, sha256: str, what: str) -> Iterator[bytes]:
     """`chunks` passed on while they hash and count to no more than `size` bytes; DataLoss
     naming `what` as soon as they pass it, and after the last one unless they made exactly
     `size` bytes with this sha256."""
-    digest = hashlib.sha256()
-    seen = 0
+    tally = Tally(size, sha256)
     try:
         for chunk in chunks:
-            seen += len(chunk)
-            if seen > size:
+            if not tally.add(chunk):
                 raise DataLoss(f"{what} is larger than its recorded size")
-            digest.update(chunk)
             yield chunk
     finally:
         # A read stopped early (refused, or its reader gone) lets go of its file or connection.
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-    if seen != size:
+    if tally.seen != size:
         raise DataLoss(f"{what} is smaller than its recorded size")
-    if digest.hexdigest() != sha256:
+    if not tally.matches():
         raise DataLoss(f"{what} does not match its recorded sha256")
 
 
@@ -443,11 +462,7 @@ class LocalStorage:
         if not job_dir.is_dir():
             return
         for entry in os.scandir(job_dir):
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_file(entry.path)
         _fsync_dir(job_dir)
 
     async def read(
@@ -487,14 +502,9 @@ class LocalStorage:
         log.info("storage.job_deleted", job_id=job_id)
 
     async def check_object(self, job_id: str, key: str, size: int, sha256: str) -> None:
-        # No digest is kept beside a file: the check reads it whole (in a worker thread).
-        if await self.size(job_id, key) != size:
-            raise DataLoss(f"result {key} of job {job_id} does not have its recorded size")
-        digest = hashlib.sha256()
-        async for chunk in self.read(job_id, key):
-            digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            raise DataLoss(f"result {key} of job {job_id} does not match its recorded sha256")
+        # No digest is kept beside a file: the check reads it whole, in one worker thread.
+        path = self._object_path(job_id, key)
+        await asyncio.to_thread(_check_file, path, size, sha256, f"result {key} of job {job_id}")
 
     async def presign(
         self, job_id: str, key: str, expires_s: int | None = None, filename: str = ""
@@ -606,7 +616,7 @@ def _copy_checked(source: Path, temp: Path, size: int, sha256: str, what: str) -
             out.write(chunk)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_file(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)

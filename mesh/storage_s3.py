@@ -39,7 +39,15 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from mesh.errors import DataLoss, FailedPrecondition, NotFound
-from mesh.s3 import S3Settings, error_code, parse_s3_url
+from mesh.s3 import (
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    PART_SIZE,
+    S3Settings,
+    error_code,
+    parse_s3_url,
+)
 from mesh.storage import (
     CHUNK_SIZE,
     RESULT_URL_TTL_S,
@@ -70,11 +78,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# S3's bounds on a multipart upload's parts: at least 5 MiB (but the last), at most 10,000.
-MIN_PART_SIZE = 5 << 20
-MAX_PART_SIZE = 5 << 30
-MAX_PARTS = 10_000
-PART_SIZE = 8 << 20
 # Parts uploading at once: enough to keep a link busy, few enough to bound memory.
 MAX_IN_FLIGHT = 4
 # The largest object one CopyObject copies; a larger one is copied part by part
@@ -185,8 +188,8 @@ def _s3_errors(what: str, job_id: str, key: str = "") -> Iterator[None]:
     except ClientError as error:
         code = error_code(error)
         if code in _NOT_FOUND_CODES:
-            what = f"result {key} of job {job_id}" if job_id else f"object {key}"
-            raise NotFound(f"{what} is not stored") from None
+            missing = f"result {key} of job {job_id}" if job_id else f"object {key}"
+            raise NotFound(f"{missing} is not stored") from None
         log.warning("storage.s3_refused", job_id=job_id, key=key, operation=what, code=code)
         raise StorageUnavailable(
             f"the results storage refused to {what} ({code or 'no error code'})"
@@ -429,11 +432,16 @@ class S3Storage:
                 Metadata={SHA256_FIELD: sha},
             )
 
-    async def _create_upload(self, job_id: str, key: str, name: str) -> str:
+    async def _create_upload(self, job_id: str, key: str, name: str, sha256: str = "") -> str:
+        """Starts a multipart upload; with `sha256` (known ahead only by a copy) as its
+        metadata."""
         client = await self._loop.client()
         with _s3_errors("start an upload", job_id, key):
             reply = await client.create_multipart_upload(
-                Bucket=self.bucket, Key=name, ContentType=_CONTENT_TYPE
+                Bucket=self.bucket,
+                Key=name,
+                ContentType=_CONTENT_TYPE,
+                Metadata={SHA256_FIELD: sha256} if sha256 else {},
             )
         return reply["UploadId"]
 
@@ -633,10 +641,9 @@ class S3Storage:
         self, dataset_id: str, index: int, *, size: int, sha256: str, chunk_size: int = CHUNK_SIZE
     ) -> Iterator[bytes]:
         check_read(0, chunk_size)
-        name = self._dataset_name(dataset_id, index)
-        what = f"file {index} of dataset {dataset_id}"
-        chunks = self._download_blocking(dataset_key(dataset_id, index), name, chunk_size)
-        return verified_chunks(chunks, size, sha256, what)
+        key = dataset_key(dataset_id, index)
+        chunks = self._download_blocking(key, f"{self.prefix}/{key}", chunk_size)
+        return verified_chunks(chunks, size, sha256, f"file {index} of dataset {dataset_id}")
 
     def _download_blocking(self, key: str, name: str, chunk_size: int) -> Iterator[bytes]:
         """The object's bytes, read on the storage's loop for a thread that has none."""
@@ -744,7 +751,7 @@ class _Copy:
         # At most MAX_PARTS parts: larger ones for an object that would need more.
         part = max(storage.copy_part_size, math.ceil(size / MAX_PARTS))
         ranges = [(start, min(start + part, size) - 1) for start in range(0, size, part)]
-        upload_id = await self._create(sha256)
+        upload_id = await storage._create_upload(self._job_id, self._key, self._target, sha256)
         try:
             gate = asyncio.Semaphore(storage.max_in_flight)
             async with asyncio.TaskGroup() as group:
@@ -783,17 +790,6 @@ class _Copy:
                     f"result {self._key} of job {self._job_id} was replaced while being copied"
                 ) from None
             raise
-
-    async def _create(self, sha256: str) -> str:
-        client = await self._storage._loop.client()
-        with self._errors("start a copy"):
-            reply = await client.create_multipart_upload(
-                Bucket=self._storage.bucket,
-                Key=self._target,
-                ContentType=_CONTENT_TYPE,
-                Metadata={SHA256_FIELD: sha256},
-            )
-        return reply["UploadId"]
 
     async def _part(
         self, upload_id: str, number: int, first: int, last: int, gate: asyncio.Semaphore

@@ -13,6 +13,7 @@ from mesh import delivery as delivery_rules
 
 # The least an environment, or a job within it, may have.
 from mesh.jobs import MIN_DISK_BYTES, MIN_MEMORY_BYTES
+from mesh.s3 import MAX_PART_SIZE, MIN_PART_SIZE, PART_SIZE
 from mesh.tls import TlsConfig
 from operator_engine.sources import SourceSettings
 
@@ -100,22 +101,20 @@ class DeliverySettings:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     attempts: int = 3
-    part_size: int = 8 << 20
+    part_size: int = PART_SIZE
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout_s < float("inf"):
             raise ValueError("C2D_DELIVERY_TIMEOUT_S must be a positive number of seconds")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0 or self.attempts < 1:
             raise ValueError("delivery timeouts must be positive and attempts at least 1")
-        if not 5 << 20 <= self.part_size <= 5 << 30:
+        if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
             raise ValueError("a delivery's S3 part is 5 MiB to 5 GiB")
 
     @classmethod
     def from_env(cls) -> DeliverySettings:
-        return cls(
-            allow_hosts=delivery_rules.allowed_hosts(),
-            timeout_s=mesh_config.env_float("C2D_DELIVERY_TIMEOUT_S", 900.0),
-        )
+        # allow_hosts: read from the environment by default.
+        return cls(timeout_s=mesh_config.env_float("C2D_DELIVERY_TIMEOUT_S", 900.0))
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import functools
 import io
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +37,7 @@ from c2d.common.v1 import job_pb2
 from mesh import delivery as rules
 from mesh.errors import MeshError, PermissionDenied
 from mesh.s3 import S3Settings, error_code
-from mesh.storage import Storage, result_key
+from mesh.storage import Storage, Tally, result_key
 from operator_engine.config import DeliverySettings
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ _BACKOFF_S = 0.5
 
 class _Failure(Exception):
     """One result was not delivered. `reason` names no secret or URL; `unreachable` when the
-    destination could not be reached at all (an S3 delivery then stops trying)."""
+    delivery's one destination (an S3 store) could not be reached at all: the rest is not
+    tried. An upload URL is a destination of its own: one that fails stops no other."""
 
     def __init__(self, reason: str, *, unreachable: bool = False) -> None:
         super().__init__(reason)
@@ -87,13 +88,20 @@ class _Item:
     where: str
 
 
+# Delivers one item; a _Failure when it cannot.
+_Put = Callable[[_Item], Awaitable[None]]
+
+
 @dataclass
 class _Progress:
-    # How many items were tried to the end, delivered or not.
-    done: int = 0
     delivered: int = 0
     failed: list[str] = field(default_factory=list)
     not_tried: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        """How many items were tried to the end, delivered or not (one entry each)."""
+        return self.delivered + len(self.failed)
 
 
 @dataclass
@@ -117,11 +125,9 @@ async def deliver(
     the outcome. Never raises for a delivery that fails: the status says why."""
     kind = target.WhichOneof("destination") or "none"
     log = structlog.get_logger().bind(job_id=job_id, destination_kind=kind)
-    status = Status(state=Status.STATE_FAILED, destination=rules.describe(target, job_id))
     if not rules.has_secrets(target):
         log.warning("delivery.no_secrets")
-        status.message = NO_SECRETS
-        return status
+        return failed(target, job_id, NO_SECRETS)
     plan = _plan(target, job_id, results)
     progress = _Progress()
     try:
@@ -130,14 +136,16 @@ async def deliver(
                 # Right before connecting: the engine's own view of DNS is the one that counts
                 # (a slow resolver counts against the deadline too).
                 await rules.check_destination(target, settings.allow_hosts)
-            if kind == "s3":
-                await _to_s3(storage, job_id, plan.items, target.s3, settings, progress)
-            else:
-                await _to_urls(storage, job_id, plan.items, settings, progress)
+            to = (
+                _to_s3(storage, job_id, target.s3, settings)
+                if kind == "s3"
+                else _to_urls(storage, job_id, settings)
+            )
+            async with to as put:
+                await _each(job_id, plan.items, put, progress)
     except PermissionDenied as refused:
         log.warning("delivery.refused", reason=refused.reason)
-        status.message = f"not delivered: {refused.message}"
-        return status
+        return failed(target, job_id, f"not delivered: {refused.message}")
     except TimeoutError:
         log.warning("delivery.timed_out", delivered=progress.delivered)
         cut = plan.items[progress.done :]
@@ -151,10 +159,10 @@ async def deliver(
         # Not foreseen; its text is not shown (a client's error can quote a URL).
         log.error("delivery.crashed", error=type(error).__name__)
         progress.failed.append(f"the delivery failed ({type(error).__name__})")
+    status = failed(target, job_id, _message(plan, progress))
     status.delivered_count = progress.delivered
-    ok = not progress.failed and not progress.not_tried
-    status.state = Status.STATE_DELIVERED if ok else Status.STATE_FAILED
-    status.message = _message(plan, progress)
+    if not progress.failed and not progress.not_tried:
+        status.state = Status.STATE_DELIVERED
     log.info(
         "delivery.done",
         state=Status.State.Name(status.state),
@@ -168,7 +176,8 @@ async def deliver(
 
 
 def failed(target: job_pb2.ResultDelivery, job_id: str, message: str) -> job_pb2.DeliveryStatus:
-    """A delivery that did not happen, saying why."""
+    """A delivery that failed, saying why: every outcome starts here (`deliver` marks one
+    where all went DELIVERED)."""
     return Status(
         state=Status.STATE_FAILED, destination=rules.describe(target, job_id), message=message
     )
@@ -247,10 +256,8 @@ class _Verified:
 
     def __init__(self, storage: Storage, job_id: str, result: job_pb2.ResultFile) -> None:
         self._chunks = storage.read(job_id, result_key(result))
-        self._result = result
         self.sha256 = result.sha256
-        self._digest = hashlib.sha256()
-        self._size = 0
+        self._tally = Tally(result.size_bytes, result.sha256)
         self._pending = b""
         self._ended = False
 
@@ -267,10 +274,8 @@ class _Verified:
             raise _Failure(
                 f"it could not be read from the node's storage ({type(error).__name__})"
             ) from None
-        self._size += len(chunk)
-        if self._size > self._result.size_bytes:
+        if not self._tally.add(chunk):
             raise _Failure("its stored copy is larger than recorded")
-        self._digest.update(chunk)
         return chunk
 
     async def take(self, size: int) -> io.BytesIO:
@@ -293,9 +298,7 @@ class _Verified:
         """Reads to the end and checks the whole against the record (_Failure if not)."""
         if self._pending or await self._next():
             raise _Failure("its stored copy is larger than recorded")
-        if self._size != self._result.size_bytes or (
-            self._digest.hexdigest() != self._result.sha256
-        ):
+        if not self._tally.matches():
             raise _Failure("its stored copy does not match its recorded size and sha256")
 
     async def stream(self) -> AsyncIterator[bytes]:
@@ -319,16 +322,12 @@ class _Verified:
 # -- S3 ----------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
 async def _to_s3(
-    storage: Storage,
-    job_id: str,
-    items: Sequence[_Item],
-    s3: job_pb2.S3Delivery,
-    settings: DeliverySettings,
-    progress: _Progress,
-) -> None:
-    """Each item to `{prefix}{job id}/{name}` in the consumer's bucket, path-style, with the
-    consumer's keys only (never the node's: empty keys never reach here)."""
+    storage: Storage, job_id: str, s3: job_pb2.S3Delivery, settings: DeliverySettings
+) -> AsyncIterator[_Put]:
+    """What puts an item at `{prefix}{job id}/{name}` in the consumer's bucket, path-style,
+    with the consumer's keys only (never the node's: empty keys never reach here)."""
     region = s3.region or "us-east-1"
     client_settings = S3Settings(
         # AWS's own endpoint, named: so that no AWS_ENDPOINT_URL of the node's environment
@@ -343,20 +342,15 @@ async def _to_s3(
         read_timeout_s=settings.read_timeout_s,
     )
     async with client_settings.client(max_connections=2, attempts=settings.attempts) as client:
-        for position, item in enumerate(items):
+
+        async def put(item: _Item) -> None:
             source = _Verified(storage, job_id, item.result)
             try:
                 await _put_s3(client, s3.bucket, item.where, source, settings.part_size)
-            except _Failure as failure:
-                _failed_one(job_id, item, failure, progress)
-                if failure.unreachable:
-                    progress.not_tried = [_shown(i.result.name) for i in items[position + 1 :]]
-                    return
-            else:
-                progress.delivered += 1
-                progress.done += 1
             finally:
                 await source.close()
+
+        yield put
 
 
 async def _put_s3(
@@ -432,29 +426,18 @@ def _s3_errors() -> Iterator[None]:
 # -- upload URLs -------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
 async def _to_urls(
-    storage: Storage,
-    job_id: str,
-    items: Sequence[_Item],
-    settings: DeliverySettings,
-    progress: _Progress,
-) -> None:
-    """Each item by an HTTP PUT of its bytes (with their length) to its own URL. Each URL is
-    a destination of its own: one that fails does not stop the others."""
+    storage: Storage, job_id: str, settings: DeliverySettings
+) -> AsyncIterator[_Put]:
+    """What puts an item by an HTTP PUT of its bytes (with their length) to its own URL."""
     timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s)
     # trust_env off: no proxy of the node's and, above all, no credentials from its .netrc
     # are ever sent to a consumer's URL.
     async with httpx.AsyncClient(
         timeout=timeout, follow_redirects=False, trust_env=False
     ) as client:
-        for item in items:
-            try:
-                await _put_url(client, storage, job_id, item, settings.attempts)
-            except _Failure as failure:
-                _failed_one(job_id, item, failure, progress)
-            else:
-                progress.delivered += 1
-                progress.done += 1
+        yield functools.partial(_put_url, client, storage, job_id, attempts=settings.attempts)
 
 
 async def _put_url(
@@ -473,11 +456,8 @@ async def _put_url(
                 content=source.stream(),
                 headers={"Content-Length": str(item.result.size_bytes)},
             )
-            await response.aclose()
         except httpx.TransportError as error:
-            last = _Failure(
-                f"its upload URL could not be reached ({type(error).__name__})", unreachable=True
-            )
+            last = _Failure(f"its upload URL could not be reached ({type(error).__name__})")
             continue
         finally:
             await source.close()
@@ -490,12 +470,25 @@ async def _put_url(
     raise last
 
 
-def _failed_one(job_id: str, item: _Item, failure: _Failure, progress: _Progress) -> None:
-    progress.done += 1
-    structlog.get_logger().warning(
-        "delivery.result_failed",
-        job_id=job_id,
-        index=item.result.index,
-        reason=failure.reason,
-    )
-    progress.failed.append(f"{_shown(item.result.name)} ({failure.reason})")
+# -- both --------------------------------------------------------------------------------
+
+
+async def _each(job_id: str, items: Sequence[_Item], put: _Put, progress: _Progress) -> None:
+    """Each item through `put`, in turn, its outcome kept in `progress`; once the
+    destination is unreachable (`_Failure.unreachable`), the rest is not tried."""
+    for position, item in enumerate(items):
+        try:
+            await put(item)
+        except _Failure as failure:
+            structlog.get_logger().warning(
+                "delivery.result_failed",
+                job_id=job_id,
+                index=item.result.index,
+                reason=failure.reason,
+            )
+            progress.failed.append(f"{_shown(item.result.name)} ({failure.reason})")
+            if failure.unreachable:
+                progress.not_tried = [_shown(i.result.name) for i in items[position + 1 :]]
+                return
+        else:
+            progress.delivered += 1

@@ -34,7 +34,6 @@ from mesh.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceE
 from operator_engine import delivery
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.private_log import split_utf8
-from pods import publish as publish_stage
 from pods import workspace as layout
 
 if TYPE_CHECKING:
@@ -430,13 +429,7 @@ def new_job(
         raise InvalidArgument("a job needs at least one dataset", field="spec.datasets")
     job_facts.check_viewers(spec.owner, spec.viewers)
     job_facts.check_resources(spec.resources, environment_message(env))
-    try:
-        publish_stage.check_selection(spec.results)
-    except ValueError:
-        raise InvalidArgument(
-            "results is RESULT_SELECTION_OUTPUTS_AND_LOGS, _OUTPUTS or _LOGS (or unset)",
-            field="spec.results",
-        ) from None
+    delivery_rules.check_results(spec.results, "spec.results")
     check_delivery(spec.delivery)
     job = job_pb2.Job(
         name=job_facts.job_name(spec.job_id),
@@ -461,22 +454,18 @@ def check_delivery(target: job_pb2.ResultDelivery) -> None:
     """INVALID_ARGUMENT (naming spec.delivery...) unless the delivery is unset or well formed.
     A stored copy (without its secrets: a job handed over again from the Operator Service's
     registry) is accepted when its destination is well formed: its delivery then fails."""
-    if not delivery_rules.is_set(target) or delivery_rules.has_secrets(target):
-        delivery_rules.check_delivery(target, "spec.delivery")
-        return
-    if delivery_rules.without_secrets(target) != target:
-        # Some secrets but not all: not a stored copy, and malformed.
-        delivery_rules.check_delivery(target, "spec.delivery")
-        return
-    stand_in = job_pb2.ResultDelivery()
-    stand_in.CopyFrom(target)
-    if target.WhichOneof("destination") == "s3":
-        # Placeholders, checked for their shape only.
-        stand_in.s3.access_key_id = stand_in.s3.secret_access_key = "stored"  # noqa: S105
-    else:
-        for name in stand_in.upload_urls.urls:
-            stand_in.upload_urls.urls[name] = "https://stored.invalid/"
-    delivery_rules.check_delivery(stand_in, "spec.delivery")
+    if delivery_rules.is_set(target) and delivery_rules.without_secrets(target) == target:
+        # A stored copy (no secret at all; some but not all is malformed): placeholders stand
+        # in for its secrets, checked for their shape only.
+        stand_in = job_pb2.ResultDelivery()
+        stand_in.CopyFrom(target)
+        if target.WhichOneof("destination") == "s3":
+            stand_in.s3.access_key_id = stand_in.s3.secret_access_key = "stored"  # noqa: S105
+        else:
+            for name in stand_in.upload_urls.urls:
+                stand_in.upload_urls.urls[name] = "https://stored.invalid/"
+        target = stand_in
+    delivery_rules.check_delivery(target, "spec.delivery")
 
 
 def environment_message(env: EnvironmentSpec) -> job_pb2.Environment:

@@ -54,13 +54,7 @@ from mesh.storage import Storage
 from operator_engine.config import EngineConfig, EnvironmentSpec
 from operator_engine.disks import JobDisks, is_full
 from operator_engine.images import ImageCache, ImageError
-from operator_engine.jobs import (
-    EngineJob,
-    JobBook,
-    QueueStopped,
-    QueueTimeout,
-    job_limits,
-)
+from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout, job_limits
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sandbox import Limits, Mount, Outcome, Sandbox, SandboxSpec
 from pods import workspace as layout

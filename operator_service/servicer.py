@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +18,7 @@ from mesh import delivery as delivery_rules
 from mesh import jobs as job_facts
 from mesh.channels import UNARY_TIMEOUT
 from mesh.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
-from mesh.storage import Storage, result_key
+from mesh.storage import Storage, Tally, result_key
 from operator_service.retention import refuse_expired
 from operator_service.store import JobStore, may_read, owns
 from operator_service.tracker import ENGINE as ENGINE  # the server names the next hop by it
@@ -236,18 +235,16 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         result = _result(job, request.index)
         if not 0 <= request.offset <= result.size_bytes:
             raise InvalidArgument("offset is outside the result", field="offset")
-        digest = hashlib.sha256()
+        tally = Tally(result.size_bytes, result.sha256)
         # Read from the start, the bytes before `offset` hashed but not sent, so that every
         # download is checked whole (in one read of the object, not two).
-        position = 0
         async for data in self.storage.read(request.job_id, result_key(result)):
-            digest.update(data)
-            end = position + len(data)
-            if end > request.offset:
+            position = tally.seen
+            tally.add(data)
+            if tally.seen > request.offset:
                 skip = max(0, request.offset - position)
                 yield operator_pb2.ReadResultResponse(offset=position + skip, data=data[skip:])
-            position = end
-        if position != result.size_bytes or digest.hexdigest() != result.sha256:
+        if not tally.matches():
             log.error("stored result does not match its checksum", index=result.index)
             raise DataLoss("the stored result no longer matches its sha256; do not use it")
 
@@ -290,7 +287,9 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
         if not job_facts.is_sha256_hex(request.dataset_id):
             raise InvalidArgument("dataset_id must be 64 lowercase hex digits", field="dataset_id")
         files = []
-        for position, result in enumerate(_outputs(job, request.indexes)):
+        for position, result in enumerate(
+            job_facts.chosen_outputs(job, request.indexes, "indexes")
+        ):
             # Checked against the recorded size and sha256 by the storage (DATA_LOSS).
             await self.storage.export_result(
                 request.job_id,
@@ -319,25 +318,6 @@ class OperatorServicer(operator_pb2_grpc.OperatorServiceServicer):
             engine_pb2.ListEnvironmentsRequest(), timeout=UNARY_TIMEOUT
         )
         return operator_pb2.ListEnvironmentsResponse(environments=response.environments)
-
-
-def _outputs(job: job_pb2.Job, indexes: Sequence[int]) -> list[job_pb2.ResultFile]:
-    """The job's outputs at `indexes`, in that order (every output, by index, when empty);
-    INVALID_ARGUMENT for a job without outputs, an index that is not an output's, or one given
-    twice."""
-    outputs = {r.index: r for r in job.results if r.kind == job_pb2.ResultFile.KIND_OUTPUT}
-    if not outputs:
-        raise InvalidArgument("the job has no outputs", field="indexes")
-    if not indexes:
-        return [outputs[index] for index in sorted(outputs)]
-    for i, index in enumerate(indexes):
-        if index not in outputs:
-            raise InvalidArgument(
-                f"result {index} is not one of the job's outputs", field=f"indexes[{i}]"
-            )
-        if index in indexes[:i]:
-            raise InvalidArgument(f"result {index} is listed twice", field=f"indexes[{i}]")
-    return [outputs[index] for index in indexes]
 
 
 def _result(job: job_pb2.Job, index: int) -> job_pb2.ResultFile:

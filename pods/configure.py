@@ -348,8 +348,9 @@ def entrypoint_argv(entrypoint: str) -> list[str]:
 
 
 def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Stage) -> list[Mount]:
-    """Checks every dataset file (local ones fully, remote ones as far as can be done without
-    fetching), writes the DDOs, then fetches the remote files; returns the mounts, in order."""
+    """Checks every dataset file (local ones fully, stored and remote ones as far as can be
+    done without reading them), writes the DDOs, then reads the stored files and fetches the
+    remote ones; returns the mounts, in order."""
     ws, record = stage.ws, stage.record
     # Resolved at the first local file: a job with only remote files needs no data root.
     root: Path | None = None
@@ -393,7 +394,11 @@ def _provision_datasets(datasets: Iterable[engine_pb2.DatasetInput], stage: _Sta
             f"dataset {dataset.id}: {len(dataset.files)} files{to_fetch}, {total} bytes; "
             f"ddo {len(ddo)} bytes, sha256 {hashlib.sha256(ddo).hexdigest()}"
         )
-    _read_stored(stored, sum(item.source.size_bytes for item in remote), stage)
+    copies = [item for item in stored if item.host_path is None]
+    _check_room(copies, remote, stage)
+    if copies or remote:
+        _make_dir(ws.dataset_inputs, 0o700)
+    _read_stored(stored, stage)
     _fetch_all(remote, stage)
     return mounts
 
@@ -424,10 +429,7 @@ def _plan_stored(
         area = parse_dataset_key(source.stored)
     except ValueError:
         problem = "not a file of this node's dataset area"
-    if not problem and not is_sha256_hex(source.sha256):
-        problem = "no recorded sha256 to check it against"
-    if not problem and source.size_bytes < 0:
-        problem = "its recorded size is negative"
+    problem = problem or _record_problem(source)
     if not problem and source.credentials:
         problem = "a file in the node's storage takes no source credentials"
     if not problem and stage.storage is None:
@@ -452,22 +454,9 @@ def _plan_stored(
     return _Stored(label, dataset_id, index, source, area, host_path=path)
 
 
-def _read_stored(items: list[_Stored], remote_bytes: int, stage: _Stage) -> None:
+def _read_stored(items: list[_Stored], stage: _Stage) -> None:
     """Checks each stored file against its recorded size and sha256 as it is read: a local
-    one in place (it is then mounted as it is), the others into the workspace, once they
-    and the remote files (`remote_bytes`) fit its free space."""
-    if not items:
-        return
-    copies = [item for item in items if item.host_path is None]
-    total = sum(item.source.size_bytes for item in copies)
-    room = _free_bytes(stage.ws.root)
-    if copies and room is not None and total + remote_bytes > room:
-        raise DataProvisioningError(
-            f"the dataset files to copy and fetch ({total + remote_bytes} bytes) do not fit "
-            f"the {room} bytes left for the job's inputs"
-        )
-    if copies:
-        _make_dir(stage.ws.dataset_inputs, 0o700)
+    one in place (it is then mounted as it is), the others into the workspace."""
     for item in items:
         started = time.monotonic()
         if item.host_path is None:
@@ -551,11 +540,7 @@ def _plan_remote(
     location = source.WhichOneof("location")
     if location is None:
         raise DataProvisioningError(f"{label}: no location")
-    if not is_sha256_hex(source.sha256):
-        raise DataProvisioningError(f"{label}: no recorded sha256 to check it against")
-    if source.size_bytes < 0:
-        raise DataProvisioningError(f"{label}: its recorded size is negative")
-    problem = _url_problem(location, source)
+    problem = _record_problem(source) or _url_problem(location, source)
     if problem:
         raise DataProvisioningError(f"{label}: {problem}")
     access: S3Settings | dict[str, str] = {}
@@ -573,6 +558,16 @@ def _plan_remote(
     if problem:
         raise DataProvisioningError(f"{label}: {problem}")
     return _Remote(label, dataset_id, index, source, access)
+
+
+def _record_problem(source: engine_pb2.DatasetFileSource) -> str:
+    """What is wrong with a copied or fetched file's record (its sha256 and size), which the
+    copy is checked against; empty when fine."""
+    if not is_sha256_hex(source.sha256):
+        return "no recorded sha256 to check it against"
+    if source.size_bytes < 0:
+        return "its recorded size is negative"
+    return ""
 
 
 def _url_problem(location: str, source: engine_pb2.DatasetFileSource) -> str:
@@ -597,27 +592,30 @@ def _url_problem(location: str, source: engine_pb2.DatasetFileSource) -> str:
     return ""
 
 
-def _fetch_all(remote: list[_Remote], stage: _Stage) -> None:
-    """Fetches every remote file, once their sizes together fit the node's limit and the
-    workspace's free space (a quota'd or small disk fails here, not half way)."""
-    if not remote:
-        return
-    ws, sources = stage.ws, stage.sources
-    total = sum(item.source.size_bytes for item in remote)
-    if total > sources.max_bytes:
+def _check_room(copies: list[_Stored], remote: list[_Remote], stage: _Stage) -> None:
+    """Before any copy or fetch: the files to fetch must fit the node's limit, and those to
+    copy into the workspace and to fetch its free space (a quota'd or small disk fails here,
+    not half way)."""
+    fetched = sum(item.source.size_bytes for item in remote)
+    if fetched > stage.sources.max_bytes:
         raise DataProvisioningError(
-            f"the dataset files to fetch ({total} bytes) exceed this node's limit of "
-            f"{sources.max_bytes} bytes"
+            f"the dataset files to fetch ({fetched} bytes) exceed this node's limit of "
+            f"{stage.sources.max_bytes} bytes"
         )
-    room = _free_bytes(ws.root)
+    total = fetched + sum(item.source.size_bytes for item in copies)
+    room = _free_bytes(stage.ws.root) if copies or remote else None
     if room is not None and total > room:
+        what = "to copy and fetch" if copies else "to fetch"
         raise DataProvisioningError(
-            f"the dataset files to fetch ({total} bytes) do not fit the {room} bytes left "
-            "for the job's inputs"
+            f"the dataset files {what} ({total} bytes) do not fit the {room} bytes left for "
+            "the job's inputs"
         )
-    _make_dir(ws.dataset_inputs, 0o700)
+
+
+def _fetch_all(remote: list[_Remote], stage: _Stage) -> None:
+    """Fetches every remote file (`_check_room` has seen that they fit)."""
     for item in remote:
-        _make_dir(ws.dataset_inputs / item.dataset_id, 0o700)
+        _make_dir(stage.ws.dataset_inputs / item.dataset_id, 0o700)
         done = _fetch_one(item, stage)
         stage.record.add(
             f"{item.label}: {done.size_bytes} bytes fetched from {item.kind} in "

@@ -42,6 +42,7 @@ import structlog
 from c2d.common.v1 import job_pb2
 from google.protobuf import json_format
 
+from mesh.delivery import SELECTION_BY_WORD
 from mesh.storage import (
     Storage,
     StorageUnavailable,
@@ -94,20 +95,11 @@ _LOGS = (
     (CONFIGURATION_LOG, job_pb2.ResultFile.KIND_CONFIGURATION_LOG),
 )
 
-Selection = job_pb2.ResultSelection
-# The program's --results values.
-SELECTION_FLAGS: dict[str, job_pb2.ResultSelection.ValueType] = {
-    "outputs": job_pb2.RESULT_SELECTION_OUTPUTS,
-    "logs": job_pb2.RESULT_SELECTION_LOGS,
-    "both": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
-}
 
-
-def check_selection(selection: int) -> job_pb2.ResultSelection.ValueType:
-    """`selection` when it is a value of ResultSelection, else ValueError."""
-    if selection not in Selection.values():
+def check_selection(selection: int) -> None:
+    """ValueError unless `selection` is a value of ResultSelection."""
+    if selection not in job_pb2.ResultSelection.values():
         raise ValueError(f"unknown result selection {selection}")
-    return job_pb2.ResultSelection.ValueType(selection)
 
 
 def keeps_outputs(selection: int) -> bool:
@@ -213,7 +205,6 @@ class _Target:
     job_id: str
     record: _PublishLog
     result: PublishResult
-    selection: job_pb2.ResultSelection.ValueType = job_pb2.RESULT_SELECTION_UNSPECIFIED
     # Set once the store is found unavailable: the logs left go straight to the node's own
     # disk, instead of waiting for the store's retries once more each.
     store_down: bool = False
@@ -286,7 +277,7 @@ def publish_blocking(
     the algorithm's log is left to the caller (an engine that holds it, as the Kubernetes
     backend's does)."""
     check_job_id(job_id)
-    selection = check_selection(results)
+    check_selection(results)
     if max_files < 0 or max_total_bytes < 0:
         raise ValueError("caps must not be negative")
     entry_budget = max_entries if max_entries is not None else max(10 * max_files, 1000)
@@ -294,7 +285,7 @@ def publish_blocking(
     record = _PublishLog()
     record.add(f"publish: job {job_id}")
     result = PublishResult()
-    target = _Target(storage, job_id, record, result, selection)
+    target = _Target(storage, job_id, record, result)
     try:
         # The workspace itself is the engine's own directory: following a link to it is fine.
         ws_fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -312,7 +303,7 @@ def publish_blocking(
     try:
         failure: PublishError | None = None
         try:
-            if keeps_outputs(selection):
+            if keeps_outputs(results):
                 _publish_outputs(
                     (base_fd, out_name), target, max_files, max_total_bytes, entry_budget
                 )
@@ -324,7 +315,7 @@ def publish_blocking(
             # the same, to tell what happened.
             failure = error
         try:
-            _publish_logs(ws_fd, target, algorithm_log=algorithm_log)
+            _publish_logs(ws_fd, target, algorithm_log=algorithm_log, logs=keeps_logs(results))
         except PublishError as error:
             failure = failure or error
         record.finish_skips()
@@ -663,10 +654,12 @@ def _list(target: _Target, entry: job_pb2.ResultFile, stored: StoredObject) -> N
     target.result.results.append(entry)
 
 
-def _publish_logs(ws_fd: int, target: _Target, *, algorithm_log: bool) -> None:
+def _publish_logs(ws_fd: int, target: _Target, *, algorithm_log: bool, logs: bool) -> None:
+    """The workspace's logs as results; without `logs` (the consumer asked for outputs
+    only), each left out and said so."""
     record, result = target.record, target.result
     for name, kind in _LOGS:
-        if not keeps_logs(target.selection):
+        if not logs:
             record.add(f"{name}: not stored, the consumer asked for outputs only")
             continue
         if name == ALGORITHM_LOG and not algorithm_log:
@@ -769,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--termination-log", type=Path, help="also write a one-line outcome there")
     parser.add_argument(
         "--results",
-        choices=sorted(SELECTION_FLAGS),
+        choices=sorted(SELECTION_BY_WORD),
         default="both",
         help="which results the consumer asked for (publish.log is stored in every case)",
     )
@@ -794,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             max_files=args.max_files,
             max_total_bytes=args.max_total_bytes,
             algorithm_log=not args.algorithm_log_by_engine,
-            results=SELECTION_FLAGS[args.results],
+            results=SELECTION_BY_WORD[args.results],
         )
     except PublishError as error:
         outcome = json.dumps({"reason": "FAILURE_REASON_PUBLISH_FAILED", "message": str(error)})

@@ -67,5 +67,4 @@ class ProviderConfig:
             chain=ChainConfig.from_env(),
             tls=TlsConfig.from_env(),
             operator_tls_name=os.environ.get("C2D_OPERATOR_TLS_NAME", ""),
-            delivery_allow_hosts=delivery.allowed_hosts(),
         )

@@ -35,11 +35,11 @@ from mesh.errors import (
     PermissionDenied,
     from_rpc_error,
 )
-from provider import assets, request_fields
+from provider import assets
 from provider.audit import AuditLog
-from provider.auth import Caller
+from provider.auth import Caller, require_owner
 from provider.policy import check_derived_allowed, check_policy
-from provider.sources import MAX_DATASET_FILES, FileSource, public_files, stored_file
+from provider.sources import MAX_DATASET_FILES, new_dataset, stored_file
 from provider.store import ProviderStore
 
 log = structlog.get_logger()
@@ -58,14 +58,8 @@ async def publish_outputs(
     caller: Caller,
     request: pb.PublishJobOutputsRequest,
 ) -> pb.Dataset:
-    """The dataset `request` makes of its job's outputs, published (or the one an earlier
-    call with the same request id made). Each refusal is audited."""
-    request_fields.check_request_id(request.request_id)
-    previous = await store.request_resource(caller.address, request.request_id)
-    if previous is not None:
-        found = await store.dataset_record(job_facts.parse_name(previous, "datasets"))
-        if found is not None:
-            return found
+    """The dataset `request` makes of its job's outputs, published. Each refusal is audited;
+    a retry with the same request id is the caller's to answer (as for PublishDataset)."""
     job_id = job_facts.parse_name(request.name, "jobs")
     structlog.contextvars.bind_contextvars(job_id=job_id)
     async with audit.refusals(caller.address, ACTION, request.name):
@@ -77,7 +71,19 @@ async def publish_outputs(
         dataset_id = assets.derive_id(caller.address, caller.nonce)
         files = await _export(operator, job_id, caller.address, indexes, dataset_id)
     sources = [stored_file(dataset_id, f.index, f.size_bytes, f.sha256) for f in files]
-    dataset = _record(dataset_id, caller, request, job, files, sources)
+    dataset = new_dataset(
+        dataset_id,
+        caller.address,
+        request.metadata,
+        request.policy,
+        sources,
+        derived_from=pb.DerivedFrom(
+            job=job.name,
+            datasets=[f"datasets/{d}" for d in job.dataset_ids],
+            algorithm=f"algorithms/{job.algorithm_id}" if job.algorithm_id else "",
+            outputs=[f.name for f in files],
+        ),
+    )
     await store.add_dataset(dataset, sources)
     await store.remember_request(caller.address, request.request_id, dataset.name)
     await audit.record(
@@ -96,10 +102,8 @@ async def require_policy_editor(
         return
     record = await store.dataset_record(dataset_id)
     if record is None or not record.HasField("derived_from"):
-        raise PermissionDenied(
-            "only the node's data owners may change a dataset's policy", reason="NOT_A_DATA_OWNER"
-        )
-    if record.publisher != caller.address:
+        require_owner(caller, owners, "change a dataset's policy")
+    elif record.publisher != caller.address:
         raise PermissionDenied(
             f"only the node's data owners and the publisher of {record.name} may change its policy",
             reason="NOT_THE_PUBLISHER",
@@ -139,40 +143,24 @@ def _results_expired() -> FailedPrecondition:
 
 
 async def _datasets_read(store: ProviderStore, job: job_pb2.Job) -> list[pb.Dataset]:
-    """The datasets the job read, main one first, with their current policies."""
+    """The datasets the job read, main one first, with their current policies. One that is
+    not this node's (any more) is read as a dataset whose policy allows nothing."""
     found = []
     for dataset_id in job.dataset_ids:
         record = await store.dataset_record(dataset_id)
-        if record is None:
-            # Not a dataset of this node's any more: nothing allows its outputs out.
-            raise PermissionDenied(
-                f"datasets/{dataset_id} does not allow datasets made from the outputs of jobs "
-                "on it",
-                reason="DERIVED_DATASETS_NOT_ALLOWED",
-            )
-        found.append(record)
+        found.append(pb.Dataset(name=f"datasets/{dataset_id}") if record is None else record)
     return found
 
 
 def _output_indexes(job: job_pb2.Job, asked: Sequence[int]) -> list[int]:
-    """The result indexes to publish, in the dataset's file order: `asked`, each an output of
-    the job's and given once, or every output when empty. INVALID_ARGUMENT naming the field
-    otherwise, and for a job without outputs."""
-    outputs = sorted(r.index for r in job.results if r.kind == job_pb2.ResultFile.KIND_OUTPUT)
-    if not outputs:
-        raise InvalidArgument("the job has no outputs to publish", field="result_indexes")
-    chosen = list(asked) or outputs
+    """The result indexes to publish, in the dataset's file order (see chosen_outputs), at
+    most as many as a dataset has files."""
+    chosen = [r.index for r in job_facts.chosen_outputs(job, asked, "result_indexes")]
     if len(chosen) > MAX_DATASET_FILES:
         raise InvalidArgument(
             f"a dataset has at most {MAX_DATASET_FILES} files: pick them in result_indexes",
             field="result_indexes",
         )
-    for i, index in enumerate(asked):
-        field = f"result_indexes[{i}]"
-        if index not in outputs:
-            raise InvalidArgument(f"result {index} is not one of the job's outputs", field=field)
-        if index in asked[:i]:
-            raise InvalidArgument(f"result {index} is listed twice", field=field)
     return chosen
 
 
@@ -198,34 +186,6 @@ async def _export(
             raise _results_expired() from None
         raise
     return list(response.files)
-
-
-def _record(
-    dataset_id: str,
-    caller: Caller,
-    request: pb.PublishJobOutputsRequest,
-    job: job_pb2.Job,
-    files: Sequence[job_pb2.ResultFile],
-    sources: Sequence[FileSource],
-) -> pb.Dataset:
-    """The new dataset's public record: never where its files are."""
-    dataset = pb.Dataset(
-        name=f"datasets/{dataset_id}",
-        did=assets.did(dataset_id),
-        publisher=caller.address,
-        metadata=request.metadata,
-        files=public_files(sources),
-        policy=request.policy,
-        policy_version=1,
-        derived_from=pb.DerivedFrom(
-            job=job.name,
-            datasets=[f"datasets/{d}" for d in job.dataset_ids],
-            algorithm=f"algorithms/{job.algorithm_id}" if job.algorithm_id else "",
-            outputs=[f.name for f in files],
-        ),
-    )
-    dataset.create_time.GetCurrentTime()
-    return dataset
 
 
 def _audit_details(dataset: pb.Dataset) -> dict[str, Any]:

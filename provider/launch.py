@@ -19,7 +19,6 @@ from google.protobuf import json_format
 
 from mesh import containers, delivery
 from mesh import jobs as job_facts
-from mesh.errors import InvalidArgument
 from provider import assets
 from provider.auth import Caller
 from provider.sources import FileSource
@@ -31,16 +30,6 @@ RESULT_WORDS: dict[int, str] = {
     job_pb2.RESULT_SELECTION_OUTPUTS: "outputs",
     job_pb2.RESULT_SELECTION_LOGS: "logs",
 }
-
-
-def check_results(results: int) -> None:
-    """INVALID_ARGUMENT naming `results` unless it is a ResultSelection this node knows."""
-    if results not in RESULT_WORDS:
-        raise InvalidArgument(
-            "results must be RESULT_SELECTION_OUTPUTS_AND_LOGS, RESULT_SELECTION_OUTPUTS or "
-            "RESULT_SELECTION_LOGS (or unset for outputs and logs)",
-            field="results",
-        )
 
 
 @dataclass(frozen=True)

@@ -224,19 +224,15 @@ class ProviderServicer(
         # One thread for every local file: the data root is resolved once, not per file.
         checked = await asyncio.to_thread(sources.measure, requested, self.config.data_root)
         pricing = await self.payments.pricing(request.pricing, caller.address)
-        dataset_id = assets.derive_id(caller.address, caller.nonce)
-        dataset = pb.Dataset(
-            name=f"datasets/{dataset_id}",
-            did=assets.did(dataset_id),
-            publisher=caller.address,
-            metadata=request.metadata,
-            files=sources.public_files(checked),
-            policy=request.policy,
-            policy_version=1,
+        dataset = sources.new_dataset(
+            assets.derive_id(caller.address, caller.nonce),
+            caller.address,
+            request.metadata,
+            request.policy,
+            checked,
             sample_of=request.sample_of,
             pricing=pricing,
         )
-        dataset.create_time.GetCurrentTime()
         async with self._selling(dataset.name, pricing):
             await self.store.add_dataset(dataset, checked)
         await self.store.remember_request(caller.address, request.request_id, dataset.name)
@@ -591,13 +587,14 @@ class ProviderServicer(
         lookup, chain or payment work (a destination's host is resolved, never connected to):
         INVALID_ARGUMENT naming the field, or PERMISSION_DENIED (DELIVERY_NOT_ALLOWED). Each
         refusal is audited, the destination named by its description only."""
-        described = False
         try:
-            launch.check_results(request.results)
+            delivery.check_results(request.results)
             delivery.check_delivery(request.delivery)
-            described = True
             await delivery.check_destination(request.delivery, self.config.delivery_allow_hosts)
         except (InvalidArgument, PermissionDenied) as refusal:
+            # Malformed (INVALID_ARGUMENT), a destination is named by its kind alone: its
+            # fields are unchecked. Refused (PERMISSION_DENIED), it was well formed.
+            well_formed = isinstance(refusal, PermissionDenied)
             await self.audit.record(
                 caller,
                 "compute.start",
@@ -605,8 +602,7 @@ class ProviderServicer(
                 allowed=False,
                 reason=refusal.reason,
                 details={
-                    # A malformed destination is named by its kind: its fields are unchecked.
-                    **_delivery_details(request, "{job}" if described else None),
+                    **_delivery_details(request, "{job}" if well_formed else None),
                     "field": refusal.field or "",
                     "message": refusal.message,
                 },
@@ -842,6 +838,10 @@ class ProviderServicer(
         self, request: pb.PublishJobOutputsRequest, context: Context
     ) -> pb.PublishJobOutputsResponse:
         caller = await self.auth.signed(context, "PublishJobOutputs", request)
+        request_fields.check_request_id(request.request_id)
+        previous = await self.store.request_resource(caller.address, request.request_id)
+        if previous is not None:
+            return pb.PublishJobOutputsResponse(dataset=await self._dataset(previous))
         dataset = await derived.publish_outputs(
             store=self.store,
             operator=self.operator,

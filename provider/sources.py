@@ -3,8 +3,8 @@ under the data root, S3 objects, HTTP(S) URLs), checked without echoing them, or
 made from a job's outputs, their copies in the node's results storage (`stored`), kept in the
 Provider's store, and handed to the engine as its job's `DatasetFileSource`s.
 
-A location never leaves these hops: responses, errors, audit entries and log lines name a file
-by its position only."""
+A location never leaves these hops: responses (a new dataset's record is `new_dataset`),
+errors, audit entries and log lines name a file by its position only."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from mesh.s3 import parse_s3_object
 from mesh.storage import dataset_key
 from pods import configure
 from pods.configure import DataProvisioningError
+from provider import assets
 
 MAX_DATASET_FILES = 1000
 MAX_URL_CHARS = 4096
@@ -227,6 +228,30 @@ def stored_file(dataset_id: str, index: int, size: int, sha256: str) -> FileSour
     """File `index` of a dataset made from a job's outputs: the copy of an output in the
     results storage's dataset area (OperatorService.ExportResults), with its size and sha256."""
     return FileSource("stored", dataset_key(dataset_id, index), size=size, sha256=sha256)
+
+
+def new_dataset(
+    dataset_id: str,
+    publisher: str,
+    metadata: pb.AssetMetadata,
+    policy: pb.ComputePolicy,
+    files: Sequence[FileSource],
+    **fields: Any,
+) -> pb.Dataset:
+    """A new dataset's public record, at version 1 of its policy, with `fields` (sample_of,
+    pricing, derived_from...): its files by position, size and sha256, never where they are."""
+    dataset = pb.Dataset(
+        name=f"datasets/{dataset_id}",
+        did=assets.did(dataset_id),
+        publisher=publisher,
+        metadata=metadata,
+        files=public_files(files),
+        policy=policy,
+        policy_version=1,
+        **fields,
+    )
+    dataset.create_time.GetCurrentTime()
+    return dataset
 
 
 def public_files(sources: Sequence[FileSource]) -> list[pb.DatasetFile]:

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from mesh import auth
 from mesh.channels import open_channel
+from mesh.delivery import SELECTION_BY_WORD
 from mesh.digests import digest_for
 from sdk.keys import Key
 
@@ -91,9 +92,7 @@ def remote_file(
 # The words for a ResultSelection, as `start_compute(results=...)` and `c2d compute start
 # --results` take them.
 RESULT_SELECTIONS: dict[str, job_pb2.ResultSelection.ValueType] = {
-    "outputs": job_pb2.RESULT_SELECTION_OUTPUTS,
-    "logs": job_pb2.RESULT_SELECTION_LOGS,
-    "both": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
+    **SELECTION_BY_WORD,
     "outputs_and_logs": job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS,
 }
 
@@ -190,11 +189,11 @@ class Client:
             (auth.SIGNATURE_HEADER, signature),
         ]
 
-    async def _signed(self, command: str, request: Message) -> Any:
+    async def _signed(self, command: str, request: Message, deadline_s: float = TIMEOUT) -> Any:
         async with self._signing:
             method = getattr(self.stub, command)
             return await method(
-                request, metadata=self.signature_metadata(command, request), timeout=TIMEOUT
+                request, metadata=self.signature_metadata(command, request), timeout=deadline_s
             )
 
     async def token_metadata(self) -> list[tuple[str, str]]:
@@ -499,14 +498,9 @@ class Client:
             result_indexes=result_indexes,
             policy=policy,
         )
-        async with self._signing:
-            # Longer than other calls: the node copies the outputs within its storage first.
-            response: pb.PublishJobOutputsResponse = await self.stub.PublishJobOutputs(
-                request,
-                metadata=self.signature_metadata("PublishJobOutputs", request),
-                timeout=PUBLISH_OUTPUTS_TIMEOUT,
-            )
-        return response.dataset
+        # Longer than other calls: the node copies the outputs within its storage first.
+        response = await self._signed("PublishJobOutputs", request, PUBLISH_OUTPUTS_TIMEOUT)
+        return response.dataset  # type: ignore[no-any-return]
 
     # -- owner's control: approval requests, audit log, provenance ---------------------------
 

@@ -54,13 +54,7 @@ from mesh.storage import Storage, result_key
 from operator_engine.backends import kube_objects as objects
 from operator_engine.backends.kubernetes_config import KubernetesSettings
 from operator_engine.config import EngineConfig, EnvironmentSpec
-from operator_engine.jobs import (
-    EngineJob,
-    JobBook,
-    QueueStopped,
-    QueueTimeout,
-    set_fields,
-)
+from operator_engine.jobs import EngineJob, JobBook, QueueStopped, QueueTimeout, set_fields
 from operator_engine.private_log import CodeRedactor
 from operator_engine.sources import parse_credentials
 from pods import configure as configure_exit
