@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -155,22 +157,40 @@ def engine_config(
     )
 
 
+def operator_config(
+    home: Path, engine_address: str, storage_url: str, *, lease_s: float, **settings: Any
+) -> OperatorConfig:
+    """An Operator Service's configuration in front of the engine at `engine_address`: its
+    socket in `home/run`, its registry in `home/operator`; `settings` replace fields."""
+    return dataclasses.replace(
+        OperatorConfig(
+            listen=f"unix:{home / 'run' / 'operator.sock'}",
+            engine_address=engine_address,
+            database=home / "operator" / "operator.db",
+            storage_url=storage_url,
+            engine_lease_s=lease_s,
+        ),
+        **settings,
+    )
+
+
 @contextlib.asynccontextmanager
 async def engine_and_operator(
-    home: Path, config: EngineConfig, sandbox: SandboxIdentity, *, lease_s: float
+    home: Path,
+    config: EngineConfig,
+    sandbox: SandboxIdentity,
+    *,
+    lease_s: float,
+    **operator_settings: Any,
 ) -> AsyncIterator[tuple[Server, Runner, OperatorService]]:
-    """An engine on `config` and an Operator Service in front of it (its socket in `home/run`,
-    its registry in `home/operator`), started in order and stopped again afterwards; the
-    engine must then have left no job disk mounted under `home` and no staging root."""
+    """An engine on `config` and an Operator Service in front of it (`operator_config`, with
+    `operator_settings`), started in order and stopped again afterwards; the engine must then
+    have left no job disk mounted under `home` and no staging root."""
     engine_server, runner = await build_engine(config)
     await engine_server.start()
     operator = await build_operator(
-        OperatorConfig(
-            listen=f"unix:{home / 'run' / 'operator.sock'}",
-            engine_address=engine_server.address,
-            database=home / "operator" / "operator.db",
-            storage_url=config.storage_url,
-            engine_lease_s=lease_s,
+        operator_config(
+            home, engine_server.address, config.storage_url, lease_s=lease_s, **operator_settings
         )
     )
     await operator.start()
@@ -197,19 +217,27 @@ async def local_mesh(tmp_path: Path) -> AsyncIterator[LocalMesh]:
 
 @contextlib.asynccontextmanager
 async def start_local_mesh(
-    tmp_path: Path, *, storage_url: str | None = None
+    tmp_path: Path,
+    *,
+    storage_url: str | None = None,
+    environments: tuple[EnvironmentSpec, ...] = TEST_ENVIRONMENTS,
+    **operator_settings: Any,
 ) -> AsyncIterator[LocalMesh]:
     """What `local_mesh` starts, with results in `storage_url` (default: on local disk under
-    the node's home). An s3:// URL reaches S3 with the C2D_S3_* settings of the environment."""
+    the node's home), the engine's `environments`, and `operator_settings` replacing fields of
+    the Operator Service's configuration. An s3:// URL reaches S3 with the C2D_S3_* settings
+    of the environment."""
     home = tmp_path / "home"
     data_root = tmp_path / "data"
     data_root.mkdir(parents=True)
     owner = new_key()
     sandbox = SandboxIdentity.new()
     config = engine_config(
-        home, sandbox, TEST_ENVIRONMENTS, data_root=data_root, storage_url=storage_url
+        home, sandbox, environments, data_root=data_root, storage_url=storage_url
     )
-    async with engine_and_operator(home, config, sandbox, lease_s=5) as started:
+    async with engine_and_operator(
+        home, config, sandbox, lease_s=5, **operator_settings
+    ) as started:
         engine_server, runner, operator = started
         provider = await build_provider(
             ProviderConfig(
@@ -238,21 +266,28 @@ async def start_local_mesh(
 
 @dataclass
 class Rest:
-    """The node of `local_mesh` behind the REST edge, and an HTTP client for it."""
+    """A node (`local_mesh`, or another) behind the REST edge, and an HTTP client for it."""
 
     mesh: LocalMesh
     gateway: BackgroundServer
     http: httpx.AsyncClient
 
 
-@pytest.fixture
-async def rest(local_mesh: LocalMesh) -> AsyncIterator[Rest]:
-    gateway = await run_in_background(create_app(local_mesh.provider_address), "127.0.0.1", 0)
+@contextlib.asynccontextmanager
+async def rest_edge(mesh: LocalMesh) -> AsyncIterator[Rest]:
+    """The REST edge in front of `mesh`'s Provider, on 127.0.0.1, and a client for it."""
+    gateway = await run_in_background(create_app(mesh.provider_address), "127.0.0.1", 0)
     try:
         async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            yield Rest(local_mesh, gateway, http)
+            yield Rest(mesh, gateway, http)
     finally:
         await gateway.stop()
+
+
+@pytest.fixture
+async def rest(local_mesh: LocalMesh) -> AsyncIterator[Rest]:
+    async with rest_edge(local_mesh) as edge:
+        yield edge
 
 
 def write_key(path: Path, key: Key) -> None:

@@ -69,17 +69,19 @@ class S3Server:
         finally:
             client.close()
 
-    def client(self) -> Any:
+    def client(self, key_id: str = ACCESS_KEY_ID, secret: str = SECRET_ACCESS_KEY) -> Any:
         """A plain boto3 client on the server (close it): what another writer, or an operator,
-        does beside the services."""
+        does beside the services; a consumer with keys of its own."""
         import boto3
+        from botocore.config import Config
 
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=REGION,
-            aws_access_key_id=ACCESS_KEY_ID,
-            aws_secret_access_key=SECRET_ACCESS_KEY,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
         )
 
     def objects(self, bucket: str) -> dict[str, bytes]:
@@ -96,17 +98,7 @@ class S3Server:
 
     def presigned_put(self, bucket: str, key: str, key_id: str, secret: str) -> str:
         """A SigV4 presigned PUT URL for `key`, as a consumer makes it with its own keys."""
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=REGION,
-            aws_access_key_id=key_id,
-            aws_secret_access_key=secret,
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-        )
+        client = self.client(key_id, secret)
         try:
             url: str = client.generate_presigned_url(
                 "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=600

@@ -176,12 +176,7 @@ async def test_a_job_delivered_to_a_bucket_shows_its_choice_and_refusals_exit_2(
         shown = json.loads(out)
         assert shown["resultSelection"] == "RESULT_SELECTION_OUTPUTS"
         assert shown["delivery"]["destination"] == where
-        client = s3_server.client()
-        try:
-            listed = client.list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/{job_id}/")
-        finally:
-            client.close()
-        assert f"runs/{job_id}/total.json" in {o["Key"] for o in listed.get("Contents", [])}
+        assert f"runs/{job_id}/total.json" in s3_server.objects(s3_bucket)
 
         # Both kept, and no delivery asked for: none shown.
         code, out, stderr = await cli.run(*start, "--results", "both", "--follow", "--json")

@@ -19,6 +19,7 @@ from c2d.common.v1 import job_pb2
 from sdk.client import Client, s3_delivery, upload_urls
 from tests.conftest import LocalMesh, needs_root, new_key, start_local_mesh
 from tests.e2e.test_job import publish_pair, run_to_end
+from tests.operator_engine.test_delivery import files_holding, signature
 from tests.s3_server import REGION, S3Server
 
 pytestmark = [needs_root, pytest.mark.timeout(180)]
@@ -40,17 +41,6 @@ print("trained", flush=True)
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def files_holding(root: Path, *needles: str) -> list[str]:
-    """Every file under `root` (the node's databases and journals, job state, results, logs)
-    that holds one of `needles`."""
-    found = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            found += [f"{path}: {n}" for n in needles if n.encode() in data]
-    return found
 
 
 async def downloaded(consumer: Client, job: job_pb2.Job, tmp_path: Path) -> dict[str, bytes]:
@@ -134,7 +124,7 @@ async def test_outputs_only_to_upload_urls(
             s3_bucket, "inbox/algorithm.log", CONSUMER_KEY_ID, CONSUMER_SECRET
         ),
     }
-    signatures = [u.split("X-Amz-Signature=", 1)[1].split("&", 1)[0] for u in urls.values()]
+    signatures = [signature(u) for u in urls.values()]
     async with mesh.client(mesh.owner) as owner, mesh.client(new_key()) as consumer:
         algorithm, dataset = await publish_pair(mesh, owner, ALGORITHM)
         job = await consumer.start_compute(
@@ -153,8 +143,8 @@ async def test_outputs_only_to_upload_urls(
         )
         assert "upload URLs naming no result of the job: algorithm.log" in final.delivery.message
         assert s3_server.objects(s3_bucket) == {"inbox/sum.csv": b"sum\n6\n"}
-        for signature in signatures:
-            assert signature not in str(final)
+        for each in signatures:
+            assert each not in str(final)
     assert files_holding(tmp_path, *signatures) == []
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -26,26 +24,10 @@ from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
-from mesh.server import Server
 from operator_engine.config import EnvironmentSpec
-from operator_engine.mounts import mounted_under
-from operator_engine.runner import Runner
-from operator_engine.server import build as build_engine
-from operator_service.config import OperatorConfig
-from operator_service.server import build as build_operator
-from provider.config import ProviderConfig
-from provider.server import build as build_provider
 from sdk.client import Client
-from tests.conftest import (
-    LocalMesh,
-    Rest,
-    SandboxIdentity,
-    engine_config,
-    needs_root,
-    new_key,
-    write_key,
-)
-from tests.e2e.test_job import error_info, run_to_end
+from tests.conftest import LocalMesh, Rest, needs_root, new_key, start_local_mesh, write_key
+from tests.e2e.test_job import error_info, expect, run_to_end
 from tests.e2e.test_rest import signed
 from tests.s3_server import S3Server
 
@@ -91,84 +73,23 @@ class Node:
 @contextlib.asynccontextmanager
 async def derived_node(tmp_path: Path, storage_url: str | None = None) -> AsyncIterator[Node]:
     """A whole mesh whose environment `brief` keeps results RETENTION_S, swept every 0.2 s."""
-    home = tmp_path / "home"
-    data_root = tmp_path / "data"
-    data_root.mkdir(parents=True)
-    sandbox = SandboxIdentity.new()
-    config = engine_config(
-        home, sandbox, ENVIRONMENTS, data_root=data_root, storage_url=storage_url
-    )
-    engine_server, runner = await build_engine(config)
-    assert isinstance(runner, Runner)  # the local backend
-    await engine_server.start()
-    operator = await build_operator(
-        OperatorConfig(
-            listen=f"unix:{home / 'run' / 'operator.sock'}",
-            engine_address=engine_server.address,
-            database=home / "operator" / "operator.db",
-            storage_url=config.storage_url,
-            engine_lease_s=5,
-            retention_sweep_s=0.2,
-        )
-    )
-    await operator.start()
-    owner = new_key()
-    provider = await build_provider(
-        ProviderConfig(
-            listen="127.0.0.1:0",
-            operator_address=operator.server.address,
-            database=home / "provider" / "provider.db",
-            data_root=data_root,
-            owners=frozenset({owner.address}),
-        )
-    )
-    await provider.server.start()
-    try:
-        yield Node(
-            LocalMesh(
-                home=home,
-                data_root=data_root,
-                provider_address=provider.server.address,
-                operator_address=operator.server.address,
-                engine_address=engine_server.address,
-                owner=owner,
-                stray_processes=runner.sandbox.stray_processes,
-            ),
-            Path(config.storage_url),
-        )
-    finally:
-        await _stop(provider.server, operator, engine_server)
-        await provider.close()
-        await runner.close()
-        runner.sandbox.close()
-        assert mounted_under(home) == [], "the engine left a job disk mounted"
-        assert not sandbox.stage_root.exists(), "the engine left its staging root"
+    async with start_local_mesh(
+        tmp_path, storage_url=storage_url, environments=ENVIRONMENTS, retention_sweep_s=0.2
+    ) as mesh:
+        yield Node(mesh, Path(storage_url or mesh.home / "results"))
 
 
-async def _stop(provider: Server, operator: Any, engine: Server) -> None:
-    await provider.stop(0.5)
-    await operator.tracker.close()
-    await operator.server.stop(0.5)
-    await operator.close()
-    await engine.stop(0.5)
-
-
-def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server, tmp_path: Path) -> None:
+def results_url(
+    storage: str, monkeypatch: pytest.MonkeyPatch, s3_server: S3Server, bucket: str, tmp_path: Path
+) -> str | None:
+    """Where a node keeps results for `storage`: None (local disk) for "local", else `bucket`
+    on the test S3 server, whose settings go into the environment."""
+    if storage == "local":
+        return None
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("C2D_STORAGE_SPILL", str(tmp_path / "spill"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def expect(call: Any, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-    assert error_info(caught.value).reason == reason, caught.value.details()
-    return caught.value
+    return f"s3://{bucket}/{PREFIX}"
 
 
 async def owner_dataset(
@@ -213,10 +134,7 @@ async def test_outputs_become_a_dataset_that_outlives_their_job(
     s3_server: S3Server,
     s3_bucket: str,
 ) -> None:
-    url = None
-    if storage == "s3":
-        s3_env(monkeypatch, s3_server, tmp_path)
-        url = f"s3://{s3_bucket}/{PREFIX}"
+    url = results_url(storage, monkeypatch, s3_server, s3_bucket, tmp_path)
     consumer_key, stranger_key = new_key(), new_key()
     async with (
         derived_node(tmp_path, url) as node,
@@ -331,10 +249,7 @@ async def test_a_tampered_stored_copy_fails_the_job(
     s3_server: S3Server,
     s3_bucket: str,
 ) -> None:
-    url = None
-    if storage == "s3":
-        s3_env(monkeypatch, s3_server, tmp_path)
-        url = f"s3://{s3_bucket}/{PREFIX}"
+    url = results_url(storage, monkeypatch, s3_server, s3_bucket, tmp_path)
     async with (
         derived_node(tmp_path, url) as node,
         node.mesh.client(node.mesh.owner) as owner,
@@ -362,11 +277,7 @@ async def test_a_tampered_stored_copy_fails_the_job(
             copy.write_bytes(forged)
             copy.chmod(0o444)
         else:
-            s3 = s3_server.client()
-            try:
-                s3.put_object(Bucket=s3_bucket, Key=f"{PREFIX}/{key}", Body=forged)
-            finally:
-                s3.close()
+            s3_server.put_object(s3_bucket, f"{PREFIX}/{key}", forged)
         job = await finished(
             consumer, await consumer.start_compute([derived.did], algorithm=summary.did)
         )

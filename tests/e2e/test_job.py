@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,16 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     return info
+
+
+async def expect(
+    call: Awaitable[object], code: grpc.StatusCode, reason: str
+) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    assert error_info(caught.value).reason == reason, caught.value.details()
+    return caught.value
 
 
 async def publish_pair(

@@ -20,10 +20,9 @@ import httpx
 import pytest
 from c2d.common.v1 import job_pb2
 
-from gateway.app import create_app, run_in_background
 from mesh.storage import attachment_disposition
 from sdk.client import Client
-from tests.conftest import LocalMesh, needs_root, new_key, start_local_mesh
+from tests.conftest import LocalMesh, needs_root, new_key, rest_edge, start_local_mesh
 from tests.e2e.test_job import error_info, publish_pair, run_to_end
 from tests.mesh.test_storage_s3 import FlakyLink
 from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server
@@ -87,16 +86,6 @@ async def s3_node(
         s3.close()
 
 
-@contextlib.asynccontextmanager
-async def rest_edge(mesh: LocalMesh) -> AsyncIterator[httpx.AsyncClient]:
-    gateway = await run_in_background(create_app(mesh.provider_address), "127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            yield http
-    finally:
-        await gateway.stop()
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -127,8 +116,9 @@ async def test_results_in_s3_from_a_job_to_its_deletion(
         node.mesh.client(node.mesh.owner) as owner,
         node.mesh.client(new_key()) as consumer,
         node.mesh.client(new_key()) as stranger,
-        rest_edge(node.mesh) as http,
+        rest_edge(node.mesh) as rest,
     ):
+        http = rest.http
         final = await run_job(node.mesh, owner, consumer, OUTPUT_ALGORITHM)
         assert final.state == job_pb2.Job.STATE_SUCCEEDED, final.message
         job_id = job_id_of(final)

@@ -5,9 +5,7 @@ and no response ever echoes a secret."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +14,9 @@ import pytest
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
-from gateway.app import create_app, run_in_background
 from mesh import delivery
 from sdk.client import Client
-from tests.conftest import LocalMesh, Rest, needs_root, new_key, start_local_mesh
+from tests.conftest import Rest, needs_root, new_key, rest_edge, start_local_mesh
 from tests.e2e.test_job import publish_pair, run_to_end
 from tests.e2e.test_rest import bearer, error_info, error_of, signed
 from tests.s3_server import S3Server
@@ -134,16 +131,6 @@ async def test_both_forms_parse_and_sign_like_grpc_and_are_refused_alike(rest: R
         assert error_info(error)["metadata"]["field"] == "results"
 
 
-@contextlib.asynccontextmanager
-async def edge(mesh: LocalMesh) -> AsyncIterator[httpx.AsyncClient]:
-    gateway = await run_in_background(create_app(mesh.provider_address), "127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            yield http
-    finally:
-        await gateway.stop()
-
-
 async def test_a_job_started_over_rest_reports_its_choice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3_server: S3Server, s3_bucket: str
 ) -> None:
@@ -151,13 +138,13 @@ async def test_a_job_started_over_rest_reports_its_choice(
     monkeypatch.setenv(delivery.ALLOW_HOSTS_ENV, s3_server.endpoint_url.removeprefix("http://"))
     async with (
         start_local_mesh(tmp_path) as mesh,
-        edge(mesh) as http,
+        rest_edge(mesh) as edge,
         mesh.client(mesh.owner) as owner,
         mesh.client(new_key()) as consumer,
     ):
         algorithm, dataset = await publish_pair(mesh, owner)
         response = await post_start(
-            http,
+            edge.http,
             consumer,
             dataset.name,
             algorithm.name,
@@ -168,7 +155,7 @@ async def test_a_job_started_over_rest_reports_its_choice(
         name = response.json()["job"]["name"]
         job = await consumer.get_job(name)
         await run_to_end(consumer, job)
-        shown = await http.get(f"/v1/{name}", headers=await bearer(consumer))
+        shown = await edge.http.get(f"/v1/{name}", headers=await bearer(consumer))
         assert shown.status_code == 200
         assert SECRET not in shown.text
         got = shown.json()["job"]

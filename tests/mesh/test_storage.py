@@ -15,6 +15,7 @@ import pytest
 from c2d.common.v1 import job_pb2
 
 from mesh.errors import NotFound
+from mesh.s3 import MIN_PART_SIZE
 from mesh.storage import (
     CHUNK_SIZE,
     LocalStorage,
@@ -23,7 +24,7 @@ from mesh.storage import (
     result_key,
     storage_from_url,
 )
-from mesh.storage_s3 import MIN_PART_SIZE, S3Storage
+from mesh.storage_s3 import S3Storage
 from tests.s3_server import S3Server
 
 JOB = "0123456789abcdef0123456789abcdef"

@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 
 from mesh.errors import DataLoss, NotFound
+from mesh.s3 import MIN_PART_SIZE
 from mesh.storage import LocalStorage, dataset_key, parse_dataset_key
-from mesh.storage_s3 import MIN_PART_SIZE, SHA256_FIELD, S3Storage
+from mesh.storage_s3 import SHA256_FIELD, S3Storage
+from tests.mesh import test_storage_s3
+from tests.mesh.test_storage_s3 import sha
 from tests.s3_server import S3Server
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -28,10 +31,8 @@ DATASET = "ab" * 32
 OTHER_DATASET = "cd" * 32
 PREFIX = "node-results"
 CONTENT = b"row\n" * 5000
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# A plain boto3 client on the S3 server (the S3 storage tests' fixture), as `s3`.
+s3 = test_storage_s3.s3
 
 
 def read_back(storage: LocalStorage | S3Storage, dataset_id: str, index: int, data: bytes) -> bytes:
@@ -145,13 +146,6 @@ async def test_a_bad_local_copy_is_replaced_and_a_bad_read_refused(local: LocalS
 
 
 # -- S3 ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def s3(s3_server: S3Server) -> Iterator[Any]:
-    client = s3_server.client()
-    yield client
-    client.close()
 
 
 @pytest.fixture

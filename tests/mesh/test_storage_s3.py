@@ -31,6 +31,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from mesh.errors import DataLoss, FailedPrecondition, NotFound
+from mesh.s3 import MIN_PART_SIZE
 from mesh.storage import (
     LocalStorage,
     StorageUnavailable,
@@ -38,7 +39,7 @@ from mesh.storage import (
     attachment_disposition,
     storage_from_url,
 )
-from mesh.storage_s3 import MIN_PART_SIZE, SHA256_FIELD, S3Storage
+from mesh.storage_s3 import SHA256_FIELD, S3Storage
 from tests.s3_server import (
     ACCESS_KEY_ID,
     REGION,

@@ -9,16 +9,21 @@ import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cli.certs import DEFAULT_NAMES, write_certs
 from mesh.tls import TlsConfig
-from operator_engine.mounts import mounted_under
-from operator_engine.server import build as build_engine
 from operator_service.config import OperatorConfig
-from operator_service.server import build as build_operator
 from provider.config import ProviderConfig
 from provider.server import build as build_provider
-from tests.conftest import LocalMesh, SandboxIdentity, engine_config, new_key
+from tests.conftest import (
+    LocalMesh,
+    SandboxIdentity,
+    engine_and_operator,
+    engine_config,
+    new_key,
+    operator_config,
+)
 
 
 @dataclass(frozen=True)
@@ -78,53 +83,42 @@ async def tls_mesh(tmp_path: Path) -> AsyncIterator[TlsMesh]:
         listen="127.0.0.1:0",
         tls=certs.tls("engine", ("operator-service",), health_listen="127.0.0.1:0"),
     )
-    engine_server, runner = await build_engine(config)
-    await engine_server.start()
-    operator_config = OperatorConfig(
-        listen="127.0.0.1:0",
-        engine_address=engine_server.address,
-        database=home / "operator" / "operator.db",
-        storage_url=config.storage_url,
-        engine_lease_s=5,
-        tls=certs.tls("operator-service", ("provider",)),
-    )
-    operator = await build_operator(operator_config)
-    await operator.start()
-    owner = new_key()
-    provider = await build_provider(
-        ProviderConfig(
-            listen="127.0.0.1:0",
-            operator_address=operator.server.address,
-            database=home / "provider" / "provider.db",
-            data_root=data_root,
-            owners=frozenset({owner.address}),
-            tls=certs.tls("provider"),
-        )
-    )
-    await provider.server.start()
-    try:
-        yield TlsMesh(
-            node=LocalMesh(
-                home=home,
-                data_root=data_root,
-                provider_address=provider.server.address,
+    over_tls: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "tls": certs.tls("operator-service", ("provider",)),
+    }
+    async with engine_and_operator(home, config, sandbox, lease_s=5, **over_tls) as started:
+        engine_server, runner, operator = started
+        owner = new_key()
+        provider = await build_provider(
+            ProviderConfig(
+                listen="127.0.0.1:0",
                 operator_address=operator.server.address,
-                engine_address=engine_server.address,
-                owner=owner,
-                stray_processes=runner.sandbox.stray_processes,
-            ),
-            certs=certs,
-            engine_health_address=engine_server.health_address,
-            operator=operator_config,
+                database=home / "provider" / "provider.db",
+                data_root=data_root,
+                owners=frozenset({owner.address}),
+                tls=certs.tls("provider"),
+            )
         )
-    finally:
-        await provider.server.stop(0.5)
-        await provider.close()
-        await operator.tracker.close()
-        await operator.server.stop(0.5)
-        await operator.close()
-        await runner.close()
-        await engine_server.stop(0.5)
-        runner.sandbox.close()
-        assert mounted_under(home) == [], "the engine left a job disk mounted"
-        assert not sandbox.stage_root.exists(), "the engine left its staging root"
+        await provider.server.start()
+        try:
+            yield TlsMesh(
+                node=LocalMesh(
+                    home=home,
+                    data_root=data_root,
+                    provider_address=provider.server.address,
+                    operator_address=operator.server.address,
+                    engine_address=engine_server.address,
+                    owner=owner,
+                    stray_processes=runner.sandbox.stray_processes,
+                ),
+                certs=certs,
+                engine_health_address=engine_server.health_address,
+                # What the Operator Service runs with, for a second one beside it.
+                operator=operator_config(
+                    home, engine_server.address, config.storage_url, lease_s=5, **over_tls
+                ),
+            )
+        finally:
+            await provider.server.stop(0.5)
+            await provider.close()

@@ -43,7 +43,7 @@ from operator_engine import delivery
 from operator_engine.config import DeliverySettings, EnvironmentSpec
 from operator_engine.jobs import check_delivery, new_job
 from tests.conftest import needs_root
-from tests.operator_service.node import Node, error_info, running_node
+from tests.operator_service.node import error_info, running_node
 from tests.s3_server import REGION, S3Server, dead_endpoint
 
 MIB = 1 << 20
@@ -560,7 +560,8 @@ ONE_SLOT = EnvironmentSpec(name="one", max_concurrent_jobs=1)
 
 
 def files_holding(root: Path, *needles: str) -> list[str]:
-    """Every file under `root` (databases, their journals, specs, logs) holding a needle."""
+    """Every file under `root` (the node's databases and their journals, job state, specs,
+    results, logs) holding a needle."""
     found = []
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
@@ -570,10 +571,6 @@ def files_holding(root: Path, *needles: str) -> list[str]:
                 continue
             found += [f"{path}: {n}" for n in needles if n.encode() in data]
     return found
-
-
-async def finished(node: Node, job_id: str, owner: str) -> list[job_pb2.Job]:
-    return await node.watch_to_end(job_id, owner)
 
 
 @needs_root
@@ -590,7 +587,7 @@ async def test_a_job_delivers_before_its_final_state_and_keeps_no_secret(
         accepted = await node.create(made)
         assert accepted.delivery.state == Status.STATE_PENDING
         assert accepted.result_selection == job_pb2.RESULT_SELECTION_OUTPUTS
-        seen = await finished(node, made.job_id, owner)
+        seen = await node.watch_to_end(made.job_id, owner)
         final = seen[-1]
         assert final.state == State.STATE_SUCCEEDED, final.message
         # Every form before the final one says PENDING; the final one has the outcome.
@@ -626,7 +623,7 @@ async def test_a_failed_delivery_leaves_the_job_and_its_results_alone(
         made.delivery.CopyFrom(s3_target(s3_server.endpoint_url, s3_bucket))
         with enable_iam_authentication():
             await node.create(made)
-            final = (await finished(node, made.job_id, owner))[-1]
+            final = (await node.watch_to_end(made.job_id, owner))[-1]
         assert final.state == State.STATE_SUCCEEDED, final.message
         assert final.delivery.state == Status.STATE_FAILED
         assert "InvalidAccessKeyId" in final.delivery.message
@@ -661,7 +658,7 @@ async def test_upload_urls_from_a_job_and_no_signature_on_disk(
         made = node.spec(owner, OUTPUT_CODE)
         made.delivery.upload_urls.urls.update(urls)
         await node.create(made)
-        final = (await finished(node, made.job_id, owner))[-1]
+        final = (await node.watch_to_end(made.job_id, owner))[-1]
         assert final.state == State.STATE_SUCCEEDED, final.message
         assert final.delivery.state == Status.STATE_DELIVERED
         assert final.delivery.delivered_count == 1
@@ -691,7 +688,7 @@ async def test_a_job_picked_up_after_an_engine_restart_has_no_secrets(
     # The engine stopped with the job queued: what it left on disk holds no secret.
     assert files_holding(home, CONSUMER_SECRET, CONSUMER_TOKEN) == []
     async with running_node(home, environments, delivery=QUICK) as node:
-        final = (await finished(node, waiting.job_id, owner))[-1]
+        final = (await node.watch_to_end(waiting.job_id, owner))[-1]
         assert final.state == State.STATE_SUCCEEDED, final.message
         assert final.delivery.state == Status.STATE_FAILED
         assert final.delivery.message == delivery.NO_SECRETS

@@ -32,8 +32,8 @@ from tests.operator_engine import test_kubernetes_backend
 from tests.operator_engine.test_kubernetes_backend import (
     DATASET,
     Cluster,
-    KubeStandIn,
     plays,
+    plays_reading_input,
     pod_stage,
     read_result,
     run_to_end,
@@ -190,16 +190,7 @@ async def test_the_configure_pod_copies_a_stored_file_onto_the_jobs_volume(
     standin: Cluster,
 ) -> None:
     await stored_copy(standin)
-    plays(standin, [])
-    played = standin.algorithm[0]
-    seen: list[bytes] = []
-
-    async def reading(kube: KubeStandIn, pod: dict[str, Any]) -> None:
-        job_id = pod["metadata"]["labels"][objects.JOB_LABEL]
-        seen.append((standin.claim(job_id) / "dataset-inputs" / DATASET / "0").read_bytes())
-        await played(kube, pod)
-
-    standin.algorithm[:] = [reading]
+    seen = plays_reading_input(standin, 0)
     job = await run_to_end(standin, stored_spec(job_id=""))
     assert job.state == State.STATE_SUCCEEDED, job.message
     assert seen == [CONTENT]

@@ -184,6 +184,23 @@ def plays(
     cluster.algorithm[:] = [script]
 
 
+def plays_reading_input(cluster: Cluster, index: int) -> list[bytes]:
+    """The algorithm pod as `plays(cluster, [])`, first reading file `index` of DATASET from
+    the job's volume (where the configure pod put it): what it read, one item per job."""
+    plays(cluster, [])
+    played = cluster.algorithm[0]
+    seen: list[bytes] = []
+
+    async def reading(kube: KubeStandIn, pod: dict[str, Any]) -> None:
+        job_id = pod["metadata"]["labels"][objects.JOB_LABEL]
+        inputs = cluster.claim(job_id) / "dataset-inputs" / DATASET
+        seen.append((inputs / str(index)).read_bytes())
+        await played(kube, pod)
+
+    cluster.algorithm[:] = [reading]
+    return seen
+
+
 async def final(backend: KubernetesBackend, job_id: str, timeout: float = 30) -> job_pb2.Job:
     async def last() -> job_pb2.Job:
         seen = [job async for job in backend.watch(job_id)]
@@ -555,16 +572,7 @@ async def test_remote_files_are_fetched_by_the_configure_pod_alone(cluster: Clus
     credentials = {"api": {"http": {"headers": {"Authorization": f"Bearer {TOKEN}"}}}}
     cluster.kube.add(sources_secret("c2d-sources", credentials), NS)
     cluster.settings = dataclasses.replace(cluster.settings, sources_secret="c2d-sources")
-    plays(cluster, [])
-    played = cluster.algorithm[0]
-    seen: list[bytes] = []
-
-    async def reading(kube: KubeStandIn, pod: dict[str, Any]) -> None:
-        job_id = pod["metadata"]["labels"][objects.JOB_LABEL]
-        seen.append((cluster.claim(job_id) / "dataset-inputs" / DATASET / "1").read_bytes())
-        await played(kube, pod)
-
-    cluster.algorithm[:] = [reading]
+    seen = plays_reading_input(cluster, 1)
     with running_http_source() as http:
         http.serve("remote.csv", content)
         job_spec = with_data(cluster)

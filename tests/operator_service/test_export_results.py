@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from c2d.common.v1 import job_pb2
 from c2d.operator.v1 import operator_pb2
 
 from mesh.storage import LocalStorage
 from tests.conftest import needs_root, new_key
+from tests.e2e.test_job import expect
 from tests.operator_service.node import Node, error_info, running_node
 
 pytestmark = needs_root
@@ -47,14 +47,6 @@ def export(
         job_id=job.name.removeprefix("jobs/"), owner=caller, indexes=indexes, dataset_id=dataset_id
     )
     return node.operator.ExportResults(request)  # type: ignore[no-any-return]
-
-
-async def refused(call: object, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    assert caught.value.code() == code, caught.value.details()
-    assert error_info(caught.value).reason == reason
-    return caught.value
 
 
 def storage_of(node: Node) -> LocalStorage:
@@ -87,7 +79,7 @@ async def test_outputs_are_copied_into_the_dataset_area(tmp_path: Path) -> None:
 
         # Only the owner: to a viewer, as to a stranger, the job is not there.
         for caller in (viewer, stranger):
-            await refused(export(node, job, caller, []), grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
+            await expect(export(node, job, caller, []), grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND")
 
         await node.operator.DeleteJob(
             operator_pb2.DeleteJobRequest(job_id=job.name.removeprefix("jobs/"), owner=owner)
@@ -101,13 +93,13 @@ async def test_what_cannot_be_exported(tmp_path: Path) -> None:
     async with running_node(tmp_path) as node:
         failed = await run(node, owner, b"raise SystemExit(2)\n")
         assert failed.state == State.STATE_FAILED
-        await refused(
+        await expect(
             export(node, failed, owner, []),
             grpc.StatusCode.FAILED_PRECONDITION,
             "JOB_NOT_SUCCEEDED",
         )
         silent = await run(node, owner, b"print('no outputs')\n")
-        error = await refused(
+        error = await expect(
             export(node, silent, owner, []), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
         )
         assert error_info(error).metadata["field"] == "indexes"
@@ -116,13 +108,13 @@ async def test_what_cannot_be_exported(tmp_path: Path) -> None:
         output = next(r.index for r in job.results if r.kind == Kind.KIND_OUTPUT)
         log = next(r.index for r in job.results if r.kind == Kind.KIND_ALGORITHM_LOG)
         for indexes, field in (([output, log], "indexes[1]"), ([output, output], "indexes[1]")):
-            error = await refused(
+            error = await expect(
                 export(node, job, owner, indexes),
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "INVALID_ARGUMENT",
             )
             assert error_info(error).metadata["field"] == field
-        error = await refused(
+        error = await expect(
             export(node, job, owner, [], "not-an-id"),
             grpc.StatusCode.INVALID_ARGUMENT,
             "INVALID_ARGUMENT",
@@ -133,9 +125,9 @@ async def test_what_cannot_be_exported(tmp_path: Path) -> None:
         job_id = job.name.removeprefix("jobs/")
         stored = Path(node.config.storage_url) / job_id / f"{output:04d}"
         stored.write_bytes(b"forged")
-        await refused(export(node, job, owner, [output]), grpc.StatusCode.DATA_LOSS, "DATA_LOSS")
+        await expect(export(node, job, owner, [output]), grpc.StatusCode.DATA_LOSS, "DATA_LOSS")
         assert not storage_of(node).dataset_file(DATASET, 0).exists()
 
         # Expired results are gone, even before the sweeper deleted them.
         await node.service.store.set_expiry(job_id, time.time_ns() - 1)
-        await refused(export(node, job, owner, []), grpc.StatusCode.NOT_FOUND, "RESULTS_EXPIRED")
+        await expect(export(node, job, owner, []), grpc.StatusCode.NOT_FOUND, "RESULTS_EXPIRED")

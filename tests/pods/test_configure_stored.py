@@ -20,6 +20,7 @@ from mesh.storage import LocalStorage
 from mesh.storage_s3 import S3Storage
 from pods.configure import ConfigureStopped, DataProvisioningError, Mount, configure
 from tests.pods.test_configure import DS1, mode_of, run_program, spec
+from tests.pods.test_configure_sources import configuration_log
 from tests.s3_server import S3Server
 
 EARLIER_JOB = "fedcba9876543210fedcba9876543210"
@@ -38,10 +39,6 @@ async def exported(storage: LocalStorage | S3Storage, content: bytes = CONTENT) 
     """File 0 of DS1 in the storage's dataset area, as ExportResults leaves it."""
     put = await storage.put(EARLIER_JOB, "0000", io.BytesIO(content))
     await storage.export_result(EARLIER_JOB, "0000", DS1, 0, size=put.size, sha256=put.sha256)
-
-
-def configuration_log(workspace: Path) -> str:
-    return (workspace / "logs" / "configuration.log").read_text()
 
 
 @pytest.fixture

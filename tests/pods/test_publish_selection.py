@@ -5,11 +5,7 @@ program the Kubernetes publish pod runs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +13,8 @@ from c2d.common.v1 import job_pb2
 
 from mesh.storage import LocalStorage, RewindableSource, Source, StoredObject
 from pods.publish import PublishError, PublishResult, publish, publish_blocking
+from tests.pods.test_publish import JOB, Kind, check_consistent, run_program
 
-REPO = Path(__file__).resolve().parents[2]
-JOB = "0123456789abcdef0123456789abcdef"
-Kind = job_pb2.ResultFile
 OUTPUTS_ONLY = "not stored, the consumer asked for outputs only"
 LOGS_ONLY = "outputs: not stored, the consumer asked for logs only"
 
@@ -50,15 +44,6 @@ def stored_keys(root: Path) -> list[str]:
     return sorted(p.name for p in (root / JOB).iterdir() if not p.name.startswith("."))
 
 
-async def check_stored(storage: LocalStorage, result: PublishResult) -> None:
-    """Each listed result is stored under its index with its size and digest."""
-    assert [r.index for r in result.results] == list(range(len(result.results)))
-    for entry in result.results:
-        data = b"".join([c async for c in storage.read(JOB, f"{entry.index:04d}")])
-        assert len(data) == entry.size_bytes
-        assert hashlib.sha256(data).hexdigest() == entry.sha256
-
-
 @pytest.mark.parametrize(
     "selection", [job_pb2.RESULT_SELECTION_UNSPECIFIED, job_pb2.RESULT_SELECTION_OUTPUTS_AND_LOGS]
 )
@@ -73,7 +58,7 @@ async def test_unset_or_both_keeps_outputs_and_logs(
         ("configuration.log", Kind.KIND_CONFIGURATION_LOG),
         ("publish.log", Kind.KIND_PUBLISH_LOG),
     ]
-    await check_stored(storage, result)
+    await check_consistent(storage, result)
     assert "consumer asked" not in (workspace / "logs" / "publish.log").read_text()
 
 
@@ -88,7 +73,7 @@ async def test_outputs_only_leaves_the_logs_out_but_publish_log(
         ("sub/model.bin", Kind.KIND_OUTPUT),
         ("publish.log", Kind.KIND_PUBLISH_LOG),
     ]
-    await check_stored(storage, result)
+    await check_consistent(storage, result)
     # Nothing else reached the storage: the logs were never read.
     assert stored_keys(tmp_path / "store") == ["0000", "0001", "0002"]
     text = (workspace / "logs" / "publish.log").read_text()
@@ -114,7 +99,7 @@ async def test_logs_only_never_looks_at_the_outputs(
     ]
     assert not result.too_large
     assert result.skipped == []
-    await check_stored(storage, result)
+    await check_consistent(storage, result)
     assert stored_keys(tmp_path / "store") == ["0000", "0001", "0002"]
     text = (workspace / "logs" / "publish.log").read_text()
     assert LOGS_ONLY in text
@@ -172,17 +157,6 @@ def test_an_unknown_selection_is_refused(workspace: Path, storage: LocalStorage)
     with pytest.raises(ValueError, match="result selection"):
         publish_blocking(workspace, storage, JOB, max_total_bytes=1 << 20, results=7)
     assert not (workspace / "logs" / "publish.log").exists()
-
-
-def run_program(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pods.publish", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "C2D_LOG_FORMAT": "json"},
-    )
 
 
 @pytest.mark.parametrize(

@@ -12,17 +12,15 @@ import threading
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 import rfc8785
 import structlog
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
-from gateway.app import create_app, run_in_background
 from provider.audit import AuditChainError, AuditLog, verify_chain
 from sdk.client import Client
-from tests.conftest import LocalMesh, needs_root, new_key
+from tests.conftest import LocalMesh, needs_root, new_key, rest_edge
 from tests.e2e.test_job import SUM_ALGORITHM, error_info, run_to_end
 
 pytestmark = needs_root
@@ -178,24 +176,19 @@ async def test_only_owners_read_the_audit_log(local_mesh: LocalMesh) -> None:
 
 
 async def test_the_audit_log_over_rest_verifies_from_its_json(local_mesh: LocalMesh) -> None:
-    gateway = await run_in_background(create_app(local_mesh.provider_address), "127.0.0.1", 0)
-    try:
-        async with (
-            local_mesh.client(local_mesh.owner) as owner,
-            local_mesh.client(new_key()) as consumer,
-            httpx.AsyncClient(base_url=gateway.url, timeout=30) as http,
-        ):
-            await decisions(local_mesh, owner, consumer)
-            listed = await http.get(
-                "/v1/auditEvents",
-                params={"pageSize": 100},
-                headers=dict(await owner.token_metadata()),
-            )
-            refused = await http.get(
-                "/v1/auditEvents", headers=dict(await consumer.token_metadata())
-            )
-    finally:
-        await gateway.stop()
+    async with (
+        local_mesh.client(local_mesh.owner) as owner,
+        local_mesh.client(new_key()) as consumer,
+        rest_edge(local_mesh) as rest,
+    ):
+        http = rest.http
+        await decisions(local_mesh, owner, consumer)
+        listed = await http.get(
+            "/v1/auditEvents",
+            params={"pageSize": 100},
+            headers=dict(await owner.token_metadata()),
+        )
+        refused = await http.get("/v1/auditEvents", headers=dict(await consumer.token_metadata()))
     assert listed.status_code == 200, listed.text
     events = listed.json()["events"]
     assert events[0]["sequence"] == "1"

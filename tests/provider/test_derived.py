@@ -21,7 +21,7 @@ from mesh.digests import digest_for
 from provider.sources import FileSource, stored_file
 from sdk.client import Client
 from tests.conftest import LocalMesh, needs_root, new_key
-from tests.e2e.test_job import error_info, run_to_end
+from tests.e2e.test_job import expect, run_to_end
 
 DATASET = "ab" * 32
 JOB = "jobs/" + "0123456789abcdef" * 2
@@ -87,14 +87,6 @@ def test_a_stored_file_is_kept_and_handed_over_by_its_key() -> None:
 
 
 # -- on a real mesh ----------------------------------------------------------------------------
-
-
-async def expect(call: object, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    assert caught.value.code() == code, caught.value.details()
-    assert error_info(caught.value).reason == reason, caught.value.details()
-    return caught.value
 
 
 async def succeeded(client: Client, job: job_pb2.Job) -> job_pb2.Job:

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 from c2d.common.v1 import job_pb2
 from c2d.provider.v1 import provider_pb2 as pb
 from google.protobuf import json_format
 
-from gateway.app import create_app, run_in_background
 from mesh import chain, ganache, ocean
 from provider.orders import fee_of
 from sdk.client import Client
@@ -39,7 +37,7 @@ from tests.chain.deployment import (
     needs_ganache,
     rewound,
 )
-from tests.conftest import needs_root
+from tests.conftest import needs_root, rest_edge
 from tests.e2e.test_job import error_info, run_to_end
 from tests.provider.paid_mesh import FEE_PER_MINUTE, PAID_MAX_DURATION_S, PaidMesh, open_mesh
 
@@ -729,17 +727,14 @@ async def test_initialize_compute_over_rest(tester_mesh: PaidMesh) -> None:
     mesh = tester_mesh
     _, (algorithm,), dataset = await paid_setup(mesh)
     consumer, client = await mesh.consumer()
-    gateway = await run_in_background(create_app(mesh.provider_address), "127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
-            response = await http.post(
-                "/v1/jobs:initialize",
-                json={"dataset": dataset.name, "algorithm": algorithm.name, "environment": "paid"},
-                headers=dict(await client.token_metadata()),
-            )
-            unauthenticated = await http.post("/v1/jobs:initialize", json={"dataset": dataset.name})
-    finally:
-        await gateway.stop()
+    async with rest_edge(mesh) as rest:
+        http = rest.http
+        response = await http.post(
+            "/v1/jobs:initialize",
+            json={"dataset": dataset.name, "algorithm": algorithm.name, "environment": "paid"},
+            headers=dict(await client.token_metadata()),
+        )
+        unauthenticated = await http.post("/v1/jobs:initialize", json={"dataset": dataset.name})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["chainId"] == str(mesh.chain_id)

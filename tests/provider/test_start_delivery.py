@@ -30,6 +30,7 @@ from provider.config import ProviderConfig
 from sdk.client import result_selection, s3_delivery, upload_urls
 from tests.conftest import LocalMesh, needs_root, new_key, start_local_mesh
 from tests.e2e.test_job import error_info, publish_pair, run_to_end
+from tests.operator_engine.test_delivery import files_holding
 from tests.provider.test_policy import job_facts, refused
 from tests.s3_server import S3Server
 
@@ -77,11 +78,7 @@ def assert_no_secret(text: str, where: str) -> None:
 def assert_node_keeps_no_secret(home: Path, *, only: str = "") -> None:
     """No file under the node's home (databases with their WAL files, results, state) holds a
     secret; `only` limits the scan to one folder of it."""
-    for path in (home / only).rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            for secret in (SECRET, TOKEN, URL_SIGNATURE):
-                assert secret.encode() not in data, f"{path} holds a delivery secret"
+    assert not files_holding(home / only, SECRET, TOKEN, URL_SIGNATURE)
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -457,12 +454,7 @@ async def test_the_choice_reaches_the_job_and_no_secret_is_kept_or_shown(
         kinds = {r.kind for r in final.results}
         assert job_pb2.ResultFile.KIND_ALGORITHM_LOG not in kinds
         assert job_pb2.ResultFile.KIND_OUTPUT in kinds
-        client = s3_server.client()
-        try:
-            listed = client.list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/{job_id}/")
-        finally:
-            client.close()
-        keys = {o["Key"] for o in listed.get("Contents", [])}
+        keys = {k for k in s3_server.objects(s3_bucket) if k.startswith(f"runs/{job_id}/")}
         assert f"runs/{job_id}/total.json" in keys
         assert final.delivery.delivered_count == len(keys)
     # Nothing on the node's disk keeps a secret once the job is over: the registry, the
